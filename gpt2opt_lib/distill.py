@@ -1,0 +1,126 @@
+"""Knowledge distillation: the KD loss (reference and memory-lean chunked), and the loss functions 01 trains with.
+
+KD loss (Hinton et al.): loss = alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(student, labels),
+averaged over the predicted tokens (positions 0..T-2 predict tokens 1..T-1). The T^2 keeps the soft-label
+gradients on the same scale as the hard-label ones when T changes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student_logits, teacher_logits, labels, temperature: float = 2.0, alpha: float = 0.5):
+    """Reference: full logits (B, T, V) held in memory. Returns (loss, {"kd": .., "ce": ..})."""
+    s = student_logits[:, :-1].float().flatten(0, 1)           # (N, V), N = B*(T-1)
+    t = teacher_logits[:, :-1].float().flatten(0, 1)
+    y = labels[:, 1:].flatten()
+    ce = F.cross_entropy(s, y)
+    kd = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                  reduction="batchmean", log_target=True) * temperature**2
+    return alpha * kd + (1 - alpha) * ce, {"kd": kd.detach(), "ce": ce.detach()}
+
+
+class _FusedChunkedKD(torch.autograd.Function):
+    """Loss and its gradients in one chunked pass (the fused-linear-cross-entropy idea, with a KD term).
+
+    For each chunk of n tokens: student logits s = h_s W_s^T and teacher logits t = h_t W_t^T (n, V) in fp32,
+    CE and T^2-scaled KL sums, and the gradient of the mean loss w.r.t. s,
+        dL/ds = [(1 - alpha) (softmax(s) - onehot(y)) + alpha T (softmax(s/T) - softmax(t/T))] / N,
+    which is pushed straight into dL/dh_s = dL/ds W_s and dL/dW_s += dL/ds^T h_s. Only one chunk's logits ever
+    exist, and nothing is recomputed in backward (which just scales the stored gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int):
+        with torch.autocast(hs.device.type, enabled=False):  # dtypes are chosen explicitly below
+            return _FusedChunkedKD._forward(ctx, hs, ws, ht, wt, y, temperature, alpha, chunk)
+
+    @staticmethod
+    def _forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int):
+        n = hs.shape[0]
+        w = ws.to(hs.dtype)
+        grad_hs = torch.empty_like(hs)
+        grad_ws = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
+        kd_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
+        has_t = ht is not None
+        a_ce, a_kd = ((1 - alpha), alpha) if has_t else (1.0, 0.0)
+        for i in range(0, n, chunk):
+            h = hs[i: i + chunk]
+            s = (h @ w.t()).float()                                          # (c, V)
+            yc = y[i: i + chunk]
+            log_p = torch.log_softmax(s, -1)
+            ce_sum += -log_p.gather(1, yc[:, None]).sum()
+            g = log_p.exp_()                                                 # softmax(s), in place
+            g[torch.arange(g.shape[0], device=g.device), yc] -= 1            # d CE_sum / d s
+            g *= a_ce
+            if has_t:
+                log_pt = torch.log_softmax((ht[i: i + chunk] @ wt.to(ht.dtype).t()).float() / temperature, -1)
+                log_ps = torch.log_softmax(s / temperature, -1)
+                kd_sum += (log_pt.exp() * (log_pt - log_ps)).sum() * temperature**2
+                g += (a_kd * temperature) * (log_ps.exp_() - log_pt.exp_())  # d (T^2 KL_sum) / d s
+            g /= n
+            grad_hs[i: i + chunk] = (g.to(w.dtype) @ w)
+            grad_ws += (g.t().to(h.dtype) @ h).float()              # 16-bit matmul, fp32 sum
+        ctx.save_for_backward(grad_hs, grad_ws.to(ws.dtype))
+        ce, kd = ce_sum / n, kd_sum / n
+        loss = a_ce * ce + a_kd * kd
+        ctx.mark_non_differentiable(ce, kd)
+        return loss, ce, kd
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_ce, _g_kd):
+        grad_hs, grad_ws = ctx.saved_tensors
+        return grad_hs * g_loss, grad_ws * g_loss, None, None, None, None, None, None
+
+
+def kd_loss_chunked(student_hidden, student_head_w, labels, teacher_hidden=None, teacher_head_w=None,
+                    temperature: float = 2.0, alpha: float = 0.5, chunk_tokens: int = 4096):
+    """Memory-lean KD (or, with no teacher, plain CE) from final hidden states (B, T, E) and LM-head weights (V, E).
+
+    The (tokens, 50257) logits are made one chunk at a time and their gradients are formed on the spot
+    (_FusedChunkedKD), so neither model's full-vocabulary logits are ever held for the whole batch.
+    """
+    hs = student_hidden[:, :-1].flatten(0, 1)                     # (N, E)
+    y = labels[:, 1:].flatten()
+    ht = teacher_hidden[:, :-1].flatten(0, 1).detach() if teacher_hidden is not None else None
+    tw = teacher_head_w.detach() if teacher_head_w is not None else None
+    loss, ce, kd = _FusedChunkedKD.apply(hs, student_head_w, ht, tw, y, float(temperature), float(alpha),
+                                         int(chunk_tokens))
+    if teacher_hidden is None:
+        return loss, {"ce": ce}
+    return loss, {"kd": kd, "ce": ce}
+
+
+def _hidden(model, ids):
+    """Final (post ln_f) hidden states of a GPT2LMHeadModel, or a peft model wrapping one: (B, T, E)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.transformer(input_ids=ids).last_hidden_state, base.lm_head.weight
+
+
+def make_kd_loss_fn(teacher, temperature: float, alpha: float, chunk_tokens: int):
+    """loss_fn(student, batch) for train.train: the teacher runs in inference mode under the same autocast."""
+    teacher.eval().requires_grad_(False)
+
+    def loss_fn(student, ids):
+        with torch.inference_mode():
+            t_h, t_w = _hidden(teacher, ids)
+        t_h = t_h.clone()  # leave inference mode's tensor flag behind so autograd can save it
+        s_h, s_w = _hidden(student, ids)
+        if chunk_tokens:
+            return kd_loss_chunked(s_h, s_w, ids, t_h, t_w, temperature, alpha, chunk_tokens)
+        return kd_loss(s_h @ s_w.t(), t_h @ t_w.t(), ids, temperature, alpha)
+    return loss_fn
+
+
+def make_lm_loss_fn(chunk_tokens: int = 4096):
+    """Plain next-token CE (scratch teacher, no-teacher baseline, LoRA fine-tuning), chunked like the KD loss."""
+    def loss_fn(model, ids):
+        h, w = _hidden(model, ids)
+        if chunk_tokens:
+            return kd_loss_chunked(h, w, ids, chunk_tokens=chunk_tokens)
+        logits = (h @ w.t()).float()
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        return ce, {"ce": ce.detach()}
+    return loss_fn

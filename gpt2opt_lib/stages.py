@@ -1,0 +1,284 @@
+"""Stage steps for notebooks 01 and 02: each notebook cell calls one of these.
+
+01_distill: teacher (hub / local / random / trained from scratch) -> student init -> KD training with
+checkpoints -> the same student trained without the teacher -> results.json.
+02_compare: teacher, student (no teacher) and distilled student side by side: quality, forward and generation
+speed, memory, and the batch x sequence-length sweep.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import models as M
+from .context import StageContext, summary_table
+from .distill import make_kd_loss_fn, make_lm_loss_fn
+from .timing import is_oom, measure
+from .train import TrainSpec, train
+
+# ------------------------------------------------------------------------------------------------ 01_distill
+
+
+def _spec(cfg, **kw) -> TrainSpec:
+    base = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
+                weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, max_train_blocks=cfg.max_train_blocks,
+                precision=cfg.precision, seed=cfg.seed)
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def _maybe_compile(model, ctx: StageContext):
+    if ctx.cfg.compile and ctx.device.type == "cuda":
+        model.transformer.compile()  # in place: state-dict keys stay plain for save_pretrained
+    return model
+
+
+def get_teacher(ctx: StageContext):
+    """Load, build or train the teacher; saved to <run>/01_distill/teacher for every later stage."""
+    cfg = ctx.cfg
+    teacher = M.build_model(cfg.teacher, cfg.attn_implementation, seed=cfg.seed, vocab_size=len(ctx.tok))
+    if teacher.config.n_positions < cfg.block_size:
+        raise ValueError(f"block_size={cfg.block_size} exceeds the teacher's context of {teacher.config.n_positions}")
+    info = {"spec": cfg.teacher, **M.describe(teacher)}
+    teacher.to(ctx.device)
+    if cfg.teacher.startswith("scratch:"):
+        spec = _spec(cfg, epochs=cfg.teacher_scratch_epochs, lr=cfg.teacher_lr)
+        hist = train(_maybe_compile(teacher, ctx), ctx.blocks("train"), make_lm_loss_fn(cfg.kd_chunk_tokens), spec,
+                     ctx.device, tracker=ctx.tracker, desc="teacher (from scratch)")
+        info["scratch_training"] = {"history": hist["epochs"], **hist["summary"]}
+        info["random_weights"] = False
+    info["validation"] = ctx.perplexity(teacher)
+    M.save_model(teacher, ctx.stage_dir / "teacher")
+    return teacher.eval(), info
+
+
+def make_student(ctx: StageContext, teacher):
+    """Student init: every other teacher layer (DistilGPT2), a pretrained model, or random weights."""
+    cfg = ctx.cfg
+    torch.manual_seed(cfg.seed + 1)  # the same init for the distilled and the no-teacher student
+    if cfg.student_init == "teacher-layers":
+        student = M.student_from_teacher(teacher.cpu(), cfg.student_n_layer)
+        teacher.to(ctx.device)
+    elif cfg.student_init == "pretrained":
+        student = M.load_model(cfg.student, cfg.attn_implementation)
+    elif cfg.student_init == "random":
+        arch = cfg.student.removeprefix("random:")
+        kw = {"n_layer": cfg.student_n_layer} if cfg.student_n_layer else {}
+        student = M.GPT2LMHeadModel(M.arch_config(arch, vocab_size=len(ctx.tok), **kw))
+        M.set_attn(student, cfg.attn_implementation)
+        student.gpt2opt_spec = f"random:{arch}"
+    else:
+        raise ValueError(f"student_init={cfg.student_init!r}; allowed: teacher-layers, pretrained, random")
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"student vocab {student.config.vocab_size} != teacher vocab {teacher.config.vocab_size}")
+    return student.to(ctx.device)
+
+
+def _train_student(ctx: StageContext, student, loss_fn, name: str, save_checkpoints: bool) -> dict:
+    cfg = ctx.cfg
+    bad = [e for e in cfg.checkpoint_epochs if not 1 <= e <= cfg.epochs]
+    if bad:
+        raise ValueError(f"checkpoint_epochs {bad} outside 1..epochs={cfg.epochs}")
+
+    def on_epoch_end(epoch, model):
+        if epoch not in cfg.checkpoint_epochs and epoch != cfg.epochs:
+            return {}
+        val = ctx.perplexity(model)
+        if save_checkpoints and epoch in cfg.checkpoint_epochs:
+            M.save_model(model, ctx.stage_dir / "checkpoints" / f"{name}-epoch{epoch:03d}")
+        return {"val_loss": val["nll"], "val_ppl": val["ppl"]}
+
+    hist = train(_maybe_compile(student, ctx), ctx.blocks("train"), loss_fn, _spec(cfg), ctx.device,
+                 on_epoch_end=on_epoch_end, tracker=ctx.tracker, desc=name)
+    M.save_model(student, ctx.stage_dir / name)
+    return hist
+
+
+def distill_student(ctx: StageContext, teacher, student) -> dict:
+    cfg = ctx.cfg
+    if ctx.amp_dtype is not None:
+        teacher.to(ctx.amp_dtype)  # the frozen teacher only runs forward: keep it in 16-bit
+    _maybe_compile(teacher, ctx)
+    loss_fn = make_kd_loss_fn(teacher, cfg.temperature, cfg.alpha, cfg.kd_chunk_tokens)
+    return _train_student(ctx, student, loss_fn, "student_distilled", save_checkpoints=True)
+
+
+def train_without_teacher(ctx: StageContext, teacher) -> dict | None:
+    """The same student init, steps and data, hard labels only: what distillation buys."""
+    if not ctx.cfg.no_teacher_baseline:
+        return None
+    student = make_student(ctx, teacher.float())
+    return _train_student(ctx, student, make_lm_loss_fn(ctx.cfg.kd_chunk_tokens), "student_plain", False)
+
+
+def distill_results(ctx: StageContext, teacher_info: dict, student, kd_hist: dict, plain_hist: dict | None) -> dict:
+    runs = {"distilled": kd_hist, **({"no_teacher": plain_hist} if plain_hist else {})}
+    res = {"setup": summary_table(ctx), "teacher": teacher_info, "student": M.describe(student),
+           "student_init": ctx.cfg.student_init, "runs": {}}
+    for name, h in runs.items():
+        res["runs"][name] = {**h["summary"], "checkpoints": h["epochs"], "step_loss": h["step_loss"],
+                             "parts": h["parts"], "final_val_ppl": h["epochs"][-1].get("val_ppl")}
+    res["metrics"] = {
+        "teacher_val_ppl": teacher_info["validation"]["ppl"],
+        "distilled_val_ppl": res["runs"]["distilled"]["final_val_ppl"],
+        "no_teacher_val_ppl": res["runs"].get("no_teacher", {}).get("final_val_ppl"),
+        "distill_tokens_per_s": kd_hist["summary"]["tokens_per_s"],
+        "distill_time_per_step_s": kd_hist["summary"]["time_per_step_s"],
+        "distill_peak_mem_mb": kd_hist["summary"]["peak_mem_mb"],
+    }
+    ctx.save_results(res)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ 02_compare
+
+ROLES = {"teacher": "teacher", "student (no teacher)": "student_plain", "distilled student": "student_distilled"}
+
+
+def load_roles(ctx: StageContext) -> dict:
+    """The three models of 01, in the inference dtype (bf16/fp16 on GPU, fp32 on CPU)."""
+    out = {}
+    for role, d in ROLES.items():
+        path = ctx.run_dir / "01_distill" / d
+        if not path.exists():
+            if d == "student_plain":
+                continue  # 01 ran with no_teacher_baseline=False
+            ctx.artifact("01_distill", d)
+        m = M.load_model(str(path), ctx.cfg.attn_implementation).to(ctx.device)
+        out[role] = m.to(ctx.amp_dtype) if ctx.amp_dtype is not None else m
+    return out
+
+
+def quality(ctx: StageContext, roles: dict) -> list[dict]:
+    rows = []
+    for role, m in roles.items():
+        r = ctx.perplexity(m, "test")
+        rows.append({"model": role, "params_M": M.n_params(m) / 1e6, "test_loss": r["nll"], "test_ppl": r["ppl"],
+                     "scored_tokens": r["scored_tokens"], "ppl_protocol": f"max_length={r['max_length']} stride={r['stride']}"})
+    return rows
+
+
+def _weight_mb(model) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
+def forward_bench(ctx: StageContext, model, batch_size: int, seq_len: int) -> dict:
+    """Latency of one forward (no grad) on a (batch_size, seq_len) batch: mean +- std after warm-up."""
+    if seq_len > model.config.n_positions:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's context of {model.config.n_positions}")
+    ids = ctx.blocks("test", seq_len)[:batch_size].to(ctx.device)
+    if ids.shape[0] < batch_size:  # fewer test blocks than the batch: repeat them (timing only)
+        ids = ids.repeat(math.ceil(batch_size / ids.shape[0]), 1)[:batch_size]
+
+    @torch.inference_mode()
+    def fwd():
+        return model(input_ids=ids).logits
+
+    t = measure(fwd, device=ctx.device, warmup=ctx.cfg.warmup, repeats=ctx.cfg.repeats)
+    return {"batch_size": batch_size, "seq_len": seq_len, "latency_ms": t.mean_s * 1e3, "latency_std_ms": t.std_s * 1e3,
+            "samples_per_s": batch_size / t.mean_s, "tokens_per_s": batch_size * seq_len / t.mean_s,
+            "tokens_per_s_std": batch_size * seq_len * t.std_s / t.mean_s**2, "peak_mem_mb": t.peak_mem_mb,
+            "weight_mb": _weight_mb(model)}
+
+
+class EngineLM:
+    """The fast engine seen as a model by evaluate.strided_perplexity: `.config` and `(input_ids=) -> .logits`."""
+
+    def __init__(self, engine, config):
+        self.engine, self.config = engine, config
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids):
+        return type("Out", (), {"logits": self.engine.forward_logits(input_ids)})()
+
+
+def make_engine(ctx: StageContext, model, batch_size: int, max_seq_len: int, weight_quant: str | None = None):
+    """gpt2opt's generation engine (static KV cache; CUDA graphs on GPU) over `model`'s weights."""
+    from .generate import FastGPT2
+
+    dtype = ctx.amp_dtype or torch.float32
+    if weight_quant == "int4" and ctx.device.type == "cuda":
+        dtype = torch.bfloat16  # the tinygemm int4 kernel takes bf16 activations
+    return FastGPT2(model, max_batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype,
+                    weight_quant=None if weight_quant in (None, "none") else weight_quant, device=ctx.device)
+
+
+def generate_bench(ctx: StageContext, model, batch_size: int, prompt_len: int, new_tokens: int,
+                   engine: str = "hf", weight_quant: str | None = None) -> dict:
+    """Greedy generation latency and new tokens/s, mean +- std.
+
+    engine "hf": plain `model.generate` (dynamic cache). engine "fast": gpt2opt's static-cache engine (CUDA graphs
+    on GPU), optionally with weight-only int8/int4. Both generate exactly `new_tokens` tokens.
+    """
+    ids = ctx.blocks("test", prompt_len)[:batch_size].to(ctx.device)
+    if prompt_len + new_tokens > model.config.n_positions:
+        raise ValueError(f"prompt_len + gen_new_tokens = {prompt_len + new_tokens} exceeds the context "
+                         f"{model.config.n_positions}")
+    if engine == "fast":
+        eng = make_engine(ctx, model, ids.shape[0], prompt_len + new_tokens, weight_quant)
+
+        def gen():
+            return eng.generate(ids, new_tokens)
+        name = "fast" + (f"-{weight_quant}" if weight_quant not in (None, "none") else "")
+    else:
+        @torch.inference_mode()
+        def gen():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=ctx.tok.eos_token_id)
+        name = "hf.generate"
+
+    t = measure(gen, device=ctx.device, warmup=max(1, ctx.cfg.warmup), repeats=max(2, ctx.cfg.repeats))
+    n = ids.shape[0] * new_tokens
+    return {"engine": name, "batch_size": ids.shape[0], "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "latency_ms": t.mean_s * 1e3, "latency_std_ms": t.std_s * 1e3, "tokens_per_s": n / t.mean_s,
+            "tokens_per_s_std": n * t.std_s / t.mean_s**2, "ms_per_token": t.mean_s * 1e3 / new_tokens,
+            "peak_mem_mb": t.peak_mem_mb}
+
+
+def speed(ctx: StageContext, roles: dict) -> dict:
+    c = ctx.cfg
+    fwd, gen = [], []
+    for role, m in roles.items():
+        fwd.append({"model": role, **forward_bench(ctx, m, c.batch_size, c.seq_len)})
+        for engine in ("hf", "fast"):  # the plain generate and gpt2opt's engine, side by side
+            gen.append({"model": role, **generate_bench(ctx, m, 1, c.gen_prompt_len, c.gen_new_tokens, engine)})
+    return {"forward": fwd, "generate": gen}
+
+
+def sweep(ctx: StageContext, roles: dict) -> list[dict]:
+    """batch x seq-len grid per model; an out-of-memory point is recorded as 'OOM' and the sweep goes on."""
+    rows = []
+    for role, m in roles.items():
+        for b in ctx.cfg.sweep_batch_sizes:
+            for s in ctx.cfg.sweep_seq_lens:
+                row = {"model": role, "batch_size": b, "seq_len": s}
+                try:
+                    row.update(forward_bench(ctx, m, b, s), status="ok")
+                except Exception as e:
+                    if not is_oom(e) and not isinstance(e, ValueError):
+                        raise
+                    row["status"] = "OOM" if is_oom(e) else f"skipped: {e}"
+                    if ctx.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+    return rows
+
+
+def compare_results(ctx: StageContext, qual: list, spd: dict, swp: list) -> dict:
+    by = {r["model"]: r for r in qual}
+    fw = {r["model"]: r for r in spd["forward"]}
+    res = {"setup": summary_table(ctx), "quality": qual, "forward": spd["forward"], "generate": spd["generate"],
+           "sweep": swp}
+    t, d = "teacher", "distilled student"
+    res["metrics"] = {
+        "teacher_test_ppl": by[t]["test_ppl"], "distilled_test_ppl": by[d]["test_ppl"],
+        "no_teacher_test_ppl": by.get("student (no teacher)", {}).get("test_ppl"),
+        "forward_speedup_distilled_vs_teacher": fw[d]["tokens_per_s"] / fw[t]["tokens_per_s"],
+        "distilled_forward_tokens_per_s": fw[d]["tokens_per_s"],
+        **{f"distilled_generate_tokens_per_s_{g['engine']}": g["tokens_per_s"] for g in spd["generate"] if g["model"] == d},
+    }
+    ctx.save_results(res)
+    return res

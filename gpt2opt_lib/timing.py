@@ -1,0 +1,82 @@
+"""Honest timing: warm-up, synchronisation, repeats, mean +- std, peak memory.
+
+Every measurement in the suite goes through `measure`, so "latency" means the same thing in every notebook and
+in the benchmark CLI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class Timing:
+    mean_s: float
+    std_s: float
+    median_s: float
+    min_s: float
+    repeats: int
+    peak_mem_mb: float | None   # peak allocated by torch on the device during the timed region (None on CPU)
+    times_s: list[float]
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("times_s")
+        return d
+
+
+def sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device | str | None) -> None:
+    gc.collect()
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mem_mb(device: torch.device | str | None) -> float | None:
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def measure(fn: Callable[[], object], *, device: torch.device | str | None, warmup: int = 2,
+            repeats: int = 5) -> Timing:
+    """Run `fn` `warmup` times untimed, then `repeats` times, synchronising before and after each timed call.
+
+    Peak memory is reset after warm-up, so it covers the steady state, not one-off compile/autotune buffers.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    reset_peak(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return Timing(
+        mean_s=statistics.fmean(times), std_s=statistics.stdev(times) if len(times) > 1 else 0.0,
+        median_s=statistics.median(times), min_s=min(times), repeats=len(times),
+        peak_mem_mb=peak_mem_mb(device), times_s=times,
+    )
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for a CUDA/CPU out-of-memory error (recorded as an outcome in sweeps, never a crash)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(exc).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg

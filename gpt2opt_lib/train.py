@@ -1,0 +1,186 @@
+"""One training loop for every stage: scratch teacher, distillation (01), LoRA / pruned LoRA (03), QLoRA (04).
+
+What it does per optimizer step: `grad_accum` micro-batches under autocast (bf16, or fp16 + loss scaling on
+T4-class GPUs, fp32 on CPU), fused AdamW on CUDA, gradient clipping, a linear-warm-up + cosine schedule, and an
+optional `after_step` hook (e.g. re-applying pruning masks). No host syncs inside the step: losses stay on the
+device and step times are CUDA events read once per epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+from tqdm import tqdm  # plain text bar: renders in executed notebooks and HTML reports alike
+
+from .env import resolve_dtype
+from .timing import peak_mem_mb, reset_peak
+
+
+@dataclasses.dataclass
+class TrainSpec:
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    max_train_blocks: int = 0          # cap per epoch (0 = all)
+    precision: str = "auto"            # see env.resolve_dtype
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+class _StepTimer:
+    """Per-step wall time without host syncs: CUDA events on GPU (read at epoch end), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        if len(self.marks) < 2:
+            return []
+        if self.cuda:
+            torch.cuda.synchronize()
+            out = [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            out = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        self.marks = self.marks[-1:]
+        return out
+
+
+def make_optimizer(params, spec: TrainSpec, device: torch.device):
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]      # matrices decay; biases, layernorms don't
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), fused=fused or None)
+
+
+def lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def epoch_batches(blocks: torch.Tensor, spec: TrainSpec, epoch: int) -> list[torch.Tensor]:
+    """A deterministic shuffle per (seed, epoch); capped at max_train_blocks; full micro-batches only."""
+    g = torch.Generator().manual_seed(spec.seed * 1000 + epoch)
+    order = torch.randperm(blocks.shape[0], generator=g)
+    if spec.max_train_blocks:
+        order = order[: spec.max_train_blocks]
+    n = (order.numel() // spec.batch_size) * spec.batch_size
+    if n == 0:
+        raise ValueError(f"{blocks.shape[0]} train blocks are fewer than one batch of {spec.batch_size}")
+    return [blocks[order[i: i + spec.batch_size]] for i in range(0, n, spec.batch_size)]
+
+
+def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, device: torch.device, *,
+          params=None, after_step: Callable | None = None, on_epoch_end: Callable | None = None,
+          tracker=None, desc: str = "train", progress: bool = True) -> dict:
+    """Train `model` on `blocks` (N, T) with `loss_fn(model, batch) -> (loss, {name: tensor})`.
+
+    Returns the history: per-step loss (+ parts), per-epoch mean loss, step times (s), tokens/s and peak memory.
+    `on_epoch_end(epoch, model)` may return a dict that is stored in the history (e.g. validation metrics).
+    """
+    amp_dtype = resolve_dtype(spec.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    params = list(params if params is not None else model.parameters())
+    opt = make_optimizer(params, spec, device)
+    steps_per_epoch = len(epoch_batches(blocks, spec, 0)) // spec.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size*grad_accum={spec.batch_size * spec.grad_accum} exceeds the train blocks")
+    total = steps_per_epoch * spec.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, spec.warmup_steps))
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    hist = {"step_loss": [], "epoch_loss": [], "step_time_s": [], "parts": {}, "epochs": [], "precision": str(amp_dtype)}
+    tokens_per_step = spec.batch_size * spec.grad_accum * blocks.shape[1]
+    reset_peak(device)
+    timer = _StepTimer(device)
+    bar = tqdm(total=total, desc=desc, disable=not progress, mininterval=2.0)
+    step = 0
+    for epoch in range(1, spec.epochs + 1):
+        batches = epoch_batches(blocks, spec, epoch)[: steps_per_epoch * spec.grad_accum]
+        losses, parts_acc = [], {}
+        timer.mark()
+        for i in range(0, len(batches), spec.grad_accum):
+            step_loss = torch.zeros((), device=device)
+            for mb in batches[i: i + spec.grad_accum]:
+                mb = mb.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, parts = loss_fn(model, mb)
+                loss = loss / spec.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += loss.detach()
+                for k, v in parts.items():
+                    parts_acc.setdefault(k, []).append(v.detach())
+            if scaler:
+                scaler.unscale_(opt)
+            if spec.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            if after_step is not None:
+                after_step()
+            losses.append(step_loss)
+            timer.mark()
+            step += 1
+            bar.update(1)
+        # one host sync per epoch: losses, parts and step times come back together
+        ep_losses = torch.stack(losses).float().cpu().tolist()
+        hist["step_loss"] += ep_losses
+        hist["step_time_s"] += timer.durations()
+        for k, v in parts_acc.items():
+            hist["parts"].setdefault(k, []).extend(torch.stack(v).float().cpu().tolist())
+        hist["epoch_loss"].append(statistics.fmean(ep_losses))
+        if not math.isfinite(hist["epoch_loss"][-1]):
+            raise FloatingPointError(f"{desc}: loss became {hist['epoch_loss'][-1]} in epoch {epoch}")
+        bar.set_postfix(loss=f"{hist['epoch_loss'][-1]:.3f}")
+        record = {"epoch": epoch, "step": step, "train_loss": hist["epoch_loss"][-1]}
+        if on_epoch_end is not None:
+            model.eval()
+            record.update(on_epoch_end(epoch, model) or {})
+            model.train()
+        hist["epochs"].append(record)
+        if tracker is not None:
+            tracker.log({f"{desc}/{k}": v for k, v in record.items()}, step=None)
+    bar.close()
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    times = hist["step_time_s"][1:] or hist["step_time_s"]  # the first step pays one-off costs (compile, allocator)
+    hist["summary"] = {
+        "steps": step, "tokens_per_step": tokens_per_step,
+        "time_per_step_s": statistics.fmean(times), "time_per_step_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "tokens_per_s": tokens_per_step / statistics.fmean(times),
+        "samples_per_s": spec.batch_size * spec.grad_accum / statistics.fmean(times),
+        "peak_mem_mb": peak_mem_mb(device), "final_loss": hist["epoch_loss"][-1],
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+    }
+    return hist

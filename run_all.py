@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Run the gpt2opt notebooks in order with papermill, one profile of parameters, into a new run directory.
+
+    python run_all.py                                   # the offline `quick` profile, all stages
+    python run_all.py --profile gpu-offline             # any CUDA GPU, no network
+    python run_all.py --only 01_distill,02_compare      # a subset (later stages read earlier ones' artifacts)
+    python run_all.py --only 02_compare --out reports/quick/<run>   # add a stage to an existing run
+    python run_all.py --list                            # profiles and stages
+
+Every parameter is validated against the stage's config dataclass before anything runs. Executed notebooks (and
+an HTML copy) land in reports/<profile>/<UTC time>-<git sha>/ with each stage's artifacts and a summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from gpt2opt_lib import config  # noqa: E402
+from gpt2opt_lib.tracking import read_json, write_atomic, write_json  # noqa: E402
+
+NOTEBOOKS = ROOT / "notebooks"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="quick", help="params/<profile>.yaml (default: quick) or a path to a YAML")
+    ap.add_argument("--only", default="", help="comma-separated stages to run, e.g. 01_distill,02_compare")
+    ap.add_argument("--out", default="", help="run directory (default: a new reports/<profile>/<UTC time>-<sha>/)")
+    ap.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
+    ap.add_argument("--list", action="store_true", help="list profiles and stages, then exit")
+    return ap.parse_args(argv)
+
+
+def available_stages() -> list[str]:
+    return [s for s in config.STAGES if (NOTEBOOKS / f"{s}.ipynb").exists() and s in config.STAGE_CONFIGS]
+
+
+def select_stages(only: str) -> list[str]:
+    stages = available_stages()
+    if not only:
+        return stages
+    picked = [s.strip() for s in only.split(",") if s.strip()]
+    bad = [s for s in picked if s not in stages]
+    if bad:
+        raise config.ConfigError(f"--only: unknown stage(s) {bad}; available: {stages}")
+    return [s for s in stages if s in picked]  # always in pipeline order
+
+
+def export_html(nb_path: Path) -> Path | None:
+    try:
+        import nbformat
+        from nbconvert import HTMLExporter
+
+        body, _ = HTMLExporter().from_notebook_node(nbformat.read(nb_path, as_version=4))
+        return write_atomic(nb_path.with_suffix(".html"), lambda f: f.write(body))
+    except Exception as e:  # a report without its HTML copy is still a report
+        print(f"  (HTML export of {nb_path.name} failed: {e})")
+        return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print("profiles:", ", ".join(config.list_profiles()))
+        print("stages:  ", ", ".join(available_stages()))
+        return 0
+    import papermill as pm
+
+    # validate every stage's parameters before running anything
+    stages = select_stages(args.only)
+    profile = Path(args.profile).stem
+    params = {s: config.stage_parameters(args.profile, s) for s in stages}
+    run_dir = Path(args.out).resolve() if args.out else config.new_run_dir(profile)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for s in stages:
+        if (run_dir / f"{s}.ipynb").exists():
+            raise config.ConfigError(f"{run_dir / (s + '.ipynb')} exists: runs are never overwritten; "
+                                     f"choose another --out or leave it out for a new run directory")
+    summary_path = run_dir / "summary.json"
+    summary = read_json(summary_path) if summary_path.exists() else {"profile": profile, "run_dir": str(run_dir),
+                                                                    "stages": {}}
+    from gpt2opt_lib.env import env_stamp
+
+    summary["env"] = env_stamp(profile, params[stages[0]]["seed"] if stages and "seed" in params[stages[0]] else None)
+    write_json(run_dir / "params.json", {**(read_json(run_dir / "params.json") if (run_dir / "params.json").exists() else {}), **params})
+    print(f"run directory: {run_dir}\nprofile: {profile}   stages: {', '.join(stages)}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    os.environ.update(env)  # the kernel inherits it: notebooks import gpt2opt_lib from this checkout
+    for i, stage in enumerate(stages, 1):
+        out_nb = run_dir / f"{stage}.ipynb"
+        print(f"[{i}/{len(stages)}] {stage} ...", flush=True)
+        t0 = time.time()
+        entry = {"notebook": out_nb.name}
+        try:
+            pm.execute_notebook(str(NOTEBOOKS / f"{stage}.ipynb"), str(out_nb),
+                                parameters={**params[stage], "run_dir": str(run_dir)}, cwd=str(ROOT),
+                                kernel_name="python3", progress_bar=True, log_output=False)
+            entry["status"] = "ok"
+        except pm.PapermillExecutionError as e:
+            entry.update(status="failed", error=f"{e.ename}: {e.evalue}", failed_cell=e.exec_count)
+            print(f"\nFAILED: {stage} (cell [{e.exec_count}]): {e.ename}: {e.evalue}\n"
+                  f"  executed notebook with the traceback: {out_nb}", file=sys.stderr)
+        except Exception as e:  # kernel died, notebook unreadable, ...
+            entry.update(status="failed", error=f"{type(e).__name__}: {e}")
+            print(f"\nFAILED: {stage}: {type(e).__name__}: {e}", file=sys.stderr)
+        entry["duration_s"] = round(time.time() - t0, 1)
+        if not args.no_html and out_nb.exists():
+            html = export_html(out_nb)
+            entry["html"] = html.name if html else None
+        res_path = run_dir / stage / "results.json"
+        if entry["status"] == "ok" and res_path.exists():
+            res = read_json(res_path)
+            entry["metrics"] = res.get("metrics", {})
+            for key in ("gains", "gains_table"):
+                if key in res:
+                    entry[key] = res[key]
+            entry["results"] = str(res_path.relative_to(run_dir))
+        summary["stages"][stage] = entry
+        write_json(summary_path, summary)
+        print(f"  {entry['status']} in {entry['duration_s']} s", flush=True)
+        if entry["status"] != "ok":
+            print(f"stopped; everything written so far is kept in {run_dir}", file=sys.stderr)
+            return 1
+    print(f"done: {summary_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,47 @@
+"""The benchmark CLI end to end on random:tiny (CPU): required JSON keys, failures recorded not raised."""
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+from gpt2opt_lib import bench  # noqa: E402
+
+REQUIRED = {"device", "model", "dtype", "batch_size", "engines", "torch", "transformers", "git_sha"}
+
+
+def test_generate_json(tmp_path):
+    out = tmp_path / "g.json"
+    bench.main(["generate", "--model", "random:tiny", "--dtype", "fp32", "--batch-size", "2", "--prompt-len", "8",
+                "--new-tokens", "6", "--repeats", "2", "--warmup", "1", "--quant", "none,int8,int4",
+                "--group-size", "32", "--quality-tokens", "32", "--json", str(out)])
+    rep = json.loads(out.read_text())
+    assert REQUIRED <= rep.keys() and rep["prompt_len"] == 8 and rep["new_tokens"] == 6
+    assert {"hf", "fast", "fast_int8", "fast_int4"} <= rep["engines"].keys()
+    for name in ("hf", "fast", "fast_int8", "fast_int4"):
+        e = rep["engines"][name]
+        assert "error" not in e, e
+        for k in ("tokens_per_s", "median_s", "mean_s", "std_s", "ms_per_token", "peak_mem_mb", "weight_bytes",
+                  "roofline_fraction"):
+            assert k in e
+        assert e["tokens_per_s"] > 0
+    assert rep["engines"]["fast"]["token_match_vs_hf"] == 1.0        # fp32: token for token
+    assert rep["engines"]["fast_int4"]["ratio_vs_fp16"] < rep["engines"]["fast"]["ratio_vs_fp16"]
+    assert "ppl_rel_change" in rep["engines"]["fast_int8"]
+
+
+def test_forward_json_and_failure_recorded(tmp_path):
+    out = tmp_path / "f.json"
+    rep = bench.main(["forward", "--model", "random:tiny", "--dtype", "fp32", "--batch-size", "2", "--seq-len", "16",
+                      "--repeats", "2", "--warmup", "1", "--attn", "sdpa,no_such_attn", "--json", str(out)])
+    assert json.loads(out.read_text())["seq_len"] == 16
+    assert REQUIRED <= rep.keys() and rep["sdpa"]["choice"] == "MATH"
+    assert rep["engines"]["fast"]["tokens_per_s"] > 0 and rep["engines"]["hf"]["tokens_per_s"] > 0
+    assert "error" in rep["engines"]["hf_no_such_attn"]                # recorded, the run went on
+
+
+def test_unknown_random_arch_is_a_clear_error():
+    with pytest.raises(ValueError, match="allowed"):
+        bench.build_model("random:nope", None, "cpu")

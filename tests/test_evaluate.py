@@ -1,0 +1,45 @@
+"""Strided perplexity against a hand computation of the HF protocol."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2opt_lib import evaluate, models
+
+
+def test_windows_follow_hf_loop():
+    # n=10, max_length=4, stride=2: begins 0,2,4,6 (6+4=10 ends) ; targets 4,2,2,2
+    assert evaluate.strided_windows(10, 4, 2) == [(0, 4, 4), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+    assert evaluate.strided_windows(5, 8, 8) == [(0, 5, 5)]
+    with pytest.raises(ValueError):
+        evaluate.strided_windows(10, 4, 5)
+
+
+def test_strided_perplexity_equals_hand_computation():
+    torch.manual_seed(0)
+    m = models.build_model("random:tiny", seed=0).eval()
+    stream = torch.randint(0, 50257, (23,))
+    L, S = 8, 3
+    nll, n, prev = 0.0, 0, 0
+    for begin in range(0, 23, S):  # the HF documentation's loop: labels[:-trg_len] = -100, token-weighted
+        end = min(begin + L, 23)
+        trg = end - prev
+        ids = stream[begin:end]
+        with torch.no_grad():
+            lp = F.log_softmax(m(ids[None]).logits[0], -1)        # (len, V)
+        for j in range(max(1, len(ids) - trg), len(ids)):         # label j is predicted at position j-1
+            nll -= lp[j - 1, ids[j]].item()
+            n += 1
+        prev = end
+        if end == 23:
+            break
+    got = evaluate.strided_perplexity(m, stream, L, S, "cpu", batch_size=3, precision="fp32")
+    assert got["scored_tokens"] == n == 22  # every token but the first is scored exactly once
+    assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_too_long_window_is_a_clear_error():
+    m = models.build_model("random:tiny", seed=0)
+    with pytest.raises(ValueError, match="context"):
+        evaluate.strided_perplexity(m, torch.arange(500), m.config.n_positions + 1, 8, "cpu")

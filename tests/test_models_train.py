@@ -1,0 +1,77 @@
+"""Model specs, DistilGPT2-style student init, checkpoint round trip, and the shared training loop."""
+import pytest
+import torch
+
+from gpt2opt_lib import distill, models, train
+from gpt2opt_lib.tracking import read_json, write_json
+
+
+def test_arch_specs():
+    assert models.arch_config("gpt2").n_layer == 12
+    assert models.arch_config("custom:n_layer=3,n_embd=32,n_head=2").n_embd == 32
+    with pytest.raises(ValueError, match="unknown arch"):
+        models.arch_config("gpt5")
+    with pytest.raises(FileNotFoundError):
+        models.load_model("./no/such/checkpoint")
+
+
+def test_student_takes_every_other_teacher_layer():
+    t = models.build_model("random:custom:n_layer=4,n_embd=32,n_head=2", seed=0)
+    s = models.student_from_teacher(t)
+    assert s.config.n_layer == 2
+    for new_i, old_i in [(0, 0), (1, 2)]:
+        torch.testing.assert_close(s.transformer.h[new_i].mlp.c_fc.weight, t.transformer.h[old_i].mlp.c_fc.weight)
+    torch.testing.assert_close(s.transformer.wte.weight, t.transformer.wte.weight)
+    assert s.lm_head.weight.data_ptr() == s.transformer.wte.weight.data_ptr()  # still tied
+    with pytest.raises(ValueError):
+        models.student_from_teacher(t, 5)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = models.build_model("random:tiny", seed=0)
+    ids = torch.randint(0, 50257, (1, 8))
+    models.save_model(m, tmp_path / "ckpt")
+    models.save_model(m, tmp_path / "ckpt")  # overwrite in place via rename
+    r = models.load_model(str(tmp_path / "ckpt"))
+    torch.testing.assert_close(r(ids).logits, m(ids).logits)
+    assert not list(tmp_path.glob(".ckpt.*"))  # no temp dirs left behind
+
+
+def test_training_reduces_loss_and_records_timing():
+    torch.manual_seed(0)
+    m = models.build_model("random:tiny", seed=0)
+    blocks = torch.randint(0, 50, (16, 16))  # a 50-token sub-vocabulary: easy to learn
+    spec = train.TrainSpec(epochs=3, batch_size=4, lr=3e-3, warmup_steps=2, precision="fp32")
+    h = train.train(m, blocks, distill.make_lm_loss_fn(32), spec, torch.device("cpu"), progress=False)
+    assert h["epoch_loss"][-1] < h["epoch_loss"][0] - 1.0
+    assert len(h["step_loss"]) == 12 and len(h["step_time_s"]) == 12
+    assert h["summary"]["tokens_per_step"] == 64 and h["summary"]["tokens_per_s"] > 0
+
+
+def test_grad_accumulation_matches_big_batch():
+    """2 x 4 accumulated == 1 x 8 (same data, same order) after one step."""
+    blocks = torch.randint(0, 50257, (8, 8))
+    out = []
+    for bs, acc in [(8, 1), (4, 2)]:
+        m = models.build_model("random:tiny", seed=0)
+        spec = train.TrainSpec(epochs=1, batch_size=bs, grad_accum=acc, lr=1e-2, warmup_steps=1, precision="fp32",
+                               grad_clip=0.0)
+        train.train(m, blocks, distill.make_lm_loss_fn(0), spec, torch.device("cpu"), progress=False)
+        out.append(m.transformer.h[0].mlp.c_fc.weight.detach().clone())
+    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-6)
+
+
+def test_after_step_hook_runs_each_step():
+    m = models.build_model("random:tiny", seed=0)
+    calls = []
+    spec = train.TrainSpec(epochs=1, batch_size=2, precision="fp32")
+    train.train(m, torch.randint(0, 99, (6, 8)), distill.make_lm_loss_fn(0), spec, torch.device("cpu"),
+                after_step=lambda: calls.append(1), progress=False)
+    assert len(calls) == 3
+
+
+def test_atomic_json(tmp_path):
+    p = write_json(tmp_path / "r.json", {"a": float("nan"), "b": (1, 2)})
+    assert read_json(p) == {"a": None, "b": [1, 2]}
+    with pytest.raises(FileNotFoundError, match="run the stage"):
+        read_json(tmp_path / "missing.json")
