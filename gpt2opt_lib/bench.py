@@ -404,7 +404,8 @@ def _plain_loop(ctx: _TrainCtx, step_fn) -> tuple[list[float], list[float], floa
     from .timing import peak_mem_mb, reset_peak
     from .train import _StepTimer, epoch_batches
     batches = epoch_batches(ctx.blocks, ctx.spec, 1)     # what train.train sees in its epoch 1
-    reset_peak(ctx.device)
+    if ctx.device.type == "cuda":
+        reset_peak(ctx.device)                           # gc + empty_cache + peak reset, as train.train does
     timer, losses = _StepTimer(ctx.device), []
     timer.mark()
     for i, b in enumerate(batches):
@@ -483,7 +484,7 @@ def _eng_kd_hf(ctx: _TrainCtx) -> dict:
     rec = _figures(ctx, times, losses, peak, f, 6 * n_all + 2 * t_all)
     rec.update(loss="distill.kd_loss (reference, full logits)", optimizer="AdamW (foreach)", autocast=str(ctx.amp),
                compiled=False, gradient_checkpointing=False, trainable_params=n_all, total_params=n_all + t_all,
-               teacher_dtype="float32")
+               teacher_dtype=str(torch.float32))
     return rec
 
 
@@ -644,7 +645,8 @@ def _error_record(e: BaseException) -> dict:
 def _cleanup(ctx: _TrainCtx, compiled: bool) -> None:
     if compiled:
         torch._dynamo.reset()        # drop the compiled graphs (and what they keep alive) before the next engine
-    _free(ctx.device)
+    if ctx.device.type == "cuda":    # on CPU nothing is measured from the allocator; gc.collect costs ~0.4 s
+        _free(ctx.device)
 
 
 def _run_train_engine(ctx: _TrainCtx, name: str, results: dict) -> None:
@@ -677,9 +679,11 @@ def _run_train_engine(ctx: _TrainCtx, name: str, results: dict) -> None:
     if "error" in rec:
         print(f"  {name}: {rec['error'][:200]}", flush=True)
     else:
+        peak = "-" if rec["peak_mem_mb"] is None else f"{rec['peak_mem_mb']:,.0f}"
         print(f"  {name}: {rec['step_time_median_s'] * 1e3:.1f} ms/step, {rec['tokens_per_s']:,.0f} tokens/s, "
-              f"peak {rec['peak_mem_mb'] or 0:,.0f} MB, first loss {rec['first_loss']:.4f} "
-              f"({rec['total_s']:.1f} s)", flush=True)
+              f"peak {peak} MB, first loss {rec['first_loss']:.4f} ({rec['total_s']:.1f} s incl. build and "
+              f"{rec['warmup_s']:.1f} s warm-up)" + (" [compile failed: ran uncompiled]" if "compile_error" in rec
+                                                     else ""), flush=True)
 
 
 def _ratio(results, a, b, key):
@@ -812,7 +816,8 @@ def print_train_table(rep: dict) -> None:
         print(f"{name:<13}" + "".join(f"{v:>11}" for v in vals))
     for k, v in rep.get("targets", {}).items():
         val = "-" if v["value"] is None else f"{v['value']:.3g}"
-        print(f"  target {k:<24} {val:>10} (want {v['target']}): {'met' if v['met'] else ('-' if v['met'] is None else 'NOT met')}")
+        met = "-" if v["met"] is None else ("met" if v["met"] else "NOT met")
+        print(f"  target {k:<24} {val:>10} (want {v['target']}): {met}")
 
 
 def _train_parser(sub) -> None:

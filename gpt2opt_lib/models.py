@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as _hf_logging
+
+_hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars would flood the executed reports
 
 # GPT-2 family shapes; the tiny ones keep the real 50,257-token vocabulary (the real tokenizer) so the CPU
 # profile exercises every code path the GPU profile does.
