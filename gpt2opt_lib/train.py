@@ -7,6 +7,8 @@ device and step times are CUDA events read once per epoch.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import math
 import statistics
@@ -16,6 +18,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm  # plain text bar: renders in executed notebooks and HTML reports alike
 
+from . import distributed as D
 from .env import resolve_dtype
 from .timing import peak_mem_mb, reset_peak
 
@@ -58,7 +61,7 @@ class _StepTimer:
             out = [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
         else:
             out = [b - a for a, b in zip(self.marks, self.marks[1:])]
-        self.marks = self.marks[-1:]
+        self.marks = []  # the next epoch starts a fresh series: validation between epochs is not a step
         return out
 
 
@@ -94,6 +97,19 @@ def epoch_batches(blocks: torch.Tensor, spec: TrainSpec, epoch: int) -> list[tor
     return [blocks[order[i: i + spec.batch_size]] for i in range(0, n, spec.batch_size)]
 
 
+_SUMMARY_SINKS: list[list] = []
+
+
+@contextlib.contextmanager
+def collect_summaries(sink: list):
+    """Every `train` call inside the block appends its history's summary to `sink` (the torchrun CLI's report)."""
+    _SUMMARY_SINKS.append(sink)
+    try:
+        yield sink
+    finally:
+        _SUMMARY_SINKS.remove(sink)
+
+
 def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, device: torch.device, *,
           params=None, after_step: Callable | None = None, on_epoch_end: Callable | None = None,
           tracker=None, desc: str = "train", progress: bool = True) -> dict:
@@ -101,35 +117,63 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
 
     Returns the history: per-step loss (+ parts), per-epoch mean loss, step times (s), tokens/s and peak memory.
     `on_epoch_end(epoch, model)` may return a dict that is stored in the history (e.g. validation metrics).
+
+    Data-parallel (a torch.distributed group of world > 1, see gpt2opt_lib.distributed): `spec.batch_size` is the
+    per-rank micro-batch; every rank walks the same global order (`epoch_batches` with world x batch_size) and
+    takes its own slice; DDP averages gradients (FSDP2 with parallel="fsdp"); losses are all-reduced (mean);
+    bar, tracker and `on_epoch_end` run on rank 0 only.
     """
     amp_dtype = resolve_dtype(spec.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    params = list(params if params is not None else model.parameters())
+    W = D.world() if D.active() else 1
+    main = D.is_main()
+    gspec = dataclasses.replace(spec, batch_size=spec.batch_size * W)  # the global batch walked by every rank
+    fsdp = W > 1 and D.parallel_mode() == "fsdp"
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if W == 1:
+        runner, work = None, model
+        params = list(params if params is not None else model.parameters())
+    elif fsdp:  # shard a copy; the caller's model gets the full weights back at every epoch end
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad} if params is not None else None
+        work = copy.deepcopy(model)
+        runner = D.wrap_model(D.LossModule(work, loss_fn), "fsdp", device)
+        params = [p for n, p in work.named_parameters() if p.requires_grad and (trainable is None or n in trainable)]
+    else:
+        work = model
+        runner = D.wrap_model(D.LossModule(model, loss_fn), "ddp", device)  # broadcasts rank 0's weights
+        params = list(params if params is not None else model.parameters())
     opt = make_optimizer(params, spec, device)
-    steps_per_epoch = len(epoch_batches(blocks, spec, 0)) // spec.grad_accum
+    steps_per_epoch = len(epoch_batches(blocks, gspec, 0)) // spec.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size*grad_accum={spec.batch_size * spec.grad_accum} exceeds the train blocks")
     total = steps_per_epoch * spec.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, spec.warmup_steps))
-    if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    work.train()
     hist = {"step_loss": [], "epoch_loss": [], "step_time_s": [], "parts": {}, "epochs": [], "precision": str(amp_dtype)}
     tokens_per_step = spec.batch_size * spec.grad_accum * blocks.shape[1]
     reset_peak(device)
     timer = _StepTimer(device)
-    bar = tqdm(total=total, desc=desc, disable=not progress, mininterval=2.0)
+    bar = tqdm(total=total, desc=desc, disable=not (progress and main), mininterval=2.0)
     step = 0
     for epoch in range(1, spec.epochs + 1):
-        batches = epoch_batches(blocks, spec, epoch)[: steps_per_epoch * spec.grad_accum]
+        batches = epoch_batches(blocks, gspec, epoch)[: steps_per_epoch * spec.grad_accum]
+        if W > 1:
+            batches = [D.rank_slice(b) for b in batches]
         losses, parts_acc = [], {}
         timer.mark()
         for i in range(0, len(batches), spec.grad_accum):
             step_loss = torch.zeros((), device=device)
-            for mb in batches[i: i + spec.grad_accum]:
+            group = batches[i: i + spec.grad_accum]
+            for j, mb in enumerate(group):
                 mb = mb.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, parts = loss_fn(model, mb)
+                last = j == len(group) - 1
+                # DDP: gradients are all-reduced on the last micro-batch of the step only
+                sync = runner.no_sync() if (runner is not None and not fsdp and not last) else contextlib.nullcontext()
+                if fsdp:
+                    runner.set_requires_gradient_sync(last)
+                with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, parts = runner(mb) if runner is not None else loss_fn(model, mb)
                 loss = loss / spec.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss.detach()
@@ -152,35 +196,47 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
             timer.mark()
             step += 1
             bar.update(1)
-        # one host sync per epoch: losses, parts and step times come back together
-        ep_losses = torch.stack(losses).float().cpu().tolist()
+        # one host sync per epoch: losses, parts and step times come back together (mean over ranks)
+        ep_losses = D.all_reduce_mean(torch.stack(losses).float()).cpu().tolist()
         hist["step_loss"] += ep_losses
         hist["step_time_s"] += timer.durations()
         for k, v in parts_acc.items():
-            hist["parts"].setdefault(k, []).extend(torch.stack(v).float().cpu().tolist())
+            hist["parts"].setdefault(k, []).extend(D.all_reduce_mean(torch.stack(v).float()).cpu().tolist())
         hist["epoch_loss"].append(statistics.fmean(ep_losses))
         if not math.isfinite(hist["epoch_loss"][-1]):
             raise FloatingPointError(f"{desc}: loss became {hist['epoch_loss'][-1]} in epoch {epoch}")
         bar.set_postfix(loss=f"{hist['epoch_loss'][-1]:.3f}")
         record = {"epoch": epoch, "step": step, "train_loss": hist["epoch_loss"][-1]}
-        if on_epoch_end is not None:
+        if fsdp:  # a collective: every rank gathers, the caller's plain model gets the trained weights
+            full = {k.removeprefix("model."): v for k, v in D.full_state_dict(runner).items()}
+            model.load_state_dict(full, strict=False)
+        if on_epoch_end is not None and main:
             model.eval()
             record.update(on_epoch_end(epoch, model) or {})
-            model.train()
+            work.train()
         hist["epochs"].append(record)
-        if tracker is not None:
+        if tracker is not None and main:
             tracker.log({f"{desc}/{k}": v for k, v in record.items()}, step=None)
     bar.close()
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
+    del runner  # drops DDP's hooks/buckets; `model` itself is unchanged (FSDP trained a copy)
     times = hist["step_time_s"][1:] or hist["step_time_s"]  # the first step pays one-off costs (compile, allocator)
+    t_step = statistics.fmean(times)
+    if W > 1:  # the slowest rank sets the pace
+        t_step = D.all_reduce_max(torch.tensor(t_step, dtype=torch.float64, device=device)).item()
     hist["summary"] = {
-        "steps": step, "tokens_per_step": tokens_per_step,
-        "time_per_step_s": statistics.fmean(times), "time_per_step_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-        "tokens_per_s": tokens_per_step / statistics.fmean(times),
-        "samples_per_s": spec.batch_size * spec.grad_accum / statistics.fmean(times),
+        "steps": step, "tokens_per_step": tokens_per_step * W,  # global: world x micro-batch x accum x T
+        "time_per_step_s": t_step, "time_per_step_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "tokens_per_s": tokens_per_step * W / t_step,  # the whole job (= per GPU on one process)
+        "tokens_per_s_total": tokens_per_step * W / t_step, "tokens_per_s_per_gpu": tokens_per_step / t_step,
+        "world_size": W, "parallel": (D.parallel_mode() if W > 1 else "none"),
+        "samples_per_s": spec.batch_size * spec.grad_accum * W / t_step,
         "peak_mem_mb": peak_mem_mb(device), "final_loss": hist["epoch_loss"][-1],
-        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad) if fsdp
+        else sum(p.numel() for p in params if p.requires_grad),
     }
+    for sink in _SUMMARY_SINKS:
+        sink.append(hist["summary"])
     return hist
