@@ -137,9 +137,9 @@ def git_sha(short: bool = True) -> str:
         sha = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "nogit"
-    except Exception:
-        return "nogit"
+        return (sha + ("-dirty" if dirty else "")) if sha else os.environ.get("GPT2OPT_GIT_SHA", "nogit")
+    except Exception:  # no git (e.g. a working tree copied to a GPU box): the caller may pass the sha in
+        return os.environ.get("GPT2OPT_GIT_SHA", "nogit")
 
 
 def env_stamp(profile: str | None = None, seed: int | None = None) -> dict:
