@@ -25,6 +25,9 @@ from gpt2opt_lib import config  # noqa: E402
 from gpt2opt_lib.tracking import read_json, write_atomic, write_json  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
+# which earlier stages' artifacts each stage reads from the run directory
+NEEDS = {"02_compare": ["01_distill"], "03_lora_prune": ["01_distill"], "04_quant": ["03_lora_prune"],
+         "05_flash_quant": ["01_distill", "03_lora_prune", "04_quant"]}
 
 
 def parse_args(argv=None):
@@ -76,12 +79,18 @@ def main(argv=None) -> int:
     stages = select_stages(args.only)
     profile = Path(args.profile).stem
     params = {s: config.stage_parameters(args.profile, s) for s in stages}
-    run_dir = Path(args.out).resolve() if args.out else config.new_run_dir(profile)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for s in stages:
-        if (run_dir / f"{s}.ipynb").exists():
-            raise config.ConfigError(f"{run_dir / (s + '.ipynb')} exists: runs are never overwritten; "
+    out = Path(args.out).resolve() if args.out else None
+    for s in stages:  # checked before any directory is made
+        missing = [n for n in NEEDS.get(s, []) if n not in stages and not (out and (out / n / "results.json").exists())]
+        if missing:
+            raise config.ConfigError(f"{s} reads the artifacts of {missing}, which neither run now nor exist in "
+                                     f"{out or 'a new run directory'}: add them to --only, or pass --out with a run "
+                                     f"directory that has them")
+        if out and (out / f"{s}.ipynb").exists():
+            raise config.ConfigError(f"{out / (s + '.ipynb')} exists: runs are never overwritten; "
                                      f"choose another --out or leave it out for a new run directory")
+    run_dir = out or config.new_run_dir(profile)
+    run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
     summary = read_json(summary_path) if summary_path.exists() else {"profile": profile, "run_dir": str(run_dir),
                                                                     "stages": {}}

@@ -38,6 +38,12 @@ def test_unknown_stage_is_a_clear_error():
     assert r.returncode == 2 and "09_magic" in r.stderr
 
 
+def test_stage_without_its_inputs_is_a_clear_error(tmp_path):
+    r = _run("--only", "04_quant", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "03_lora_prune" in r.stderr and "--only" in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing is created for a run that cannot start
+
+
 def test_bad_parameter_fails_before_running(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("common:\n  device: cpu\n01_distill:\n  epoch: 3\n")
