@@ -7,6 +7,7 @@ speed, memory, and the batch x sequence-length sweep.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -97,10 +98,11 @@ def _train_student(ctx: StageContext, student, loss_fn, name: str, save_checkpoi
 
 def distill_student(ctx: StageContext, teacher, student) -> dict:
     cfg = ctx.cfg
-    if ctx.amp_dtype is not None:
-        teacher.to(ctx.amp_dtype)  # the frozen teacher only runs forward: keep it in 16-bit
-    _maybe_compile(teacher, ctx)
-    loss_fn = make_kd_loss_fn(teacher, cfg.temperature, cfg.alpha, cfg.kd_chunk_tokens)
+    # the frozen teacher only runs forward: a 16-bit copy, so the fp32 teacher stays intact for the no-teacher
+    # student's initialisation (identical to this student's)
+    t = copy.deepcopy(teacher).to(ctx.amp_dtype) if ctx.amp_dtype is not None else teacher
+    _maybe_compile(t, ctx)
+    loss_fn = make_kd_loss_fn(t, cfg.temperature, cfg.alpha, cfg.kd_chunk_tokens)
     return _train_student(ctx, student, loss_fn, "student_distilled", save_checkpoints=True)
 
 
@@ -108,7 +110,7 @@ def train_without_teacher(ctx: StageContext, teacher) -> dict | None:
     """The same student init, steps and data, hard labels only: what distillation buys."""
     if not ctx.cfg.no_teacher_baseline:
         return None
-    student = make_student(ctx, teacher.float())
+    student = make_student(ctx, teacher)
     return _train_student(ctx, student, make_lm_loss_fn(ctx.cfg.kd_chunk_tokens), "student_plain", False)
 
 

@@ -75,3 +75,24 @@ def test_atomic_json(tmp_path):
     assert read_json(p) == {"a": None, "b": [1, 2]}
     with pytest.raises(FileNotFoundError, match="run the stage"):
         read_json(tmp_path / "missing.json")
+
+
+def test_distilled_and_plain_students_start_identical(monkeypatch):
+    """What KD buys is only measurable if both students start from the same weights: distill_student must not
+    cast the caller's teacher to 16-bit in place (the no-teacher student is initialised from it afterwards)."""
+    from types import SimpleNamespace
+
+    from gpt2opt_lib import stages
+
+    teacher = models.build_model("random:custom:n_layer=4,n_embd=32,n_head=2", seed=0)
+    cfg = SimpleNamespace(student_init="teacher-layers", student_n_layer=2, seed=3, student="", attn_implementation="sdpa",
+                          temperature=2.0, alpha=0.5, kd_chunk_tokens=64, compile=False)
+    ctx = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), amp_dtype=torch.bfloat16, tok=[0] * 50257)
+    seen = {}
+    monkeypatch.setattr(stages, "_train_student", lambda ctx, student, loss_fn, name, save_checkpoints: seen.setdefault("fn", loss_fn))
+    a = stages.make_student(ctx, teacher)
+    stages.distill_student(ctx, teacher, a)
+    assert "fn" in seen and teacher.transformer.h[0].attn.c_attn.weight.dtype == torch.float32
+    b = stages.make_student(ctx, teacher)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
