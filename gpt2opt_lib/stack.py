@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -340,7 +337,7 @@ def attention_table(ctx: StageContext, avail: list[dict]) -> list[dict]:
                     A.set_attention(model, a["name"])
                     fb = forward_bench(ctx, model, c.attn_batch_size, T)
 
-                    def step():  # one forward + backward of the LM loss (weights' grads: the attention's bwd cost)
+                    def step(model=model, ids=ids):  # one forward + backward of the LM loss (weights' grads: the attention's bwd cost)
                         model.zero_grad(set_to_none=True)
                         model(input_ids=ids, labels=ids).loss.backward()
                     model.requires_grad_(True)

@@ -9,7 +9,7 @@ import torch
 from gpt2opt_lib import attention
 from gpt2opt_lib.env import override_capabilities
 
-from tiny_models import TINY, ids, tiny_model  # noqa: E402
+from tiny_models import ids, tiny_model  # noqa: E402
 
 
 def test_table_covers_every_name_with_reasons():
