@@ -5,15 +5,21 @@
     python run_all.py --profile gpu-offline             # any CUDA GPU, no network
     python run_all.py --only 01_distill,02_compare      # a subset (later stages read earlier ones' artifacts)
     python run_all.py --only 02_compare --out reports/quick/<run>   # add a stage to an existing run
+    python run_all.py --resume reports/quick/<run>      # finish an interrupted run (finished stages are kept)
     python run_all.py --list                            # profiles and stages
 
 Every parameter is validated against the stage's config dataclass before anything runs. Executed notebooks (and
 an HTML copy) land in reports/<profile>/<UTC time>-<git sha>/ with each stage's artifacts and a summary.json.
+A notebook executes into <run>/.partial/ and is renamed into place when it ends, so a killed run never leaves a
+half-written notebook where a finished one belongs; `--resume` sets such a stage aside (<run>/_interrupted/) and
+runs it again.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,9 +31,7 @@ from gpt2opt_lib import config  # noqa: E402
 from gpt2opt_lib.tracking import read_json, write_atomic, write_json  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
-# which earlier stages' artifacts each stage reads from the run directory
-NEEDS = {"02_compare": ["01_distill"], "03_lora_prune": ["01_distill"], "04_quant": ["03_lora_prune"],
-         "05_flash_quant": ["01_distill", "03_lora_prune", "04_quant"]}
+NEEDS = config.STAGE_NEEDS  # which earlier stages' artifacts each stage reads from the run directory
 
 
 def parse_args(argv=None):
@@ -35,6 +39,8 @@ def parse_args(argv=None):
     ap.add_argument("--profile", default="quick", help="params/<profile>.yaml (default: quick) or a path to a YAML")
     ap.add_argument("--only", default="", help="comma-separated stages to run, e.g. 01_distill,02_compare")
     ap.add_argument("--out", default="", help="run directory (default: a new reports/<profile>/<UTC time>-<sha>/)")
+    ap.add_argument("--resume", default="", metavar="RUN_DIR",
+                    help="finish an interrupted run: keep its completed stages, rerun the rest with its parameters")
     ap.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
     ap.add_argument("--list", action="store_true", help="list profiles and stages, then exit")
     return ap.parse_args(argv)
@@ -67,6 +73,54 @@ def export_html(nb_path: Path) -> Path | None:
         return None
 
 
+def set_aside(run_dir: Path, stage: str) -> Path | None:
+    """Move what an interrupted or failed stage left (its folder, notebook, HTML, partial notebook) out of the way
+    into <run>/_interrupted/<stage>-<UTC time>/: nothing is deleted, nothing half-done is mistaken for a result."""
+    leftovers = [run_dir / stage, run_dir / f"{stage}.ipynb", run_dir / f"{stage}.html",
+                 run_dir / ".partial" / f"{stage}.ipynb"]
+    leftovers = [p for p in leftovers if p.exists()]
+    if not leftovers:
+        return None
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    dest = run_dir / "_interrupted" / f"{stage}-{stamp}"
+    dest.mkdir(parents=True)
+    for p in leftovers:
+        shutil.move(str(p), str(dest / p.name))
+    return dest
+
+
+def plan(args) -> tuple[str, list[str], dict, Path | None]:
+    """Profile, stages, validated parameters and the run directory (None: a new one), all checked before
+    anything is created."""
+    if args.resume:
+        if args.out:
+            raise config.ConfigError("--resume names the run directory; leave --out out")
+        run = Path(args.resume).resolve()
+        if not (run / "params.json").exists():
+            raise config.ConfigError(f"--resume {args.resume}: not a run directory (no params.json)")
+        saved = read_json(run / "params.json")
+        profile = read_json(run / "summary.json").get("profile") if (run / "summary.json").exists() else None
+        profile = profile or next(iter(saved.values())).get("profile", "quick")
+        stages = select_stages(args.only) if args.only else [s for s in available_stages() if s in saved]
+        params = {}
+        for s in stages:  # the run's own parameters, revalidated; a stage it never planned gets its profile's
+            params[s] = (config.validate(config.STAGE_CONFIGS[s], saved[s], f"{run / 'params.json'} [{s}]")
+                         if s in saved else config.stage_parameters(profile, s))
+        return profile, stages, params, run
+    stages = select_stages(args.only)
+    if not stages:
+        raise config.ConfigError(f"--only {args.only!r} names no stage; available: {available_stages()}")
+    params = {s: config.stage_parameters(args.profile, s) for s in stages}
+    out = Path(args.out).resolve() if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise config.ConfigError(f"--out {out} exists and is not a directory")
+    for s in stages:
+        if out and ((out / f"{s}.ipynb").exists() or config.stage_complete(out, s)):
+            raise config.ConfigError(f"{out / (s + '.ipynb')} exists: runs are never overwritten; choose another "
+                                     f"--out, leave it out for a new run directory, or --resume {out}")
+    return Path(args.profile).stem, stages, params, out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -76,19 +130,14 @@ def main(argv=None) -> int:
     import papermill as pm
 
     # validate every stage's parameters before running anything
-    stages = select_stages(args.only)
-    profile = Path(args.profile).stem
-    params = {s: config.stage_parameters(args.profile, s) for s in stages}
-    out = Path(args.out).resolve() if args.out else None
+    profile, stages, params, out = plan(args)
+    done = [s for s in stages if args.resume and config.stage_complete(out, s)]
     for s in stages:  # checked before any directory is made
-        missing = [n for n in NEEDS.get(s, []) if n not in stages and not (out and (out / n / "results.json").exists())]
+        missing = [n for n in NEEDS.get(s, []) if n not in stages and not (out and config.stage_complete(out, n))]
         if missing:
             raise config.ConfigError(f"{s} reads the artifacts of {missing}, which neither run now nor exist in "
                                      f"{out or 'a new run directory'}: add them to --only, or pass --out with a run "
                                      f"directory that has them")
-        if out and (out / f"{s}.ipynb").exists():
-            raise config.ConfigError(f"{out / (s + '.ipynb')} exists: runs are never overwritten; "
-                                     f"choose another --out or leave it out for a new run directory")
     run_dir = out or config.new_run_dir(profile)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
@@ -99,15 +148,31 @@ def main(argv=None) -> int:
     summary["env"] = env_stamp(profile, params[stages[0]]["seed"] if stages and "seed" in params[stages[0]] else None)
     write_json(run_dir / "params.json", {**(read_json(run_dir / "params.json") if (run_dir / "params.json").exists() else {}), **params})
     print(f"run directory: {run_dir}\nprofile: {profile}   stages: {', '.join(stages)}")
+    if done:
+        print(f"resume: keeping the completed stage(s) {', '.join(done)}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     os.environ.update(env)  # the kernel inherits it: notebooks import gpt2opt_lib from this checkout
     for i, stage in enumerate(stages, 1):
+        if stage in done:
+            entry = summary["stages"].setdefault(stage, {"notebook": f"{stage}.ipynb", "status": "ok"})
+            if not args.no_html and (run_dir / f"{stage}.ipynb").exists() and not (run_dir / f"{stage}.html").exists():
+                html = export_html(run_dir / f"{stage}.ipynb")  # a run killed between notebook and HTML
+                entry["html"] = html.name if html else None
+            _collect(run_dir, stage, entry)
+            write_json(summary_path, summary)
+            print(f"[{i}/{len(stages)}] {stage}: completed earlier, kept")
+            continue
+        aside = set_aside(run_dir, stage) if args.resume else None
+        if aside:
+            print(f"[{i}/{len(stages)}] {stage}: the interrupted attempt is kept in {aside.relative_to(run_dir)}")
         out_nb = run_dir / f"{stage}.ipynb"
+        partial = run_dir / ".partial" / f"{stage}.ipynb"
+        partial.parent.mkdir(exist_ok=True)
         print(f"[{i}/{len(stages)}] {stage} ...", flush=True)
         t0 = time.time()
         entry = {"notebook": out_nb.name}
         try:
-            pm.execute_notebook(str(NOTEBOOKS / f"{stage}.ipynb"), str(out_nb),
+            pm.execute_notebook(str(NOTEBOOKS / f"{stage}.ipynb"), str(partial),
                                 parameters={**params[stage], "run_dir": str(run_dir)}, cwd=str(ROOT),
                                 kernel_name="python3", progress_bar=True, log_output=False)
             entry["status"] = "ok"
@@ -118,26 +183,35 @@ def main(argv=None) -> int:
         except Exception as e:  # kernel died, notebook unreadable, ...
             entry.update(status="failed", error=f"{type(e).__name__}: {e}")
             print(f"\nFAILED: {stage}: {type(e).__name__}: {e}", file=sys.stderr)
+        if partial.exists():
+            os.replace(partial, out_nb)  # the whole executed notebook appears at once
         entry["duration_s"] = round(time.time() - t0, 1)
         if not args.no_html and out_nb.exists():
             html = export_html(out_nb)
             entry["html"] = html.name if html else None
-        res_path = run_dir / stage / "results.json"
-        if entry["status"] == "ok" and res_path.exists():
-            res = read_json(res_path)
-            entry["metrics"] = res.get("metrics", {})
-            for key in ("gains", "gains_table"):
-                if key in res:
-                    entry[key] = res[key]
-            entry["results"] = str(res_path.relative_to(run_dir))
+        if entry["status"] == "ok":
+            _collect(run_dir, stage, entry)
         summary["stages"][stage] = entry
         write_json(summary_path, summary)
         print(f"  {entry['status']} in {entry['duration_s']} s", flush=True)
         if entry["status"] != "ok":
-            print(f"stopped; everything written so far is kept in {run_dir}", file=sys.stderr)
+            print(f"stopped; everything written so far is kept in {run_dir}; after a fix: "
+                  f"python run_all.py --resume {run_dir}", file=sys.stderr)
             return 1
     print(f"done: {summary_path}")
     return 0
+
+
+def _collect(run_dir: Path, stage: str, entry: dict) -> None:
+    """Copy a completed stage's metrics (and 05's gains) from its results.json into the summary entry."""
+    res_path = run_dir / stage / "results.json"
+    if res_path.exists():
+        res = read_json(res_path)
+        entry["metrics"] = res.get("metrics", {})
+        for key in ("gains", "gains_table", "gains_caption"):
+            if key in res:
+                entry[key] = res[key]
+        entry["results"] = str(res_path.relative_to(run_dir))
 
 
 if __name__ == "__main__":

@@ -62,3 +62,34 @@ def strided_perplexity(model, stream: torch.Tensor, max_length: int, stride: int
     mean = nll_sum / n_scored
     return {"ppl": math.exp(mean), "nll": mean, "scored_tokens": n_scored, "max_length": max_length,
             "stride": stride, "windows": len(windows)}
+
+
+def mean_std(xs: list[float]) -> dict:
+    """Mean and sample standard deviation (None for a single value: no spread)."""
+    import statistics
+
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
+
+
+def compare_with_spread(a: list[float], b: list[float], names: tuple[str, str] = ("a", "b"),
+                        lower_is_better: bool = True) -> dict:
+    """Two arms measured over seeds: mean, std (sample, n-1) and a verdict that calls a tie inside the spread.
+
+    The rule, stated so a reader can check it: with >= 2 seeds per arm, a difference of the means no larger than
+    the sum of the two standard deviations (the mean +- std intervals overlap) is a tie. With one seed there is no
+    spread, so the lower value is named but not called a win.
+    """
+    if not a or not b:
+        raise ValueError(f"need at least one value per arm, got {len(a)} and {len(b)}")
+    (ma, sa), (mb, sb) = ((m["mean"], m["std"]) for m in (mean_std(a), mean_std(b)))
+    best = names[0] if (ma < mb) == lower_is_better else names[1]
+    diff = abs(ma - mb)
+    if sa is None or sb is None:
+        verdict, call = f"{best} ahead by {diff:.4g} (one seed per arm: no spread, so not a verdict)", "undetermined"
+    elif diff <= sa + sb:
+        verdict, call = f"tie: the difference {diff:.4g} is inside the seed spread ({sa:.3g} + {sb:.3g})", "tie"
+    else:
+        verdict, call = f"{best} better by {diff:.4g} (outside the seed spread {sa:.3g} + {sb:.3g})", best
+    return {names[0]: {"mean": ma, "std": sa, "n": len(a), "values": list(a)},
+            names[1]: {"mean": mb, "std": sb, "n": len(b), "values": list(b)},
+            "difference": ma - mb, "winner": call, "verdict": verdict}

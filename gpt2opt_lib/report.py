@@ -1,6 +1,8 @@
 """Tables and plots for the notebooks: titled, labelled with units, error bars = one std."""
 from __future__ import annotations
 
+import statistics
+
 import matplotlib
 
 matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "nbagg")) else None
@@ -23,20 +25,40 @@ def _save(fig, ctx, name: str):
 
 
 def loss_curves(results: dict, ctx=None):
-    """01: training loss per step of each run, and validation perplexity at each checkpoint."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    """01: the scratch teacher's validation curve (if trained here), the students' training loss per step, and
+    their validation perplexity per checkpoint (mean +- std over seeds), the teacher as a reference line."""
+    scratch = results["teacher"].get("scratch_training")
+    fig, axes = plt.subplots(1, 3 if scratch else 2, figsize=(16 if scratch else 12, 4.2))
+    if scratch:
+        t, *axes = axes
+        h = [e for e in scratch["history"] if "val_ppl" in e]
+        t.plot([e["epoch"] for e in h], [e["val_ppl"] for e in h], marker="o", label="validation")
+        t.axvline(scratch["best_epoch"], color="tab:green", ls="--", label=f"best epoch {scratch['best_epoch']} (kept)")
+        t.set(title=f"Scratch teacher: early stopping (patience {scratch['patience']})", xlabel="epoch",
+              ylabel="validation perplexity", yscale="log")
+        t.legend()
+    a, b = axes
     for name, r in results["runs"].items():
-        a.plot(range(1, len(r["step_loss"]) + 1), r["step_loss"], label=name, lw=1)
+        a.plot(range(1, len(r["step_loss"]) + 1), r["step_loss"], label=f"{name} (seed {r.get('seed')})", lw=1)
         if "ce" in r["parts"] and name == "distilled":
             a.plot(range(1, len(r["parts"]["ce"]) + 1), r["parts"]["ce"], label=f"{name}: CE part", lw=0.8, ls="--")
+    by_arm: dict = {}
+    for row in results.get("seed_runs", []):
+        by_arm.setdefault(row["arm"], []).append(row["final_val_ppl"])
+    for name, r in results["runs"].items():
         pts = [(c["epoch"], c["val_ppl"]) for c in r["checkpoints"] if "val_ppl" in c]
         if pts:
-            b.plot(*zip(*pts), marker="o", label=name)
+            line, = b.plot(*zip(*pts), marker="o", label=f"{name} (seed {r.get('seed')})")
+            vals = [v for v in by_arm.get(name, []) if v is not None]
+            if len(vals) > 1:
+                m, sd = statistics.fmean(vals), statistics.stdev(vals)
+                b.errorbar([pts[-1][0] + 0.08], [m], yerr=[sd], fmt="s", color=line.get_color(), capsize=4,
+                           label=f"{name}: mean +- std over {len(vals)} seeds")
     tv = results["teacher"]["validation"]["ppl"]
     b.axhline(tv, color="gray", ls=":", label=f"teacher ({tv:.1f})")
-    a.set(title="Training loss", xlabel="optimizer step", ylabel="loss (nats/token)")
-    b.set(title="Validation perplexity (strided)", xlabel="epoch", ylabel="perplexity", yscale="log")
-    a.legend(), b.legend()
+    a.set(title="Training loss (first seed)", xlabel="optimizer step", ylabel="loss (nats/token)")
+    b.set(title="Students: validation perplexity (strided)", xlabel="epoch", ylabel="perplexity", yscale="log")
+    a.legend(fontsize=8), b.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, ctx, "loss_curves")
 

@@ -408,7 +408,9 @@ def baseline_config(ctx: StageContext) -> dict:
     model = M.load_model(str(teacher_dir), "eager").to(ctx.device)
     row = {"config": "baseline: teacher, 16-bit, eager, full FT", "attention": "eager", "mode": "none"}
     row.update(_train_cost(ctx, model, list(model.parameters()), desc="baseline full FT"))
-    model = model.to(_compute_dtype(ctx))
+    del model  # the timed steps changed its weights: quality and inference use the teacher as 01 trained it
+    _free(ctx)
+    model = M.load_model(str(teacher_dir), "eager").to(ctx.device).to(_compute_dtype(ctx))
     row["weight_mb"] = Q.weight_bytes(model)["total"] / 2**20
     row.update(_inference_row(ctx, row["config"], model))
     del model
@@ -471,8 +473,23 @@ def _x(new, old):
     return None if new is None or not old else new / old
 
 
-def gains_table(baseline: dict, stacks: list[dict]) -> list[dict]:
-    """The seed's terms, from numbers measured in this run: % change of memory/latency/ppl, x of throughput."""
+def gains_caption(ctx: StageContext, baseline: dict) -> str:
+    """What the end-to-end table compares, in words, stored with it."""
+    c = ctx.cfg
+    return (f"Baseline: the 01 teacher as trained ({baseline.get('trainable_params', 0) / 1e6:.1f}M trainable "
+            f"parameters), {str(_compute_dtype(ctx)).replace('torch.', '')} weights, eager attention; training cost: "
+            f"full fine-tuning with AdamW at batch {c.train_batch_size} x {c.block_size}. Stack: the 01 distilled "
+            f"student + 03's LoRA (merged) with {c.prune_sparsity:.0%} pruned adapters, NF4 double-quant weights and "
+            f"the fastest attention; training cost: QLoRA on it. Quality: test perplexity of each model on the same "
+            f"tokens (strided, max_length={c.ppl_max_length}, stride={c.ppl_stride}); 'vs 16-bit stack' compares "
+            f"the stack with the same merged model before quantization (04's 16-bit row): what quantization and "
+            f"the attention backend cost, like with like. Baseline and stack measured in this run on "
+            f"{ctx.stamp.get('device_name')}.")
+
+
+def gains_table(baseline: dict, stacks: list[dict], stack_16bit_ppl: float | None = None) -> list[dict]:
+    """The seed's terms, from numbers measured in this run: % change of memory/latency/ppl, x of throughput.
+    `stack_16bit_ppl`: the merged stack before quantization (04), the like-with-like quality reference."""
     out = []
     for s in stacks:
         if "test_ppl" not in s:
@@ -489,6 +506,8 @@ def gains_table(baseline: dict, stacks: list[dict]) -> list[dict]:
             "training_step_time_change_pct": _pct(s.get("train_time_per_step_ms"), baseline.get("train_time_per_step_ms")),
             "perplexity_baseline": baseline["test_ppl"], "perplexity_stack": s["test_ppl"],
             "perplexity_change_pct": _pct(s["test_ppl"], baseline["test_ppl"]),
+            "perplexity_16bit_stack": stack_16bit_ppl,
+            "perplexity_change_vs_16bit_stack_pct": _pct(s["test_ppl"], stack_16bit_ppl),
         })
     return out
 
@@ -496,11 +515,17 @@ def gains_table(baseline: dict, stacks: list[dict]) -> list[dict]:
 def flash_results(ctx: StageContext, attn_rows: list, best: str, combo: list, baseline: dict, stacks: list,
                   gains: list) -> dict:
     res = {"setup": summary_table(ctx), "attention": attn_rows, "fastest_attention": best,
-           "attention_x_quant": combo, "baseline": baseline, "stacks": stacks, "gains": gains}
+           "attention_x_quant": combo, "baseline": baseline, "stacks": stacks, "gains": gains,
+           "gains_caption": gains_caption(ctx, baseline)}
     res["metrics"] = {"fastest_attention": best, **{f"{k}[{g['stack'][:28]}]": v for g in gains for k, v in g.items()
                                                     if k != "stack" and isinstance(v, (int, float))}}
     ctx.save_results(res)
     return res
+
+
+def stack_16bit_ppl(ctx: StageContext) -> float | None:
+    """Test perplexity of the merged stack before quantization, as 04 measured it."""
+    return ctx.results_of("04_quant").get("metrics", {}).get("baseline_test_ppl")
 
 
 def pareto_points(ctx: StageContext) -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 
 import torch
 
@@ -36,7 +37,12 @@ def _maybe_compile(model, ctx: StageContext):
 
 
 def get_teacher(ctx: StageContext):
-    """Load, build or train the teacher; saved to <run>/01_distill/teacher for every later stage."""
+    """Load, build or train the teacher; saved to <run>/01_distill/teacher for every later stage.
+
+    A scratch:<arch> teacher trains until validation perplexity stops improving: validated after every epoch,
+    stopped after `teacher_patience` epochs without a new best (at most `teacher_max_epochs`), and the best
+    epoch's weights are the teacher. A teacher stopped short of convergence is no teacher: its students beat it.
+    """
     cfg = ctx.cfg
     teacher = M.build_model(cfg.teacher, cfg.attn_implementation, seed=cfg.seed, vocab_size=len(ctx.tok))
     if teacher.config.n_positions < cfg.block_size:
@@ -44,20 +50,35 @@ def get_teacher(ctx: StageContext):
     info = {"spec": cfg.teacher, **M.describe(teacher)}
     teacher.to(ctx.device)
     if cfg.teacher.startswith("scratch:"):
-        spec = _spec(cfg, epochs=cfg.teacher_scratch_epochs, lr=cfg.teacher_lr)
+        best = {"ppl": math.inf, "epoch": 0, "state": None}
+
+        def on_epoch_end(epoch, model):
+            val = ctx.perplexity(model)
+            if val["ppl"] < best["ppl"]:
+                best.update(ppl=val["ppl"], epoch=epoch,
+                            state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+            return {"val_loss": val["nll"], "val_ppl": val["ppl"], "best": epoch == best["epoch"],
+                    "stop": epoch - best["epoch"] >= cfg.teacher_patience}
+
+        spec = _spec(cfg, epochs=cfg.teacher_max_epochs, lr=cfg.teacher_lr)
         hist = train(_maybe_compile(teacher, ctx), ctx.blocks("train"), make_lm_loss_fn(cfg.kd_chunk_tokens), spec,
-                     ctx.device, tracker=ctx.tracker, desc="teacher (from scratch)")
-        info["scratch_training"] = {"history": hist["epochs"], **hist["summary"]}
+                     ctx.device, on_epoch_end=on_epoch_end, tracker=ctx.tracker, desc="teacher (from scratch)")
+        teacher.load_state_dict(best["state"])  # the best epoch, not the last
+        n = len(hist["epochs"])
+        info["scratch_training"] = {"history": hist["epochs"], "best_epoch": best["epoch"], "epochs_run": n,
+                                    "max_epochs": cfg.teacher_max_epochs, "patience": cfg.teacher_patience,
+                                    "stopped_early": n < cfg.teacher_max_epochs, **hist["summary"]}
         info["random_weights"] = False
     info["validation"] = ctx.perplexity(teacher)
     M.save_model(teacher, ctx.stage_dir / "teacher")
     return teacher.eval(), info
 
 
-def make_student(ctx: StageContext, teacher):
+def make_student(ctx: StageContext, teacher, seed: int | None = None):
     """Student init: every other teacher layer (DistilGPT2), a pretrained model, or random weights."""
     cfg = ctx.cfg
-    torch.manual_seed(cfg.seed + 1)  # the same init for the distilled and the no-teacher student
+    seed = cfg.seeds[0] if seed is None else seed
+    torch.manual_seed(seed + 1)  # the same init for the distilled and the no-teacher student of one seed
     if cfg.student_init == "teacher-layers":
         student = M.student_from_teacher(teacher.cpu(), cfg.student_n_layer)
         teacher.to(ctx.device)
@@ -76,59 +97,118 @@ def make_student(ctx: StageContext, teacher):
     return student.to(ctx.device)
 
 
-def _train_student(ctx: StageContext, student, loss_fn, name: str, save_checkpoints: bool) -> dict:
+def student_info(ctx: StageContext, teacher) -> dict:
+    """What the students are (layers, parameters, init), from a throw-away instance."""
+    return {"init": ctx.cfg.student_init, **M.describe(make_student(ctx, teacher))}
+
+
+def _train_student(ctx: StageContext, student, loss_fn, name: str, seed: int, save: bool) -> dict:
+    """One student run; `save`: the model (and its checkpoints) become the run's artifacts for later stages."""
     cfg = ctx.cfg
-    bad = [e for e in cfg.checkpoint_epochs if not 1 <= e <= cfg.epochs]
-    if bad:
-        raise ValueError(f"checkpoint_epochs {bad} outside 1..epochs={cfg.epochs}")
 
     def on_epoch_end(epoch, model):
         if epoch not in cfg.checkpoint_epochs and epoch != cfg.epochs:
             return {}
         val = ctx.perplexity(model)
-        if save_checkpoints and epoch in cfg.checkpoint_epochs:
+        if save and epoch in cfg.checkpoint_epochs:
             M.save_model(model, ctx.stage_dir / "checkpoints" / f"{name}-epoch{epoch:03d}")
         return {"val_loss": val["nll"], "val_ppl": val["ppl"]}
 
-    hist = train(_maybe_compile(student, ctx), ctx.blocks("train"), loss_fn, _spec(cfg), ctx.device,
-                 on_epoch_end=on_epoch_end, tracker=ctx.tracker, desc=name)
-    M.save_model(student, ctx.stage_dir / name)
+    hist = train(_maybe_compile(student, ctx), ctx.blocks("train"), loss_fn, _spec(cfg, seed=seed), ctx.device,
+                 on_epoch_end=on_epoch_end, tracker=ctx.tracker, desc=f"{name} (seed {seed})")
+    if save:
+        M.save_model(student, ctx.stage_dir / name)
     return hist
 
 
-def distill_student(ctx: StageContext, teacher, student) -> dict:
+def distill_student(ctx: StageContext, teacher, student, seed: int | None = None, save: bool = True) -> dict:
     cfg = ctx.cfg
+    seed = cfg.seeds[0] if seed is None else seed
     # the frozen teacher only runs forward: a 16-bit copy, so the fp32 teacher stays intact for the no-teacher
     # student's initialisation (identical to this student's)
     t = copy.deepcopy(teacher).to(ctx.amp_dtype) if ctx.amp_dtype is not None else teacher
     _maybe_compile(t, ctx)
     loss_fn = make_kd_loss_fn(t, cfg.temperature, cfg.alpha, cfg.kd_chunk_tokens)
-    return _train_student(ctx, student, loss_fn, "student_distilled", save_checkpoints=True)
+    return _train_student(ctx, student, loss_fn, "student_distilled", seed, save)
 
 
-def train_without_teacher(ctx: StageContext, teacher) -> dict | None:
-    """The same student init, steps and data, hard labels only: what distillation buys."""
+def train_without_teacher(ctx: StageContext, teacher, seed: int | None = None, save: bool = True) -> dict | None:
+    """The same student init, steps, data order and schedule, hard labels only: what distillation buys."""
     if not ctx.cfg.no_teacher_baseline:
         return None
-    student = make_student(ctx, teacher)
-    return _train_student(ctx, student, make_lm_loss_fn(ctx.cfg.kd_chunk_tokens), "student_plain", False)
+    seed = ctx.cfg.seeds[0] if seed is None else seed
+    student = make_student(ctx, teacher, seed)
+    return _train_student(ctx, student, make_lm_loss_fn(ctx.cfg.kd_chunk_tokens), "student_plain", seed, save)
 
 
-def distill_results(ctx: StageContext, teacher_info: dict, student, kd_hist: dict, plain_hist: dict | None) -> dict:
-    runs = {"distilled": kd_hist, **({"no_teacher": plain_hist} if plain_hist else {})}
-    res = {"setup": summary_table(ctx), "teacher": teacher_info, "student": M.describe(student),
-           "student_init": ctx.cfg.student_init, "runs": {}}
-    for name, h in runs.items():
-        res["runs"][name] = {**h["summary"], "checkpoints": h["epochs"], "step_loss": h["step_loss"],
-                             "parts": h["parts"], "final_val_ppl": h["epochs"][-1].get("val_ppl")}
+def train_students(ctx: StageContext, teacher) -> dict:
+    """Every seed of `seeds`: a distilled and a no-teacher student from the same init with the same token budget
+    and schedule. The first seed's models (and checkpoints) are the run's artifacts; the others add the spread."""
+    runs = {"distilled": [], "no_teacher": []}
+    for i, seed in enumerate(ctx.cfg.seeds):
+        student = make_student(ctx, teacher, seed)
+        runs["distilled"].append({"seed": seed, **distill_student(ctx, teacher, student, seed, save=i == 0)})
+        del student
+        plain = train_without_teacher(ctx, teacher, seed, save=i == 0)
+        if plain is not None:
+            runs["no_teacher"].append({"seed": seed, **plain})
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return runs
+
+
+def seed_table(runs: dict) -> list[dict]:
+    """One row per (arm, seed): final validation perplexity and the training cost."""
+    return [{"arm": arm, "seed": h["seed"], "final_val_ppl": h["epochs"][-1].get("val_ppl"),
+             "final_train_loss": h["summary"]["final_loss"], "tokens_per_s": h["summary"]["tokens_per_s"],
+             "time_per_step_ms": h["summary"]["time_per_step_s"] * 1e3, "peak_mem_mb": h["summary"]["peak_mem_mb"]}
+            for arm, hs in runs.items() for h in hs]
+
+
+def distill_results(ctx: StageContext, teacher_info: dict, student_info: dict, runs: dict) -> dict:
+    from .evaluate import compare_with_spread, mean_std
+
+    kd0 = runs["distilled"][0]
+    res = {"setup": summary_table(ctx), "teacher": teacher_info, "student": student_info,
+           "student_init": ctx.cfg.student_init, "seeds": list(ctx.cfg.seeds), "runs": {}, "seed_runs": seed_table(runs)}
+    for name, hs in runs.items():
+        if hs:  # the first seed's curves (its models are the run's artifacts)
+            h = hs[0]
+            res["runs"][name] = {**h["summary"], "seed": h["seed"], "checkpoints": h["epochs"],
+                                 "step_loss": h["step_loss"], "parts": h["parts"],
+                                 "final_val_ppl": h["epochs"][-1].get("val_ppl")}
+    # final validation perplexity per arm and seed (absent on data-parallel ranks > 0, which do not validate)
+    ppl = {arm: [h["epochs"][-1]["val_ppl"] for h in hs if "val_ppl" in h["epochs"][-1]] for arm, hs in runs.items()}
+    ppl = {arm: v for arm, v in ppl.items() if v}
+    tv = teacher_info["validation"]["ppl"]
+    if "no_teacher" in ppl and "distilled" in ppl:
+        res["kd_vs_hard_labels"] = compare_with_spread(ppl["distilled"], ppl["no_teacher"],
+                                                       ("distilled", "no_teacher"))
+    best_student = min((statistics.fmean(v) for v in ppl.values()), default=math.nan)
+    beats = tv < best_student
+    res["teacher_check"] = {
+        "teacher_val_ppl": tv, "best_student_mean_val_ppl": best_student, "teacher_beats_students": beats,
+        "message": (f"the teacher ({tv:.2f}) beats every student (best mean {best_student:.2f}) on validation "
+                    f"perplexity" if beats else
+                    f"WARNING: the teacher ({tv:.2f}) does NOT beat the students (best mean {best_student:.2f}): it "
+                    f"is no teacher, and what 01 says about distillation does not carry over to a real one "
+                    f"(train it longer: teacher_max_epochs / teacher_patience, or use a pretrained teacher)")}
+    ms = {arm: mean_std(v) for arm, v in ppl.items()}
     res["metrics"] = {
-        "teacher_val_ppl": teacher_info["validation"]["ppl"],
-        "distilled_val_ppl": res["runs"]["distilled"]["final_val_ppl"],
-        "no_teacher_val_ppl": res["runs"].get("no_teacher", {}).get("final_val_ppl"),
-        "distill_tokens_per_s": kd_hist["summary"]["tokens_per_s"],
-        "distill_time_per_step_s": kd_hist["summary"]["time_per_step_s"],
-        "distill_peak_mem_mb": kd_hist["summary"]["peak_mem_mb"],
+        "teacher_val_ppl": tv,
+        "distilled_val_ppl": ms.get("distilled", {}).get("mean"),
+        "distilled_val_ppl_std": ms.get("distilled", {}).get("std"),
+        "no_teacher_val_ppl": ms.get("no_teacher", {}).get("mean"),
+        "no_teacher_val_ppl_std": ms.get("no_teacher", {}).get("std"),
+        "n_seeds": len(ctx.cfg.seeds),
+        "kd_vs_hard_labels": res.get("kd_vs_hard_labels", {}).get("winner"),
+        "teacher_beats_students": beats,
+        "distill_tokens_per_s": kd0["summary"]["tokens_per_s"],
+        "distill_time_per_step_s": kd0["summary"]["time_per_step_s"],
+        "distill_peak_mem_mb": kd0["summary"]["peak_mem_mb"],
     }
+    if "scratch_training" in teacher_info:
+        res["metrics"]["teacher_best_epoch"] = teacher_info["scratch_training"]["best_epoch"]
     ctx.save_results(res)
     return res
 

@@ -116,7 +116,8 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
     """Train `model` on `blocks` (N, T) with `loss_fn(model, batch) -> (loss, {name: tensor})`.
 
     Returns the history: per-step loss (+ parts), per-epoch mean loss, step times (s), tokens/s and peak memory.
-    `on_epoch_end(epoch, model)` may return a dict that is stored in the history (e.g. validation metrics).
+    `on_epoch_end(epoch, model)` may return a dict that is stored in the history (e.g. validation metrics); a
+    true `"stop"` in it ends training after that epoch (early stopping).
 
     Data-parallel (a torch.distributed group of world > 1, see gpt2opt_lib.distributed): `spec.batch_size` is the
     per-rank micro-batch; every rank walks the same global order (`epoch_batches` with world x batch_size) and
@@ -214,9 +215,14 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
             model.eval()
             record.update(on_epoch_end(epoch, model) or {})
             work.train()
+        stop = bool(record.pop("stop", False))  # on_epoch_end may end training early (e.g. early stopping)
+        if W > 1:  # rank 0 decides; every rank leaves the loop together
+            stop = D.all_reduce_max(torch.tensor(float(stop), device=device)).item() > 0
         hist["epochs"].append(record)
         if tracker is not None and main:
             tracker.log({f"{desc}/{k}": v for k, v in record.items()}, step=None)
+        if stop:
+            break
     bar.close()
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_disable()

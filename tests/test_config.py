@@ -84,3 +84,70 @@ def test_new_run_dir_never_reuses(tmp_path):
     a = config.new_run_dir("quick", root=tmp_path)
     b = config.new_run_dir("quick", root=tmp_path)
     assert a != b and a.exists() and b.exists()
+
+
+def test_notebook_defaults_are_the_quick_profile():
+    """A notebook opened by hand runs the `quick` profile, as the README says."""
+    for stage, cls in config.STAGE_CONFIGS.items():
+        quick = config.stage_parameters("quick", stage)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name in quick and f.name not in ("profile", "run_dir"):
+                assert quick[f.name] == default, (stage, f.name, quick[f.name], default)
+
+
+@pytest.mark.parametrize("section,key,value,word", [
+    ("01_distill", "alpha", 2.0, "[0, 1]"), ("01_distill", "temperature", 0.0, "> 0"),
+    ("01_distill", "batch_size", -1, ">= 1"), ("01_distill", "checkpoint_epochs", [5], "1..epochs"),
+    ("01_distill", "seeds", [], "non-empty"), ("01_distill", "seeds", [1, 1], "repeat"),
+    ("01_distill", "teacher_patience", 0, ">= 1"), ("common", "ppl_stride", 0, "1..ppl_max_length"),
+    ("common", "precision", "fp8", "bf16"), ("common", "device", "tpu", "cuda:N"),
+    ("03_lora_prune", "lora_rank", 0, ">= 1"), ("03_lora_prune", "prune_sparsity", 1.5, "[0, 1)"),
+])
+def test_out_of_range_values_name_the_key(tmp_path, section, key, value, word):
+    stage = section if section != "common" else "01_distill"
+    path = _write(tmp_path, {section: {key: value}})
+    with pytest.raises(config.ConfigError) as e:
+        config.stage_parameters(path, stage)
+    assert repr(key) in str(e.value) and word in str(e.value) and "bad.yaml" in str(e.value)
+
+
+def _ns(cls, **kw):
+    ns = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+          for f in dataclasses.fields(cls)}
+    ns.update(kw)
+    return ns
+
+
+def _finished(run, *stages):
+    for s in stages:
+        (run / s).mkdir(parents=True)
+        (run / s / "results.json").write_text("{}")
+
+
+def test_hand_run_never_writes_into_a_finished_stage(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "REPORTS_DIR", tmp_path)
+    run = tmp_path / "quick" / "20260101T000000Z-abc"
+    _finished(run, "01_distill", "02_compare")
+    # explicit run_dir of a finished stage: refused, nothing changed
+    with pytest.raises(config.ConfigError, match="never overwritten"):
+        config.load_stage("02_compare", _ns(config.Compare, run_dir=str(run)))
+    # empty run_dir: the newest run still lacking the stage; none here -> a clear refusal
+    with pytest.raises(config.ConfigError, match="already run 02_compare"):
+        config.load_stage("02_compare", _ns(config.Compare))
+    # ... but 03 has not run there: it is picked
+    cfg = config.load_stage("03_lora_prune", _ns(config.LoraPrune))
+    assert cfg.run_dir == str(run)
+    # a stage whose inputs are missing or failed is refused
+    (run / "summary.json").write_text('{"stages": {"01_distill": {"status": "failed"}}}')
+    with pytest.raises(config.ConfigError, match="01_distill"):
+        config.load_stage("03_lora_prune", _ns(config.LoraPrune, run_dir=str(run)))
+
+
+def test_stage_killed_after_its_results_is_not_complete(tmp_path):
+    run = tmp_path / "run"
+    _finished(run, "01_distill")
+    assert config.stage_complete(run, "01_distill")
+    (run / ".partial").mkdir()
+    (run / ".partial" / "01_distill.ipynb").write_text("{}")  # the runner's notebook never finished
+    assert not config.stage_complete(run, "01_distill")

@@ -43,3 +43,17 @@ def test_too_long_window_is_a_clear_error():
     m = models.build_model("random:tiny", seed=0)
     with pytest.raises(ValueError, match="context"):
         evaluate.strided_perplexity(m, torch.arange(500), m.config.n_positions + 1, 8, "cpu")
+
+
+def test_compare_with_spread_by_hand():
+    from gpt2opt_lib.evaluate import compare_with_spread
+    # means 10 and 12, sample stds 1 and 1: |diff| 2 <= 1 + 1 -> a tie
+    r = compare_with_spread([9.0, 11.0], [11.0, 13.0], ("kd", "plain"))
+    assert r["kd"]["mean"] == 10.0 and r["kd"]["std"] == pytest.approx(2 ** 0.5)
+    assert r["winner"] == "tie"  # 2 <= 1.414 + 1.414
+    r = compare_with_spread([9.0, 9.2], [12.0, 12.2], ("kd", "plain"))
+    assert r["winner"] == "kd" and r["difference"] == pytest.approx(-3.0)
+    r = compare_with_spread([5.0], [4.0], ("kd", "plain"))
+    assert r["winner"] == "undetermined" and "plain ahead" in r["verdict"] and r["kd"]["std"] is None
+    with pytest.raises(ValueError):
+        compare_with_spread([], [1.0])

@@ -85,14 +85,51 @@ def test_distilled_and_plain_students_start_identical(monkeypatch):
     from gpt2opt_lib import stages
 
     teacher = models.build_model("random:custom:n_layer=4,n_embd=32,n_head=2", seed=0)
-    cfg = SimpleNamespace(student_init="teacher-layers", student_n_layer=2, seed=3, student="", attn_implementation="sdpa",
-                          temperature=2.0, alpha=0.5, kd_chunk_tokens=64, compile=False)
+    cfg = SimpleNamespace(student_init="teacher-layers", student_n_layer=2, seed=3, seeds=[3], student="",
+                          attn_implementation="sdpa", temperature=2.0, alpha=0.5, kd_chunk_tokens=64, compile=False)
     ctx = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), amp_dtype=torch.bfloat16, tok=[0] * 50257)
     seen = {}
-    monkeypatch.setattr(stages, "_train_student", lambda ctx, student, loss_fn, name, save_checkpoints: seen.setdefault("fn", loss_fn))
+    monkeypatch.setattr(stages, "_train_student", lambda ctx, student, loss_fn, name, seed, save: seen.setdefault("fn", loss_fn))
     a = stages.make_student(ctx, teacher)
     stages.distill_student(ctx, teacher, a)
     assert "fn" in seen and teacher.transformer.h[0].attn.c_attn.weight.dtype == torch.float32
     b = stages.make_student(ctx, teacher)
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+def test_on_epoch_end_can_stop_training():
+    m = models.build_model("random:tiny", seed=0)
+    spec = train.TrainSpec(epochs=10, batch_size=2, precision="fp32")
+    h = train.train(m, torch.randint(0, 99, (4, 8)), distill.make_lm_loss_fn(0), spec, torch.device("cpu"),
+                    on_epoch_end=lambda e, model: {"stop": e == 3}, progress=False)
+    assert [r["epoch"] for r in h["epochs"]] == [1, 2, 3] and "stop" not in h["epochs"][-1]
+    assert len(h["step_loss"]) == 6  # 2 steps an epoch, 3 epochs
+
+
+def test_scratch_teacher_stops_early_and_keeps_its_best_epoch(tmp_path):
+    """Validation ppl 10, 8, 9, 9.5 with patience 2: best epoch 2, stop after epoch 4, epoch 2's weights kept."""
+    from types import SimpleNamespace
+
+    from gpt2opt_lib import stages
+
+    script, snaps = iter([10.0, 8.0, 9.0, 9.5, 7.0, 6.0]), []
+
+    def perplexity(model, split="validation"):  # the scripted curve; the weights seen at each epoch end
+        snaps.append(model.transformer.wte.weight.detach().clone())
+        return {"ppl": next(script, 8.0), "nll": 0.0}  # (the last call validates the kept teacher)
+
+    cfg = SimpleNamespace(teacher="scratch:custom:n_layer=2,n_embd=32,n_head=2", attn_implementation="sdpa", seed=0,
+                          block_size=8, teacher_max_epochs=6, teacher_patience=2, teacher_lr=1e-2, kd_chunk_tokens=0,
+                          epochs=1, batch_size=2, grad_accum=1, lr=1e-3, weight_decay=0.0, warmup_steps=1,
+                          max_train_blocks=0, precision="fp32", compile=False)
+    ctx = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), tok=[0] * 200, tracker=None, stage_dir=tmp_path,
+                          blocks=lambda split: torch.randint(0, 200, (4, 8), generator=torch.Generator().manual_seed(0)),
+                          perplexity=perplexity)
+    teacher, info = stages.get_teacher(ctx)
+    st = info["scratch_training"]
+    assert st["best_epoch"] == 2 and st["epochs_run"] == 4 and st["stopped_early"]
+    assert [e["val_ppl"] for e in st["history"]] == [10.0, 8.0, 9.0, 9.5]
+    assert torch.equal(teacher.transformer.wte.weight, snaps[1])  # epoch 2's weights, not epoch 4's
+    assert not torch.equal(snaps[1], snaps[3])
+    assert (tmp_path / "teacher" / "config.json").exists()

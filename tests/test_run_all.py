@@ -1,8 +1,11 @@
 """The runner end to end: the quick profile through papermill, and its error paths."""
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -53,15 +56,16 @@ def test_bad_parameter_fails_before_running(tmp_path):
 
 
 def test_failing_cell_names_notebook_and_cell_and_keeps_outputs(tmp_path):
-    bad = tmp_path / "fail.yaml"  # a checkpoint epoch beyond the run: 01 fails inside the notebook
+    bad = tmp_path / "fail.yaml"  # a pretrained student that does not exist: 01 fails inside the notebook
     bad.write_text("common:\n  device: cpu\n  precision: fp32\n  max_articles: 200\n  block_size: 32\n"
                    "  ppl_max_length: 32\n  ppl_stride: 16\n  wandb_mode: disabled\n"
-                   "01_distill:\n  teacher: random:tiny-teacher\n  epochs: 1\n  checkpoint_epochs: [5]\n"
+                   "01_distill:\n  teacher: random:tiny-teacher\n  epochs: 1\n  checkpoint_epochs: [1]\n"
+                   "  student_init: pretrained\n  student: /nonexistent/student\n"
                    "  max_train_blocks: 16\n  no_teacher_baseline: false\n")
     out = tmp_path / "run"
     r = _run("--profile", str(bad), "--only", "01_distill", "--out", str(out), "--no-html")
     assert r.returncode == 1
-    assert "FAILED: 01_distill (cell" in r.stderr and "checkpoint_epochs" in r.stderr
+    assert "FAILED: 01_distill (cell" in r.stderr and "nonexistent" in r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"]["01_distill"]["status"] == "failed"
     assert (out / "01_distill.ipynb").exists() and (out / "01_distill" / "teacher").exists()
@@ -70,11 +74,33 @@ def test_failing_cell_names_notebook_and_cell_and_keeps_outputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_profile_end_to_end(tmp_path):
-    """The README's default job: every stage executes, no error outputs, finite metrics, the gains table."""
+def test_quick_profile_end_to_end_killed_and_resumed(tmp_path):
+    """The README's default job, killed (-9, the whole process group) in the middle of 03 and finished with
+    --resume: 01 and 02 are kept byte for byte, 03 is set aside and rerun, every stage ends ok with no error
+    outputs, finite metrics and the gains table."""
     out = tmp_path / "quick"
-    r = _run("--out", str(out))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "run_all.py"), "--out", str(out)], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    partial = out / ".partial" / "03_lora_prune.ipynb"
+    t0 = time.time()
+    while not partial.exists() and p.poll() is None and time.time() - t0 < 1500:
+        time.sleep(0.5)
+    time.sleep(8)  # into 03's training
+    assert p.poll() is None, "the run ended before it could be killed in 03"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    kept = {f: (out / f).read_bytes() for f in ("01_distill/results.json", "02_compare/results.json",
+                                                 "01_distill.ipynb", "02_compare.ipynb")}
+    assert not (out / "03_lora_prune.ipynb").exists()  # nothing half-written where a finished notebook belongs
+    assert not (out / "03_lora_prune" / "results.json").exists()
+
+    r = _run("--resume", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "completed earlier, kept" in r.stdout
+    for f, b in kept.items():
+        assert (out / f).read_bytes() == b, f"{f} was redone"
+    assert list((out / "_interrupted").glob("03_lora_prune-*/03_lora_prune.ipynb"))
     summary = json.loads((out / "summary.json").read_text())
     stages = ["01_distill", "02_compare", "03_lora_prune", "04_quant", "05_flash_quant"]
     assert list(summary["stages"]) == stages
@@ -91,4 +117,32 @@ def test_quick_profile_end_to_end(tmp_path):
     assert gains and all(math.isfinite(g["perplexity_change_pct"]) for g in gains)
     d = summary["stages"]["01_distill"]["metrics"]
     assert d["distilled_val_ppl"] < 50257  # learned something: far below a uniform guess over the vocabulary
+    assert d["teacher_val_ppl"] < d["distilled_val_ppl"] and d["teacher_beats_students"]  # a teacher that teaches
     assert (out / "03_lora_prune" / "merged").exists()
+    # a finished run is never rewritten: not by the runner, not by a hand-run notebook (config.load_stage)
+    r = _run("--only", "05_flash_quant", "--out", str(out))
+    assert r.returncode == 2 and "never overwritten" in r.stderr
+
+
+@pytest.mark.slow
+def test_notebook_runs_as_is_from_the_notebooks_folder(tmp_path):
+    """JupyterLab's way: the kernel starts in notebooks/, no PYTHONPATH; the installed package is imported, the
+    parameters cell's own values (the quick profile) run, and the run lands in a new run directory."""
+    import nbclient
+
+    nb = nbformat.read(ROOT / "notebooks" / "01_distill.ipynb", as_version=4)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", GPT2OPT_REPORTS=str(tmp_path))
+    old = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
+                                resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    runs = list((tmp_path / "quick").glob("*/01_distill/results.json"))
+    assert len(runs) == 1
+    res = json.loads(runs[0].read_text())
+    assert res["config"]["block_size"] == 64 and res["config"]["profile"] == "quick"
