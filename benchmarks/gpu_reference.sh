@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The reference GPU run: the gpu-offline profile, all five stages, then a small copy of the run directory
+# The reference GPU run: the gpu-offline profile, all five stages, as ONE run directory, then a small copy
 # (executed notebooks, HTML, results/summary JSON, plots; no checkpoints) for reports/reference/.
-# Usage: GPT2OPT_GIT_SHA=<sha> benchmarks/gpu_reference.sh OUT_DIR [TIME_LIMIT_S]
-# (the sha stamps the results where the tree travels without .git; a 10-minute command fits 01-04 on an H100,
-#  so run 05 in a second call with --only 05_flash_quant --out on the same warm machine)
+# Usage: GPT2OPT_GIT_SHA=<sha> benchmarks/gpu_reference.sh RUN_DIR [TIME_LIMIT_S]
+# On an H100 the five stages take ~15 min, more than one 10-minute device command: run it once, then call it again
+# with the same RUN_DIR on the same warm machine (reports/ stays there): the second call resumes (--resume keeps
+# the completed stages and reruns the one that was cut off). Afterwards, here:
+#   python benchmarks/copy_reference.py RUN_DIR reports/reference/gpu-offline-h100
 set -uo pipefail
-out=${1:?OUT_DIR}; limit=${2:-540}
+run=${1:?RUN_DIR}; limit=${2:-560}
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
-run=/tmp/gpt2opt-ref
-rm -rf "$run"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout "$limit" python3 run_all.py --profile gpu-offline --out "$run"; rc=$?
-echo "run_all exit code: $rc"
-mkdir -p "$out"
-# keep what a reader needs; leave model weights behind (git stays small)
-tar -C "$run" -czf "$out/gpu-offline-run.tgz" --exclude='*.safetensors' --exclude='*/wandb' --exclude='*.bin' .
+if [ -f "$run/params.json" ]; then
+  timeout "$limit" python3 run_all.py --resume "$run"; rc=$?
+else
+  timeout "$limit" python3 run_all.py --profile gpu-offline --out "$run"; rc=$?
+fi
+echo "run_all exit code: $rc (124: cut off by the time limit; call again to resume)"
 exit $rc

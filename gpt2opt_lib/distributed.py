@@ -88,6 +88,20 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def load_state_from(model, state: dict | None, src: int = 0) -> None:
+    """Load rank `src`'s `state` (a state dict; None on the other ranks) into `model` on every rank.
+
+    For decisions only rank 0 can make (it alone validates): e.g. the early-stopped teacher's best epoch."""
+    if not active():
+        model.load_state_dict(state)
+        return
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            t = state[k].to(v.device) if rank() == src else torch.empty_like(v)
+            dist.broadcast(t, src)
+            v.copy_(t)
+
+
 def rank_slice(global_batch: torch.Tensor, r: int | None = None, w: int | None = None) -> torch.Tensor:
     """Rank r's contiguous share of a global batch (B_global, T) -> (B_global / w, T)."""
     r, w = rank() if r is None else r, world() if w is None else w

@@ -132,6 +132,10 @@ def _version(pkg: str) -> str | None:
 
 
 def git_sha(short: bool = True) -> str:
+    """The code's revision. GPT2OPT_GIT_SHA, when set, wins: a working tree copied to a GPU machine may carry a
+    stale .git (seen: the copy's HEAD was an older commit, so `git rev-parse` there named the wrong code)."""
+    if os.environ.get("GPT2OPT_GIT_SHA"):
+        return os.environ["GPT2OPT_GIT_SHA"]
     try:
         args = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
         sha = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,10 @@ import torch
 from torch import nn
 
 from .lora import DEFAULT_TARGETS, apply_lora
+
+# bitsandbytes' int8 matmul warns on every call that it casts bf16/fp32 inputs to fp16 (~28,000 lines in one GPU
+# run's notebook); the cast is a property of the int8 path, stated once here and in 04's notes, not per call
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from")
 
 MODES = ("nf4", "fp4", "int8")
 

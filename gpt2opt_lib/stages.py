@@ -13,6 +13,7 @@ import statistics
 
 import torch
 
+from . import distributed as D
 from . import models as M
 from .context import StageContext, summary_table
 from .distill import make_kd_loss_fn, make_lm_loss_fn
@@ -63,7 +64,7 @@ def get_teacher(ctx: StageContext):
         spec = _spec(cfg, epochs=cfg.teacher_max_epochs, lr=cfg.teacher_lr)
         hist = train(_maybe_compile(teacher, ctx), ctx.blocks("train"), make_lm_loss_fn(cfg.kd_chunk_tokens), spec,
                      ctx.device, on_epoch_end=on_epoch_end, tracker=ctx.tracker, desc="teacher (from scratch)")
-        teacher.load_state_dict(best["state"])  # the best epoch, not the last
+        D.load_state_from(teacher, best["state"])  # the best epoch, not the last (rank 0's, on every rank)
         n = len(hist["epochs"])
         info["scratch_training"] = {"history": hist["epochs"], "best_epoch": best["epoch"], "epochs_run": n,
                                     "max_epochs": cfg.teacher_max_epochs, "patience": cfg.teacher_patience,

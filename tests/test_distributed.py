@@ -172,7 +172,8 @@ def test_one_process_is_untouched():
 TINY_PROFILE = """
 common: {device: cpu, precision: fp32, tokenizer: gpt2, corpus: wiki-offline, max_articles: 6, block_size: 32,
          ppl_max_length: 32, ppl_stride: 16, eval_max_tokens: 256, warmup: 0, repeats: 1, wandb_mode: disabled}
-01_distill: {teacher: "random:tiny", student_init: teacher-layers, student_n_layer: 1, epochs: 2,
+01_distill: {teacher: "scratch:tiny", teacher_max_epochs: 3, teacher_patience: 1, seeds: [1, 2],
+             student_init: teacher-layers, student_n_layer: 1, epochs: 2,
              checkpoint_epochs: [1, 2], batch_size: 2, lr: 1.0e-3, warmup_steps: 1, max_train_blocks: 16,
              kd_chunk_tokens: 64, no_teacher_baseline: false}
 """
@@ -203,5 +204,10 @@ def test_torchrun_cli_writes_artifacts_once(tmp_path):
     assert sorted(d.name for d in (stage / "checkpoints").iterdir()) == [
         "student_distilled-epoch001", "student_distilled-epoch002"]
     assert (stage / "student_distilled").is_dir() and (stage / "teacher").is_dir()
+    # the early-stopped scratch teacher (rank 0 validates and decides; every rank loads its best epoch) and the
+    # seed spread: a hang or a crash on rank 1 here was a real bug on 2 x H100
+    st = results["teacher"]["scratch_training"]
+    assert 1 <= st["best_epoch"] <= st["epochs_run"] <= 3
+    assert [r["seed"] for r in results["seed_runs"]] == [1, 2]  # no_teacher_baseline: false
     assert p.stdout.count("wrote ") == 1  # results_ddp.json written by rank 0 only
     assert list((tmp_path / "tmp").glob("gpt2opt-rank*")) == []  # rank 1's throw-away directory is removed
