@@ -19,7 +19,10 @@ def table(rows: list[dict], columns: list[str] | None = None) -> pd.DataFrame:
 
 def _save(fig, ctx, name: str):
     if ctx is not None:
-        fig.savefig(ctx.stage_dir / f"{name}.png", dpi=110, bbox_inches="tight")
+        from .tracking import write_atomic  # a temporary name, renamed into place: never half a PNG
+
+        write_atomic(ctx.stage_dir / f"{name}.png", lambda f: fig.savefig(f, format="png", dpi=110,
+                                                                          bbox_inches="tight"), binary=True)
         ctx.tracker.log_figure(name, fig)
     return fig
 
