@@ -41,6 +41,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="", help="run directory (default: a new reports/<profile>/<UTC time>-<sha>/)")
     ap.add_argument("--resume", default="", metavar="RUN_DIR",
                     help="finish an interrupted run: keep its completed stages, rerun the rest with its parameters")
+    ap.add_argument("--nproc", type=int, default=0, metavar="N",
+                    help="run 01's student training data-parallel on N processes (torchrun; one per GPU)")
     ap.add_argument("--no-html", action="store_true", help="skip the HTML export of executed notebooks")
     ap.add_argument("--list", action="store_true", help="list profiles and stages, then exit")
     return ap.parse_args(argv)
@@ -131,6 +133,10 @@ def main(argv=None) -> int:
 
     # validate every stage's parameters before running anything
     profile, stages, params, out = plan(args)
+    if args.nproc:  # the profile's nproc, overridden for every stage that has one (validated like the rest)
+        for s in params:
+            if "nproc" in config.fields(config.STAGE_CONFIGS[s]):
+                params[s] = config.validate(config.STAGE_CONFIGS[s], {**params[s], "nproc": args.nproc}, "--nproc")
     done = [s for s in stages if args.resume and config.stage_complete(out, s)]
     for s in stages:  # checked before any directory is made
         missing = [n for n in NEEDS.get(s, []) if n not in stages and not (out and config.stage_complete(out, n))]

@@ -77,6 +77,8 @@ class Distill(Common):
     compile: bool = p(False, "torch.compile the student and teacher (CUDA; first step pays 10-60 s)")
     no_teacher_baseline: bool = p(True, "also train the same student without the teacher (what KD buys)")
     seeds: list = p([1234], "a distilled and a no-teacher student per seed; two or more give a spread")
+    nproc: int = p(1, "processes for the students' training: above 1, torchrun data-parallel (one per GPU)")
+    parallel: str = p("ddp", "data-parallel mode when nproc is above 1: ddp or fsdp (FSDP2 shards the student)")
 
 
 @dataclasses.dataclass
@@ -227,6 +229,10 @@ def check(cls: type, values: dict, source: str) -> None:
             bad("seeds", "must be a non-empty list of integers >= 0")
         if len(set(v["seeds"])) != len(v["seeds"]):
             bad("seeds", "must not repeat a seed")
+        if v["nproc"] < 1:
+            bad("nproc", "must be >= 1")
+        if v["parallel"] not in ("ddp", "fsdp"):
+            bad("parallel", "must be ddp or fsdp")
     if cls is LoraPrune:
         if v["lora_rank"] < 1:
             bad("lora_rank", "must be >= 1")

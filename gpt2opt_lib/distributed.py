@@ -154,11 +154,17 @@ def full_state_dict(sharded) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the CLI
 
-def _ctx(stage: str, profile: str, run_dir: str, overrides: dict):
-    """The notebook's setup for `stage`, on every rank; ranks > 0 write into a throw-away directory."""
+def _ctx(stage: str, profile: str, run_dir: str | None, overrides: dict, config_json: str | None = None):
+    """The notebook's setup for `stage`, on every rank; ranks > 0 write into a throw-away directory.
+    `config_json`: a notebook's validated config (run_all / 01 with nproc > 1), instead of profile + overrides."""
     from . import config, context
-    values = config.stage_parameters(profile, stage)
-    values.update(run_dir=str(run_dir), **overrides)
+    from .tracking import read_json
+    if config_json:
+        values = config.validate(config.STAGE_CONFIGS[stage], read_json(config_json), config_json)
+    else:
+        values = config.stage_parameters(profile, stage)
+        values.update(run_dir=str(run_dir))
+    values.update(**overrides)
     if not is_main():
         values["wandb_mode"] = "disabled"
     cfg = config.STAGE_CONFIGS[stage](**values)
@@ -221,12 +227,23 @@ def run_lora(ctx, summaries: list) -> dict:
     return out
 
 
+def run_students(ctx) -> dict:
+    """01's student training only (every seed, both arms) on the teacher 01 saved: what 01 runs with nproc > 1."""
+    from . import models as M
+    from . import stages
+    teacher = M.load_model(str(ctx.run_dir / "01_distill" / "teacher"), ctx.cfg.attn_implementation).to(ctx.device)
+    return stages.train_students(ctx, teacher)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m gpt2opt_lib.distributed",
                                  description="01 distillation / 03 LoRA fine-tuning, data-parallel (DDP or FSDP2)")
-    ap.add_argument("stage", choices=["distill", "lora"])
+    ap.add_argument("stage", choices=["distill", "lora", "students"],
+                    help="distill: all of 01; lora: 03's LoRA fine-tuning; students: 01's students on its saved teacher")
     ap.add_argument("--profile", default="quick", help="params/<profile>.yaml (or a path to a YAML)")
-    ap.add_argument("--run-dir", required=True, help="run directory (lora: one where 01_distill has run)")
+    ap.add_argument("--run-dir", help="run directory (lora/students: one where 01_distill has run)")
+    ap.add_argument("--config-json", help="the stage's full config as JSON (what 01 passes), instead of --profile")
+    ap.add_argument("--out-json", help="students: where rank 0 writes the training histories")
     ap.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"])
     ap.add_argument("--baseline-json", help="results_ddp.json of a 1-process run, for the scaling efficiency")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -237,12 +254,23 @@ def main(argv=None) -> int:
     device = init_from_env(a.parallel)
     ctx = None
     try:
-        stage = {"distill": "01_distill", "lora": "03_lora_prune"}[a.stage]
-        ctx = _ctx(stage, a.profile, a.run_dir, overrides)
+        stage = {"distill": "01_distill", "lora": "03_lora_prune", "students": "01_distill"}[a.stage]
+        if not (a.run_dir or a.config_json):
+            raise SystemExit("error: give --run-dir (with --profile) or --config-json")
+        ctx = _ctx(stage, a.profile, a.run_dir, overrides, a.config_json)
         if ctx.device.type != device.type:
             raise ValueError(f"profile device {ctx.device} but torchrun gave {device}: set device in the profile")
         from . import train as T
         summaries: list = []
+        if a.stage == "students":
+            hists = run_students(ctx)
+            if is_main():
+                from .tracking import write_json
+                write_json(a.out_json or ctx.stage_dir / "torchrun" / "students.json",
+                           {"world_size": world(), "parallel": a.parallel if active() else "none",
+                            "backend": dist.get_backend() if dist.is_initialized() else None, "runs": hists})
+            ctx.tracker.finish()
+            return 0
         with T.collect_summaries(summaries):
             runs = run_distill(ctx) if a.stage == "distill" else run_lora(ctx, summaries)
         if is_main():

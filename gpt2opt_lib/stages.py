@@ -144,7 +144,12 @@ def train_without_teacher(ctx: StageContext, teacher, seed: int | None = None, s
 
 def train_students(ctx: StageContext, teacher) -> dict:
     """Every seed of `seeds`: a distilled and a no-teacher student from the same init with the same token budget
-    and schedule. The first seed's models (and checkpoints) are the run's artifacts; the others add the spread."""
+    and schedule. The first seed's models (and checkpoints) are the run's artifacts; the others add the spread.
+
+    With `nproc` > 1 (and no process group yet) the same function runs data-parallel under torchrun in a
+    subprocess (`train_students_torchrun`); rank 0 writes the same artifacts and the histories come back."""
+    if ctx.cfg.nproc > 1 and not D.active():
+        return train_students_torchrun(ctx)
     runs = {"distilled": [], "no_teacher": []}
     for i, seed in enumerate(ctx.cfg.seeds):
         student = make_student(ctx, teacher, seed)
@@ -158,10 +163,39 @@ def train_students(ctx: StageContext, teacher) -> dict:
     return runs
 
 
+def train_students_torchrun(ctx: StageContext) -> dict:
+    """`train_students` on `nproc` processes: torchrun -m gpt2opt_lib.distributed students, reading this stage's
+    validated config and the teacher 01 saved; one process per GPU (nccl) or CPU processes (gloo)."""
+    import subprocess
+    import sys
+
+    from .config import as_dict
+    from .tracking import read_json, write_json
+
+    cfg = ctx.cfg
+    ctx.artifact("01_distill", "teacher")
+    cfg_path = write_json(ctx.stage_dir / "torchrun" / "config.json", {**as_dict(cfg), "nproc": 1})
+    out = ctx.stage_dir / "torchrun" / "students.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
+           "-m", "gpt2opt_lib.distributed", "students", "--config-json", str(cfg_path), "--out-json", str(out),
+           "--parallel", cfg.parallel]
+    print("running:", " ".join(cmd), flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"torchrun with nproc={cfg.nproc} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    runs = read_json(out)
+    for hs in runs["runs"].values():
+        for h in hs:
+            h["summary"]["parallel"] = runs["parallel"]
+    return runs["runs"]
+
+
 def seed_table(runs: dict) -> list[dict]:
     """One row per (arm, seed): final validation perplexity and the training cost."""
     return [{"arm": arm, "seed": h["seed"], "final_val_ppl": h["epochs"][-1].get("val_ppl"),
-             "final_train_loss": h["summary"]["final_loss"], "tokens_per_s": h["summary"]["tokens_per_s"],
+             "final_train_loss": h["summary"]["final_loss"], "world_size": h["summary"].get("world_size", 1),
+             "tokens_per_s": h["summary"]["tokens_per_s"],
+             "tokens_per_s_per_gpu": h["summary"].get("tokens_per_s_per_gpu", h["summary"]["tokens_per_s"]),
              "time_per_step_ms": h["summary"]["time_per_step_s"] * 1e3, "peak_mem_mb": h["summary"]["peak_mem_mb"]}
             for arm, hs in runs.items() for h in hs]
 

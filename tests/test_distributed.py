@@ -211,3 +211,47 @@ def test_torchrun_cli_writes_artifacts_once(tmp_path):
     assert [r["seed"] for r in results["seed_runs"]] == [1, 2]  # no_teacher_baseline: false
     assert p.stdout.count("wrote ") == 1  # results_ddp.json written by rank 0 only
     assert list((tmp_path / "tmp").glob("gpt2opt-rank*")) == []  # rank 1's throw-away directory is removed
+
+
+def test_two_nodes_through_the_c10d_rendezvous(tmp_path):
+    """Past one host, on localhost: two torchrun agents (--nnodes 2, one process each) meet through the c10d
+    rendezvous, exactly the multi-node command of the README with the endpoint on this machine; the job runs as one
+    world of 2 (gloo) and rank 0 alone writes the results."""
+    prof = tmp_path / "tiny.yaml"
+    prof.write_text(TINY_PROFILE)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "gpt2opt-test",
+           "-m", "gpt2opt_lib.distributed", "distill", "--profile", str(prof), "--run-dir", str(run),
+           "--set", "seeds=[1]"]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=Path(__file__).parents[1]) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    res = json.loads((run / "01_distill" / "results_ddp.json").read_text())
+    assert res["world_size"] == 2 and res["backend"] == "gloo"
+    assert sum(o.count("wrote ") for o in outs) == 1  # one rank 0 across the two nodes
+
+
+@pytest.mark.slow
+def test_run_all_nproc_trains_the_students_data_parallel(tmp_path):
+    """`run_all.py --nproc 2`: 01 trains its students under torchrun from inside the notebook (2 gloo processes on
+    CPU here, one per GPU on a GPU host); rank 0 writes the same artifacts, and the report shows world size 2."""
+    prof = tmp_path / "tiny.yaml"
+    prof.write_text(TINY_PROFILE.replace("random:tiny", "scratch:tiny"))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    p = subprocess.run([sys.executable, "run_all.py", "--profile", str(prof), "--only", "01_distill", "--out", str(out),
+                        "--nproc", "2", "--no-html"], env=env, capture_output=True, text=True, timeout=900,
+                       cwd=Path(__file__).parents[1])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    res = json.loads((out / "01_distill" / "results.json").read_text())
+    assert res["config"]["nproc"] == 2
+    assert all(r["world_size"] == 2 for r in res["seed_runs"])
+    assert res["runs"]["distilled"]["world_size"] == 2 and res["metrics"]["distilled_val_ppl"] > 1
+    assert (out / "01_distill" / "student_distilled" / "config.json").exists()
+    assert sorted(d.name for d in (out / "01_distill" / "checkpoints").iterdir()) == [
+        "student_distilled-epoch001", "student_distilled-epoch002"]
