@@ -98,14 +98,18 @@ class _Block(nn.Module):
         h = F.layer_norm(x, (x.shape[-1],), self.ln2_w, self.ln2_b, self.eps)
         return x + self.mlp_proj(self.act(self.c_fc(h)))
 
-    def forward_full(self, x, kc=None, vc=None):
-        """x (B, T, C); optional caches (B, nh, L, hs) get positions [0, T) written (prefill)."""
+    def forward_full(self, x, kc=None, vc=None, attn_mask=None):
+        """x (B, T, C); optional caches (B, nh, L, hs) get positions [0, T) written (prefill); attn_mask
+        (B, 1, T, T) bool (True = attend) replaces the plain causal mask (left-padded batches)."""
         q, k, v = self._qkv(x)
         if kc is not None:
             T = x.shape[1]
             kc[:, :, :T].copy_(k)
             vc[:, :, :T].copy_(v)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # (B, nh, T, hs)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         return self._out(x, y)
 
     def forward_decode(self, x, kc, vc, pos, mask):
@@ -169,6 +173,30 @@ class _Core(nn.Module):
         mask = (torch.arange(L, device=pos.device) <= pos).view(1, 1, 1, L)
         for blk, kc, vc in zip(self.blocks, ks, vs):
             x = blk.forward_decode(x, kc, vc, pos, mask)
+        return self.logits(x[:, 0]).float()
+
+    # --- ragged (left-padded) batches: eager, per-row positions and key masks --------------------------------------
+
+    def forward_masked(self, ids, pos_ids, key_mask, ks=None, vs=None) -> torch.Tensor:
+        """ids, pos_ids (B, T); key_mask (B, T) bool, False = left padding. -> hidden (B, T, C); writes caches.
+
+        A padded query would see no key at all (NaN in SDPA): it attends to itself; no real token attends to it."""
+        B, T = ids.shape
+        x = self.wte(ids) + self.wpe[pos_ids]                           # (B, T, C)
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        mask = causal & key_mask[:, None, :]                            # (B, T, T)
+        mask = (mask | torch.eye(T, dtype=torch.bool, device=ids.device))[:, None]   # (B, 1, T, T)
+        for i, blk in enumerate(self.blocks):
+            x = blk.forward_full(x, None if ks is None else ks[i], None if vs is None else vs[i], attn_mask=mask)
+        return x
+
+    def decode_masked(self, tok, slot, pos_rows, key_mask, ks, vs) -> torch.Tensor:
+        """tok (B,) written at cache slot `slot` (1,), per-row positions pos_rows (B,); key_mask (B, L) bool of the
+        cache slots each row may attend to (this slot included) -> logits (B, V) fp32."""
+        x = (self.wte(tok) + self.wpe[pos_rows])[:, None]               # (B, 1, C)
+        mask = key_mask[:, None, None, :]                               # (B, 1, 1, L)
+        for blk, kc, vc in zip(self.blocks, ks, vs):
+            x = blk.forward_decode(x, kc, vc, slot, mask)
         return self.logits(x[:, 0]).float()
 
     # --- the two graph-captured steps: every input and output is a static tensor ---------------------------------
@@ -395,6 +423,55 @@ class FastGPT2:
                 n = int(hit.int().argmax(dim=1).max()) + 1
                 out = out[:, : T + n]
         return out
+
+    @torch.no_grad()
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+               eos_token_id: int | None = None, pad_token_id: int | None = None):
+        """Greedy generation as an iterator of new tokens, one (B,) tensor per step, for prompts of different
+        lengths: `input_ids` left-padded to (B, T) with `attention_mask` (B, T) (1 = token, 0 = padding), the way
+        `generate` takes them with `padding_side="left"`. Positions count real tokens only, padding is never
+        attended to, and the greedy tokens equal `model.generate`'s (a test checks it in fp32). Eager (no CUDA
+        graph): the fast path for equal-length prompts is `generate`. Stops early once every row emitted eos."""
+        self._check(input_ids, max_new_tokens)
+        ids = input_ids.to(self.device)
+        B, T = ids.shape
+        mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} must have input_ids' shape {tuple(ids.shape)}")
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("attention_mask: every row needs at least one real token")
+        if bool((mask[:, 1:].int() < mask[:, :-1].int()).any()):
+            raise ValueError("attention_mask: padding must be on the left (tokenizer padding_side='left')")
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        ks, vs = [k[:B] for k in self.ks], [v[:B] for v in self.vs]
+        pos_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)             # (B, T): real tokens count from 0
+        key_mask = torch.zeros(B, self.cache_len, dtype=torch.bool, device=self.device)
+        key_mask[:, :T] = mask
+        logits = self.core.logits(self.core.forward_masked(ids, pos_ids, mask, ks, vs)[:, -1]).float()
+        nxt = logits.argmax(-1)                                         # (B,)
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        if eos_token_id is not None:
+            finished |= nxt == eos_token_id
+        yield nxt
+        pos_rows, slot = pos_ids[:, -1] + 1, torch.tensor([T], device=self.device)
+        for _ in range(max_new_tokens - 1):
+            if eos_token_id is not None and bool(finished.all()):
+                return
+            key_mask[:, slot] = True
+            logits = self.core.decode_masked(nxt, slot, pos_rows, key_mask, ks, vs)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), logits.argmax(-1))  # finished rows emit pad
+            if eos_token_id is not None:
+                finished |= nxt == eos_token_id
+            yield nxt
+            pos_rows, slot = pos_rows + 1, slot + 1
+
+    @torch.no_grad()
+    def generate_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                        eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy generation for left-padded prompts of different lengths: (B, T) + mask -> (B, T + n), the
+        padding kept on the left as `model.generate` returns it."""
+        new = list(self.stream(input_ids, max_new_tokens, attention_mask, eos_token_id, pad_token_id))
+        return torch.cat([input_ids.to(self.device), torch.stack(new, dim=1)], dim=1)
 
     @torch.no_grad()
     def forward_logits(self, input_ids: torch.Tensor, float32: bool = True) -> torch.Tensor:

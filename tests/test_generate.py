@@ -65,6 +65,51 @@ def test_eos_matches_hf(model, pad_token_id):
     assert ours[0, T0 + t] == eos and (ours[0, T0 + t + 1:] == pad).all()   # only pad after EOS
 
 
+def _ragged(lengths, pad=0, seed=2):
+    """Prompts of different lengths, left-padded (tokenizer padding_side='left') -> ids, mask (B, max_len)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask[b, T - n:] = 1
+    return ids, mask
+
+
+def test_ragged_batch_greedy_equals_hf_generate_fp32(model):
+    """Prompts of 3, 8 and 5 tokens in one left-padded batch: token-identical to model.generate with the mask."""
+    ids, mask = _ragged([3, 8, 5])
+    eng = FastGPT2(model, max_batch_size=4, max_seq_len=64)
+    ours = eng.generate_padded(ids, mask, NEW)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                         eos_token_id=-1)
+    assert ours.shape == ref.shape == (3, 8 + NEW)
+    assert torch.equal(ours, ref)
+    # each row alone (no padding) gives the same new tokens: padding changes nothing
+    for b, n in enumerate([3, 8, 5]):
+        alone = eng.generate(ids[b:b + 1, 8 - n:], NEW)
+        assert torch.equal(alone[0, n:], ours[b, 8:]), b
+    # the iterator form yields the same tokens one step at a time
+    steps = list(eng.stream(ids, NEW, mask))
+    assert len(steps) == NEW and torch.equal(torch.stack(steps, 1), ours[:, 8:])
+
+
+def test_ragged_batch_eos_and_bad_masks(model):
+    ids, mask = _ragged([2, 6])
+    eng = FastGPT2(model, max_batch_size=2, max_seq_len=64)
+    plain = eng.generate_padded(ids, mask, NEW)[:, 6:].tolist()
+    eos, t = _first_eos_choice(plain[0])
+    ours = eng.generate_padded(ids, mask, NEW, eos_token_id=eos, pad_token_id=0)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                         eos_token_id=eos)
+    assert torch.equal(ours[:, : ref.shape[1]], ref) and (ours[:, ref.shape[1]:] == 0).all()
+    with pytest.raises(ValueError, match="left"):
+        eng.generate_padded(ids, mask.flip(1), 4)                       # right padding
+    with pytest.raises(ValueError, match="at least one real token"):
+        eng.generate_padded(ids, mask * torch.tensor([[0], [1]]), 4)
+
+
 def test_eos_all_rows_finish_trims_like_hf(model):
     ids = prompts(2)
     eng = FastGPT2(model, max_batch_size=2, max_seq_len=64)
