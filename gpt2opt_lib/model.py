@@ -1,0 +1,179 @@
+"""A native GPT-2 for training (nanoGPT's layout), converted exactly from and to Hugging Face's GPT2LMHeadModel.
+
+Why: HF's GPT-2 stores Conv1D weights (in, out), splits q/k/v through views, and carries generation machinery a
+training step does not need; a compact module of nn.Linear layers, one fused QKV matmul per block, SDPA (the
+fastest backend for the shape), a vocabulary padded to a multiple of 64 (aligned matmul tiles) and optional
+per-block activation checkpointing is what torch.compile turns into few, large kernels.
+
+HF stays at the edges: `from_hf(hf_model)` copies the weights in (Conv1D transposed to nn.Linear; per-layer head
+counts and MLP widths are read from the modules, so pruned models convert too) and `to_hf(model)` writes them
+back into a standard GPT2LMHeadModel, so every later stage, the inference engine and any user tool still get an
+HF model. The loss functions of distill.py work unchanged: `.transformer(input_ids=).last_hidden_state` and
+`.lm_head.weight` (the unpadded (V, C) view of the tied matrix) are provided.
+
+Status: CPU-tested against HF (logits, gradients, round trips); not yet measured on a GPU nor used by the stages.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB_MULTIPLE = 64
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, head_dim: int, n_inner: int, eps: float, act, scale: float,
+                 attn_pdrop: float = 0.0, resid_pdrop: float = 0.0):
+        super().__init__()
+        self.n_head, self.head_dim, self.scale, self.act = n_head, head_dim, scale, act
+        self.attn_pdrop, self.resid_drop = attn_pdrop, nn.Dropout(resid_pdrop)   # as HF GPT-2 (0.1 by default)
+        self.ln_1 = nn.LayerNorm(n_embd, eps=eps)
+        self.c_attn = nn.Linear(n_embd, 3 * n_head * head_dim)        # fused q, k, v
+        self.c_proj = nn.Linear(n_head * head_dim, n_embd)
+        self.ln_2 = nn.LayerNorm(n_embd, eps=eps)
+        self.c_fc = nn.Linear(n_embd, n_inner)
+        self.mlp_proj = nn.Linear(n_inner, n_embd)
+
+    def forward(self, x):                                               # x (B, T, C)
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(self.n_head * self.head_dim, dim=-1)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                           dropout_p=self.attn_pdrop if self.training else 0.0)
+        x = x + self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, -1)))
+        return x + self.resid_drop(self.mlp_proj(self.act(self.c_fc(self.ln_2(x)))))
+
+
+_ACTS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+         "gelu_fast": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class _Head:
+    """`.weight`: the unpadded (V, C) rows of the tied embedding, what the (chunked) losses multiply with."""
+
+    def __init__(self, gpt: "GPT2"):
+        self._gpt = gpt
+
+    @property
+    def weight(self):
+        return self._gpt.wte.weight[: self._gpt.vocab_size]
+
+
+class GPT2(nn.Module):
+    def __init__(self, hf_config, layers: list[tuple[int, int, int]] | None = None):
+        """hf_config: a transformers GPT2Config. layers: (n_head, head_dim, n_inner) per block (pruned models);
+        default the config's."""
+        super().__init__()
+        c = hf_config
+        self.config = c
+        self.vocab_size = c.vocab_size
+        C = c.n_embd
+        inner = c.n_inner or 4 * C
+        layers = layers or [(c.n_head, C // c.n_head, inner)] * c.n_layer
+        vpad = c.vocab_size + (-c.vocab_size) % VOCAB_MULTIPLE
+        self.wte = nn.Embedding(vpad, C)                                # rows >= vocab_size: padding, never used
+        self.wpe = nn.Embedding(c.n_positions, C)
+        act = _ACTS[c.activation_function]
+        self.h = nn.ModuleList()
+        for i, (nh, hs, ni) in enumerate(layers):
+            scale = 1.0 / math.sqrt(hs) if c.scale_attn_weights else 1.0
+            if getattr(c, "scale_attn_by_inverse_layer_idx", False):
+                scale /= float(i + 1)
+            self.h.append(Block(C, nh, hs, ni, c.layer_norm_epsilon, act, scale, c.attn_pdrop, c.resid_pdrop))
+        self.drop = nn.Dropout(c.embd_pdrop)
+        self.ln_f = nn.LayerNorm(C, eps=c.layer_norm_epsilon)
+        self.lm_head = _Head(self)
+        self.gradient_checkpointing = False
+        self.transformer = _Transformer(self)                           # HF-like hidden-state access
+
+    def hidden(self, input_ids):                                        # (B, T) -> (B, T, C) after ln_f
+        T = input_ids.shape[1]
+        if T > self.wpe.num_embeddings:
+            raise ValueError(f"sequence length {T} > n_positions {self.wpe.num_embeddings}")
+        x = self.drop(self.wte(input_ids) + self.wpe.weight[:T])
+        for blk in self.h:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.ln_f(x)
+
+    def forward(self, input_ids):
+        """HF-like: returns an object with `.logits` (B, T, V) (the padded rows cut off)."""
+        return SimpleNamespace(logits=self.hidden(input_ids) @ self.lm_head.weight.t())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing = False
+
+
+class _Transformer:
+    """`model.transformer(input_ids=ids).last_hidden_state`, as distill._hidden reads it from HF models."""
+
+    def __init__(self, gpt: GPT2):
+        self._gpt = gpt
+
+    def __call__(self, input_ids):
+        return SimpleNamespace(last_hidden_state=self._gpt.hidden(input_ids))
+
+
+def _lin(mod) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, in) weight and bias of an HF Conv1D (stored (in, out)) or nn.Linear."""
+    w = mod.weight.detach()
+    if type(mod).__name__ == "Conv1D":
+        w = w.t()
+    return w, (mod.bias.detach() if getattr(mod, "bias", None) is not None else None)
+
+
+@torch.no_grad()
+def from_hf(hf_model) -> GPT2:
+    """An exact copy of an HF GPT2LMHeadModel's weights (tied head), on the same device and dtype."""
+    tr = hf_model.transformer
+    layers = [(int(b.attn.num_heads), int(b.attn.head_dim), int(b.mlp.c_fc.weight.shape[-1]
+               if type(b.mlp.c_fc).__name__ == "Conv1D" else b.mlp.c_fc.weight.shape[0])) for b in tr.h]
+    p = next(hf_model.parameters())
+    m = GPT2(hf_model.config, layers).to(device=p.device, dtype=p.dtype)
+    m.wte.weight.zero_()
+    m.wte.weight[: hf_model.config.vocab_size].copy_(tr.wte.weight)
+    m.wpe.weight.copy_(tr.wpe.weight)
+    for blk, hb in zip(m.h, tr.h):
+        for ours, theirs in ((blk.ln_1, hb.ln_1), (blk.ln_2, hb.ln_2)):
+            ours.weight.copy_(theirs.weight)
+            ours.bias.copy_(theirs.bias)
+        for ours, theirs in ((blk.c_attn, hb.attn.c_attn), (blk.c_proj, hb.attn.c_proj), (blk.c_fc, hb.mlp.c_fc),
+                             (blk.mlp_proj, hb.mlp.c_proj)):
+            w, b = _lin(theirs)
+            ours.weight.copy_(w)
+            ours.bias.copy_(b)
+    m.ln_f.weight.copy_(tr.ln_f.weight)
+    m.ln_f.bias.copy_(tr.ln_f.bias)
+    return m
+
+
+@torch.no_grad()
+def to_hf(model: GPT2, hf_model=None):
+    """Write the native weights into `hf_model` (default: a new GPT2LMHeadModel of the same config; a model with
+    pruned heads/MLP widths must be passed in, already of that shape) and return it."""
+    if hf_model is None:
+        from transformers import GPT2LMHeadModel
+        hf_model = GPT2LMHeadModel(model.config).to(device=model.wte.weight.device, dtype=model.wte.weight.dtype)
+    tr = hf_model.transformer
+    tr.wte.weight.copy_(model.wte.weight[: model.vocab_size])          # lm_head is tied to it
+    tr.wpe.weight.copy_(model.wpe.weight)
+    for blk, hb in zip(model.h, tr.h):
+        for ours, theirs in ((blk.ln_1, hb.ln_1), (blk.ln_2, hb.ln_2)):
+            theirs.weight.copy_(ours.weight)
+            theirs.bias.copy_(ours.bias)
+        for ours, theirs in ((blk.c_attn, hb.attn.c_attn), (blk.c_proj, hb.attn.c_proj), (blk.c_fc, hb.mlp.c_fc),
+                             (blk.mlp_proj, hb.mlp.c_proj)):
+            theirs.weight.copy_(ours.weight.t() if type(theirs).__name__ == "Conv1D" else ours.weight)
+            theirs.bias.copy_(ours.bias)
+    tr.ln_f.weight.copy_(model.ln_f.weight)
+    tr.ln_f.bias.copy_(model.ln_f.bias)
+    return hf_model

@@ -1,0 +1,113 @@
+"""The native GPT-2 against Hugging Face's on tiny models: logits, gradients, conversion both ways, the losses."""
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2opt_lib import distill, model as N, train
+
+# 1000 -> padded to 1024; no dropout, so train-mode losses and gradients can be compared exactly
+CFG = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+           attn_pdrop=0.0)
+
+
+def hf_tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = GPT2LMHeadModel(GPT2Config(**{**CFG, **kw}, attn_implementation="eager"))
+    with torch.no_grad():  # wider than GPT-2's init: logits that differ, so equality is a sharp test
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    return m
+
+
+def ids(B=3, T=16, seed=1):
+    return torch.randint(0, CFG["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_padded_vocabulary_and_layout():
+    m = N.from_hf(hf_tiny())
+    assert m.wte.weight.shape == (1024, 64) and m.lm_head.weight.shape == (1000, 64)
+    assert (m.wte.weight[1000:] == 0).all()
+    assert m.h[0].c_attn.weight.shape == (192, 64)                    # nn.Linear (out, in), fused q/k/v
+
+
+def test_logits_equal_hf():
+    hf = hf_tiny().eval()
+    m = N.from_hf(hf).eval()
+    x = ids()
+    torch.testing.assert_close(m(x).logits, hf(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_equal_hf():
+    hf = hf_tiny()
+    m = N.from_hf(hf)
+    x = ids()
+    loss_fn = distill.make_lm_loss_fn(0)
+    hf.train(), m.train()
+    for mod in (hf, m):
+        mod.zero_grad()
+        loss_fn(mod, x)[0].backward()
+    hb, nb = hf.transformer.h[1], m.h[1]
+    torch.testing.assert_close(nb.c_attn.weight.grad, hb.attn.c_attn.weight.grad.t(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(nb.mlp_proj.weight.grad, hb.mlp.c_proj.weight.grad.t(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m.wte.weight.grad[:1000], hf.transformer.wte.weight.grad, rtol=1e-4, atol=1e-6)
+    assert (m.wte.weight.grad[1000:] == 0).all()                       # the padding never receives a gradient
+
+
+def test_chunked_kd_loss_and_checkpointing_match():
+    teacher, student = hf_tiny(seed=3), hf_tiny(seed=4, n_layer=1)
+    x = ids()
+    ref = distill.make_kd_loss_fn(teacher, 2.0, 0.5, 16)(student, x)[0]
+    nat = N.from_hf(student)
+    nat.gradient_checkpointing_enable()
+    nat.train()
+    ours = distill.make_kd_loss_fn(N.from_hf(teacher), 2.0, 0.5, 16)(nat, x)[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_round_trip_through_save_pretrained(tmp_path):
+    hf = hf_tiny()
+    m = N.from_hf(hf)
+    train.train(m, ids(8, 16), distill.make_lm_loss_fn(0), train.TrainSpec(epochs=1, batch_size=4, lr=1e-2,
+                precision="fp32"), torch.device("cpu"), progress=False)
+    back = N.to_hf(m)
+    back.save_pretrained(tmp_path)
+    again = GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    x = ids()
+    torch.testing.assert_close(again(input_ids=x).logits, m.eval()(x).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(again.transformer.h[0].attn.c_attn.weight, hf.transformer.h[0].attn.c_attn.weight)
+
+
+def test_pruned_mlp_width_converts():
+    from transformers.pytorch_utils import Conv1D
+    hf = hf_tiny().eval()
+    mlp = hf.transformer.h[0].mlp                                      # layer 0's MLP cut from 256 to 100 units
+    fc, proj = Conv1D(100, 64), Conv1D(64, 100)
+    with torch.no_grad():
+        fc.weight.copy_(mlp.c_fc.weight[:, :100]), fc.bias.copy_(mlp.c_fc.bias[:100])
+        proj.weight.copy_(mlp.c_proj.weight[:100]), proj.bias.copy_(mlp.c_proj.bias)
+    mlp.c_fc, mlp.c_proj = fc, proj
+    m = N.from_hf(hf).eval()
+    assert m.h[0].c_fc.out_features == 100 and m.h[1].c_fc.out_features == 256
+    x = ids()
+    torch.testing.assert_close(m(x).logits, hf(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+    back = N.to_hf(m, copy.deepcopy(hf))
+    torch.testing.assert_close(back(input_ids=x).logits, hf(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_follows_the_config():
+    hf = hf_tiny(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    m = N.from_hf(hf)
+    x = ids()
+    m.train()
+    a, b = m(x).logits, m(x).logits
+    assert not torch.allclose(a, b)                                    # dropout active in training
+    m.eval()
+    torch.testing.assert_close(m(x).logits, hf.eval()(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_too_long_sequence_is_a_clear_error():
+    with pytest.raises(ValueError, match="n_positions"):
+        N.from_hf(hf_tiny())(ids(1, 65))
