@@ -1,13 +1,22 @@
 """Tables and plots for the notebooks: titled, labelled with units, error bars = one std."""
 from __future__ import annotations
 
+import argparse
+import html as _html
+import json
+import math
 import statistics
+import sys
+import textwrap
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "nbagg")) else None
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from .config import STAGES  # noqa: E402
 
 
 def table(rows: list[dict], columns: list[str] | None = None) -> pd.DataFrame:
@@ -66,17 +75,25 @@ def loss_curves(results: dict, ctx=None):
     return _save(fig, ctx, "loss_curves")
 
 
+def _wrap(label, width: int = 18) -> str:
+    """Long tick labels wrapped onto lines (keeping any line breaks already there) so neighbours don't overlap."""
+    return "\n".join(textwrap.fill(part, width) for part in str(label).split("\n"))
+
+
 def bars(rows: list[dict], value: str, err: str | None, label: str = "model", title: str = "", ylabel: str = "",
          ctx=None, name: str | None = None, ax=None):
-    """A bar per row with a +-1 std error bar."""
+    """A bar per row with a +-1 std error bar; tick labels wrapped and, when there are many, rotated."""
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 3.6))
     vals = [r.get(value) or 0 for r in rows]
     errs = [r.get(err) or 0 for r in rows] if err else None
-    ax.bar([str(r[label]) for r in rows], vals, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
+    x = range(len(rows))
+    ax.bar(x, vals, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
+    many = len(rows) > 4
+    ax.set_xticks(list(x), [_wrap(r[label], 16 if many else 14 if len(rows) > 3 else 20) for r in rows], fontsize=7,
+                  rotation=30 if many else 0, ha="right" if many else "center", rotation_mode="anchor")
     ax.set(title=title, ylabel=ylabel)
-    ax.tick_params(axis="x", rotation=20)
     if fig is not None:
         fig.tight_layout()
         return _save(fig, ctx, name or value)
@@ -107,6 +124,18 @@ def sweep_plot(rows: list[dict], ctx=None):
     oom = [f"{r['model']} b={r['batch_size']} T={r['seq_len']}" for r in rows if r.get("status") != "ok"]
     ax.set(title="Forward throughput sweep" + (f" (not run: {len(oom)})" if oom else ""), xlabel="batch size",
            ylabel="tokens/s", xscale="log", yscale="log")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator, ScalarFormatter
+
+    measured = sorted({r["batch_size"] for r in ok})
+    ax.xaxis.set_major_locator(FixedLocator(measured))  # plain ticks at the measured batch sizes, not 2x10^0
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}")  # tokens/s as numbers, not 2x10^4
+    ys = [r["tokens_per_s"] for r in ok if r.get("tokens_per_s")]
+    ax.yaxis.set_major_formatter(plain)
+    if ys and max(ys) / min(ys) < 10:  # within one decade the minor ticks are the only labels: plain numbers too
+        ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, ctx, "sweep")
@@ -115,16 +144,16 @@ def sweep_plot(rows: list[dict], ctx=None):
 def training_panel(rows: list[dict], ctx=None, name: str = "training"):
     """03/04: time per step, peak memory and test perplexity per training configuration."""
     rows = [r for r in rows if "time_per_step_ms" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    mem = any(r.get("peak_mem_mb") for r in rows)  # CUDA only: no blank panel on a CPU run, a note in the title
+    fig, axes = plt.subplots(1, 3 if mem else 2, figsize=(16 if mem else 11, 4.4))
     bars(rows, "time_per_step_ms", "time_per_step_std_ms", label="config", title="Time per optimizer step",
          ylabel="ms", ax=axes[0])
-    if any(r.get("peak_mem_mb") for r in rows):
+    if mem:
         bars(rows, "peak_mem_mb", None, label="config", title="Peak training memory", ylabel="MiB", ax=axes[1])
-    else:
-        axes[1].text(0.5, 0.5, "peak memory: CUDA only", ha="center"), axes[1].set_axis_off()
-    bars(rows, "test_ppl", None, label="config", title="Test perplexity after fine-tuning", ylabel="perplexity", ax=axes[2])
-    for a in axes:
-        a.tick_params(axis="x", labelsize=7)
+    bars(rows, "test_ppl", None, label="config", title="Test perplexity after fine-tuning", ylabel="perplexity",
+         ax=axes[-1])
+    if not mem:
+        fig.suptitle("(peak memory not measured: CUDA only)", fontsize=8, x=0.99, ha="right")
     fig.tight_layout()
     return _save(fig, ctx, name)
 
@@ -137,8 +166,6 @@ def quant_panel(rows: list[dict], ctx=None):
     bars(rows, "gen_tokens_per_s", "gen_tokens_per_s_std", label="config", title="Greedy generation, batch 1",
          ylabel="new tokens/s", ax=axes[1])
     bars(rows, "test_ppl", None, label="config", title="Test perplexity", ylabel="perplexity", ax=axes[2])
-    for a in axes:
-        a.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     return _save(fig, ctx, "quant")
 
@@ -165,34 +192,43 @@ def gains_chart(gains: list[dict], ctx=None):
     keys = [("training_vram_change_pct", "training VRAM %"), ("inference_vram_change_pct", "inference VRAM %"),
             ("weight_memory_change_pct", "weight memory %"), ("forward_latency_change_pct", "forward latency %"),
             ("generation_latency_change_pct", "generation latency %"), ("perplexity_change_pct", "perplexity %")]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2 + 0.35 * len(gains)))
     width = 0.8 / max(1, len(gains))
     for i, g in enumerate(gains):
         ks = [(lab, g[k]) for k, lab in keys if g.get(k) is not None]
-        axes[0].barh([j + i * width for j in range(len(ks))], [v for _, v in ks], height=width, label=g["stack"][:40])
+        axes[0].barh([j + i * width for j in range(len(ks))], [v for _, v in ks], height=width)
         axes[0].set_yticks([j + width * (len(gains) - 1) / 2 for j in range(len(ks))], [lab for lab, _ in ks])
         xs = [("forward throughput", g.get("forward_throughput_x")), ("generation throughput", g.get("generation_throughput_x"))]
-        axes[1].bar([j + i * width for j in range(2)], [v or 0 for _, v in xs], width=width, label=g["stack"][:40])
+        axes[1].bar([j + i * width for j in range(2)], [v or 0 for _, v in xs], width=width,
+                    label=_wrap(g["stack"], 110))  # the full name: one legend below both panels
         axes[1].set_xticks([j + width * (len(gains) - 1) / 2 for j in range(2)], [lab for lab, _ in xs])
     axes[0].axvline(0, color="k", lw=0.8)
     axes[0].set(title="Change vs baseline (negative = less)", xlabel="%")
     axes[1].axhline(1, color="k", lw=0.8, ls=":")
     axes[1].set(title="Speed-up vs baseline", ylabel="x")
-    axes[1].legend(fontsize=7)
     fig.tight_layout()
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=1, fontsize=8, frameon=False)
     return _save(fig, ctx, "gains")
 
 
 def pareto(points: list[dict], ctx=None):
     """Quality vs speed vs memory: perplexity over generation throughput, marker area ~ weight memory."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(13, 5.5))
     wmax = max((p.get("weight_mb") or 1) for p in points) if points else 1
-    for p in points:
-        ax.scatter(p["gen_tokens_per_s"], p["test_ppl"], s=40 + 400 * (p.get("weight_mb") or 0) / wmax, alpha=0.6)
-        ax.annotate(p["config"][:38], (p["gen_tokens_per_s"], p["test_ppl"]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
+    colors = plt.get_cmap("tab20").colors
+    for i, p in enumerate(points, 1):  # numbered points + a key beside the plot: full names, nothing on top of another
+        c = colors[(i - 1) % len(colors)]
+        w = p.get("weight_mb")
+        ax.scatter(p["gen_tokens_per_s"], p["test_ppl"], s=40 + 400 * (w or 0) / wmax, alpha=0.55, color=c,
+                   label=_wrap(f"{i}. {p['config']}" + (f" ({w:.0f} MiB)" if w else ""), 60))
+        ax.annotate(str(i), (p["gen_tokens_per_s"], p["test_ppl"]), fontsize=8, ha="center", va="center",
+                    fontweight="bold")
     ax.set(title="Quality vs speed vs memory (area ~ weight memory)", xlabel="greedy generation, new tokens/s (batch 1)",
            ylabel="test perplexity (lower is better)", xscale="log")
+    if points:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, markerscale=0.4, frameon=False,
+                  title="key (marker area ~ weight memory)", title_fontsize=7)
     fig.tight_layout()
     return _save(fig, ctx, "pareto")
 
@@ -201,15 +237,6 @@ def pareto(points: list[dict], ctx=None):
 # Run reports: index.html per run, `compare` across runs, `advise` for a memory budget. Pure: read a run directory's
 # JSON (summary.json, params.json, <stage>/results.json), write HTML/markdown; nothing here imports torch.
 
-import argparse  # noqa: E402
-import html as _html  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from .config import STAGES  # noqa: E402
 
 STAGE_TITLES = {"01_distill": "01 · Distillation", "02_compare": "02 · Teacher vs students",
                 "03_lora_prune": "03 · LoRA + pruning", "04_quant": "04 · Quantization",
@@ -472,13 +499,19 @@ def compare(run_dirs: list, out_dir) -> dict:
     if heads:
         fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(heads) * (len(runs) - 1) + 2), 4.2))
         width = 0.8 / (len(runs) - 1)
+        ratios_all = []
         for j, (s, mt) in enumerate(zip(short[1:], mets[1:])):
-            ax.bar([i + j * width for i in range(len(heads))], [mt[(st, m)] / mets[0][(st, m)] for st, m, _ in heads],
-                   width=width, label=f"{s} / A")
+            ratios = [mt[(st, m)] / mets[0][(st, m)] if mets[0][(st, m)] else float("nan") for st, m, _ in heads]
+            ratios_all += [r for r in ratios if r > 0 and math.isfinite(r)]
+            bars_ = ax.bar([i + j * width for i in range(len(heads))], ratios, width=width, label=f"{s} / A")
+            ax.bar_label(bars_, labels=[f"{r:.3g}x" for r in ratios], fontsize=7)
         ax.set_xticks([i + width * (len(runs) - 2) / 2 for i in range(len(heads))],
-                      [textwrap.fill(f"{st[:2]} {m} ({b} is better)", 22) for st, m, b in heads], fontsize=7)
+                      [textwrap.fill(f"{st[:2]} {m.replace('_', ' ')} ({b} is better)", 22) for st, m, b in heads],
+                      fontsize=7)
         ax.axhline(1, color="k", lw=0.8, ls=":")
-        ax.set(title="Headline figures: ratio to run A", ylabel="ratio (x)")
+        spread = max(ratios_all) / min(ratios_all) if ratios_all else 1
+        ax.set(title="Headline figures: ratio to run A", ylabel="ratio (x)" + (", log scale" if spread > 10 else ""),
+               yscale="log" if spread > 10 else "linear")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.text(0.01, -0.02, "\n".join(textwrap.fill(f"{s}: {lab}", 120) for s, lab in zip(short, labels)), fontsize=7,
                  va="top")
