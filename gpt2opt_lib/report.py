@@ -376,6 +376,16 @@ def write_index(run_dir) -> Path:
             parts.append(f"<p class='note'>{_html.escape(cap)}</p>")
     else:
         parts.append("<p class='notrun'>05 has not completed in this run: no end-to-end gains.</p>")
+    # The 6 GB question (and this run's own GPU), from the measured numbers of 03/04/05.
+    if any(results.get(s) for s in ("03_lora_prune", "04_quant", "05_flash_quant")):
+        budgets = [6.0] + ([float(env["gpu_memory_gb"])] if isinstance(env.get("gpu_memory_gb"), (int, float)) else [])
+        parts.append("<h2>Does it fit? (report advise)</h2>")
+        for gb in budgets:
+            try:
+                text = advice_text(advise(run_dir, vram_gb=gb, show=False))
+            except ReportError as e:
+                text = f"cannot advise: {e}"
+            parts.append(f"<pre style='font-size:12px;overflow-x:auto'>{_html.escape(text)}</pre>")
     # Machine.
     parts.append("<h2>Machine and versions</h2>" + _kv_table({k: env.get(k) for k in ENV_KEYS if k in env}))
     if env.get("git_sha_note"):
@@ -625,11 +635,13 @@ def advise(run_dir, vram_gb=6.0, max_ppl_increase="5%", overhead_gb=0.0, show: b
 
 def advice_text(adv: dict) -> str:
     """The answer as a short plain-text table per purpose (training, inference), the pick marked with '*'."""
-    lines = [f"Budget {adv['vram_gb']:g} GB on {adv.get('device') or '?'}'s measurements ({adv['run']}); quality "
+    lines = [f"Budget {adv['vram_gb']:g} GB on {adv.get('device') or '?'}'s measurements (run {Path(adv['run']).name}); quality "
              f"tolerance +{adv['max_ppl_increase_pct']:g}% test perplexity vs the reference (first) row of each table. "
              f"Figures: {adv['basis']} (PyTorch peak allocated, GB = MiB/1024"
              + (f", + {adv['overhead_gb']:g} GB overhead" if adv["overhead_gb"] else
-                "; the CUDA context, ~0.3-0.5 GB, is not included: --overhead-gb adds it") + ")."]
+                "; the CUDA context, ~0.3-0.5 GB, is not included: --overhead-gb adds it") + "). "
+             "Each table's batch size and sequence length are its stage's parameters: tok/s and memory compare like "
+             "with like within a table."]
     for purpose in ("training", "inference"):
         rows, pick = adv.get(purpose) or [], adv["picks"].get(purpose)
         lines.append("")
