@@ -5,6 +5,7 @@ import argparse
 import html as _html
 import json
 import math
+import os
 import statistics
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from .config import STAGES  # noqa: E402
 
 
 def table(rows: list[dict], columns: list[str] | None = None) -> pd.DataFrame:
+    pd.set_option("display.max_colwidth", None)  # full configuration names (the default cuts them at 50 chars)
     df = pd.DataFrame(rows)
     if columns:
         df = df[[c for c in columns if c in df.columns]]
@@ -404,6 +406,8 @@ def write_index(run_dir) -> Path:
                          "no results.json</p></section>")
             continue
         metrics = res.get("metrics") or entry.get("metrics") or {}
+        if s == "05_flash_quant" and res.get("gains"):  # the per-stack keys repeat the gains table (names cut short)
+            metrics = {k: v for k, v in metrics.items() if "[" not in k}
         if metrics:
             parts.append("<h3>Key metrics</h3>" + _kv_table(metrics))
         for key, title, cols in KEY_TABLES.get(s, []):
@@ -533,8 +537,9 @@ def compare(run_dirs: list, out_dir) -> dict:
             "</head><body><h1>gpt2opt: runs compared</h1><ul>"]
     for s, lab, r in zip(short, labels, runs):
         idx = r["dir"] / "index.html"
+        rel = Path(os.path.relpath(idx.resolve(), out_dir.resolve())).as_posix()  # relative: survives moving both
         page.append(f"<li><b>{s}</b>: {_html.escape(lab)} <span class='note'>({_html.escape(str(r['dir']))}"
-                    + (f", <a href='{_html.escape(idx.resolve().as_uri())}'>index</a>" if idx.exists() else "")
+                    + (f", <a href='{_html.escape(rel)}'>index</a>" if idx.exists() else "")
                     + ")</span></li>")
     page.append("</ul>" + "".join(f"<p class='note'>{_html.escape(n)}</p>" for n in notes))
     if png:

@@ -164,3 +164,44 @@ def test_module_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gpt2opt_lib.report", "advise", str(tmp_path / "none"), "--vram-gb", "x"],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def _ref(stage):
+    return json.loads((REF / stage / "results.json").read_text())
+
+
+def test_plots_readable_on_reference_rows():
+    import matplotlib.pyplot as plt
+
+    r5 = _ref("05_flash_quant")
+    fig = report.gains_chart(r5["gains"])
+    labels = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    assert [lab.replace("\n", " ") for lab in labels] == [g["stack"] for g in r5["gains"]]  # full names
+    pts = [{"config": r["config"], "test_ppl": r["test_ppl"], "gen_tokens_per_s": r["gen_tokens_per_s"],
+            "weight_mb": r.get("weight_mb")} for r in [r5["baseline"], *r5["stacks"], *r5["attention_x_quant"]]]
+    fig = report.pareto(pts)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == [str(i) for i in range(1, len(pts) + 1)]  # numbers on the points
+    key = [t.get_text().replace("\n", " ") for t in ax.get_legend().get_texts()]
+    assert all(k.startswith(f"{i}. {p['config']}") for i, (k, p) in enumerate(zip(key, pts), 1))
+    fig = report.sweep_plot(_ref("02_compare")["sweep"])
+    ticks = [float(t) for t in fig.axes[0].get_xticks()]
+    assert ticks == sorted({r["batch_size"] for r in _ref("02_compare")["sweep"] if r["status"] == "ok"})
+    plt.close("all")
+
+
+def test_training_panel_drops_memory_panel_without_measurements():
+    import matplotlib.pyplot as plt
+
+    rows = [dict(r, peak_mem_mb=None) for r in _ref("03_lora_prune")["training"]]
+    assert len(report.training_panel(rows).axes) == 2
+    assert len(report.training_panel(_ref("03_lora_prune")["training"]).axes) == 3
+    plt.close("all")
+
+
+def test_notebook_05_ends_with_advise():
+    import nbformat
+
+    nb = nbformat.read(str(REF.parents[2] / "notebooks" / "05_flash_quant.ipynb"), 4)
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    assert "report.advise(" in last.source and "vram_gb=6" in last.source and len(last.source.splitlines()) == 1
