@@ -219,12 +219,22 @@ def pareto(points: list[dict], ctx=None):
     fig, ax = plt.subplots(figsize=(13, 5.5))
     wmax = max((p.get("weight_mb") or 1) for p in points) if points else 1
     colors = plt.get_cmap("tab20").colors
+    ys = [p["test_ppl"] for p in points] or [0]
+    lx = [math.log10(max(p["gen_tokens_per_s"], 1e-9)) for p in points] or [0]
+    yspan, xspan = (max(ys) - min(ys)) or 1, (max(lx) - min(lx)) or 1
+    spots: list = []  # points that land (almost) on the same spot share one label, "2,3", instead of overprinting
     for i, p in enumerate(points, 1):  # numbered points + a key beside the plot: full names, nothing on top of another
         c = colors[(i - 1) % len(colors)]
         w = p.get("weight_mb")
-        ax.scatter(p["gen_tokens_per_s"], p["test_ppl"], s=40 + 400 * (w or 0) / wmax, alpha=0.55, color=c,
+        x, y = p["gen_tokens_per_s"], p["test_ppl"]
+        ax.scatter(x, y, s=40 + 400 * (w or 0) / wmax, alpha=0.55, color=c,
                    label=_wrap(f"{i}. {p['config']}" + (f" ({w:.0f} MiB)" if w else ""), 60))
-        ax.annotate(str(i), (p["gen_tokens_per_s"], p["test_ppl"]), fontsize=8, ha="center", va="center",
+        u, v = 1.8 * (math.log10(max(x, 1e-9)) - min(lx)) / xspan, (y - min(ys)) / yspan  # ~ the axes' aspect
+        near = next((g for g in spots if math.hypot(g[0][3] - u, g[0][4] - v) < 0.05), None)
+        (near.append if near is not None else lambda m: spots.append([m]))((i, x, y, u, v))
+    for members in spots:
+        i, x, y, *_ = members[0]
+        ax.annotate(",".join(str(m[0]) for m in members), (x, y), fontsize=8, ha="center", va="center",
                     fontweight="bold")
     ax.set(title="Quality vs speed vs memory (area ~ weight memory)", xlabel="greedy generation, new tokens/s (batch 1)",
            ylabel="test perplexity (lower is better)", xscale="log")
@@ -376,6 +386,7 @@ def write_index(run_dir) -> Path:
         cap = r5.get("gains_caption") or ((summary.get("stages") or {}).get("05_flash_quant") or {}).get("gains_caption")
         if cap:
             parts.append(f"<p class='note'>{_html.escape(cap)}</p>")
+        parts.append("<p class='note'>'–': not measured here (peak memory is measured on CUDA only).</p>")
     else:
         parts.append("<p class='notrun'>05 has not completed in this run: no end-to-end gains.</p>")
     # The 6 GB question (and this run's own GPU), from the measured numbers of 03/04/05.
