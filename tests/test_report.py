@@ -1,0 +1,208 @@
+"""Run reports (index.html, compare, advise) on copies of the committed H100 reference run: pure JSON -> HTML/text."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gpt2opt_lib import report
+from gpt2opt_lib.config import STAGES
+
+REF = Path(__file__).resolve().parents[1] / "reports" / "reference" / "gpu-offline-h100"
+
+
+@pytest.fixture
+def ref_copy(tmp_path):
+    dst = tmp_path / "ref"
+    shutil.copytree(REF, dst)
+    (dst / "index.html").unlink(missing_ok=True)
+    return dst
+
+
+def _links(page: str) -> list[str]:
+    return re.findall(r"(?:href|src)='([^']+)'", page)
+
+
+def _check_links(run: Path, page: str):
+    local = [u for u in _links(page) if not u.startswith(("#", "http", "file:"))]
+    assert local, "no links at all"
+    for u in local:
+        assert not Path(u).is_absolute(), u
+        assert (run / u).exists(), f"broken relative link {u}"
+    return local
+
+
+def test_write_index_complete_run(ref_copy):
+    out = report.write_index(ref_copy)
+    assert out == ref_copy / "index.html"
+    page = out.read_text()
+    local = _check_links(ref_copy, page)
+    for s in STAGES:
+        assert f"{s}.html" in local
+        for png in (ref_copy / s).glob("*.png"):
+            assert f"{s}/{png.name}" in local
+    assert "gpu-offline" in page and "NVIDIA H100 80GB HBM3" in page and "ee53d5dd8a61" in page
+    gains = json.loads((ref_copy / "05_flash_quant" / "results.json").read_text())["gains"]
+    assert gains[0]["stack"] in page  # the gains table, full names, near the top
+    assert page.index("End-to-end gains") < page.index("id='01_distill'")
+    assert not list(ref_copy.glob(".index.html.*.tmp"))  # written atomically, nothing left behind
+
+
+def test_write_index_partial_run(ref_copy):
+    for s in ("04_quant", "05_flash_quant"):
+        shutil.rmtree(ref_copy / s)
+        for ext in ("html", "ipynb"):
+            (ref_copy / f"{s}.{ext}").unlink()
+    summary = json.loads((ref_copy / "summary.json").read_text())
+    del summary["stages"]["05_flash_quant"]
+    summary["stages"]["04_quant"] = {"notebook": "04_quant.ipynb", "status": "failed", "error": "RuntimeError: boom",
+                                     "duration_s": 3.0}
+    (ref_copy / "summary.json").write_text(json.dumps(summary))
+    page = report.write_index(ref_copy).read_text()
+    local = _check_links(ref_copy, page)
+    for s in ("01_distill", "02_compare", "03_lora_prune"):
+        assert f"{s}.html" in local
+    assert not any(u.startswith(("04_", "05_")) for u in local)
+    assert "failed" in page and "RuntimeError: boom" in page and "not run" in page
+
+
+def test_write_index_missing_dir(tmp_path):
+    with pytest.raises(report.ReportError):
+        report.write_index(tmp_path / "nope")
+
+
+def test_compare_two_runs(ref_copy, tmp_path, capsys):
+    b = tmp_path / "b"
+    shutil.copytree(ref_copy, b)
+    res = json.loads((b / "04_quant" / "results.json").read_text())
+    res["metrics"]["engine_int4_gen_tokens_per_s"] *= 0.5
+    (b / "04_quant" / "results.json").write_text(json.dumps(res))
+    summary = json.loads((b / "summary.json").read_text())
+    summary["profile"] = "seed-t4"
+    (b / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "cmp"
+    assert report.main(["compare", str(ref_copy), str(b), "--out", str(out)]) == 0
+    md, page = (out / "compare.md").read_text(), (out / "compare.html").read_text()
+    assert (out / "compare.png").exists()
+    a_val = json.loads((ref_copy / "04_quant" / "results.json").read_text())["metrics"]["engine_int4_gen_tokens_per_s"]
+    b_val = json.loads((b / "04_quant" / "results.json").read_text())["metrics"]["engine_int4_gen_tokens_per_s"]
+    ratio = b_val / a_val  # 0.5 by construction, computed here from the JSON
+    row = next(line for line in md.splitlines() if "| engine_int4_gen_tokens_per_s |" in line)
+    assert row.split("|")[-2].strip() == report._fmt(ratio) == "0.5"
+    assert "gpu-offline" in md and "seed-t4" in md and "different profiles" in md
+    assert "engine_int4_gen_tokens_per_s" in page and "compare.png" in page
+
+
+def test_advise_reference_6gb(capsys):
+    adv = report.advise(REF, vram_gb=6, max_ppl_increase="5%")
+    text = capsys.readouterr().out
+    r4 = json.loads((REF / "04_quant" / "results.json").read_text())
+    # Hand check, training: the 16-bit LoRA row (6633.7 MiB = 6.48 GB) does not fit 6 GB, QLoRA + checkpointing
+    # (3160.4 MiB) does, within 5% of the 16-bit LoRA row's perplexity.
+    ql = {r["config"]: r for r in r4["qlora"]}
+    pick = adv["picks"]["training"]
+    assert pick["config"] == "QLoRA on NF4 + checkpointing"
+    assert pick["peak_gb"] == pytest.approx(ql[pick["config"]]["peak_mem_mb"] / 1024)
+    assert f"{ql[pick['config']]['peak_mem_mb'] / 1024:.2f}" in text
+    assert ql["LoRA on 16-bit"]["peak_mem_mb"] / 1024 > 6
+    # Inference: the fastest generation within 5%: the fast engine with int4 weights (its peak is the gen peak).
+    eng = {r["config"]: r for r in r4["engine"]}
+    ip = adv["picks"]["inference"]
+    assert ip["config"] == "fast engine, int4 weights"
+    assert ip["peak_gb"] == pytest.approx(eng[ip["config"]]["gen_peak_mem_mb"] / 1024)
+    assert ip["ppl_change_pct"] <= 5
+    assert "measured only" in text and "TRAINING" in text and "INFERENCE" in text
+
+
+def test_advise_nothing_fits(capsys):
+    adv = report.advise(REF, vram_gb=0.01)
+    text = capsys.readouterr().out
+    assert adv["picks"] == {"training": None, "inference": None}
+    assert text.count("nothing fits 0.01 GB") == 2
+
+
+def test_advise_tolerance_excludes_the_stack(capsys):
+    # The end-to-end stack fits 6 GB but costs +25% perplexity vs the 05 baseline: never picked at 5%.
+    adv = report.advise(REF, vram_gb=6, max_ppl_increase="5%", show=False)
+    stack = next(r for r in adv["training"] if r["config"].startswith("stack:"))
+    assert stack["fits"] and not stack["within_tolerance"]
+
+
+def test_advise_cpu_run_without_memory(ref_copy, capsys):
+    for s in ("03_lora_prune", "04_quant", "05_flash_quant"):
+        p = ref_copy / s / "results.json"
+        txt = re.sub(r'("(?:\w*peak_mem_mb)": )[0-9.eE+-]+', r"\1null", p.read_text())
+        p.write_text(txt)
+    summary = json.loads((ref_copy / "summary.json").read_text())
+    summary["env"].update(device="cpu", cuda=None, device_name="x86_64")
+    (ref_copy / "summary.json").write_text(json.dumps(summary))
+    adv = report.advise(ref_copy, vram_gb=6)
+    text = capsys.readouterr().out
+    assert adv["picks"] == {"training": None, "inference": None}
+    assert "not measured on CPU" in text
+
+
+@pytest.mark.parametrize("argv", [["advise", "/nonexistent/run", "--vram-gb", "6"],
+                                  ["advise", str(REF), "--vram-gb", "six"],
+                                  ["advise", str(REF), "--vram-gb", "6", "--max-ppl-increase", "lots"],
+                                  ["compare", str(REF), "--out", "/tmp/x"],
+                                  ["compare", str(REF), "/nonexistent/run", "--out", "/tmp/x"],
+                                  ["index", "/nonexistent/run"],
+                                  ["advise", str(REF)]])
+def test_bad_input_one_line_exit_2(argv, capsys):
+    assert report.main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and "\n" not in err and captured.out == ""
+
+
+def test_module_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "gpt2opt_lib.report", "advise", str(tmp_path / "none"), "--vram-gb", "x"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def _ref(stage):
+    return json.loads((REF / stage / "results.json").read_text())
+
+
+def test_plots_readable_on_reference_rows():
+    import matplotlib.pyplot as plt
+
+    r5 = _ref("05_flash_quant")
+    fig = report.gains_chart(r5["gains"])
+    labels = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    assert [lab.replace("\n", " ") for lab in labels] == [g["stack"] for g in r5["gains"]]  # full names
+    pts = [{"config": r["config"], "test_ppl": r["test_ppl"], "gen_tokens_per_s": r["gen_tokens_per_s"],
+            "weight_mb": r.get("weight_mb")} for r in [r5["baseline"], *r5["stacks"], *r5["attention_x_quant"]]]
+    fig = report.pareto(pts)
+    ax = fig.axes[0]
+    numbers = [int(n) for t in ax.texts for n in t.get_text().split(",")]  # each point numbered once ("2,3" when
+    assert sorted(numbers) == list(range(1, len(pts) + 1))  # two points coincide)
+    key = [t.get_text().replace("\n", " ") for t in ax.get_legend().get_texts()]
+    assert all(k.startswith(f"{i}. {p['config']}") for i, (k, p) in enumerate(zip(key, pts), 1))
+    fig = report.sweep_plot(_ref("02_compare")["sweep"])
+    ticks = [float(t) for t in fig.axes[0].get_xticks()]
+    assert ticks == sorted({r["batch_size"] for r in _ref("02_compare")["sweep"] if r["status"] == "ok"})
+    plt.close("all")
+
+
+def test_training_panel_drops_memory_panel_without_measurements():
+    import matplotlib.pyplot as plt
+
+    rows = [dict(r, peak_mem_mb=None) for r in _ref("03_lora_prune")["training"]]
+    assert len(report.training_panel(rows).axes) == 2
+    assert len(report.training_panel(_ref("03_lora_prune")["training"]).axes) == 3
+    plt.close("all")
+
+
+def test_notebook_05_ends_with_advise():
+    import nbformat
+
+    nb = nbformat.read(str(REF.parents[2] / "notebooks" / "05_flash_quant.ipynb"), 4)
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    assert "report.advise(" in last.source and "vram_gb=6" in last.source and len(last.source.splitlines()) == 1
