@@ -166,6 +166,7 @@ def main(argv=None) -> int:
                 entry["html"] = html.name if html else None
             _collect(run_dir, stage, entry)
             write_json(summary_path, summary)
+            write_index(run_dir)
             print(f"[{i}/{len(stages)}] {stage}: completed earlier, kept")
             continue
         aside = set_aside(run_dir, stage) if args.resume else None
@@ -199,13 +200,24 @@ def main(argv=None) -> int:
             _collect(run_dir, stage, entry)
         summary["stages"][stage] = entry
         write_json(summary_path, summary)
+        write_index(run_dir)
         print(f"  {entry['status']} in {entry['duration_s']} s", flush=True)
         if entry["status"] != "ok":
             print(f"stopped; everything written so far is kept in {run_dir}; after a fix: "
                   f"python run_all.py --resume {run_dir}", file=sys.stderr)
             return 1
-    print(f"done: {summary_path}")
+    print(f"done: {summary_path}\nreport: {run_dir / 'index.html'}")
     return 0
+
+
+def write_index(run_dir: Path) -> None:
+    """The run's one-page report (index.html), refreshed after every stage; a report never fails the run."""
+    try:
+        from gpt2opt_lib import report
+
+        report.write_index(run_dir)
+    except Exception as e:
+        print(f"  (index.html not written: {type(e).__name__}: {e})", file=sys.stderr)
 
 
 def _collect(run_dir: Path, stage: str, entry: dict) -> None:

@@ -119,6 +119,8 @@ def test_quick_profile_end_to_end_killed_and_resumed(tmp_path):
     assert d["distilled_val_ppl"] < 50257  # learned something: far below a uniform guess over the vocabulary
     assert d["teacher_val_ppl"] < d["distilled_val_ppl"] and d["teacher_beats_students"]  # a teacher that teaches
     assert (out / "03_lora_prune" / "merged").exists()
+    index = (out / "index.html").read_text()  # the one-page report links every stage's notebook
+    assert all(f"{s}.html" in index for s in stages)
     # a finished run is never rewritten: not by the runner, not by a hand-run notebook (config.load_stage)
     r = _run("--only", "05_flash_quant", "--out", str(out))
     assert r.returncode == 2 and "never overwritten" in r.stderr
