@@ -77,6 +77,7 @@ class Distill(Common):
     compile: bool = p(False, "torch.compile the student and teacher (CUDA; first step pays 10-60 s)")
     no_teacher_baseline: bool = p(True, "also train the same student without the teacher (what KD buys)")
     seeds: list = p([1234], "a distilled and a no-teacher student per seed; two or more give a spread")
+    train_engine: str = p("hf", "hf (transformers' GPT-2 modules) or native (model.py; converted back to HF after)")
     nproc: int = p(1, "processes for the students' training: above 1, torchrun data-parallel (one per GPU)")
     parallel: str = p("ddp", "data-parallel mode when nproc is above 1: ddp or fsdp (FSDP2 shards the student)")
 
@@ -233,6 +234,8 @@ def check(cls: type, values: dict, source: str) -> None:
             bad("nproc", "must be >= 1")
         if v["parallel"] not in ("ddp", "fsdp"):
             bad("parallel", "must be ddp or fsdp")
+        if v["train_engine"] not in ("hf", "native"):
+            bad("train_engine", "must be hf or native")
     if cls is LoraPrune:
         if v["lora_rank"] < 1:
             bad("lora_rank", "must be >= 1")
