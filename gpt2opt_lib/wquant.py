@@ -221,6 +221,16 @@ class Int4Embedding(nn.Module):
         self.register_buffer("scales", s.to(dtype))                     # (V, G)
         self.register_buffer("zeros", z.to(dtype))
 
+    @classmethod
+    def sharing(cls, head: "Int4Linear") -> "Int4Embedding":
+        """The embedding over a reference-backend int4 head's own tensors (no second copy)."""
+        emb = cls.__new__(cls)
+        nn.Module.__init__(emb)
+        emb.register_buffer("qp", head.qp)
+        emb.register_buffer("scales", head.scales)
+        emb.register_buffer("zeros", head.zeros)
+        return emb
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         p = self.qp[ids]                                                # (…, C/2)
         q = torch.stack([p >> 4, p & 0xF], dim=-1).flatten(-2).to(self.scales.dtype)  # (…, C)
@@ -245,13 +255,25 @@ def make_linear(mode: str, weight: torch.Tensor, bias: torch.Tensor | None, *, d
 def quantize_core(core, mode: str, *, group_size: int = 128, backend: str = "auto",
                   quantize_lm_head: bool = True) -> dict:
     """Replace the dense linears of a generate._Core in place; returns a report of what was quantized/kept."""
-    report = {"mode": mode, "group_size": group_size if mode == "int4" else None, "kept_16bit": [], "backend": None}
+    report = {"mode": mode, "group_size": group_size if mode == "int4" else None, "kept_16bit": [], "backend": None,
+              "group_sizes_used": {}}
+
+    def fit(k: int) -> int:
+        """int4: the largest group <= group_size (halving, down to 32) that divides the input width k; a width of
+        64 (tiny models) would otherwise leave every layer unquantized, silently stored in the compute dtype."""
+        g = group_size
+        while mode == "int4" and k % g and g > 32:
+            g //= 2
+        return g
+
     for i, blk in enumerate(core.blocks):
         for name in ("c_attn", "c_proj", "c_fc", "mlp_proj"):
             dense = getattr(blk, name)
+            g = fit(dense.weight.shape[1])
             try:
-                q = make_linear(mode, dense.weight, dense.bias, dtype=core.dtype, group_size=group_size,
-                                backend=backend)
+                q = make_linear(mode, dense.weight, dense.bias, dtype=core.dtype, group_size=g, backend=backend)
+                if mode == "int4":
+                    report["group_sizes_used"][f"h.{i}.{name}"] = g
             except ValueError as e:       # e.g. a pruned layer with an odd width: keep it 16-bit, say so
                 report["kept_16bit"].append(f"h.{i}.{name}: {e}")
                 continue
@@ -263,11 +285,15 @@ def quantize_core(core, mode: str, *, group_size: int = 128, backend: str = "aut
             head = Int8Linear(table, None, dtype=core.dtype, backend=backend)
             core.lm_head, core.wte = head, Int8Embedding(head)
         else:
+            g = fit(table.shape[1])
             try:
-                qsz = quantize_int4(table, group_size)
-                core.lm_head = Int4Linear(table, None, dtype=core.dtype, group_size=group_size,
-                                          backend=backend, qsz=qsz)
-                core.wte = Int4Embedding(*qsz, dtype=core.dtype)
+                qsz = quantize_int4(table, g)
+                core.lm_head = Int4Linear(table, None, dtype=core.dtype, group_size=g, backend=backend, qsz=qsz)
+                # the reference head's plain nibble table is the embedding's too (stored once); the packed kernels'
+                # tiled layout can't be gathered by row, so there the embedding keeps its own plain int4 copy
+                core.wte = (Int4Embedding.sharing(core.lm_head) if core.lm_head.backend == "reference"
+                            else Int4Embedding(*qsz, dtype=core.dtype))
+                report["group_sizes_used"]["lm_head/wte"] = g
             except ValueError as e:
                 report["kept_16bit"].append(f"lm_head/wte: {e}")
     else:

@@ -110,3 +110,23 @@ def test_gpu_quantized_engine_generates(mode):
     out = eng.generate(ids, 16)
     assert out.shape == ref.shape
     assert (out == ref).float().mean() > 0.5
+
+
+def test_int4_quantizes_narrow_models_and_reads_fewer_bytes_than_int8():
+    """A 64-wide model (the quick profile's): int4 once kept every layer unquantized (group 128 > width 64), so
+    its engine stored more bytes than int8's. Groups now shrink to fit; int4 reads fewer bytes per decode step."""
+    from gpt2opt_lib import models
+    from gpt2opt_lib.generate import FastGPT2
+
+    m = models.build_model("random:custom:n_layer=2,n_embd=64,n_head=4", seed=0, vocab_size=1000)
+    ids = torch.randint(0, 1000, (1, 8))
+    ref = FastGPT2(m, max_batch_size=1, max_seq_len=32).forward_logits(ids)
+    out = {}
+    for mode, backend in (("int8", "auto"), ("int4", "auto"), ("int4", "reference")):
+        e = FastGPT2(m, max_batch_size=1, max_seq_len=32, weight_quant=mode, quant_backend=backend)
+        assert e.quant_report["kept_16bit"] == [], e.quant_report
+        out[mode, backend] = e.weight_bytes()
+        assert (e.forward_logits(ids) - ref).abs().max() < 0.5  # still the same model, roughly
+    assert out["int4", "auto"]["decode_bytes_per_step"] < out["int8", "auto"]["decode_bytes_per_step"]
+    # the reference backend shares the head's nibble table with the embedding: stored once, below int8
+    assert out["int4", "reference"]["weight_bytes"] < out["int8", "auto"]["weight_bytes"]
