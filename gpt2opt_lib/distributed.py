@@ -127,29 +127,46 @@ class LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def wrap_model(model, mode: str = "ddp", device: torch.device | None = None):
+def wrap_model(model, mode: str = "ddp", device: torch.device | None = None, param_dtype: torch.dtype | None = None):
     """DDP (replicated weights, averaged gradients) or FSDP2 (`fully_shard` per transformer block + root).
 
     FSDP2 changes `model` in place (parameters become DTensor shards): pass a copy if you need the plain model.
+    param_dtype (FSDP2): weights gathered and computed in this dtype (bf16), gradients reduced in fp32, the
+    sharded fp32 master weights and optimizer state untouched.
     """
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         dev = device or next(model.parameters()).device
         return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)} \
+            if param_dtype is not None else {}
         for m in model.modules():
-            if type(m).__name__ == "GPT2Block":
-                fully_shard(m)
-        fully_shard(model)
+            if type(m).__name__ in ("GPT2Block", "Block"):              # HF's block, model.py's block
+                fully_shard(m, **kw)
+        fully_shard(model, **kw)
         return model
     raise ValueError(f"mode={mode!r}; allowed: ddp, fsdp")
 
 
-def full_state_dict(sharded) -> dict:
-    """The full (unsharded) state dict of an FSDP2 module, on every rank (a collective: call it on all ranks)."""
+def full_state_dict(sharded, rank0_cpu: bool = False) -> dict:
+    """The full (unsharded) state dict of an FSDP2 module (a collective: call it on all ranks): on every rank's
+    device, or with rank0_cpu on rank 0's CPU only (other ranks get {}), so no GPU holds a full copy."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    return get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_cpu,
+                                                                  broadcast_from_rank0=False))
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank stores for `tensors` (a DTensor counts its local shard only)."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.numel() * t.element_size()
+    return total
 
 
 # ------------------------------------------------------------------------------------------------ the CLI

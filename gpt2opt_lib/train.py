@@ -135,10 +135,13 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
     if W == 1:
         runner, work = None, model
         params = list(params if params is not None else model.parameters())
-    elif fsdp:  # shard a copy; the caller's model gets the full weights back at every epoch end
+    elif fsdp:  # shard a copy; the caller's full model waits on the CPU and gets the weights back each epoch end
         trainable = {n for n, p in model.named_parameters() if p.requires_grad} if params is not None else None
         work = copy.deepcopy(model)
-        runner = D.wrap_model(D.LossModule(work, loss_fn), "fsdp", device)
+        home = next(model.parameters()).device
+        model.to("cpu")  # only the shards (parameters, gradients, optimizer state) live on this GPU while training
+        runner = D.wrap_model(D.LossModule(work, loss_fn), "fsdp", device,
+                              param_dtype=amp_dtype if (device.type == "cuda" and amp_dtype == torch.bfloat16) else None)
         params = [p for n, p in work.named_parameters() if p.requires_grad and (trainable is None or n in trainable)]
     else:
         work = model
@@ -189,6 +192,10 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
                 scaler.update()
             else:
                 opt.step()
+            if step == 0:  # the training state this rank holds: weights, gradients, optimizer moments (shards)
+                state_bytes = D.local_bytes(list(params) + [p.grad for p in params] +
+                                            [v for st in opt.state.values() for v in st.values()
+                                             if torch.is_tensor(v) and v.dim() > 0])
             opt.zero_grad(set_to_none=True)
             sched.step()
             if after_step is not None:
@@ -208,13 +215,19 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
             raise FloatingPointError(f"{desc}: loss became {hist['epoch_loss'][-1]} in epoch {epoch}")
         bar.set_postfix(loss=f"{hist['epoch_loss'][-1]:.3f}")
         record = {"epoch": epoch, "step": step, "train_loss": hist["epoch_loss"][-1]}
-        if fsdp:  # a collective: every rank gathers, the caller's plain model gets the trained weights
-            full = {k.removeprefix("model."): v for k, v in D.full_state_dict(runner).items()}
-            model.load_state_dict(full, strict=False)
+        if fsdp:  # a collective: rank 0's CPU copy of the caller's model gets the trained weights
+            full = {k.removeprefix("model."): v for k, v in D.full_state_dict(runner, rank0_cpu=True).items()}
+            if main:
+                model.load_state_dict(full, strict=False)
+            del full
         if on_epoch_end is not None and main:
+            if fsdp:
+                model.to(home)
             model.eval()
             record.update(on_epoch_end(epoch, model) or {})
             work.train()
+            if fsdp:
+                model.to("cpu")
         stop = bool(record.pop("stop", False))  # on_epoch_end may end training early (e.g. early stopping)
         if W > 1:  # rank 0 decides; every rank leaves the loop together
             stop = D.all_reduce_max(torch.tensor(float(stop), device=device)).item() > 0
@@ -224,6 +237,11 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
         if stop:
             break
     bar.close()
+    if fsdp:  # every rank's model back on its device with rank 0's (full, trained) weights
+        del opt, runner, work
+        runner = None
+        model.to(home)
+        D.load_state_from(model, model.state_dict() if main else None)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
@@ -240,6 +258,7 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
         "world_size": W, "parallel": (D.parallel_mode() if W > 1 else "none"),
         "samples_per_s": spec.batch_size * spec.grad_accum * W / t_step,
         "peak_mem_mb": peak_mem_mb(device), "final_loss": hist["epoch_loss"][-1],
+        "train_state_mb_per_rank": state_bytes / 2**20,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad) if fsdp
         else sum(p.numel() for p in params if p.requires_grad),
     }

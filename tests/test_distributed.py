@@ -255,3 +255,16 @@ def test_run_all_nproc_trains_the_students_data_parallel(tmp_path):
     assert (out / "01_distill" / "student_distilled" / "config.json").exists()
     assert sorted(d.name for d in (out / "01_distill" / "checkpoints").iterdir()) == [
         "student_distilled-epoch001", "student_distilled-epoch002"]
+
+
+def test_fsdp_shards_the_training_state(runs):
+    """FSDP2 keeps a shard of the weights, gradients and Adam moments per rank: at world size 2, at most 0.6x of
+    what DDP keeps (the target of the several-GPU issue), with the same losses (checked above)."""
+    ranks, _ = runs
+    for r in ranks:
+        ddp = r["ddp"]["hist"]["summary"]["train_state_mb_per_rank"]
+        fsdp = r["fsdp"]["hist"]["summary"]["train_state_mb_per_rank"]
+        assert 0 < fsdp <= 0.6 * ddp, (fsdp, ddp)
+    # DDP: every rank holds everything: weights + gradients + two Adam moments, fp32, by hand
+    n = sum(p.numel() for p in _model(False).parameters())
+    assert ranks[0]["ddp"]["hist"]["summary"]["train_state_mb_per_rank"] == pytest.approx(4 * 4 * n / 2**20)
