@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm  # plain text bar: renders in executed notebooks and HTML reports alike
 
-from . import distributed as D
+from . import parallel as D
 from .env import resolve_dtype
 from .timing import peak_mem_mb, reset_peak
 

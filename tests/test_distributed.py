@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gpt2opt_lib import distributed as D
+from gpt2opt_lib import parallel as D
 from gpt2opt_lib import models as M
 from gpt2opt_lib.distill import make_kd_loss_fn, make_lm_loss_fn
 from gpt2opt_lib.train import TrainSpec, train

@@ -82,7 +82,7 @@ def test_distilled_and_plain_students_start_identical(monkeypatch):
     cast the caller's teacher to 16-bit in place (the no-teacher student is initialised from it afterwards)."""
     from types import SimpleNamespace
 
-    from gpt2opt_lib import stages
+    from gpt2opt_lib.steps import s01_distill as stages
 
     teacher = models.build_model("random:custom:n_layer=4,n_embd=32,n_head=2", seed=0)
     cfg = SimpleNamespace(student_init="teacher-layers", student_n_layer=2, seed=3, seeds=[3], student="",
@@ -113,7 +113,7 @@ def test_scratch_teacher_stops_early_and_keeps_its_best_epoch(tmp_path, engine):
     (trained on HF's modules or on the native model, converted back into the HF teacher)."""
     from types import SimpleNamespace
 
-    from gpt2opt_lib import stages
+    from gpt2opt_lib.steps import s01_distill as stages
 
     script, snaps = iter([10.0, 8.0, 9.0, 9.5, 7.0, 6.0]), []
 

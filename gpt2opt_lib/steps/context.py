@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from . import config as _config
-from .data import SPLITS, load_splits, pack_blocks
-from .env import env_stamp, resolve_device, resolve_dtype, seed_everything
-from .evaluate import strided_perplexity
-from .tracking import Tracker, read_json, write_json
+from .. import config as _config
+from ..data import SPLITS, load_splits, pack_blocks
+from ..env import env_stamp, resolve_device, resolve_dtype, seed_everything
+from ..evaluate import strided_perplexity
+from ..tracking import Tracker, read_json, write_json
 
 
 @dataclasses.dataclass

@@ -1,9 +1,5 @@
-"""Stage steps for notebooks 01 and 02: each notebook cell calls one of these.
-
-01_distill: teacher (hub / local / random / trained from scratch) -> student init -> KD training with
-checkpoints -> the same student trained without the teacher -> results.json.
-02_compare: teacher, student (no teacher) and distilled student side by side: quality, forward and generation
-speed, memory, and the batch x sequence-length sweep.
+"""01_distill's steps: teacher (hub / local / random / trained from scratch with early stopping) -> student
+init -> KD training with checkpoints, and the same student without the teacher, for every seed -> results.json.
 """
 from __future__ import annotations
 
@@ -13,12 +9,11 @@ import statistics
 
 import torch
 
-from . import distributed as D
-from . import models as M
+from .. import models as M
+from .. import parallel as D
+from ..distill import make_kd_loss_fn, make_lm_loss_fn
+from ..train import TrainSpec, train
 from .context import StageContext, summary_table
-from .distill import make_kd_loss_fn, make_lm_loss_fn
-from .timing import is_oom, measure
-from .train import TrainSpec, train
 
 # ------------------------------------------------------------------------------------------------ 01_distill
 
@@ -43,7 +38,7 @@ def _engine(model, ctx: StageContext):
     native copy (model.py) whose weights `back()` writes into the HF model, which it returns."""
     if getattr(ctx.cfg, "train_engine", "hf") != "native":
         return model, lambda: model
-    from . import model as NM
+    from .. import model as NM
 
     native = NM.from_hf(model)
     return native, lambda: NM.to_hf(native, model)
@@ -186,8 +181,8 @@ def train_students_torchrun(ctx: StageContext) -> dict:
     import subprocess
     import sys
 
-    from .config import as_dict
-    from .tracking import read_json, write_json
+    from ..config import as_dict
+    from ..tracking import read_json, write_json
 
     cfg = ctx.cfg
     ctx.artifact("01_distill", "teacher")
@@ -218,7 +213,7 @@ def seed_table(runs: dict) -> list[dict]:
 
 
 def distill_results(ctx: StageContext, teacher_info: dict, student_info: dict, runs: dict) -> dict:
-    from .evaluate import compare_with_spread, mean_std
+    from ..evaluate import compare_with_spread, mean_std
 
     kd0 = runs["distilled"][0]
     res = {"setup": summary_table(ctx), "teacher": teacher_info, "student": student_info,
@@ -261,158 +256,5 @@ def distill_results(ctx: StageContext, teacher_info: dict, student_info: dict, r
     }
     if "scratch_training" in teacher_info:
         res["metrics"]["teacher_best_epoch"] = teacher_info["scratch_training"]["best_epoch"]
-    ctx.save_results(res)
-    return res
-
-
-# ------------------------------------------------------------------------------------------------ 02_compare
-
-ROLES = {"teacher": "teacher", "student (no teacher)": "student_plain", "distilled student": "student_distilled"}
-
-
-def load_roles(ctx: StageContext) -> dict:
-    """The three models of 01, in the inference dtype (bf16/fp16 on GPU, fp32 on CPU)."""
-    out = {}
-    for role, d in ROLES.items():
-        path = ctx.run_dir / "01_distill" / d
-        if not path.exists():
-            if d == "student_plain":
-                continue  # 01 ran with no_teacher_baseline=False
-            ctx.artifact("01_distill", d)
-        m = M.load_model(str(path), ctx.cfg.attn_implementation).to(ctx.device)
-        out[role] = m.to(ctx.amp_dtype) if ctx.amp_dtype is not None else m
-    return out
-
-
-def quality(ctx: StageContext, roles: dict) -> list[dict]:
-    rows = []
-    for role, m in roles.items():
-        r = ctx.perplexity(m, "test")
-        rows.append({"model": role, "params_M": M.n_params(m) / 1e6, "test_loss": r["nll"], "test_ppl": r["ppl"],
-                     "scored_tokens": r["scored_tokens"], "ppl_protocol": f"max_length={r['max_length']} stride={r['stride']}"})
-    return rows
-
-
-def _weight_mb(model) -> float:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-
-
-def forward_bench(ctx: StageContext, model, batch_size: int, seq_len: int) -> dict:
-    """Latency of one forward (no grad) on a (batch_size, seq_len) batch: mean +- std after warm-up."""
-    if seq_len > model.config.n_positions:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's context of {model.config.n_positions}")
-    ids = ctx.blocks("test", seq_len)[:batch_size].to(ctx.device)
-    if ids.shape[0] < batch_size:  # fewer test blocks than the batch: repeat them (timing only)
-        ids = ids.repeat(math.ceil(batch_size / ids.shape[0]), 1)[:batch_size]
-
-    @torch.inference_mode()
-    def fwd():
-        return model(input_ids=ids).logits
-
-    t = measure(fwd, device=ctx.device, warmup=ctx.cfg.warmup, repeats=ctx.cfg.repeats)
-    return {"batch_size": batch_size, "seq_len": seq_len, "latency_ms": t.mean_s * 1e3, "latency_std_ms": t.std_s * 1e3,
-            "samples_per_s": batch_size / t.mean_s, "tokens_per_s": batch_size * seq_len / t.mean_s,
-            "tokens_per_s_std": batch_size * seq_len * t.std_s / t.mean_s**2, "peak_mem_mb": t.peak_mem_mb,
-            "weight_mb": _weight_mb(model)}
-
-
-class EngineLM:
-    """The fast engine seen as a model by evaluate.strided_perplexity: `.config` and `(input_ids=) -> .logits`."""
-
-    def __init__(self, engine, config):
-        self.engine, self.config = engine, config
-
-    def eval(self):
-        return self
-
-    def __call__(self, input_ids):
-        return type("Out", (), {"logits": self.engine.forward_logits(input_ids)})()
-
-
-def make_engine(ctx: StageContext, model, batch_size: int, max_seq_len: int, weight_quant: str | None = None):
-    """gpt2opt's generation engine (static KV cache; CUDA graphs on GPU) over `model`'s weights."""
-    from .generate import FastGPT2
-
-    dtype = ctx.amp_dtype or torch.float32
-    if weight_quant == "int4" and ctx.device.type == "cuda":
-        dtype = torch.bfloat16  # the tinygemm int4 kernel takes bf16 activations
-    return FastGPT2(model, max_batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype,
-                    weight_quant=None if weight_quant in (None, "none") else weight_quant, device=ctx.device)
-
-
-def generate_bench(ctx: StageContext, model, batch_size: int, prompt_len: int, new_tokens: int,
-                   engine: str = "hf", weight_quant: str | None = None) -> dict:
-    """Greedy generation latency and new tokens/s, mean +- std.
-
-    engine "hf": plain `model.generate` (dynamic cache). engine "fast": gpt2opt's static-cache engine (CUDA graphs
-    on GPU), optionally with weight-only int8/int4. Both generate exactly `new_tokens` tokens.
-    """
-    ids = ctx.blocks("test", prompt_len)[:batch_size].to(ctx.device)
-    if prompt_len + new_tokens > model.config.n_positions:
-        raise ValueError(f"prompt_len + gen_new_tokens = {prompt_len + new_tokens} exceeds the context "
-                         f"{model.config.n_positions}")
-    if engine == "fast":
-        eng = make_engine(ctx, model, ids.shape[0], prompt_len + new_tokens, weight_quant)
-
-        def gen():
-            return eng.generate(ids, new_tokens)
-        name = "fast" + (f"-{weight_quant}" if weight_quant not in (None, "none") else "")
-    else:
-        @torch.inference_mode()
-        def gen():
-            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=ctx.tok.eos_token_id)
-        name = "hf.generate"
-
-    t = measure(gen, device=ctx.device, warmup=max(1, ctx.cfg.warmup), repeats=max(2, ctx.cfg.repeats))
-    n = ids.shape[0] * new_tokens
-    return {"engine": name, "batch_size": ids.shape[0], "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "latency_ms": t.mean_s * 1e3, "latency_std_ms": t.std_s * 1e3, "tokens_per_s": n / t.mean_s,
-            "tokens_per_s_std": n * t.std_s / t.mean_s**2, "ms_per_token": t.mean_s * 1e3 / new_tokens,
-            "peak_mem_mb": t.peak_mem_mb}
-
-
-def speed(ctx: StageContext, roles: dict) -> dict:
-    c = ctx.cfg
-    fwd, gen = [], []
-    for role, m in roles.items():
-        fwd.append({"model": role, **forward_bench(ctx, m, c.batch_size, c.seq_len)})
-        for engine in ("hf", "fast"):  # the plain generate and gpt2opt's engine, side by side
-            gen.append({"model": role, **generate_bench(ctx, m, 1, c.gen_prompt_len, c.gen_new_tokens, engine)})
-    return {"forward": fwd, "generate": gen}
-
-
-def sweep(ctx: StageContext, roles: dict) -> list[dict]:
-    """batch x seq-len grid per model; an out-of-memory point is recorded as 'OOM' and the sweep goes on."""
-    rows = []
-    for role, m in roles.items():
-        for b in ctx.cfg.sweep_batch_sizes:
-            for s in ctx.cfg.sweep_seq_lens:
-                row = {"model": role, "batch_size": b, "seq_len": s}
-                try:
-                    row.update(forward_bench(ctx, m, b, s), status="ok")
-                except Exception as e:
-                    if not is_oom(e) and not isinstance(e, ValueError):
-                        raise
-                    row["status"] = "OOM" if is_oom(e) else f"skipped: {e}"
-                    if ctx.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                rows.append(row)
-    return rows
-
-
-def compare_results(ctx: StageContext, qual: list, spd: dict, swp: list) -> dict:
-    by = {r["model"]: r for r in qual}
-    fw = {r["model"]: r for r in spd["forward"]}
-    res = {"setup": summary_table(ctx), "quality": qual, "forward": spd["forward"], "generate": spd["generate"],
-           "sweep": swp}
-    t, d = "teacher", "distilled student"
-    res["metrics"] = {
-        "teacher_test_ppl": by[t]["test_ppl"], "distilled_test_ppl": by[d]["test_ppl"],
-        "no_teacher_test_ppl": by.get("student (no teacher)", {}).get("test_ppl"),
-        "forward_speedup_distilled_vs_teacher": fw[d]["tokens_per_s"] / fw[t]["tokens_per_s"],
-        "distilled_forward_tokens_per_s": fw[d]["tokens_per_s"],
-        **{f"distilled_generate_tokens_per_s_{g['engine']}": g["tokens_per_s"] for g in spd["generate"] if g["model"] == d},
-    }
     ctx.save_results(res)
     return res

@@ -1,0 +1,148 @@
+"""What several notebooks' steps share: loading the run's models, and measuring a model's forward and
+generation the same way everywhere (warm-up, sync, repeats, mean +- std, peak memory).
+"""
+from __future__ import annotations
+
+import gc
+import math
+from pathlib import Path
+
+import torch
+
+from .. import lora as L
+from .. import models as M
+from ..timing import measure
+from .context import StageContext
+
+
+def free_memory(ctx: StageContext):
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def load_student(ctx: StageContext, which: str = "student_distilled"):
+    """A student saved by 01 (fp32 master weights, on the device)."""
+    return M.load_model(str(ctx.artifact("01_distill", which)), ctx.cfg.attn_implementation).to(ctx.device)
+
+
+
+
+
+def merged_dir(ctx: StageContext) -> Path:
+    return ctx.artifact("03_lora_prune", "merged")
+
+
+def compute_dtype(ctx):
+    return ctx.amp_dtype or torch.float32
+
+
+def load_16bit(ctx: StageContext, path: Path | None = None):
+    """The unquantized baseline: the same weights in the compute dtype (bf16/fp16 on GPU; fp32 on CPU)."""
+    return M.load_model(str(path or merged_dir(ctx)), ctx.cfg.attn_implementation).to(ctx.device, compute_dtype(ctx))
+
+
+def inference_row(ctx: StageContext, name: str, model, extra: dict | None = None) -> dict:
+    c = ctx.cfg
+    row = {"config": name, **(extra or {})}
+    row["test_ppl"] = ctx.perplexity(model, "test")["ppl"]
+    fb = forward_bench(ctx, model, c.batch_size, c.seq_len)
+    row.update(forward_latency_ms=fb["latency_ms"], forward_latency_std_ms=fb["latency_std_ms"],
+               forward_tokens_per_s=fb["tokens_per_s"], forward_tokens_per_s_std=fb["tokens_per_s_std"],
+               forward_peak_mem_mb=fb["peak_mem_mb"])
+    gb = generate_bench(ctx, model, 1, c.gen_prompt_len, c.gen_new_tokens, "hf")
+    row.update(gen_engine=gb["engine"], gen_latency_ms=gb["latency_ms"], gen_latency_std_ms=gb["latency_std_ms"],
+               gen_tokens_per_s=gb["tokens_per_s"], gen_tokens_per_s_std=gb["tokens_per_s_std"],
+               gen_peak_mem_mb=gb["peak_mem_mb"])
+    return row
+
+
+
+
+def weight_mb(model) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
+def forward_bench(ctx: StageContext, model, batch_size: int, seq_len: int) -> dict:
+    """Latency of one forward (no grad) on a (batch_size, seq_len) batch: mean +- std after warm-up."""
+    if seq_len > model.config.n_positions:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's context of {model.config.n_positions}")
+    ids = ctx.blocks("test", seq_len)[:batch_size].to(ctx.device)
+    if ids.shape[0] < batch_size:  # fewer test blocks than the batch: repeat them (timing only)
+        ids = ids.repeat(math.ceil(batch_size / ids.shape[0]), 1)[:batch_size]
+
+    @torch.inference_mode()
+    def fwd():
+        return model(input_ids=ids).logits
+
+    t = measure(fwd, device=ctx.device, warmup=ctx.cfg.warmup, repeats=ctx.cfg.repeats)
+    return {"batch_size": batch_size, "seq_len": seq_len, "latency_ms": t.mean_s * 1e3, "latency_std_ms": t.std_s * 1e3,
+            "samples_per_s": batch_size / t.mean_s, "tokens_per_s": batch_size * seq_len / t.mean_s,
+            "tokens_per_s_std": batch_size * seq_len * t.std_s / t.mean_s**2, "peak_mem_mb": t.peak_mem_mb,
+            "weight_mb": weight_mb(model)}
+
+
+class EngineLM:
+    """The fast engine seen as a model by evaluate.strided_perplexity: `.config` and `(input_ids=) -> .logits`."""
+
+    def __init__(self, engine, config):
+        self.engine, self.config = engine, config
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids):
+        return type("Out", (), {"logits": self.engine.forward_logits(input_ids)})()
+
+
+def make_engine(ctx: StageContext, model, batch_size: int, max_seq_len: int, weight_quant: str | None = None):
+    """gpt2opt's generation engine (static KV cache; CUDA graphs on GPU) over `model`'s weights."""
+    from ..generate import FastGPT2
+
+    dtype = ctx.amp_dtype or torch.float32
+    if weight_quant == "int4" and ctx.device.type == "cuda":
+        dtype = torch.bfloat16  # the tinygemm int4 kernel takes bf16 activations
+    return FastGPT2(model, max_batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype,
+                    weight_quant=None if weight_quant in (None, "none") else weight_quant, device=ctx.device)
+
+
+def generate_bench(ctx: StageContext, model, batch_size: int, prompt_len: int, new_tokens: int,
+                   engine: str = "hf", weight_quant: str | None = None) -> dict:
+    """Greedy generation latency and new tokens/s, mean +- std.
+
+    engine "hf": plain `model.generate` (dynamic cache). engine "fast": gpt2opt's static-cache engine (CUDA graphs
+    on GPU), optionally with weight-only int8/int4. Both generate exactly `new_tokens` tokens.
+    """
+    ids = ctx.blocks("test", prompt_len)[:batch_size].to(ctx.device)
+    if prompt_len + new_tokens > model.config.n_positions:
+        raise ValueError(f"prompt_len + gen_new_tokens = {prompt_len + new_tokens} exceeds the context "
+                         f"{model.config.n_positions}")
+    if engine == "fast":
+        eng = make_engine(ctx, model, ids.shape[0], prompt_len + new_tokens, weight_quant)
+
+        def gen():
+            return eng.generate(ids, new_tokens)
+        name = "fast" + (f"-{weight_quant}" if weight_quant not in (None, "none") else "")
+    else:
+        @torch.inference_mode()
+        def gen():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=ctx.tok.eos_token_id)
+        name = "hf.generate"
+
+    t = measure(gen, device=ctx.device, warmup=max(1, ctx.cfg.warmup), repeats=max(2, ctx.cfg.repeats))
+    n = ids.shape[0] * new_tokens
+    return {"engine": name, "batch_size": ids.shape[0], "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "latency_ms": t.mean_s * 1e3, "latency_std_ms": t.std_s * 1e3, "tokens_per_s": n / t.mean_s,
+            "tokens_per_s_std": n * t.std_s / t.mean_s**2, "ms_per_token": t.mean_s * 1e3 / new_tokens,
+            "peak_mem_mb": t.peak_mem_mb}
+
+
+def train_row(ctx: StageContext, name: str, model, hist: dict, extra: dict | None = None) -> dict:
+    s = hist["summary"]
+    trainable, total, share = L.trainable_parameters(model)
+    val = ctx.perplexity(model, "test")
+    return {"config": name, "trainable_params": trainable, "trainable_pct": 100 * share, "total_params": total,
+            "time_per_step_ms": s["time_per_step_s"] * 1e3, "time_per_step_std_ms": s["time_per_step_std_s"] * 1e3,
+            "tokens_per_s": s["tokens_per_s"], "samples_per_s": s["samples_per_s"], "peak_mem_mb": s["peak_mem_mb"],
+            "final_train_loss": s["final_loss"], "test_ppl": val["ppl"], **(extra or {})}

@@ -1,0 +1,89 @@
+"""02_compare's steps: teacher, student (no teacher) and distilled student side by side: quality, forward and
+generation speed, memory, and the batch x sequence-length sweep.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import models as M
+from ..timing import is_oom
+from .common import forward_bench, generate_bench
+from .context import StageContext, summary_table
+
+# ------------------------------------------------------------------------------------------------ 02_compare
+
+ROLES = {"teacher": "teacher", "student (no teacher)": "student_plain", "distilled student": "student_distilled"}
+
+
+def load_roles(ctx: StageContext) -> dict:
+    """The three models of 01, in the inference dtype (bf16/fp16 on GPU, fp32 on CPU)."""
+    out = {}
+    for role, d in ROLES.items():
+        path = ctx.run_dir / "01_distill" / d
+        if not path.exists():
+            if d == "student_plain":
+                continue  # 01 ran with no_teacher_baseline=False
+            ctx.artifact("01_distill", d)
+        m = M.load_model(str(path), ctx.cfg.attn_implementation).to(ctx.device)
+        out[role] = m.to(ctx.amp_dtype) if ctx.amp_dtype is not None else m
+    return out
+
+
+def describe(roles: dict) -> list[dict]:
+    """Layers, width, parameters of each model."""
+    return [{"model": k, **M.describe(m)} for k, m in roles.items()]
+
+
+def quality(ctx: StageContext, roles: dict) -> list[dict]:
+    rows = []
+    for role, m in roles.items():
+        r = ctx.perplexity(m, "test")
+        rows.append({"model": role, "params_M": M.n_params(m) / 1e6, "test_loss": r["nll"], "test_ppl": r["ppl"],
+                     "scored_tokens": r["scored_tokens"], "ppl_protocol": f"max_length={r['max_length']} stride={r['stride']}"})
+    return rows
+
+
+def speed(ctx: StageContext, roles: dict) -> dict:
+    c = ctx.cfg
+    fwd, gen = [], []
+    for role, m in roles.items():
+        fwd.append({"model": role, **forward_bench(ctx, m, c.batch_size, c.seq_len)})
+        for engine in ("hf", "fast"):  # the plain generate and gpt2opt's engine, side by side
+            gen.append({"model": role, **generate_bench(ctx, m, 1, c.gen_prompt_len, c.gen_new_tokens, engine)})
+    return {"forward": fwd, "generate": gen}
+
+
+def sweep(ctx: StageContext, roles: dict) -> list[dict]:
+    """batch x seq-len grid per model; an out-of-memory point is recorded as 'OOM' and the sweep goes on."""
+    rows = []
+    for role, m in roles.items():
+        for b in ctx.cfg.sweep_batch_sizes:
+            for s in ctx.cfg.sweep_seq_lens:
+                row = {"model": role, "batch_size": b, "seq_len": s}
+                try:
+                    row.update(forward_bench(ctx, m, b, s), status="ok")
+                except Exception as e:
+                    if not is_oom(e) and not isinstance(e, ValueError):
+                        raise
+                    row["status"] = "OOM" if is_oom(e) else f"skipped: {e}"
+                    if ctx.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+    return rows
+
+
+def compare_results(ctx: StageContext, qual: list, spd: dict, swp: list) -> dict:
+    by = {r["model"]: r for r in qual}
+    fw = {r["model"]: r for r in spd["forward"]}
+    res = {"setup": summary_table(ctx), "quality": qual, "forward": spd["forward"], "generate": spd["generate"],
+           "sweep": swp}
+    t, d = "teacher", "distilled student"
+    res["metrics"] = {
+        "teacher_test_ppl": by[t]["test_ppl"], "distilled_test_ppl": by[d]["test_ppl"],
+        "no_teacher_test_ppl": by.get("student (no teacher)", {}).get("test_ppl"),
+        "forward_speedup_distilled_vs_teacher": fw[d]["tokens_per_s"] / fw[t]["tokens_per_s"],
+        "distilled_forward_tokens_per_s": fw[d]["tokens_per_s"],
+        **{f"distilled_generate_tokens_per_s_{g['engine']}": g["tokens_per_s"] for g in spd["generate"] if g["model"] == d},
+    }
+    ctx.save_results(res)
+    return res

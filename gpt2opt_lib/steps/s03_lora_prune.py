@@ -1,0 +1,142 @@
+"""03_lora_prune's steps: LoRA vs full fine-tuning, L1-pruned adapters (before / after training), adapter
+storage, merged weights, real weight sparsity of the base.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .. import lora as L
+from .. import models as M
+from .. import prune as P
+from ..distill import make_lm_loss_fn
+from ..train import TrainSpec, train
+from .common import forward_bench, free_memory, load_student, train_row
+from .context import StageContext, summary_table
+
+# ------------------------------------------------------------------------------------------------ 03_lora_prune
+
+def _ft_spec(cfg, lr: float) -> TrainSpec:
+    return TrainSpec(epochs=cfg.ft_epochs, batch_size=cfg.ft_batch_size, lr=lr, warmup_steps=5, weight_decay=0.0,
+                     max_train_blocks=cfg.ft_max_train_blocks, precision=cfg.precision, seed=cfg.seed)
+
+
+def full_finetune(ctx: StageContext, which: str = "student_distilled") -> dict:
+    """The training-cost baseline: every weight trained with AdamW (fp32 master weights + autocast)."""
+    model = load_student(ctx, which)
+    hist = train(model, ctx.blocks("train"), make_lm_loss_fn(ctx.cfg.loss_chunk_tokens),
+                 _ft_spec(ctx.cfg, ctx.cfg.full_ft_lr), ctx.device, tracker=ctx.tracker, desc="full fine-tune")
+    row = train_row(ctx, f"full FT ({which})", model, hist)
+    del model
+    free_memory(ctx)
+    return row
+
+
+def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_before: bool = False):
+    """LoRA on the frozen student; with prune_before, 80 % of adapter weights are zeroed first and kept at zero."""
+    c = ctx.cfg
+    model = L.apply_lora(load_student(ctx, which), rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
+                         targets=tuple(c.lora_targets))
+    pruner = P.prune_lora(model, c.prune_sparsity, scope=c.prune_scope) if prune_before else None
+    name = f"LoRA r{c.lora_rank}" + (f" + {c.prune_sparsity:.0%} pruned before" if prune_before else "") + f" ({which})"
+    hist = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), _ft_spec(c, c.ft_lr), ctx.device,
+                 params=[p for p in model.parameters() if p.requires_grad],
+                 after_step=pruner.apply if pruner else None, tracker=ctx.tracker, desc=name)
+    extra = {"adapter_sparsity": P.sparsity(model, "lora")["sparsity"]}
+    if pruner:
+        extra["pruning"] = pruner.record()
+    return model, train_row(ctx, name, model, hist, extra)
+
+
+def prune_after(ctx: StageContext, peft_model) -> tuple[object, dict]:
+    """The other variant: train dense adapters, then zero 80 % by L1 magnitude (no further training)."""
+    c = ctx.cfg
+    pruned = copy.deepcopy(peft_model)
+    rec = P.prune_lora(pruned, c.prune_sparsity, scope="per_tensor", mask_grads=False).record()
+    val = ctx.perplexity(pruned, "test")
+    return pruned, {"config": f"LoRA r{c.lora_rank} + {c.prune_sparsity:.0%} pruned after training",
+                    "test_ppl": val["ppl"], "adapter_sparsity": P.sparsity(pruned, "lora")["sparsity"], "pruning": rec}
+
+
+def adapter_storage(ctx: StageContext, peft_model, name: str) -> dict:
+    """Adapter on disk: peft's dense save vs the pruned format (values + bitmask), and an exact reload check."""
+    out = ctx.stage_dir / "adapters" / name
+    dense = L.save_adapter(peft_model, out / "dense")
+    packed = P.save_pruned_adapter(peft_model, out / "pruned")
+    base = load_student(ctx, "student_distilled")
+    reloaded = P.load_pruned_adapter(base, out / "pruned").to(ctx.device)
+    ids = ctx.blocks("test")[:2].to(ctx.device)
+    diff = L.max_abs_diff_logits(peft_model, reloaded, ids)
+    return {"adapter": name, "dense_bytes": dense, "pruned_format_bytes": packed, "size_ratio": packed / dense,
+            "reload_max_abs_diff": diff}
+
+
+def merge_and_check(ctx: StageContext, peft_model) -> tuple[object, dict]:
+    """merge_and_unload for serving, checked against the unmerged model; saved for 04 and 05."""
+    merged = L.merge_for_serving(peft_model)
+    ids = ctx.blocks("test")[:2].to(ctx.device)
+    diff = L.max_abs_diff_logits(peft_model, merged, ids)
+    M.save_model(merged, ctx.stage_dir / "merged")
+    return merged, {"merged_vs_unmerged_max_abs_logit_diff": diff, "saved": "03_lora_prune/merged"}
+
+
+def base_sparsity(ctx: StageContext, merged) -> list[dict]:
+    """Real weight sparsity of the merged model's Conv1D weights: quality cost, and speed where the GPU has 2:4."""
+    c = ctx.cfg
+    rows = []
+    dense_ppl = ctx.perplexity(merged, "test")["ppl"]
+    calib = [b[None].to(ctx.device) for b in ctx.blocks("train")[: c.calib_blocks]]
+    dtype = ctx.amp_dtype or torch.float32
+    dense16 = copy.deepcopy(merged).to(dtype)
+    dense_fwd = forward_bench(ctx, dense16, c.ft_batch_size, c.block_size)
+    rows.append({"method": "dense", "sparsity": 0.0, "test_ppl": dense_ppl, "ppl_change_pct": 0.0,
+                 "forward_tokens_per_s": dense_fwd["tokens_per_s"], "forward_latency_ms": dense_fwd["latency_ms"],
+                 "forward_latency_std_ms": dense_fwd["latency_std_ms"], "semi_structured": "n/a"})
+    del dense16
+    for spec in c.base_sparsity:
+        method, pattern = spec.split("-", 1)
+        m = copy.deepcopy(merged)
+        norms = P.collect_input_norms(m, calib) if method == "wanda" else None
+        if pattern == "2:4":
+            rec = P.prune_weights(m, 0.5, method=method, pattern="2:4", input_norms=norms).record()
+        else:
+            rec = P.prune_weights(m, float(pattern.rstrip("%")) / 100, method=method, input_norms=norms).record()
+        ppl = ctx.perplexity(m, "test")["ppl"]
+        row = {"method": spec, "sparsity": rec["sparsity"], "test_ppl": ppl, "ppl_change_pct": 100 * (ppl / dense_ppl - 1)}
+        m = m.to(dtype)
+        if pattern == "2:4":
+            m, conv = P.to_semi_structured(m)
+            row["semi_structured"] = f"{len(conv['converted'])} layers" if conv["converted"] else \
+                f"fallback: {next(iter(conv['fallback'].values()), 'none')}"
+        else:
+            row["semi_structured"] = "n/a (unstructured: no speed-up without sparse kernels)"
+        try:
+            fb = forward_bench(ctx, m, c.ft_batch_size, c.block_size)
+            row.update(forward_tokens_per_s=fb["tokens_per_s"], forward_latency_ms=fb["latency_ms"],
+                       forward_latency_std_ms=fb["latency_std_ms"])
+        except Exception as e:  # a sparse kernel that refuses a shape is a recorded outcome
+            row["forward_error"] = f"{type(e).__name__}: {e}"[:200]
+        rows.append(row)
+        del m
+        free_memory(ctx)
+    return rows
+
+
+def lora_results(ctx: StageContext, train_rows: list, after_row: dict, storage: list, merge: dict, sparse: list) -> dict:
+    by = {r["config"]: r for r in train_rows}
+    full = next(r for r in train_rows if r["config"].startswith("full FT"))
+    pruned = next(r for r in train_rows if "pruned before" in r["config"])
+    res = {"setup": summary_table(ctx), "training": train_rows, "prune_after": after_row, "storage": storage,
+           "merge": merge, "base_sparsity": sparse}
+    res["metrics"] = {
+        "lora_trainable_pct": pruned["trainable_pct"], "pruned_adapter_sparsity": pruned["adapter_sparsity"],
+        "pruned_lora_test_ppl": pruned["test_ppl"], "full_ft_test_ppl": full["test_ppl"],
+        "prune_after_test_ppl": after_row["test_ppl"],
+        "pruned_lora_peak_mem_vs_full_ft": (pruned["peak_mem_mb"] / full["peak_mem_mb"]) if full["peak_mem_mb"] else None,
+        "pruned_lora_time_vs_full_ft": pruned["time_per_step_ms"] / full["time_per_step_ms"],
+        "adapter_size_ratio": storage[0]["size_ratio"] if storage else None,
+        "merged_max_abs_diff": merge["merged_vs_unmerged_max_abs_logit_diff"], "configs": list(by),
+    }
+    ctx.save_results(res)
+    return res
