@@ -367,12 +367,18 @@ def stage_parameters(profile: str, stage: str) -> dict:
 def new_run_dir(profile: str, root: Path | None = None) -> Path:
     """reports/<profile>/<UTC timestamp>-<git sha>/, never reusing an existing directory."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = (root or REPORTS_DIR / profile) / f"{stamp}-{git_sha()}"
-    path, n = base, 1
-    while path.exists():
-        path, n = base.with_name(f"{base.name}.{n}"), n + 1
-    path.mkdir(parents=True)
-    return path
+    parent = root or REPORTS_DIR / profile
+    parent.mkdir(parents=True, exist_ok=True)
+    base = parent / f"{stamp}-{git_sha()}"
+    # claim a name with mkdir itself (atomic), never check-then-create: runs started together get .1, .2, ...
+    for n in range(100_000):
+        path = base if n == 0 else base.with_name(f"{base.name}.{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{parent}: no free run directory name for {base.name}")
 
 
 def stage_complete(run_dir: Path, stage: str) -> bool:

@@ -269,3 +269,35 @@ def test_run_all_refuses_bad_profile_in_one_line(tmp_path, case):
     assert "Traceback" not in r.stderr + r.stdout
     assert not (tmp_path / "run").exists()
     assert _reports_dirs() == before
+
+
+def test_new_run_dir_is_race_free(tmp_path):
+    """Many runs started at once (threads released together) each get their own directory, none fails."""
+    import threading
+
+    n = 24
+    barrier, got, errors = threading.Barrier(n), [], []
+
+    def start():
+        barrier.wait()
+        try:
+            got.append(config.new_run_dir("quick", root=tmp_path / "quick"))
+        except Exception as e:  # noqa: BLE001 - the failure is the finding
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(got)) == n and all(p.is_dir() for p in got)
+
+
+def test_new_run_dir_survives_losing_the_race(tmp_path, monkeypatch):
+    """Another process creates the name between a check and the mkdir: the next suffix is taken, no error."""
+    from pathlib import Path
+
+    first = config.new_run_dir("quick", root=tmp_path)
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # what a check-then-create would see, racing
+    second = config.new_run_dir("quick", root=tmp_path)
+    assert second != first and second.is_dir()
