@@ -133,3 +133,26 @@ def test_scratch_teacher_stops_early_and_keeps_its_best_epoch(tmp_path):
     assert torch.equal(teacher.transformer.wte.weight, snaps[1])  # epoch 2's weights, not epoch 4's
     assert not torch.equal(snaps[1], snaps[3])
     assert (tmp_path / "teacher" / "config.json").exists()
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", 0), ("batch_size", -2), ("grad_accum", 0), ("epochs", 0),
+                                         ("lr", 0.0), ("warmup_steps", -1)])
+def test_train_rejects_bad_spec_naming_the_field(field, value):
+    import dataclasses as dc
+
+    from gpt2opt_lib import distill, models, train as T
+
+    m = models.build_model("random:tiny", seed=0)
+    spec = dc.replace(T.TrainSpec(epochs=1, batch_size=2, precision="fp32"), **{field: value})
+    with pytest.raises(ValueError, match=f"TrainSpec.{field}"):
+        T.train(m, torch.randint(0, 50257, (8, 16)), distill.make_lm_loss_fn(0), spec, torch.device("cpu"),
+                progress=False)
+
+
+def test_train_rejects_a_stream_instead_of_blocks():
+    from gpt2opt_lib import distill, models, train as T
+
+    m = models.build_model("random:tiny", seed=0)
+    with pytest.raises(ValueError, match="blocks"):
+        T.train(m, torch.randint(0, 50257, (64,)), distill.make_lm_loss_fn(0), T.TrainSpec(batch_size=2),
+                torch.device("cpu"), progress=False)
