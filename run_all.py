@@ -98,6 +98,7 @@ def plan(args) -> tuple[str, list[str], dict, Path | None]:
         run = Path(args.resume).resolve()
         if not (run / "params.json").exists():
             raise config.ConfigError(f"--resume {args.resume}: not a run directory (no params.json)")
+        config.check_writable_dir(run, "--resume")
         saved = read_json(run / "params.json")
         profile = read_json(run / "summary.json").get("profile") if (run / "summary.json").exists() else None
         profile = profile or next(iter(saved.values())).get("profile", "quick")
@@ -112,8 +113,11 @@ def plan(args) -> tuple[str, list[str], dict, Path | None]:
         raise config.ConfigError(f"--only {args.only!r} names no stage; available: {available_stages()}")
     params = {s: config.stage_parameters(args.profile, s) for s in stages}
     out = Path(args.out).resolve() if args.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise config.ConfigError(f"--out {out} exists and is not a directory")
+    # where the run will be written must be a writable directory: refused here, before anything is created
+    if out is not None:
+        config.check_writable_dir(out, "--out")
+    else:
+        config.check_writable_dir(config.REPORTS_DIR / Path(args.profile).stem, "reports directory")
     for s in stages:
         if out and ((out / f"{s}.ipynb").exists() or config.stage_complete(out, s)):
             raise config.ConfigError(f"{out / (s + '.ipynb')} exists: runs are never overwritten; choose another "
@@ -219,4 +223,7 @@ if __name__ == "__main__":
         sys.exit(main())
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a disk that fills or turns read-only mid-run: one line; what was written is kept
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)

@@ -381,6 +381,25 @@ def new_run_dir(profile: str, root: Path | None = None) -> Path:
     raise ConfigError(f"{parent}: no free run directory name for {base.name}")
 
 
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """ConfigError unless `path` is (or can be made as) a directory this process can write: checked before a run
+    creates anything. The nearest existing ancestor must be a writable directory; writability is probed by making
+    and removing an empty temporary directory (os.access says yes to root on a read-only filesystem)."""
+    import tempfile
+
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} exists and is not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path}: {existing} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".gpt2opt-write-probe-"))
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot write in {existing} ({e.strerror or type(e).__name__})") from None
+    return path
+
+
 def stage_complete(run_dir: Path, stage: str) -> bool:
     """A stage is complete in a run when its results exist, its notebook finished, and the runner (if it ran it)
     did not mark it failed."""
