@@ -13,6 +13,36 @@ from pathlib import Path
 from typing import Callable
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask can only set-and-restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def shared_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give: temp files and dirs (0600/0700) are chmod-ed to it before they
+    are renamed into place, so a shared run directory is readable by whoever the umask lets read it."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def apply_umask(path: str | Path) -> Path:
+    """chmod a folder written by a library that makes 0600 files or 0700 temp dirs (safetensors, mkdtemp) and
+    everything under it to the umask's modes, as if plain mkdir/open had made them."""
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, shared_mode(directory=p.is_dir()))
+    return path
+
+
 def write_atomic(path: str | Path, write: Callable, binary: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,7 +50,7 @@ def write_atomic(path: str | Path, write: Callable, binary: bool = False) -> Pat
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; artifacts are meant to be shared
+        os.chmod(tmp, shared_mode())  # mkstemp makes 0600 files; artifacts follow the umask like any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
