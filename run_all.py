@@ -112,6 +112,21 @@ def plan(args) -> tuple[str, list[str], dict, Path | None]:
     if not stages:
         raise config.ConfigError(f"--only {args.only!r} names no stage; available: {available_stages()}")
     params = {s: config.stage_parameters(args.profile, s) for s in stages}
+    if "01_distill" in params:  # lengths vs the models' context, where the architecture is known before training
+        full = {s: config.as_dict(config.STAGE_CONFIGS[s](**params[s])) for s in stages}  # defaults filled in
+        d = full["01_distill"]
+        where = args.profile if Path(args.profile).suffix else str(config.PARAMS_DIR / f"{args.profile}.yaml")
+        from gpt2opt_lib.models import arch_config
+
+        student_spec = {"random": "random:" + d["student"].removeprefix("random:"),
+                        "teacher-layers": d["teacher"]}.get(d["student_init"])
+        for role, spec, scope in (("teacher", d["teacher"], ("01_distill",)), ("student", student_spec, None)):
+            if spec and spec.startswith(("random:", "scratch:")):
+                try:
+                    n_pos = arch_config(spec.split(":", 1)[1]).n_positions
+                except ValueError as e:
+                    raise config.ConfigError(f"{where} [01_distill]: {role} {spec!r}: {e}") from None
+                config.check_context(full, n_pos, f"the {role} {spec}", where, scope)
     out = Path(args.out).resolve() if args.out else None
     # where the run will be written must be a writable directory: refused here, before anything is created
     if out is not None:

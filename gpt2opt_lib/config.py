@@ -381,6 +381,29 @@ def new_run_dir(profile: str, root: Path | None = None) -> Path:
     raise ConfigError(f"{parent}: no free run directory name for {base.name}")
 
 
+def context_needs(values: dict) -> dict[str, int]:
+    """Tokens each parameter of a stage puts through the model at once; every one must fit its n_positions."""
+    need = {k: values[k] for k in ("block_size", "ppl_max_length", "seq_len") if k in values}
+    for k in ("sweep_seq_lens", "attn_seq_lens"):
+        if values.get(k):
+            need[k] = max(values[k])
+    if "gen_prompt_len" in values:
+        need["gen_prompt_len + gen_new_tokens"] = values["gen_prompt_len"] + values["gen_new_tokens"]
+    return need
+
+
+def check_context(params: dict[str, dict], n_positions: int, model: str, source: str,
+                  stages: tuple[str, ...] | None = None) -> None:
+    """ConfigError naming the first stage parameter that exceeds `model`'s context of n_positions tokens."""
+    for stage, values in params.items():
+        if stages is not None and stage not in stages:
+            continue
+        for key, n in context_needs(values).items():
+            if n > n_positions:
+                raise ConfigError(f"{source} [{stage}]: parameter {key!r}={n} exceeds the context of {model} "
+                                  f"({n_positions} tokens, n_positions)")
+
+
 def check_writable_dir(path: str | Path, what: str) -> Path:
     """ConfigError unless `path` is (or can be made as) a directory this process can write: checked before a run
     creates anything. The nearest existing ancestor must be a writable directory; writability is probed by making

@@ -243,6 +243,8 @@ RUNNER_CASES = {  # name: profile text
     "empty-sweep": "02_compare:\n  sweep_seq_lens: []\n",
     "bad-quant-mode": "04_quant:\n  quant_modes: [nf8]\n",
     "engine-quant": "05_flash_quant:\n  fast_engine_quant: int3\n",
+    "beyond-context": "02_compare:\n  sweep_seq_lens: [32, 512]\n",      # tiny-student: 256 positions
+    "unknown-arch": "01_distill:\n  teacher: scratch:nope\n",
 }
 
 
