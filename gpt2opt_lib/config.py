@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 import os
 import typing
 from pathlib import Path
@@ -234,6 +235,8 @@ def _rule_failure(value, rules: dict) -> str | None:
     """Why `value` breaks `rules` (None: it doesn't)."""
     if "choices" in rules and value not in rules["choices"]:
         return f"must be one of {', '.join(map(str, rules['choices']))}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         lo = ("ge", rules["ge"]) if "ge" in rules else ("gt", rules["gt"]) if "gt" in rules else None
         hi = ("le", rules["le"]) if "le" in rules else ("lt", rules["lt"]) if "lt" in rules else None

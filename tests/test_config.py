@@ -186,6 +186,7 @@ def test_stage_killed_after_its_results_is_not_complete(tmp_path):
     ("05_flash_quant", "combine_quant_modes", ["int4"], "nf4"), ("05_flash_quant", "train_steps", 0, ">= 1"),
     ("05_flash_quant", "train_batch_size", 0, ">= 1"), ("05_flash_quant", "fast_engine_quant", "int3", "none"),
     ("05_flash_quant", "prune_sparsity", 1.0, "[0, 1)"), ("05_flash_quant", "seq_len", -64, ">= 1"),
+    ("01_distill", "lr", float("inf"), "finite"), ("01_distill", "alpha", float("nan"), "finite"),
 ])
 def test_every_range_is_checked(tmp_path, section, key, value, word):
     stage = section if section != "common" else "02_compare"
