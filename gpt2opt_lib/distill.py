@@ -51,8 +51,9 @@ class _FusedChunkedKD(torch.autograd.Function):
     For each chunk of n tokens: student logits s = h_s W_s^T and teacher logits t = h_t W_t^T (n, V) in fp32,
     CE and T^2-scaled KL sums, and the gradient of the mean loss w.r.t. s,
         dL/ds = [(1 - alpha) (softmax(s) - onehot(y)) + alpha T (softmax(s/T) - softmax(t/T))] / N,
-    which is pushed straight into dL/dh_s = dL/ds W_s and dL/dW_s += dL/ds^T h_s. Only one chunk's logits ever
-    exist, and nothing is recomputed in backward (which just scales the stored gradients).
+    with N the unmasked tokens (a label of -100 adds neither loss nor gradient), which is pushed straight into
+    dL/dh_s = dL/ds W_s and dL/dW_s += dL/ds^T h_s. Only one chunk's logits ever exist, and nothing is recomputed
+    in backward (which just scales the stored gradients).
     """
 
     @staticmethod
