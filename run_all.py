@@ -100,6 +100,7 @@ def plan(args) -> tuple[str, list[str], dict, Path | None]:
         run = Path(args.resume).resolve()
         if not (run / "params.json").exists():
             raise config.ConfigError(f"--resume {args.resume}: not a run directory (no params.json)")
+        config.check_writable_dir(run, "--resume")
         saved = read_json(run / "params.json")
         profile = read_json(run / "summary.json").get("profile") if (run / "summary.json").exists() else None
         profile = profile or next(iter(saved.values())).get("profile", "quick")
@@ -113,9 +114,27 @@ def plan(args) -> tuple[str, list[str], dict, Path | None]:
     if not stages:
         raise config.ConfigError(f"--only {args.only!r} names no stage; available: {available_stages()}")
     params = {s: config.stage_parameters(args.profile, s) for s in stages}
+    if "01_distill" in params:  # lengths vs the models' context, where the architecture is known before training
+        full = {s: config.as_dict(config.STAGE_CONFIGS[s](**params[s])) for s in stages}  # defaults filled in
+        d = full["01_distill"]
+        where = args.profile if Path(args.profile).suffix else str(config.PARAMS_DIR / f"{args.profile}.yaml")
+        from gpt2opt_lib.models import arch_config
+
+        student_spec = {"random": "random:" + d["student"].removeprefix("random:"),
+                        "teacher-layers": d["teacher"]}.get(d["student_init"])
+        for role, spec, scope in (("teacher", d["teacher"], ("01_distill",)), ("student", student_spec, None)):
+            if spec and spec.startswith(("random:", "scratch:")):
+                try:
+                    n_pos = arch_config(spec.split(":", 1)[1]).n_positions
+                except ValueError as e:
+                    raise config.ConfigError(f"{where} [01_distill]: {role} {spec!r}: {e}") from None
+                config.check_context(full, n_pos, f"the {role} {spec}", where, scope)
     out = Path(args.out).resolve() if args.out else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise config.ConfigError(f"--out {out} exists and is not a directory")
+    # where the run will be written must be a writable directory: refused here, before anything is created
+    if out is not None:
+        config.check_writable_dir(out, "--out")
+    else:
+        config.check_writable_dir(config.REPORTS_DIR / Path(args.profile).stem, "reports directory")
     for s in stages:
         if out and ((out / f"{s}.ipynb").exists() or config.stage_complete(out, s)):
             raise config.ConfigError(f"{out / (s + '.ipynb')} exists: runs are never overwritten; choose another "
@@ -237,4 +256,7 @@ if __name__ == "__main__":
         sys.exit(main())
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a disk that fills or turns read-only mid-run: one line; what was written is kept
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)

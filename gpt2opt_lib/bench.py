@@ -928,11 +928,61 @@ def make_parser() -> argparse.ArgumentParser:
 SUBCOMMANDS = {"generate": cmd_generate, "forward": cmd_forward, "train": cmd_train}
 
 
+class UsageError(ValueError):
+    """A bad command line: one line on stderr, exit code 2, nothing measured and no JSON written."""
+
+
+# argument -> (test, what is allowed); only the arguments a subcommand has are checked
+_ARG_RULES = {
+    "batch_size": (lambda v: v >= 1, ">= 1"), "repeats": (lambda v: v >= 1, ">= 1"),
+    "warmup": (lambda v: v >= 0, ">= 0"), "prompt_len": (lambda v: v >= 1, ">= 1"),
+    "new_tokens": (lambda v: v >= 1, ">= 1"), "seq_len": (lambda v: v >= 1, ">= 1"),
+    "steps": (lambda v: v >= 1, ">= 1"), "quality_tokens": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "group_size": (lambda v: v in (32, 64, 128, 256), "one of 32, 64, 128, 256"),
+    "chunk_tokens": (lambda v: v >= 0, ">= 0"), "ckpt_chunk_tokens": (lambda v: v >= 0, ">= 0"),
+    "lora_rank": (lambda v: v >= 1, ">= 1"), "prune_sparsity": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "kd_temperature": (lambda v: v > 0, "> 0"), "kd_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lr": (lambda v: v > 0, "> 0"),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every numeric argument in range and every random:/scratch: model spec a known architecture, before a model
+    is built or a timer started (an engine failing on bad input is not a measurement)."""
+    for name, (ok, allowed) in _ARG_RULES.items():
+        if getattr(args, name, None) is not None and not ok(getattr(args, name)):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {allowed}")
+    from .models import arch_config
+
+    for flag in ("model", "teacher"):
+        spec = getattr(args, flag, None)
+        if spec and spec.startswith(("random:", "scratch:")):
+            try:
+                arch_config(spec.split(":", 1)[1])
+            except ValueError as e:
+                raise UsageError(f"--{flag} {spec}: {e}") from None
+    if getattr(args, "quant", None) is not None:
+        bad = [q for q in args.quant.split(",") if q.strip() and q.strip() not in ("none", "int8", "int4", "nf4")]
+        if bad:
+            raise UsageError(f"--quant {args.quant}: unknown mode(s) {bad}; allowed: none, int8, int4, nf4")
+    if getattr(args, "json", None):
+        parent = Path(args.json).resolve().parent
+        existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if Path(args.json).is_dir() or (existing is not None and (not existing.is_dir()
+                                                                   or not os.access(existing, os.W_OK))):
+            raise UsageError(f"--json {args.json}: cannot write there (not a writable directory: {existing})")
+
+
 def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = make_parser().parse_args(argv)
+    check_args(args)
     return SUBCOMMANDS[args.cmd](args)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

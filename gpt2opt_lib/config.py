@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 import os
 import typing
 from pathlib import Path
@@ -26,123 +27,164 @@ class ConfigError(ValueError):
     """A bad profile or parameter: the message names the key, the file and what is allowed."""
 
 
-def p(default, help: str):
-    """A parameter with its one-line guidance comment (shown in the notebook's parameters cell)."""
+# Allowed sets, spelled out here (config is the ground layer and imports no technique module); tests check they
+# agree with the modules that implement them (quant.MODES, attention.ATTENTION_NAMES, wquant).
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+WANDB_MODES = ("disabled", "offline", "online")
+CORPORA = ("auto", "wikitext-2", "wiki-offline")  # or files:<glob>
+STUDENT_INITS = ("teacher-layers", "pretrained", "random")
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+PRUNE_SCOPES = ("per_tensor", "global")
+BNB_MODES = ("nf4", "fp4", "int8")
+ENGINE_QUANTS = ("none", "int8", "int4")
+ATTENTION_NAMES = ("all", "eager", "sdpa", "sdpa_math", "sdpa_efficient", "sdpa_flash", "sdpa_cudnn",
+                   "flash_attention_2")
+
+
+def p(default, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None, nonempty: bool = False,
+      unique: bool = False):
+    """A parameter with its one-line guidance comment (shown in the notebook's parameters cell) and its allowed
+    range or set, checked by `check` when a profile or a notebook's parameters are loaded.
+
+    ge/gt/le/lt: bounds of a number (of every item, for a list); choices: the allowed values (of every item);
+    nonempty: a list needs an item, a string a character; unique: a list may not repeat an item.
+    """
+    rules = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices).items() if v is not None}
+    meta = {"help": help, "rules": rules, "nonempty": nonempty, "unique": unique}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass
 class Common:
     profile: str = p("quick", "name of the params/<profile>.yaml these values came from")
     run_dir: str = p("", "run directory; empty: newest run of this profile (or a new one for 01_distill)")
-    seed: int = p(1234, "seeds python, numpy and torch")
+    seed: int = p(1234, "seeds python, numpy and torch", ge=0)
     device: str = p("cpu", "auto | cpu | cuda | cuda:N")
-    precision: str = p("fp32", "auto (bf16 on Ampere+, fp16 on T4, fp32 on CPU) | bf16 | fp16 | fp32")
-    tokenizer: str = p("gpt2", "hub id or local dir; falls back to the offline GPT-2 BPE files; offline forces them")
+    precision: str = p("fp32", "auto (bf16 on Ampere+, fp16 on T4, fp32 on CPU) | bf16 | fp16 | fp32",
+                       choices=PRECISIONS)
+    tokenizer: str = p("gpt2", "hub id or local dir; falls back to the offline GPT-2 BPE files; offline forces them",
+                       nonempty=True)
     corpus: str = p("wiki-offline", "auto | wikitext-2 | wiki-offline | files:<glob>  (auto: wikitext-2, else wiki-offline)")
-    max_articles: int = p(0, "use only the first N articles of each split (0: all); keeps CPU runs short")
-    block_size: int = p(64, "tokens per training block (at most n_positions of the model)")
-    ppl_max_length: int = p(64, "perplexity window (HF strided protocol); at most n_positions")
+    max_articles: int = p(0, "use only the first N articles of each split (0: all); keeps CPU runs short", ge=0)
+    block_size: int = p(64, "tokens per training block (at most n_positions of the model)", ge=2)
+    ppl_max_length: int = p(64, "perplexity window (HF strided protocol); at most n_positions", ge=2)
     ppl_stride: int = p(32, "perplexity stride; tokens scored per window after the first")
-    eval_max_tokens: int = p(2048, "score at most this many validation/test tokens (0: all)")
-    warmup: int = p(1, "untimed warm-up calls before each measurement")
-    repeats: int = p(3, "timed repeats per measurement (mean +- std)")
-    attn_implementation: str = p("sdpa", "attention for training/eval: eager | sdpa | flash_attention_2")
-    wandb_mode: str = p("offline", "disabled | offline | online (online without a key falls back to offline)")
-    wandb_project: str = p("gpt2opt", "W&B project name")
+    eval_max_tokens: int = p(2048, "score at most this many validation/test tokens (0: all)", ge=0)
+    warmup: int = p(1, "untimed warm-up calls before each measurement", ge=0)
+    repeats: int = p(3, "timed repeats per measurement (mean +- std)", ge=1)
+    attn_implementation: str = p("sdpa", "attention for training/eval: eager | sdpa | flash_attention_2",
+                                 choices=ATTN_IMPLEMENTATIONS)
+    wandb_mode: str = p("offline", "disabled | offline | online (online without a key falls back to offline)",
+                        choices=WANDB_MODES)
+    wandb_project: str = p("gpt2opt", "W&B project name", nonempty=True)
 
 
 @dataclasses.dataclass
 class Distill(Common):
-    teacher: str = p("scratch:tiny-teacher", "hub id | local dir | random:<arch> | scratch:<arch> (trained here)")
-    teacher_max_epochs: int = p(10, "scratch:<arch> teacher: at most this many epochs (early stopping on validation)")
-    teacher_patience: int = p(2, "scratch teacher: stop after this many epochs without a better validation ppl")
-    teacher_lr: float = p(2e-3, "peak learning rate for the scratch teacher")
-    student_init: str = p("random", "teacher-layers (every other layer, DistilGPT2) | pretrained | random")
+    teacher: str = p("scratch:tiny-teacher", "hub id | local dir | random:<arch> | scratch:<arch> (trained here)",
+                     nonempty=True)
+    teacher_max_epochs: int = p(10, "scratch:<arch> teacher: at most this many epochs (early stopping on validation)",
+                                ge=1)
+    teacher_patience: int = p(2, "scratch teacher: stop after this many epochs without a better validation ppl", ge=1)
+    teacher_lr: float = p(2e-3, "peak learning rate for the scratch teacher", gt=0)
+    student_init: str = p("random", "teacher-layers (every other layer, DistilGPT2) | pretrained | random",
+                          choices=STUDENT_INITS)
     student: str = p("tiny-student", "pretrained: hub id/dir; random: <arch>; teacher-layers: ignored")
-    student_n_layer: int = p(2, "teacher-layers/random: student layers (0: half of the teacher layers)")
-    epochs: int = p(2, "distillation epochs over the train blocks")
-    checkpoint_epochs: list = p([1, 2], "epochs after which a checkpoint is saved and validated")
-    batch_size: int = p(8, "micro-batch size (blocks)")
-    grad_accum: int = p(1, "micro-batches per optimizer step")
-    lr: float = p(2e-3, "peak learning rate (AdamW, linear warm-up then cosine)")
-    weight_decay: float = p(0.01, "AdamW weight decay")
-    warmup_steps: int = p(5, "linear learning-rate warm-up steps")
-    temperature: float = p(2.0, "softmax temperature of the soft labels")
-    alpha: float = p(0.5, "loss: alpha * T^2 * KL(teacher||student) + (1 - alpha) * CE")
-    kd_chunk_tokens: int = p(512, "tokens per chunk of the memory-lean KD loss (0: unchunked reference)")
-    max_train_blocks: int = p(192, "cap on train blocks per epoch (0: all)")
+    student_n_layer: int = p(2, "teacher-layers/random: student layers (0: half of the teacher layers)", ge=0)
+    epochs: int = p(2, "distillation epochs over the train blocks", ge=1)
+    checkpoint_epochs: list = p([1, 2], "epochs after which a checkpoint is saved and validated", ge=1, unique=True)
+    batch_size: int = p(8, "micro-batch size (blocks)", ge=1)
+    grad_accum: int = p(1, "micro-batches per optimizer step", ge=1)
+    lr: float = p(2e-3, "peak learning rate (AdamW, linear warm-up then cosine)", gt=0)
+    weight_decay: float = p(0.01, "AdamW weight decay", ge=0)
+    warmup_steps: int = p(5, "linear learning-rate warm-up steps", ge=0)
+    temperature: float = p(2.0, "softmax temperature of the soft labels", gt=0)
+    alpha: float = p(0.5, "loss: alpha * T^2 * KL(teacher||student) + (1 - alpha) * CE", ge=0, le=1)
+    kd_chunk_tokens: int = p(512, "tokens per chunk of the memory-lean KD loss (0: unchunked reference)", ge=0)
+    max_train_blocks: int = p(192, "cap on train blocks per epoch (0: all)", ge=0)
     compile: bool = p(False, "torch.compile the student and teacher (CUDA; first step pays 10-60 s)")
     no_teacher_baseline: bool = p(True, "also train the same student without the teacher (what KD buys)")
-    seeds: list = p([1234], "a distilled and a no-teacher student per seed; two or more give a spread")
-    train_engine: str = p("hf", "hf (transformers' GPT-2 modules) or native (model.py; converted back to HF after)")
-    nproc: int = p(1, "processes for the students' training: above 1, torchrun data-parallel (one per GPU)")
-    parallel: str = p("ddp", "data-parallel mode when nproc is above 1: ddp or fsdp (FSDP2 shards the student)")
+    seeds: list = p([1234], "a distilled and a no-teacher student per seed; two or more give a spread", ge=0,
+                    nonempty=True, unique=True)
+    train_engine: str = p("hf", "hf (transformers' GPT-2 modules) or native (model.py; converted back to HF after)",
+                          choices=("hf", "native"))
+    nproc: int = p(1, "processes for the students' training: above 1, torchrun data-parallel (one per GPU)", ge=1)
+    parallel: str = p("ddp", "data-parallel mode when nproc is above 1: ddp or fsdp (FSDP2 shards the student)",
+                      choices=("ddp", "fsdp"))
 
 
 @dataclasses.dataclass
 class Compare(Common):
-    batch_size: int = p(8, "inference batch size for the latency/throughput table")
-    seq_len: int = p(64, "tokens per sequence for the latency/throughput table")
-    sweep_batch_sizes: list = p([1, 8], "batch sizes of the sweep")
-    sweep_seq_lens: list = p([32, 64], "sequence lengths of the sweep (at most n_positions)")
-    gen_new_tokens: int = p(16, "new tokens per generation measurement")
-    gen_prompt_len: int = p(32, "prompt tokens per generation measurement")
+    batch_size: int = p(8, "inference batch size for the latency/throughput table", ge=1)
+    seq_len: int = p(64, "tokens per sequence for the latency/throughput table", ge=1)
+    sweep_batch_sizes: list = p([1, 8], "batch sizes of the sweep", ge=1, nonempty=True)
+    sweep_seq_lens: list = p([32, 64], "sequence lengths of the sweep (at most n_positions)", ge=1, nonempty=True)
+    gen_new_tokens: int = p(16, "new tokens per generation measurement", ge=1)
+    gen_prompt_len: int = p(32, "prompt tokens per generation measurement", ge=1)
 
 
 @dataclasses.dataclass
 class LoraPrune(Common):
-    lora_rank: int = p(8, "LoRA rank r; adds r*(in+out) parameters per adapted Conv1D")
-    lora_alpha: int = p(16, "LoRA scaling numerator (scale: alpha / r)")
-    lora_dropout: float = p(0.05, "dropout on the LoRA branch input")
-    lora_targets: list = p(["c_attn", "c_proj", "c_fc"], "GPT-2 Conv1D modules to adapt (c_attn only: the seed 0.24 pct)")
-    prune_sparsity: float = p(0.8, "share of adapter weights zeroed by L1 magnitude (seed: 0.8)")
-    prune_scope: str = p("per_tensor", "per_tensor | global (global before training prunes all of lora_B)")
-    ft_epochs: int = p(1, "fine-tuning epochs over the train blocks")
-    ft_batch_size: int = p(8, "fine-tuning micro-batch size")
-    ft_max_train_blocks: int = p(96, "cap on train blocks per fine-tuning epoch (0: all)")
-    ft_lr: float = p(5e-3, "LoRA learning rate (adapters start at zero, so it is larger than full FT)")
-    full_ft_lr: float = p(1e-3, "learning rate of the full fine-tuning baseline")
-    loss_chunk_tokens: int = p(512, "tokens per chunk of the memory-lean CE (0: unchunked)")
+    lora_rank: int = p(8, "LoRA rank r; adds r*(in+out) parameters per adapted Conv1D", ge=1)
+    lora_alpha: int = p(16, "LoRA scaling numerator (scale: alpha / r)", gt=0)
+    lora_dropout: float = p(0.05, "dropout on the LoRA branch input", ge=0, lt=1)
+    lora_targets: list = p(["c_attn", "c_proj", "c_fc"], "GPT-2 Conv1D modules to adapt (c_attn only: the seed 0.24 pct)",
+                           choices=LORA_TARGETS, nonempty=True, unique=True)
+    prune_sparsity: float = p(0.8, "share of adapter weights zeroed by L1 magnitude (seed: 0.8)", ge=0, lt=1)
+    prune_scope: str = p("per_tensor", "per_tensor | global (global before training prunes all of lora_B)",
+                         choices=PRUNE_SCOPES)
+    ft_epochs: int = p(1, "fine-tuning epochs over the train blocks", ge=1)
+    ft_batch_size: int = p(8, "fine-tuning micro-batch size", ge=1)
+    ft_max_train_blocks: int = p(96, "cap on train blocks per fine-tuning epoch (0: all)", ge=0)
+    ft_lr: float = p(5e-3, "LoRA learning rate (adapters start at zero, so it is larger than full FT)", gt=0)
+    full_ft_lr: float = p(1e-3, "learning rate of the full fine-tuning baseline", gt=0)
+    loss_chunk_tokens: int = p(512, "tokens per chunk of the memory-lean CE (0: unchunked)", ge=0)
     lora_on_base: bool = p(True, "also fine-tune LoRA on the student trained without the teacher")
-    base_sparsity: list = p(["magnitude-2:4", "wanda-2:4", "wanda-50%"], "real weight sparsity of the merged model")
-    calib_blocks: int = p(8, "calibration blocks for Wanda activation norms")
+    base_sparsity: list = p(["magnitude-2:4", "wanda-2:4", "wanda-50%"], "real weight sparsity of the merged model",
+                            unique=True)
+    calib_blocks: int = p(8, "calibration blocks for Wanda activation norms", ge=1)
 
 
 @dataclasses.dataclass
 class Quant(Common):
-    quant_modes: list = p(["nf4", "fp4", "int8"], "bitsandbytes modes compared with the 16-bit baseline")
+    quant_modes: list = p(["nf4", "fp4", "int8"], "bitsandbytes modes compared with the 16-bit baseline",
+                          choices=BNB_MODES, unique=True)
     double_quant: bool = p(True, "NF4/FP4 double quantization of the scales (the seed configuration)")
-    engine_quants: list = p(["none", "int8", "int4"], "weight-only quantization of the fast generation engine")
-    batch_size: int = p(8, "forward batch size")
-    seq_len: int = p(64, "forward sequence length")
-    gen_prompt_len: int = p(16, "prompt tokens per generation measurement")
-    gen_new_tokens: int = p(16, "new tokens per generation measurement")
+    engine_quants: list = p(["none", "int8", "int4"], "weight-only quantization of the fast generation engine",
+                            choices=ENGINE_QUANTS, unique=True)
+    batch_size: int = p(8, "forward batch size", ge=1)
+    seq_len: int = p(64, "forward sequence length", ge=1)
+    gen_prompt_len: int = p(16, "prompt tokens per generation measurement", ge=1)
+    gen_new_tokens: int = p(16, "new tokens per generation measurement", ge=1)
     qlora: bool = p(True, "measure QLoRA fine-tuning (LoRA over the NF4 base) against LoRA over 16-bit")
-    lora_rank: int = p(8, "LoRA rank for the QLoRA comparison")
-    ft_batch_size: int = p(8, "QLoRA micro-batch size")
-    ft_max_train_blocks: int = p(32, "train blocks for the QLoRA timing (steps: blocks / batch)")
-    ft_lr: float = p(2e-3, "QLoRA learning rate")
+    lora_rank: int = p(8, "LoRA rank for the QLoRA comparison", ge=1)
+    ft_batch_size: int = p(8, "QLoRA micro-batch size", ge=1)
+    ft_max_train_blocks: int = p(32, "train blocks for the QLoRA timing (steps: blocks / batch)", ge=0)
+    ft_lr: float = p(2e-3, "QLoRA learning rate", gt=0)
     gradient_checkpointing: bool = p(True, "also measure QLoRA with activation checkpointing")
 
 
 @dataclasses.dataclass
 class FlashQuant(Common):
-    attn_names: list = p(["all"], "attention implementations to compare (all: every one this device offers)")
-    attn_seq_lens: list = p([32, 64], "sequence lengths of the attention comparison")
-    attn_batch_size: int = p(4, "batch size of the attention comparison")
-    combine_quant_modes: list = p(["nf4", "int8"], "bitsandbytes modes combined with the fastest attention")
-    batch_size: int = p(8, "forward batch size of the end-to-end table")
-    seq_len: int = p(64, "forward sequence length of the end-to-end table")
-    gen_prompt_len: int = p(16, "prompt tokens per generation measurement")
-    gen_new_tokens: int = p(16, "new tokens per generation measurement")
-    train_batch_size: int = p(8, "micro-batch of the training measurements (baseline full FT vs stacked QLoRA)")
-    train_steps: int = p(3, "timed training steps per configuration (after one warm-up step)")
-    lora_rank: int = p(8, "LoRA rank of the stacked configuration")
-    prune_sparsity: float = p(0.8, "adapter sparsity of the stacked configuration")
-    fast_engine_quant: str = p("int4", "weight-only quantization of the fast engine in the stack (none | int8 | int4)")
+    attn_names: list = p(["all"], "attention implementations to compare (all: every one this device offers)",
+                         choices=ATTENTION_NAMES, nonempty=True, unique=True)
+    attn_seq_lens: list = p([32, 64], "sequence lengths of the attention comparison", ge=1, nonempty=True)
+    attn_batch_size: int = p(4, "batch size of the attention comparison", ge=1)
+    combine_quant_modes: list = p(["nf4", "int8"], "bitsandbytes modes combined with the fastest attention",
+                                  choices=BNB_MODES, unique=True)
+    batch_size: int = p(8, "forward batch size of the end-to-end table", ge=1)
+    seq_len: int = p(64, "forward sequence length of the end-to-end table", ge=1)
+    gen_prompt_len: int = p(16, "prompt tokens per generation measurement", ge=1)
+    gen_new_tokens: int = p(16, "new tokens per generation measurement", ge=1)
+    train_batch_size: int = p(8, "micro-batch of the training measurements (baseline full FT vs stacked QLoRA)", ge=1)
+    train_steps: int = p(3, "timed training steps per configuration (after one warm-up step)", ge=1)
+    lora_rank: int = p(8, "LoRA rank of the stacked configuration", ge=1)
+    prune_sparsity: float = p(0.8, "adapter sparsity of the stacked configuration", ge=0, lt=1)
+    fast_engine_quant: str = p("int4", "weight-only quantization of the fast engine in the stack (none | int8 | int4)",
+                               choices=ENGINE_QUANTS)
 
 
 # which earlier stages' artifacts each stage reads from the run directory: the one graph run_all and the
@@ -194,55 +236,86 @@ def validate(cls: type, values: dict, source: str) -> dict:
     return out
 
 
+def _rule_failure(value, rules: dict) -> str | None:
+    """Why `value` breaks `rules` (None: it doesn't)."""
+    if "choices" in rules and value not in rules["choices"]:
+        return f"must be one of {', '.join(map(str, rules['choices']))}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo = ("ge", rules["ge"]) if "ge" in rules else ("gt", rules["gt"]) if "gt" in rules else None
+        hi = ("le", rules["le"]) if "le" in rules else ("lt", rules["lt"]) if "lt" in rules else None
+        ok_lo = lo is None or (value >= lo[1] if lo[0] == "ge" else value > lo[1])
+        ok_hi = hi is None or (value <= hi[1] if hi[0] == "le" else value < hi[1])
+        if not (ok_lo and ok_hi):
+            if lo and hi:
+                return f"must be in {'[' if lo[0] == 'ge' else '('}{lo[1]}, {hi[1]}{']' if hi[0] == 'le' else ')'}"
+            bound = lo or hi
+            return f"must be {dict(ge='>=', gt='>', le='<=', lt='<')[bound[0]]} {bound[1]}"
+    return None
+
+
 def check(cls: type, values: dict, source: str) -> None:
-    """Ranges and cross-field rules of the values given (defaults fill the rest): one ConfigError naming the key."""
+    """Ranges (declared with each field, see `p`) and cross-field rules of the values given (defaults fill the
+    rest): the first violation is one ConfigError naming the source, the key, the value and what is allowed."""
     v = {**{k: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
             for k, f in fields(cls).items()}, **values}
 
     def bad(key, why):
         raise ConfigError(f"{source}: parameter {key!r}={v[key]!r} {why}")
 
-    if v["seed"] < 0:
-        bad("seed", "must be >= 0")
-    if v["block_size"] < 2:
-        bad("block_size", "must be >= 2")
-    if v["ppl_max_length"] < 2:
-        bad("ppl_max_length", "must be >= 2")
+    for key, f in fields(cls).items():  # per-field ranges and sets, in declaration order
+        rules, value = f.metadata.get("rules", {}), v[key]
+        if isinstance(value, list):
+            if f.metadata.get("nonempty") and not value:
+                bad(key, "must be a non-empty list")
+            for item in value:
+                if (rules.get("ge") is not None or rules.get("gt") is not None) and (
+                        not isinstance(item, int) or isinstance(item, bool)) and "choices" not in rules:
+                    bad(key, f"must be a list of integers; {item!r} is not")
+                why = _rule_failure(item, rules)
+                if why:
+                    bad(key, f"has {item!r}: every item {why}")
+            if f.metadata.get("unique") and len(set(map(repr, value))) != len(value):
+                bad(key, "must not repeat an item")
+        else:
+            if f.metadata.get("nonempty") and isinstance(value, str) and not value.strip():
+                bad(key, "must not be empty")
+            why = _rule_failure(value, rules)
+            if why:
+                bad(key, why)
+
+    # cross-field rules and forms a range can't say
+    if v["device"] not in ("auto", "cpu", "cuda") and not (str(v["device"]).startswith("cuda:")
+                                                           and str(v["device"])[5:].isdigit()):
+        bad("device", "must be auto, cpu, cuda or cuda:N")
+    if v["corpus"] not in CORPORA and not (v["corpus"].startswith("files:") and v["corpus"][6:].strip()):
+        bad("corpus", f"must be one of {', '.join(CORPORA)} or files:<glob>")
     if not 1 <= v["ppl_stride"] <= v["ppl_max_length"]:
         bad("ppl_stride", f"must be in 1..ppl_max_length={v['ppl_max_length']}")
-    if v["repeats"] < 1 or v["warmup"] < 0:
-        bad("repeats" if v["repeats"] < 1 else "warmup", "must be >= 1 (repeats) / >= 0 (warmup)")
-    if v["precision"] not in ("auto", "bf16", "fp16", "fp32"):
-        bad("precision", "must be one of auto, bf16, fp16, fp32")
-    if v["device"] not in ("auto", "cpu", "cuda") and not str(v["device"]).startswith("cuda:"):
-        bad("device", "must be auto, cpu, cuda or cuda:N")
+    if v["eval_max_tokens"] == 1:
+        bad("eval_max_tokens", "must be 0 (all) or >= 2 (perplexity scores tokens after the first)")
     if cls is Distill:
-        for k in ("epochs", "batch_size", "grad_accum", "teacher_max_epochs", "teacher_patience"):
-            if v[k] < 1:
-                bad(k, "must be >= 1")
-        if v["temperature"] <= 0:
-            bad("temperature", "must be > 0")
-        if not 0.0 <= v["alpha"] <= 1.0:
-            bad("alpha", "must be in [0, 1] (the KD weight; 1 - alpha weighs the CE)")
-        if any(not isinstance(e, int) or not 1 <= e <= v["epochs"] for e in v["checkpoint_epochs"]):
+        for key in ("teacher", "student"):
+            if v[key].startswith(("random:", "scratch:")) and not v[key].split(":", 1)[1]:
+                bad(key, "names no architecture after the colon (e.g. random:gpt2, scratch:tiny-teacher)")
+        if any(e > v["epochs"] for e in v["checkpoint_epochs"]):
             bad("checkpoint_epochs", f"must be epochs in 1..epochs={v['epochs']}")
-        if not v["seeds"] or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in v["seeds"]):
-            bad("seeds", "must be a non-empty list of integers >= 0")
-        if len(set(v["seeds"])) != len(v["seeds"]):
-            bad("seeds", "must not repeat a seed")
-        if v["nproc"] < 1:
-            bad("nproc", "must be >= 1")
-        if v["parallel"] not in ("ddp", "fsdp"):
-            bad("parallel", "must be ddp or fsdp")
-        if v["train_engine"] not in ("hf", "native"):
-            bad("train_engine", "must be hf or native")
+        step = v["batch_size"] * v["grad_accum"]
+        if v["max_train_blocks"] and v["max_train_blocks"] < step:
+            bad("max_train_blocks", f"must be 0 (all) or >= batch_size x grad_accum = {step} (one optimizer step)")
     if cls is LoraPrune:
-        if v["lora_rank"] < 1:
-            bad("lora_rank", "must be >= 1")
-        if not 0.0 <= v["prune_sparsity"] < 1.0:
-            bad("prune_sparsity", "must be in [0, 1)")
-    if cls is FlashQuant and not 0.0 <= v["prune_sparsity"] < 1.0:
-        bad("prune_sparsity", "must be in [0, 1)")
+        for spec in v["base_sparsity"]:
+            method, _, pattern = str(spec).partition("-")
+            pct = pattern[:-1] if pattern.endswith("%") else ""
+            if method not in ("magnitude", "wanda") or not (pattern == "2:4" or (
+                    pct.replace(".", "", 1).isdigit() and 0 < float(pct) < 100)):
+                bad("base_sparsity", f"has {spec!r}: items are <magnitude|wanda>-2:4 or <magnitude|wanda>-<N>% "
+                                     f"with 0 < N < 100")
+        if v["ft_max_train_blocks"] and v["ft_max_train_blocks"] < v["ft_batch_size"]:
+            bad("ft_max_train_blocks", f"must be 0 (all) or >= ft_batch_size={v['ft_batch_size']}")
+    if cls is Quant and v["ft_max_train_blocks"] and v["ft_max_train_blocks"] < v["ft_batch_size"]:
+        bad("ft_max_train_blocks", f"must be 0 (all) or >= ft_batch_size={v['ft_batch_size']}")
 
 
 def list_profiles() -> list[str]:
@@ -255,13 +328,38 @@ def load_profile(name_or_path: str) -> tuple[dict, Path]:
         path = PARAMS_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         raise ConfigError(f"profile {name_or_path!r} not found ({path}); available: {list_profiles()}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the profile ({type(e).__name__}: {e})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
     unknown = set(data) - {"common", *STAGES}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: ['common', *{list(STAGES)}]")
+        raise ConfigError(f"{path}: unknown section(s) {sorted(map(str, unknown))}; "
+                          f"allowed: ['common', *{list(STAGES)}]")
+    for section, body in data.items():
+        if body is not None and not isinstance(body, dict):
+            raise ConfigError(f"{path} [{section}]: a section must be a mapping of parameter: value, "
+                              f"got {type(body).__name__} {str(body)[:60]!r}")
+        bad_keys = [k for k in (body or {}) if not isinstance(k, str)]
+        if bad_keys:
+            raise ConfigError(f"{path} [{section}]: parameter names must be strings, got {bad_keys[0]!r}")
     return data, path
+
+
+def _yaml_problem(e: "yaml.YAMLError") -> str:
+    """A YAML error in one line: where and what (a tab in the indentation gets a hint)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    if "\\t" in what or "\t" in what:
+        what += " (a tab in the indentation: YAML indents with spaces only)"
+    return f"YAML syntax error at {where}{what}"
 
 
 def stage_parameters(profile: str, stage: str) -> dict:
@@ -277,11 +375,59 @@ def stage_parameters(profile: str, stage: str) -> dict:
 def new_run_dir(profile: str, root: Path | None = None) -> Path:
     """reports/<profile>/<UTC timestamp>-<git sha>/, never reusing an existing directory."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = (root or REPORTS_DIR / profile) / f"{stamp}-{git_sha()}"
-    path, n = base, 1
-    while path.exists():
-        path, n = base.with_name(f"{base.name}.{n}"), n + 1
-    path.mkdir(parents=True)
+    parent = root or REPORTS_DIR / profile
+    parent.mkdir(parents=True, exist_ok=True)
+    base = parent / f"{stamp}-{git_sha()}"
+    # claim a name with mkdir itself (atomic), never check-then-create: runs started together get .1, .2, ...
+    for n in range(100_000):
+        path = base if n == 0 else base.with_name(f"{base.name}.{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{parent}: no free run directory name for {base.name}")
+
+
+def context_needs(values: dict) -> dict[str, int]:
+    """Tokens each parameter of a stage puts through the model at once; every one must fit its n_positions."""
+    need = {k: values[k] for k in ("block_size", "ppl_max_length", "seq_len") if k in values}
+    for k in ("sweep_seq_lens", "attn_seq_lens"):
+        if values.get(k):
+            need[k] = max(values[k])
+    if "gen_prompt_len" in values:
+        need["gen_prompt_len + gen_new_tokens"] = values["gen_prompt_len"] + values["gen_new_tokens"]
+    return need
+
+
+def check_context(params: dict[str, dict], n_positions: int, model: str, source: str,
+                  stages: tuple[str, ...] | None = None) -> None:
+    """ConfigError naming the first stage parameter that exceeds `model`'s context of n_positions tokens."""
+    for stage, values in params.items():
+        if stages is not None and stage not in stages:
+            continue
+        for key, n in context_needs(values).items():
+            if n > n_positions:
+                raise ConfigError(f"{source} [{stage}]: parameter {key!r}={n} exceeds the context of {model} "
+                                  f"({n_positions} tokens, n_positions)")
+
+
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """ConfigError unless `path` is (or can be made as) a directory this process can write: checked before a run
+    creates anything. The nearest existing ancestor must be a writable directory; writability is probed by making
+    and removing an empty temporary directory (os.access says yes to root on a read-only filesystem)."""
+    import tempfile
+
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} exists and is not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path}: {existing} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".gpt2opt-write-probe-"))
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot write in {existing} ({e.strerror or type(e).__name__})") from None
     return path
 
 

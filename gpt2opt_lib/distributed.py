@@ -35,6 +35,7 @@ def _ctx(stage: str, profile: str, run_dir: str | None, overrides: dict, config_
     values.update(**overrides)
     if not is_main():
         values["wandb_mode"] = "disabled"
+        os.environ["WANDB_MODE"] = "disabled"  # the environment wins over wandb_mode (tracking.resolve_mode)
     cfg = config.STAGE_CONFIGS[stage](**values)
     if is_main():
         Path(cfg.run_dir, stage).mkdir(parents=True, exist_ok=True)

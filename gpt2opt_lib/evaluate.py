@@ -32,12 +32,26 @@ def strided_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[i
 def strided_perplexity(model, stream: torch.Tensor, max_length: int, stride: int, device, *,
                        batch_size: int = 8, max_tokens: int = 0, precision: str = "auto") -> dict:
     n_pos = model.config.n_positions
+    if not isinstance(stream, torch.Tensor) or stream.dim() != 1:
+        shape = tuple(stream.shape) if isinstance(stream, torch.Tensor) else type(stream).__name__
+        raise ValueError(f"stream must be a 1-D tensor of token ids (one long stream), got {shape}; "
+                         f"flatten a (1, L) batch with stream.flatten()")
+    if stream.dtype.is_floating_point or stream.dtype == torch.bool:
+        raise ValueError(f"stream must hold integer token ids, got dtype {stream.dtype}")
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} must be >= 2 (a window scores the tokens after its first)")
     if max_length > n_pos:
         raise ValueError(f"ppl_max_length={max_length} exceeds the model's context of {n_pos} tokens")
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride={stride} must be in 1..max_length={max_length}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens={max_tokens} must be >= 0 (0: the whole stream)")
     if max_tokens:
         stream = stream[:max_tokens]
     if stream.numel() < 2:
-        raise ValueError("need at least 2 tokens to score")
+        raise ValueError(f"stream has {stream.numel()} token(s): need at least 2 to score")
     windows = strided_windows(stream.numel(), max_length, stride)
     amp = resolve_dtype(precision, device)
     model.eval()

@@ -357,9 +357,24 @@ class FastGPT2:
         return self._runner(("decode", B, *flags.values()), fn)
 
     # --- public API ------------------------------------------------------------------------------------------------
-    def _check(self, input_ids: torch.Tensor, max_new_tokens: int):
+    def _check_ids(self, input_ids) -> None:
+        """Shape, dtype and range of token ids, checked before anything reaches the device: an id outside the
+        vocabulary would be a device-side assert on a GPU (and the CUDA context lost)."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.core.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary 0..{self.core.vocab_size - 1}")
+
+    def _check(self, input_ids: torch.Tensor, max_new_tokens: int):
+        self._check_ids(input_ids)
         B, T = input_ids.shape
         if B > self.max_batch_size:
             raise ValueError(f"batch size {B} > max_batch_size {self.max_batch_size} of this engine")
@@ -476,6 +491,7 @@ class FastGPT2:
     @torch.no_grad()
     def forward_logits(self, input_ids: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """Full causal forward, no cache: (B, T) -> logits (B, T, V) (fp32 by default, for perplexity)."""
+        self._check_ids(input_ids)
         if input_ids.shape[1] > self.core.n_positions:
             raise ValueError(f"sequence length {input_ids.shape[1]} > n_positions {self.core.n_positions}")
         logits = self.core.logits(self.core.forward_full(input_ids.to(self.device)))
@@ -486,6 +502,7 @@ class FastGPT2:
         """Teacher-forced: prefill `prefill_len` tokens, then feed the rest one by one through the KV-cache decode
         path (eager). Returns logits (B, T, V) fp32 for positions prefill_len-1 .. T-1 stacked on dim 1 with the
         prefill logits; compares against forward_logits to test the cache."""
+        self._check_ids(input_ids)
         self._check(input_ids[:, :prefill_len], input_ids.shape[1] - prefill_len + 1)
         ids = input_ids.to(self.device)
         B, T = ids.shape

@@ -27,6 +27,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .tracking import apply_umask
+
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
@@ -117,6 +119,7 @@ def dir_bytes(path: str | os.PathLike) -> int:
 def save_adapter(peft_model, out_dir: str | os.PathLike) -> int:
     """peft's own dense save (adapter_model.safetensors + adapter_config.json); returns bytes on disk."""
     peft_model.save_pretrained(str(out_dir))
+    apply_umask(out_dir)  # safetensors writes 0600 files; a shared run directory needs the umask's modes
     return dir_bytes(out_dir)
 
 

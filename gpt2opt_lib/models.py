@@ -18,6 +18,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as _hf_logging
 
+from .tracking import apply_umask
+
 _hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars would flood the executed reports
 
 # GPT-2 family shapes; the tiny ones keep the real 50,257-token vocabulary (the real tokenizer) so the CPU
@@ -92,6 +94,7 @@ def save_model(model, directory: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        apply_umask(tmp)  # mkdtemp makes 0700 and safetensors 0600 files; a checkpoint follows the umask
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .lora import DEFAULT_TARGETS, dir_bytes, lora_tensors
+from .tracking import apply_umask
 
 ADAPTER_FILE = "pruned_adapter.safetensors"
 FORMAT = "gpt2opt-pruned-adapter-v1"
@@ -249,6 +250,7 @@ def save_pruned_adapter(peft_model, out_dir: str | os.PathLike) -> int:
     header = json.dumps({"format": FORMAT, "tensors": index})
     save_file(tensors, str(out_dir / ADAPTER_FILE), metadata={"gpt2opt": header})
     next(iter(peft_model.peft_config.values())).save_pretrained(str(out_dir))
+    apply_umask(out_dir)
     return dir_bytes(out_dir)
 
 

@@ -13,6 +13,36 @@ from pathlib import Path
 from typing import Callable
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask can only set-and-restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def shared_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give: temp files and dirs (0600/0700) are chmod-ed to it before they
+    are renamed into place, so a shared run directory is readable by whoever the umask lets read it."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def apply_umask(path: str | Path) -> Path:
+    """chmod a folder written by a library that makes 0600 files or 0700 temp dirs (safetensors, mkdtemp) and
+    everything under it to the umask's modes, as if plain mkdir/open had made them."""
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, shared_mode(directory=p.is_dir()))
+    return path
+
+
 def write_atomic(path: str | Path, write: Callable, binary: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,7 +50,7 @@ def write_atomic(path: str | Path, write: Callable, binary: bool = False) -> Pat
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; artifacts are meant to be shared
+        os.chmod(tmp, shared_mode())  # mkstemp makes 0600 files; artifacts follow the umask like any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -52,30 +82,84 @@ def read_json(path: str | Path):
     return json.loads(path.read_text())
 
 
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def resolve_mode(mode: str) -> tuple[str, str]:
+    """(mode, where it came from): the standard WANDB_MODE environment variable wins over the profile's
+    wandb_mode, as it does for every other W&B program (`WANDB_MODE=disabled python run_all.py`)."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in _ENV_MODES:
+        return _ENV_MODES[env], f"WANDB_MODE={env}"
+    return mode, "profile" + (f" (WANDB_MODE={env!r} not understood, ignored)" if env else "")
+
+
+def _has_key() -> bool:
+    """An API key in the environment, or a stored login (`wandb login` writes the server's host into ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        return netrc.is_file() and host in netrc.read_text()
+    except OSError:
+        return False
+
+
+def _reachable(timeout: float = 3.0) -> str | None:
+    """None when the W&B server answers a TCP connect within `timeout` s, else why not (no 60 s client wait)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{host}:{port} unreachable ({type(e).__name__})"
+
+
 class Tracker:
     """W&B when asked for and possible; otherwise a no-op that records why. Never raises, never blocks long.
 
-    mode: disabled | offline | online. online without WANDB_API_KEY (or a stored login) falls back to offline.
+    mode: disabled | offline | online (the WANDB_MODE environment variable overrides it). online without
+    WANDB_API_KEY (or a stored login), or with the server unreachable within a few seconds, or failing to start,
+    falls back to offline: the metrics are kept locally (`wandb sync` later) and `status` says why.
     """
 
     def __init__(self, mode: str, project: str, name: str, config: dict, run_dir: str | Path, group: str | None = None):
         self.run, self.status = None, "disabled"
         if mode not in ("disabled", "offline", "online"):
             raise ValueError(f"wandb_mode {mode!r}; allowed: disabled, offline, online")
+        mode, self.mode_source = resolve_mode(mode)
         if mode == "disabled":
+            self.status = f"disabled ({self.mode_source})"
             return
-        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists()):
-            mode = "offline"
+        why_offline = None
+        if mode == "online":
+            why_offline = "no WANDB_API_KEY or stored login" if not _has_key() else _reachable()
+            if why_offline:
+                mode = "offline"
         try:
             import wandb
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(project=project, name=name, group=group, config=config, mode=mode,
-                                  dir=str(run_dir), reinit="finish_previous",
-                                  settings=wandb.Settings(init_timeout=60, console="off", silent=True))
-            self.status = mode
-        except Exception as e:  # no wandb, no service, a timeout: the run goes on without it
-            self.run, self.status = None, f"unavailable: {type(e).__name__}: {e}"[:300]
+        except Exception as e:  # not installed: the run goes on without it
+            self.status = f"unavailable: {type(e).__name__}: {e}"[:300]
+            return
+        os.environ.setdefault("WANDB_SILENT", "true")
+        for attempt in ([mode, "offline"] if mode == "online" else [mode]):
+            try:
+                self.run = wandb.init(project=project, name=name, group=group, config=config, mode=attempt,
+                                      dir=str(run_dir), reinit="finish_previous",
+                                      settings=wandb.Settings(init_timeout=20 if attempt == "online" else 60,
+                                                              console="off", silent=True))
+                self.status = attempt + (f" (online unavailable: {why_offline})" if why_offline else "")
+                return
+            except Exception as e:  # a wrong key, a timeout, no service: try offline, else go on without it
+                why_offline = f"{type(e).__name__}: {e}"[:200]
+        self.run, self.status = None, f"unavailable: {why_offline}"[:300]
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         if self.run is not None:

@@ -85,6 +85,23 @@ def lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
+def check_spec(spec: TrainSpec, blocks: torch.Tensor) -> None:
+    """Bad arguments as one clear ValueError naming the argument, before a model is touched."""
+    for name in ("epochs", "batch_size", "grad_accum"):
+        if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
+            raise ValueError(f"TrainSpec.{name}={getattr(spec, name)!r} must be an integer >= 1")
+    for name in ("warmup_steps", "max_train_blocks"):
+        if getattr(spec, name) < 0:
+            raise ValueError(f"TrainSpec.{name}={getattr(spec, name)!r} must be >= 0")
+    if not spec.lr > 0:
+        raise ValueError(f"TrainSpec.lr={spec.lr!r} must be > 0")
+    if spec.weight_decay < 0 or (spec.grad_clip or 0) < 0:
+        raise ValueError(f"TrainSpec.weight_decay={spec.weight_decay!r} and grad_clip={spec.grad_clip!r} must be >= 0")
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[1] < 2:
+        shape = tuple(blocks.shape) if isinstance(blocks, torch.Tensor) else type(blocks).__name__
+        raise ValueError(f"blocks must be (N, T) token ids with T >= 2 (data.pack_blocks), got {shape}")
+
+
 def epoch_batches(blocks: torch.Tensor, spec: TrainSpec, epoch: int) -> list[torch.Tensor]:
     """A deterministic shuffle per (seed, epoch); capped at max_train_blocks; full micro-batches only."""
     g = torch.Generator().manual_seed(spec.seed * 1000 + epoch)
@@ -124,6 +141,7 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
     takes its own slice; DDP averages gradients (FSDP2 with parallel="fsdp"); losses are all-reduced (mean);
     bar, tracker and `on_epoch_end` run on rank 0 only.
     """
+    check_spec(spec, blocks)
     amp_dtype = resolve_dtype(spec.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     W = D.world() if D.active() else 1

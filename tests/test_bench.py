@@ -45,3 +45,31 @@ def test_forward_json_and_failure_recorded(tmp_path):
 def test_unknown_random_arch_is_a_clear_error():
     with pytest.raises(ValueError, match="allowed"):
         bench.build_model("random:nope", None, "cpu")
+
+
+@pytest.mark.parametrize("args,word", [
+    (["generate", "--batch-size", "0"], "--batch-size 0"),
+    (["generate", "--new-tokens", "-1"], "--new-tokens -1"),
+    (["generate", "--model", "random:nope"], "random:nope"),
+    (["forward", "--seq-len", "0"], "--seq-len 0"),
+    (["train", "--kd-alpha", "2"], "--kd-alpha"),
+])
+def test_bad_arguments_one_line_exit_2_no_json(tmp_path, args, word):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.json"
+    r = subprocess.run([sys.executable, "-m", "gpt2opt_lib.bench", *args, "--dtype", "fp32", "--device", "cpu",
+                        "--json", str(out)], cwd=bench.envmod.REPO_ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_check_args_in_process():
+    with pytest.raises(bench.UsageError, match="batch-size"):
+        bench.main(["generate", "--model", "random:tiny", "--batch-size", "0"])
+    with pytest.raises(bench.UsageError, match="allowed"):
+        bench.main(["generate", "--model", "random:tiny", "--quant", "int3"])

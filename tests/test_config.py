@@ -151,3 +151,156 @@ def test_stage_killed_after_its_results_is_not_complete(tmp_path):
     (run / ".partial").mkdir()
     (run / ".partial" / "01_distill.ipynb").write_text("{}")  # the runner's notebook never finished
     assert not config.stage_complete(run, "01_distill")
+
+
+# ---------------------------------------------------------------- every range, in process (fast)
+
+@pytest.mark.parametrize("section,key,value,word", [
+    ("common", "repeats", 0, ">= 1"), ("common", "warmup", -1, ">= 0"), ("common", "max_articles", -3, ">= 0"),
+    ("common", "eval_max_tokens", 1, ">= 2"), ("common", "attn_implementation", "flash", "sdpa"),
+    ("common", "wandb_mode", "loud", "offline"), ("common", "corpus", "books3", "files:<glob>"),
+    ("common", "corpus", "files:", "files:<glob>"), ("common", "device", "cuda:x", "cuda:N"),
+    ("common", "tokenizer", " ", "empty"), ("common", "block_size", 1, ">= 2"),
+    ("01_distill", "lr", 0.0, "> 0"), ("01_distill", "teacher_lr", -1e-3, "> 0"),
+    ("01_distill", "weight_decay", -0.1, ">= 0"), ("01_distill", "warmup_steps", -1, ">= 0"),
+    ("01_distill", "grad_accum", 0, ">= 1"), ("01_distill", "kd_chunk_tokens", -1, ">= 0"),
+    ("01_distill", "student_init", "copy", "teacher-layers"), ("01_distill", "student_n_layer", -1, ">= 0"),
+    ("01_distill", "max_train_blocks", 4, "batch_size x grad_accum"), ("01_distill", "teacher", "scratch:", "architecture"),
+    ("01_distill", "checkpoint_epochs", [1, 1], "repeat"), ("01_distill", "checkpoint_epochs", [0], ">= 1"),
+    ("01_distill", "seeds", [-1], ">= 0"), ("01_distill", "seeds", [1.5], "integers"),
+    ("02_compare", "batch_size", 0, ">= 1"), ("02_compare", "seq_len", 0, ">= 1"),
+    ("02_compare", "sweep_batch_sizes", [], "non-empty"), ("02_compare", "sweep_seq_lens", [32, 0], ">= 1"),
+    ("02_compare", "gen_new_tokens", 0, ">= 1"), ("02_compare", "gen_prompt_len", 0, ">= 1"),
+    ("03_lora_prune", "lora_alpha", 0, "> 0"), ("03_lora_prune", "lora_dropout", 1.0, "[0, 1)"),
+    ("03_lora_prune", "lora_targets", [], "non-empty"), ("03_lora_prune", "lora_targets", ["q_proj"], "c_attn"),
+    ("03_lora_prune", "prune_scope", "layer", "per_tensor"), ("03_lora_prune", "ft_epochs", 0, ">= 1"),
+    ("03_lora_prune", "ft_batch_size", 0, ">= 1"), ("03_lora_prune", "ft_lr", 0.0, "> 0"),
+    ("03_lora_prune", "full_ft_lr", -1.0, "> 0"), ("03_lora_prune", "ft_max_train_blocks", 3, "ft_batch_size"),
+    ("03_lora_prune", "loss_chunk_tokens", -1, ">= 0"), ("03_lora_prune", "calib_blocks", 0, ">= 1"),
+    ("03_lora_prune", "base_sparsity", ["wanda-150%"], "0 < N < 100"), ("03_lora_prune", "base_sparsity", ["sparsegpt-2:4"], "magnitude"),
+    ("04_quant", "quant_modes", ["nf8"], "nf4"), ("04_quant", "engine_quants", ["int2"], "int4"),
+    ("04_quant", "batch_size", 0, ">= 1"), ("04_quant", "gen_new_tokens", 0, ">= 1"), ("04_quant", "lora_rank", 0, ">= 1"),
+    ("04_quant", "ft_lr", 0.0, "> 0"), ("04_quant", "ft_max_train_blocks", -1, ">= 0"),
+    ("05_flash_quant", "attn_names", [], "non-empty"), ("05_flash_quant", "attn_names", ["fast"], "sdpa_math"),
+    ("05_flash_quant", "attn_seq_lens", [0], ">= 1"), ("05_flash_quant", "attn_batch_size", 0, ">= 1"),
+    ("05_flash_quant", "combine_quant_modes", ["int4"], "nf4"), ("05_flash_quant", "train_steps", 0, ">= 1"),
+    ("05_flash_quant", "train_batch_size", 0, ">= 1"), ("05_flash_quant", "fast_engine_quant", "int3", "none"),
+    ("05_flash_quant", "prune_sparsity", 1.0, "[0, 1)"), ("05_flash_quant", "seq_len", -64, ">= 1"),
+    ("01_distill", "lr", float("inf"), "finite"), ("01_distill", "alpha", float("nan"), "finite"),
+])
+def test_every_range_is_checked(tmp_path, section, key, value, word):
+    stage = section if section != "common" else "02_compare"
+    path = _write(tmp_path, {section: {key: value}})
+    with pytest.raises(config.ConfigError) as e:
+        config.stage_parameters(path, stage)
+    msg = str(e.value)
+    assert repr(key) in msg and word in msg and "bad.yaml" in msg and "\n" not in msg, msg
+
+
+def test_every_numeric_parameter_has_a_range():
+    """A new numeric field without ge/gt/... would be accepted at any value: declare its range with `p`."""
+    exempt = {"ppl_stride"}  # a cross-field rule: 1..ppl_max_length
+    for cls in config.STAGE_CONFIGS.values():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool) or (
+                isinstance(default, list) and default and isinstance(default[0], int))
+            if numeric and f.name not in exempt:
+                assert f.metadata.get("rules"), (cls.__name__, f.name)
+
+
+def test_allowed_sets_agree_with_the_implementations():
+    from gpt2opt_lib import attention, quant
+    assert set(config.BNB_MODES) == set(quant.MODES)
+    assert set(config.ATTENTION_NAMES) == {"all", *attention.ATTENTION_NAMES}
+
+
+def test_yaml_errors_and_bad_sections_are_one_line(tmp_path):
+    cases = {"tab.yaml": "common:\n\tseed: 1\n", "syntax.yaml": "common:\n  seed: [1, 2\n",
+             "section.yaml": "common:\n  seed: 1\n01_distill: [1, 2]\n", "top.yaml": "- common\n- 01_distill\n",
+             "scalar.yaml": "02_compare: fast\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(config.ConfigError) as e:
+            config.stage_parameters(str(tmp_path / name), "01_distill")
+        msg = str(e.value)
+        assert name in msg and "\n" not in msg, msg
+        assert e.value.__context__ is None or e.value.__suppress_context__  # no "During handling ..." chain
+    assert "tab" in str(pytest.raises(config.ConfigError, config.load_profile, str(tmp_path / "tab.yaml")).value)
+    assert "[01_distill]" in str(pytest.raises(config.ConfigError, config.load_profile,
+                                               str(tmp_path / "section.yaml")).value)
+
+
+# ---------------------------------------------------------------- the runner refuses bad profiles before creating anything
+
+RUNNER_CASES = {  # name: profile text
+    "tab-indent": "common:\n\tseed: 1\n",
+    "yaml-syntax": "common:\n  seed: [1, 2\n",
+    "section-not-mapping": "01_distill: [1, 2]\n",
+    "alpha-2": "01_distill:\n  alpha: 2.0\n",
+    "negative-batch": "01_distill:\n  batch_size: -8\n",
+    "ckpt-beyond-epochs": "01_distill:\n  epochs: 2\n  checkpoint_epochs: [3]\n",
+    "lora-rank-0": "03_lora_prune:\n  lora_rank: 0\n",
+    "empty-sweep": "02_compare:\n  sweep_seq_lens: []\n",
+    "bad-quant-mode": "04_quant:\n  quant_modes: [nf8]\n",
+    "engine-quant": "05_flash_quant:\n  fast_engine_quant: int3\n",
+    "beyond-context": "02_compare:\n  sweep_seq_lens: [32, 512]\n",      # tiny-student: 256 positions
+    "unknown-arch": "01_distill:\n  teacher: scratch:nope\n",
+}
+
+
+def _reports_dirs():
+    root = config.REPO_ROOT / "reports"
+    return {str(p) for p in root.rglob("*") if p.is_dir()} if root.exists() else set()
+
+
+@pytest.mark.parametrize("case", list(RUNNER_CASES))
+def test_run_all_refuses_bad_profile_in_one_line(tmp_path, case):
+    import os
+    import subprocess
+    import sys
+
+    profile = tmp_path / f"{case}.yaml"
+    profile.write_text(RUNNER_CASES[case])
+    before = _reports_dirs()
+    r = subprocess.run([sys.executable, str(config.REPO_ROOT / "run_all.py"), "--profile", str(profile),
+                        "--out", str(tmp_path / "run")], cwd=config.REPO_ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and profile.name in lines[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "run").exists()
+    assert _reports_dirs() == before
+
+
+def test_new_run_dir_is_race_free(tmp_path):
+    """Many runs started at once (threads released together) each get their own directory, none fails."""
+    import threading
+
+    n = 24
+    barrier, got, errors = threading.Barrier(n), [], []
+
+    def start():
+        barrier.wait()
+        try:
+            got.append(config.new_run_dir("quick", root=tmp_path / "quick"))
+        except Exception as e:  # noqa: BLE001 - the failure is the finding
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(got)) == n and all(p.is_dir() for p in got)
+
+
+def test_new_run_dir_survives_losing_the_race(tmp_path, monkeypatch):
+    """Another process creates the name between a check and the mkdir: the next suffix is taken, no error."""
+    from pathlib import Path
+
+    first = config.new_run_dir("quick", root=tmp_path)
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # what a check-then-create would see, racing
+    second = config.new_run_dir("quick", root=tmp_path)
+    assert second != first and second.is_dir()

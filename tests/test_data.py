@@ -57,3 +57,68 @@ def test_pack_blocks_and_stream_cache(tmp_path, monkeypatch):
     assert blocks.shape == (3, 3) and blocks[-1].tolist() == [6, 7, 8]
     with pytest.raises(ValueError):
         data.pack_blocks(torch.arange(2), 3)
+
+
+def _files_corpus(tmp_path, n=60):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(n):
+        (d / f"f{i:03d}.txt").write_text(f"Article {i} says hello to the world.")
+    return d
+
+
+def test_token_cache_follows_the_text(tmp_path, monkeypatch):
+    """Edit a file behind a files:<glob> corpus: the next load tokenizes the new text, not the cached ids."""
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    d = _files_corpus(tmp_path)
+    corpus = f"files:{d}/*.txt"
+    tok, before, _ = data.load_splits("offline", corpus)
+    splits, _ = data.load_corpus(corpus)
+    title = splits["train"][len(splits["train"]) // 2][0]          # a file in the middle: first/last titles unchanged
+    with open(title, "w") as f:
+        f.write("Completely different words now.")
+    _, after, _ = data.load_splits("offline", corpus)
+    want = data.token_stream(tok, data.load_corpus(corpus)[0]["train"])  # uncached
+    assert after["train"].tolist() == want.tolist() != before["train"].tolist()
+    assert after["validation"].tolist() == before["validation"].tolist()  # untouched splits: served from the cache
+    assert len(list((tmp_path / "cache").glob("tokens-*.pt"))) == 4      # 3 splits + the edited one
+    assert not list((tmp_path / "cache").glob(".*.tmp"))
+
+
+def test_cache_key_covers_text_tokenizer_and_settings():
+    tok = data.offline_tokenizer()
+    arts = [("a", "Hello world"), ("b", "Hello")]
+    k = data.stream_cache_key(tok, arts, split="train")
+    assert k == data.stream_cache_key(tok, list(arts), split="train")
+    assert k != data.stream_cache_key(tok, [("a", "Hello world"), ("b", "Hello!")], split="train")
+    assert k != data.stream_cache_key(tok, [("a", "Hello worl"), ("b", "dHello")], split="train")
+    assert k != data.stream_cache_key(tok, arts, split="test")
+    tok2 = data.offline_tokenizer()
+    tok2.add_tokens(["<|new|>"])
+    assert k != data.stream_cache_key(tok2, arts, split="train")
+
+
+def test_cache_built_at_once_and_corrupt_cache(tmp_path, monkeypatch):
+    """Many builders of one key at once all get the same stream; a truncated cache file is rebuilt."""
+    import threading
+
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
+    tok = data.offline_tokenizer()
+    arts = [(f"t{i}", f"text number {i}") for i in range(50)]
+    n, out, errors = 8, [], []
+    barrier = threading.Barrier(n)
+
+    def build():
+        barrier.wait()
+        try:
+            out.append(data.token_stream(tok, arts, cache_key="same").tolist())
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=build) for _ in range(n)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert not errors and all(o == out[0] for o in out)
+    assert [p.name for p in tmp_path.iterdir()] == ["tokens-same.pt"]
+    (tmp_path / "tokens-same.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert data.token_stream(tok, arts, cache_key="same").tolist() == out[0]

@@ -66,3 +66,56 @@ def test_model_loss_fns_agree_with_hf_loss():
     kd_r, _ = distill.make_kd_loss_fn(teacher, 2.0, 0.5, 0)(m, ids)
     assert kd_c.item() == pytest.approx(kd_r.item(), rel=1e-5)
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_masked_labels_chunked_equals_reference(chunk, with_teacher):
+    """-100 labels (padding, masked prompts): both losses average CE and KD over the same unmasked tokens, and the
+    chunked loss equals the reference in value and gradients."""
+    torch.manual_seed(0)
+    B, T, E, V = 2, 9, 8, 37
+    hs = torch.randn(B, T, E, requires_grad=True)
+    ws = torch.randn(V, E, requires_grad=True)
+    ht, wt = torch.randn(B, T, E), torch.randn(V, E)
+    y = torch.randint(0, V, (B, T))
+    y[0, :4] = -100          # a masked prompt
+    y[1, -3:] = -100         # padding
+    alpha = 0.5 if with_teacher else 0.0
+    ref, parts_ref = distill.kd_loss(hs @ ws.t(), (ht @ wt.t()) if with_teacher else (hs @ ws.t()).detach(), y,
+                                     2.0, alpha)
+    g_ref = torch.autograd.grad(ref, (hs, ws))
+    got, parts = (distill.kd_loss_chunked(hs, ws, y, ht, wt, 2.0, alpha, chunk) if with_teacher
+                  else distill.kd_loss_chunked(hs, ws, y, chunk_tokens=chunk))
+    g_got = torch.autograd.grad(got, (hs, ws))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(g_ref, g_got):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # the reference by hand: CE and KL over exactly the unmasked predicted positions
+    s, t, lab = (hs @ ws.t())[:, :-1].flatten(0, 1), (ht @ wt.t())[:, :-1].flatten(0, 1), y[:, 1:].flatten()
+    keep = lab != -100
+    ce = torch.nn.functional.cross_entropy(s[keep], lab[keep])
+    assert parts_ref["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    if with_teacher:
+        kl = torch.nn.functional.kl_div(torch.log_softmax(s[keep] / 2, -1), torch.log_softmax(t[keep] / 2, -1),
+                                        reduction="batchmean", log_target=True) * 4
+        assert parts_ref["kd"].item() == pytest.approx(kl.item(), rel=1e-5)
+        assert parts["kd"].item() == pytest.approx(kl.item(), rel=1e-5)
+    # masked positions get no gradient: position t predicts label t+1
+    assert torch.all(g_got[0][0, :3] == 0) and torch.all(g_got[0][1, -4:] == 0)
+
+
+def test_all_masked_labels_give_zero_loss_and_bad_labels_are_named():
+    hs, ws = torch.randn(1, 4, 8, requires_grad=True), torch.randn(11, 8)
+    y = torch.full((1, 4), -100)
+    loss, _ = distill.kd_loss_chunked(hs, ws, y, chunk_tokens=2)
+    assert loss.item() == 0.0
+    ref, _ = distill.kd_loss(torch.randn(1, 4, 11), torch.randn(1, 4, 11), y)
+    assert ref.item() == 0.0
+    with pytest.raises(ValueError, match="labels"):
+        distill.kd_loss_chunked(hs, ws, torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        distill.kd_loss(torch.randn(1, 4, 11), torch.randn(1, 4, 11), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        distill.kd_loss_chunked(hs, ws, torch.zeros(1, 4, dtype=torch.long), chunk_tokens=0)

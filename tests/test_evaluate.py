@@ -57,3 +57,20 @@ def test_compare_with_spread_by_hand():
     assert r["winner"] == "undetermined" and "plain ahead" in r["verdict"] and r["kd"]["std"] is None
     with pytest.raises(ValueError):
         compare_with_spread([], [1.0])
+
+
+@pytest.mark.parametrize("kwargs,stream,word", [
+    (dict(max_length=1, stride=1), torch.arange(20), "max_length"),
+    (dict(max_length=8, stride=4), torch.arange(20)[None], "1-D"),
+    (dict(max_length=8, stride=4), torch.arange(0), "stream has 0"),
+    (dict(max_length=8, stride=4), torch.arange(1), "stream has 1"),
+    (dict(max_length=8, stride=0), torch.arange(20), "stride"),
+    (dict(max_length=8, stride=4, batch_size=0), torch.arange(20), "batch_size"),
+    (dict(max_length=8, stride=4, max_tokens=-1), torch.arange(20), "max_tokens"),
+    (dict(max_length=8, stride=4), torch.rand(20), "integer"),
+])
+def test_strided_perplexity_edge_inputs_name_the_argument(kwargs, stream, word):
+    m = models.build_model("random:tiny", seed=0)
+    kw = dict(kwargs)
+    with pytest.raises(ValueError, match=word):
+        evaluate.strided_perplexity(m, stream, kw.pop("max_length"), kw.pop("stride"), "cpu", **kw)

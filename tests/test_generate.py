@@ -213,3 +213,25 @@ def test_gpu_graph_engine_matches_hf(dtype):
         assert torch.equal(a, b)
     else:  # graph vs eager bf16 may flip a near-tie; the EOS row must still stop at the same place
         assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("bad,word", [(VOCAB, f"token id {VOCAB}"), (-1, "token id -1")])
+def test_out_of_range_ids_rejected_before_the_device(model, monkeypatch, bad, word):
+    """An id outside the vocabulary is a ValueError naming input_ids; nothing reaches the core (on a GPU it would be
+    a device-side assert that loses the CUDA context)."""
+    eng = FastGPT2(model, max_batch_size=2, max_seq_len=40)
+    ids = prompts(2)
+    ids[1, 3] = bad
+
+    def boom(*a, **k):
+        raise AssertionError("the core was called with bad ids")
+
+    for name in ("forward_full", "prefill_step", "decode_step", "decode_logits"):
+        monkeypatch.setattr(eng.core, name, boom)
+    for call in (lambda: eng.generate(ids, 4), lambda: eng.forward_logits(ids), lambda: eng.incremental_logits(ids, 4)):
+        with pytest.raises(ValueError, match=f"input_ids.*{word}"):
+            call()
+    with pytest.raises(ValueError, match="integer"):
+        eng.generate(ids.float(), 4)
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        eng.generate(ids[0], 4)

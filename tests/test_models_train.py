@@ -136,3 +136,82 @@ def test_scratch_teacher_stops_early_and_keeps_its_best_epoch(tmp_path, engine):
     assert torch.equal(teacher.transformer.wte.weight, snaps[1])  # epoch 2's weights, not epoch 4's
     assert not torch.equal(snaps[1], snaps[3])
     assert (tmp_path / "teacher" / "config.json").exists()
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", 0), ("batch_size", -2), ("grad_accum", 0), ("epochs", 0),
+                                         ("lr", 0.0), ("warmup_steps", -1)])
+def test_train_rejects_bad_spec_naming_the_field(field, value):
+    import dataclasses as dc
+
+    from gpt2opt_lib import distill, models, train as T
+
+    m = models.build_model("random:tiny", seed=0)
+    spec = dc.replace(T.TrainSpec(epochs=1, batch_size=2, precision="fp32"), **{field: value})
+    with pytest.raises(ValueError, match=f"TrainSpec.{field}"):
+        T.train(m, torch.randint(0, 50257, (8, 16)), distill.make_lm_loss_fn(0), spec, torch.device("cpu"),
+                progress=False)
+
+
+def test_train_rejects_a_stream_instead_of_blocks():
+    from gpt2opt_lib import distill, models, train as T
+
+    m = models.build_model("random:tiny", seed=0)
+    with pytest.raises(ValueError, match="blocks"):
+        T.train(m, torch.randint(0, 50257, (64,)), distill.make_lm_loss_fn(0), T.TrainSpec(batch_size=2),
+                torch.device("cpu"), progress=False)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_models_and_artifacts_follow_the_umask(tmp_path, umask):
+    """Checkpoint folders (mkdtemp: 0700) and atomic files (mkstemp: 0600) get the mode a plain mkdir/open would."""
+    import os
+
+    from gpt2opt_lib import models
+    from gpt2opt_lib.tracking import write_json
+
+    old = os.umask(umask)
+    try:
+        d = models.save_model(models.build_model("random:tiny", seed=0), tmp_path / "ckpt")
+        f = write_json(tmp_path / "r.json", {"a": 1})
+        from gpt2opt_lib import lora, prune
+        peft_model = lora.apply_lora(models.build_model("random:tiny", seed=0), rank=2)
+        lora.save_adapter(peft_model, tmp_path / "adapter")
+        prune.save_pruned_adapter(peft_model, tmp_path / "pruned")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "adapter", tmp_path / "pruned"):
+        assert all(p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask
+                   for p in folder.rglob("*")), folder
+    assert d.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask
+    for p in d.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+def test_every_torch_load_is_weights_only():
+    """Nothing from a run directory, a cache or a hub id is unpickled: every torch.load passes weights_only=True."""
+    import re
+    from pathlib import Path
+
+    import gpt2opt_lib
+
+    for path in Path(gpt2opt_lib.__file__).parent.rglob("*.py"):
+        for call in re.findall(r"torch\.load\(([^)]*)\)", path.read_text()):
+            assert "weights_only=True" in call, (path.name, call)
+
+
+def test_a_pickle_in_the_token_cache_is_never_run(tmp_path, monkeypatch):
+    import pickle
+
+    from gpt2opt_lib import data
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    import os
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
+    (tmp_path / "tokens-k.pt").write_bytes(pickle.dumps(Evil()))
+    tok = data.offline_tokenizer()
+    assert data.token_stream(tok, [("a", "Hello world")], cache_key="k").tolist() == [15496, 995, 50256]
+    assert not (tmp_path / "pwned").exists()

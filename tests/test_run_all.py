@@ -148,3 +148,36 @@ def test_notebook_runs_as_is_from_the_notebooks_folder(tmp_path):
     assert len(runs) == 1
     res = json.loads(runs[0].read_text())
     assert res["config"]["block_size"] == 64 and res["config"]["profile"] == "quick"
+
+
+def _one_line_error(r, *words):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    _one_line_error(_run("--only", "01_distill", "--out", str(f)), "--out", "not a directory")
+    _one_line_error(_run("--only", "01_distill", "--out", str(f / "run")), "--out", "is a file")
+    ro = Path("/proc/gpt2opt-run")  # a read-only filesystem: refused even for root
+    _one_line_error(_run("--only", "01_distill", "--out", str(ro)), "--out", "cannot write")
+    if os.geteuid() != 0:  # permissions only bind non-root users
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        try:
+            _one_line_error(_run("--only", "01_distill", "--out", str(d / "run")), "cannot write")
+        finally:
+            d.chmod(0o755)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] + (["ro"] if os.geteuid() != 0 else [])
+
+
+def test_read_only_reports_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPT2OPT_REPORTS": "/proc/gpt2opt-reports"}
+    r = subprocess.run([sys.executable, str(ROOT / "run_all.py"), "--only", "01_distill"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=env)
+    _one_line_error(r, "reports directory", "cannot write")
