@@ -10,6 +10,7 @@ replicated on every rank (its forward needs no gradient sync). Primitives: paral
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 from pathlib import Path
