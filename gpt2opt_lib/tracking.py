@@ -177,6 +177,24 @@ class Tracker:
             except Exception:
                 pass
 
+    def log_tables(self, tables: dict) -> None:
+        """Each result table (a list of row dicts) as a `wandb.Table` named `table/<name>`, columns in first-seen
+        order; nested values as JSON text. Never raises."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            def cell(x):
+                return x if x is None or isinstance(x, (bool, int, float, str)) else json.dumps(_clean(x))[:2000]
+
+            for name, rows in tables.items():
+                cols = list(dict.fromkeys(k for r in rows for k in r))
+                self.run.log({f"table/{name}": wandb.Table(columns=cols, data=[[cell(r.get(c)) for c in cols]
+                                                                               for r in rows])})
+        except Exception:
+            pass
+
     def finish(self) -> None:
         if self.run is not None:
             try:

@@ -43,3 +43,28 @@ def test_online_without_key_or_network_falls_back_fast(tmp_path, monkeypatch):
         assert t.status.startswith("offline") and "no WANDB_API_KEY" in t.status, t.status
     finally:
         t.finish()
+
+
+def test_result_tables_are_logged_as_wandb_tables(tmp_path, monkeypatch):
+    """save_results logs every list-of-rows result as a wandb.Table (columns in first-seen order, nested values as
+    JSON text); a failing W&B call changes nothing."""
+    wandb = pytest.importorskip("wandb")
+    logged = {}
+
+    class Run:
+        def log(self, d, step=None):
+            logged.update(d)
+
+    t = tracking.Tracker("disabled", "p", "n", {}, tmp_path)
+    t.run = Run()
+    t.log_tables({"02/quality": [{"model": "a", "ppl": 1.5}, {"model": "b", "ppl": 2.0, "extra": {"x": 1}}]})
+    tab = logged["table/02/quality"]
+    assert isinstance(tab, wandb.Table) and tab.columns == ["model", "ppl", "extra"]
+    assert tab.data == [["a", 1.5, None], ["b", 2.0, '{"x": 1}']]
+
+    class Broken:
+        def log(self, d, step=None):
+            raise RuntimeError("W&B is down")
+
+    t.run = Broken()
+    t.log_tables({"x": [{"a": 1}]})  # no exception

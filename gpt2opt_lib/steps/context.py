@@ -49,6 +49,8 @@ class StageContext:
         out = {"stage": self.stage, "config": _config.as_dict(self.cfg), "env": self.stamp,
                "data": self.data_info, "wandb": self.tracker.status, **results}
         self.tracker.log({f"{self.stage}/{k}": v for k, v in _flat(results).items() if isinstance(v, (int, float))})
+        self.tracker.log_tables({f"{self.stage}/{k}": v for k, v in results.items()  # the stage's result tables
+                                 if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)})
         return write_json(self.stage_dir / "results.json", out)
 
 
