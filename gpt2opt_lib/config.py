@@ -160,7 +160,6 @@ class Quant(Common):
     gen_prompt_len: int = p(16, "prompt tokens per generation measurement", ge=1)
     gen_new_tokens: int = p(16, "new tokens per generation measurement", ge=1)
     qlora: bool = p(True, "measure QLoRA fine-tuning (LoRA over the NF4 base) against LoRA over 16-bit")
-    lora_rank: int = p(8, "LoRA rank for the QLoRA comparison", ge=1)
     ft_batch_size: int = p(8, "QLoRA micro-batch size", ge=1)
     ft_max_train_blocks: int = p(32, "train blocks for the QLoRA timing (steps: blocks / batch)", ge=0)
     ft_lr: float = p(2e-3, "QLoRA learning rate", gt=0)
@@ -181,8 +180,6 @@ class FlashQuant(Common):
     gen_new_tokens: int = p(16, "new tokens per generation measurement", ge=1)
     train_batch_size: int = p(8, "micro-batch of the training measurements (baseline full FT vs stacked QLoRA)", ge=1)
     train_steps: int = p(3, "timed training steps per configuration (after one warm-up step)", ge=1)
-    lora_rank: int = p(8, "LoRA rank of the stacked configuration", ge=1)
-    prune_sparsity: float = p(0.8, "adapter sparsity of the stacked configuration", ge=0, lt=1)
     fast_engine_quant: str = p("int4", "weight-only quantization of the fast engine in the stack (none | int8 | int4)",
                                choices=ENGINE_QUANTS)
 

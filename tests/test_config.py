@@ -179,13 +179,13 @@ def test_stage_killed_after_its_results_is_not_complete(tmp_path):
     ("03_lora_prune", "loss_chunk_tokens", -1, ">= 0"), ("03_lora_prune", "calib_blocks", 0, ">= 1"),
     ("03_lora_prune", "base_sparsity", ["wanda-150%"], "0 < N < 100"), ("03_lora_prune", "base_sparsity", ["sparsegpt-2:4"], "magnitude"),
     ("04_quant", "quant_modes", ["nf8"], "nf4"), ("04_quant", "engine_quants", ["int2"], "int4"),
-    ("04_quant", "batch_size", 0, ">= 1"), ("04_quant", "gen_new_tokens", 0, ">= 1"), ("04_quant", "lora_rank", 0, ">= 1"),
+    ("04_quant", "batch_size", 0, ">= 1"), ("04_quant", "gen_new_tokens", 0, ">= 1"),
     ("04_quant", "ft_lr", 0.0, "> 0"), ("04_quant", "ft_max_train_blocks", -1, ">= 0"),
     ("05_flash_quant", "attn_names", [], "non-empty"), ("05_flash_quant", "attn_names", ["fast"], "sdpa_math"),
     ("05_flash_quant", "attn_seq_lens", [0], ">= 1"), ("05_flash_quant", "attn_batch_size", 0, ">= 1"),
     ("05_flash_quant", "combine_quant_modes", ["int4"], "nf4"), ("05_flash_quant", "train_steps", 0, ">= 1"),
     ("05_flash_quant", "train_batch_size", 0, ">= 1"), ("05_flash_quant", "fast_engine_quant", "int3", "none"),
-    ("05_flash_quant", "prune_sparsity", 1.0, "[0, 1)"), ("05_flash_quant", "seq_len", -64, ">= 1"),
+    ("05_flash_quant", "seq_len", -64, ">= 1"),
     ("01_distill", "lr", float("inf"), "finite"), ("01_distill", "alpha", float("nan"), "finite"),
 ])
 def test_every_range_is_checked(tmp_path, section, key, value, word):
@@ -304,3 +304,12 @@ def test_new_run_dir_survives_losing_the_race(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "exists", lambda self: False)  # what a check-then-create would see, racing
     second = config.new_run_dir("quick", root=tmp_path)
     assert second != first and second.is_dir()
+
+
+@pytest.mark.parametrize("stage,key", [("04_quant", "lora_rank"), ("05_flash_quant", "lora_rank"),
+                                       ("05_flash_quant", "prune_sparsity")])
+def test_lora_and_pruning_knobs_are_declared_once(tmp_path, stage, key):
+    """04's QLoRA and 05's stack use 03's adapters (steps.common.lora_setup): setting the knob there is an error."""
+    assert key in config.fields(config.LoraPrune) and key not in config.fields(config.STAGE_CONFIGS[stage])
+    with pytest.raises(config.ConfigError, match=key):
+        config.stage_parameters(_write(tmp_path, {stage: {key: 8}}), stage)

@@ -146,3 +146,12 @@ def train_row(ctx: StageContext, name: str, model, hist: dict, extra: dict | Non
             "time_per_step_ms": s["time_per_step_s"] * 1e3, "time_per_step_std_ms": s["time_per_step_std_s"] * 1e3,
             "tokens_per_s": s["tokens_per_s"], "samples_per_s": s["samples_per_s"], "peak_mem_mb": s["peak_mem_mb"],
             "final_train_loss": s["final_loss"], "test_ppl": val["ppl"], **(extra or {})}
+
+
+def lora_setup(ctx: StageContext) -> dict:
+    """03's LoRA and adapter-pruning settings, as that stage ran them (its results.json): 04's QLoRA and 05's stack
+    build the same adapters, so each knob is declared once, in 03's parameters."""
+    c = ctx.results_of("03_lora_prune")["config"]
+    return {"rank": c["lora_rank"], "alpha": c["lora_alpha"], "dropout": c["lora_dropout"],
+            "targets": tuple(c["lora_targets"]), "sparsity": c["prune_sparsity"], "scope": c["prune_scope"]}
+

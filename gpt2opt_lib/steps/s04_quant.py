@@ -15,6 +15,7 @@ from .common import (
     generate_bench,
     inference_row,
     load_16bit,
+    lora_setup,
     make_engine,
     merged_dir,
     train_row,
@@ -82,6 +83,7 @@ def qlora_table(ctx: StageContext) -> list[dict]:
     c = ctx.cfg
     if not c.qlora:
         return []
+    ls = lora_setup(ctx)  # 03's adapters: rank, alpha, dropout, targets
     spec = TrainSpec(epochs=1, batch_size=c.ft_batch_size, lr=c.ft_lr, warmup_steps=2, weight_decay=0.0,
                      max_train_blocks=c.ft_max_train_blocks, precision=c.precision, seed=c.seed)
     rows = []
@@ -91,14 +93,16 @@ def qlora_table(ctx: StageContext) -> list[dict]:
     for name, mode, ckpt in variants:
         try:
             if mode is None:
-                model = L.apply_lora(load_16bit(ctx).float(), rank=c.lora_rank)
+                model = L.apply_lora(load_16bit(ctx).float(), rank=ls["rank"], alpha=ls["alpha"],
+                                     dropout=ls["dropout"], targets=ls["targets"])
             else:
                 base, rec = Q.quantize_bnb(str(merged_dir(ctx)), mode, device=str(ctx.device),
                                            compute_dtype=compute_dtype(ctx))
                 if base is None:
                     rows.append({"config": name, "status": rec.get("reason")})
                     continue
-                model = Q.prepare_qlora(base, rank=c.lora_rank, gradient_checkpointing=False)
+                model = Q.prepare_qlora(base, rank=ls["rank"], alpha=ls["alpha"], dropout=ls["dropout"],
+                                        targets=ls["targets"], gradient_checkpointing=False)
             s = TrainSpec(**{**spec.__dict__, "gradient_checkpointing": ckpt})
             hist = train(model, ctx.blocks("train"), make_lm_loss_fn(4096), s, ctx.device,
                          params=[p for p in model.parameters() if p.requires_grad], desc=name)

@@ -18,6 +18,7 @@ from .common import (
     generate_bench,
     inference_row,
     load_16bit,
+    lora_setup,
     make_engine,
     merged_dir,
 )
@@ -143,8 +144,10 @@ def stacked_config(ctx: StageContext, best: str) -> list[dict]:
     if base is None:
         return [{"config": "stack (NF4)", "status": rec.get("reason")}]
     A.set_attention(base, best)
-    model = Q.prepare_qlora(base, rank=c.lora_rank, gradient_checkpointing=False)
-    pruner = P.prune_lora(model, c.prune_sparsity)
+    ls = lora_setup(ctx)  # 03's adapters: rank, alpha, dropout, targets, sparsity, scope
+    model = Q.prepare_qlora(base, rank=ls["rank"], alpha=ls["alpha"], dropout=ls["dropout"], targets=ls["targets"],
+                            gradient_checkpointing=False)
+    pruner = P.prune_lora(model, ls["sparsity"], ls["scope"])
     with A.attention_backend(best):
         tr = _train_cost(ctx, model, [p for p in model.parameters() if p.requires_grad], pruner.apply, "stack QLoRA")
     del model, base
@@ -152,7 +155,7 @@ def stacked_config(ctx: StageContext, best: str) -> list[dict]:
     model, _ = Q.quantize_bnb(str(merged_dir(ctx)), "nf4", device=str(ctx.device), compute_dtype=compute_dtype(ctx))
     A.set_attention(model, best)
     with A.attention_backend(best):
-        row = inference_row(ctx, f"stack: distilled + LoRA + {c.prune_sparsity:.0%} pruned + NF4 + {best}", model,
+        row = inference_row(ctx, f"stack: distilled + LoRA + {ls['sparsity']:.0%} pruned + NF4 + {best}", model,
                              {"attention": best, "mode": "nf4", "weight_mb": Q.weight_bytes(model)["total"] / 2**20, **tr})
     rows.append(row)
     del model
@@ -192,7 +195,7 @@ def gains_caption(ctx: StageContext, baseline: dict) -> str:
     return (f"Baseline: the 01 teacher as trained ({baseline.get('trainable_params', 0) / 1e6:.1f}M trainable "
             f"parameters), {str(compute_dtype(ctx)).replace('torch.', '')} weights, eager attention; training cost: "
             f"full fine-tuning with AdamW at batch {c.train_batch_size} x {c.block_size}. Stack: the 01 distilled "
-            f"student + 03's LoRA (merged) with {c.prune_sparsity:.0%} pruned adapters, NF4 double-quant weights and "
+            f"student + 03's LoRA (merged) with {lora_setup(ctx)['sparsity']:.0%} pruned adapters, NF4 double-quant weights and "
             f"the fastest attention; training cost: QLoRA on it. Quality: test perplexity of each model on the same "
             f"tokens (strided, max_length={c.ppl_max_length}, stride={c.ppl_stride}); 'vs 16-bit stack' compares "
             f"the stack with the same merged model before quantization (04's 16-bit row): what quantization and "
