@@ -77,9 +77,15 @@ def build_model(spec: str, attn_implementation: str = "sdpa", seed: int | None =
 def load_model(path_or_id: str, attn_implementation: str = "sdpa", dtype=torch.float32) -> GPT2LMHeadModel:
     if not Path(path_or_id).exists() and "/" in path_or_id and path_or_id.startswith((".", "/", "reports")):
         raise FileNotFoundError(f"checkpoint {path_or_id!r} does not exist")
+    local = Path(path_or_id).is_dir()
     try:
         model = GPT2LMHeadModel.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation)
-    except OSError as e:
+    except Exception as e:
+        if local:  # a checkpoint that exists but can't be read: truncated, corrupt, half-copied
+            raise ValueError(f"checkpoint {path_or_id!r} could not be read (truncated or corrupt?): "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
+        if not isinstance(e, OSError):
+            raise
         raise FileNotFoundError(
             f"could not load {path_or_id!r}: not a local checkpoint directory, and the hub is unreachable or has "
             f"no such model. Offline, use random:<arch> or scratch:<arch> ({e.__class__.__name__})") from e
