@@ -131,6 +131,15 @@ def _lin(mod) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, (mod.bias.detach() if getattr(mod, "bias", None) is not None else None)
 
 
+def _pairs(model: GPT2, tr):
+    """(native, HF) module pairs per block, then the final layer norm: (layer norms, linears) each time."""
+    for blk, hb in zip(model.h, tr.h):
+        yield ((blk.ln_1, hb.ln_1), (blk.ln_2, hb.ln_2)), \
+            ((blk.c_attn, hb.attn.c_attn), (blk.c_proj, hb.attn.c_proj), (blk.c_fc, hb.mlp.c_fc),
+             (blk.mlp_proj, hb.mlp.c_proj))
+    yield ((model.ln_f, tr.ln_f),), ()
+
+
 @torch.no_grad()
 def from_hf(hf_model) -> GPT2:
     """An exact copy of an HF GPT2LMHeadModel's weights (tied head), on the same device and dtype."""
@@ -142,17 +151,14 @@ def from_hf(hf_model) -> GPT2:
     m.wte.weight.zero_()
     m.wte.weight[: hf_model.config.vocab_size].copy_(tr.wte.weight)
     m.wpe.weight.copy_(tr.wpe.weight)
-    for blk, hb in zip(m.h, tr.h):
-        for ours, theirs in ((blk.ln_1, hb.ln_1), (blk.ln_2, hb.ln_2)):
+    for norms, linears in _pairs(m, tr):
+        for ours, theirs in norms:
             ours.weight.copy_(theirs.weight)
             ours.bias.copy_(theirs.bias)
-        for ours, theirs in ((blk.c_attn, hb.attn.c_attn), (blk.c_proj, hb.attn.c_proj), (blk.c_fc, hb.mlp.c_fc),
-                             (blk.mlp_proj, hb.mlp.c_proj)):
+        for ours, theirs in linears:
             w, b = _lin(theirs)
             ours.weight.copy_(w)
             ours.bias.copy_(b)
-    m.ln_f.weight.copy_(tr.ln_f.weight)
-    m.ln_f.bias.copy_(tr.ln_f.bias)
     return m
 
 
@@ -166,14 +172,11 @@ def to_hf(model: GPT2, hf_model=None):
     tr = hf_model.transformer
     tr.wte.weight.copy_(model.wte.weight[: model.vocab_size])          # lm_head is tied to it
     tr.wpe.weight.copy_(model.wpe.weight)
-    for blk, hb in zip(model.h, tr.h):
-        for ours, theirs in ((blk.ln_1, hb.ln_1), (blk.ln_2, hb.ln_2)):
+    for norms, linears in _pairs(model, tr):
+        for ours, theirs in norms:
             theirs.weight.copy_(ours.weight)
             theirs.bias.copy_(ours.bias)
-        for ours, theirs in ((blk.c_attn, hb.attn.c_attn), (blk.c_proj, hb.attn.c_proj), (blk.c_fc, hb.mlp.c_fc),
-                             (blk.mlp_proj, hb.mlp.c_proj)):
+        for ours, theirs in linears:
             theirs.weight.copy_(ours.weight.t() if type(theirs).__name__ == "Conv1D" else ours.weight)
             theirs.bias.copy_(ours.bias)
-    tr.ln_f.weight.copy_(model.ln_f.weight)
-    tr.ln_f.bias.copy_(model.ln_f.bias)
     return hf_model
