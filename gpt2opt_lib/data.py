@@ -99,11 +99,17 @@ def _files(pattern: str) -> dict[str, list[tuple[str, str]]]:
     paths = sorted(p for p in _glob.glob(pattern, recursive=True) if Path(p).is_file())
     if not paths:
         raise ValueError(f"corpus 'files:{pattern}' matched no files")
+    # the split follows the path below the glob's fixed directory, so moving or copying the corpus keeps it
+    root = Path(_glob.escape(pattern)).parent if not _glob.has_magic(pattern) else \
+        Path(pattern.split("*")[0].split("?")[0].split("[")[0] or ".")
+    root = root if root.is_dir() else root.parent
     out = {s: [] for s in SPLITS}
     for pth in paths:
         text = Path(pth).read_text(encoding="utf-8", errors="replace").strip()
         if text:
-            out[_split_of(pth)].append((pth, text))
+            rel = Path(pth).resolve().relative_to(root.resolve()).as_posix() \
+                if Path(pth).resolve().is_relative_to(root.resolve()) else Path(pth).name
+            out[_split_of(rel)].append((pth, text))
     return out
 
 

@@ -1,4 +1,6 @@
 """Offline tokenizer ids, deterministic article split, packing and corpus errors."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -61,7 +63,7 @@ def test_pack_blocks_and_stream_cache(tmp_path, monkeypatch):
 
 def _files_corpus(tmp_path, n=60):
     d = tmp_path / "corpus"
-    d.mkdir()
+    d.mkdir(parents=True)
     for i in range(n):
         (d / f"f{i:03d}.txt").write_text(f"Article {i} says hello to the world.")
     return d
@@ -122,3 +124,13 @@ def test_cache_built_at_once_and_corrupt_cache(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["tokens-same.pt"]
     (tmp_path / "tokens-same.pt").write_bytes(b"PK\x03\x04 truncated")
     assert data.token_stream(tok, arts, cache_key="same").tolist() == out[0]
+
+
+def test_files_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
+    """The 90/5/5 split hashes the path below the glob's directory: a moved or copied corpus splits the same (it
+    once hashed the absolute path, so a test's temporary directory decided whether 'test' was empty)."""
+    a, b = _files_corpus(tmp_path / "a"), _files_corpus(tmp_path / "elsewhere" / "b")
+    sa, _ = data.load_corpus(f"files:{a}/*.txt")
+    sb, _ = data.load_corpus(f"files:{b}/**/*.txt")
+    names = lambda sp: {k: sorted(Path(t).name for t, _ in v) for k, v in sp.items()}  # noqa: E731
+    assert names(sa) == names(sb) and all(names(sa).values())
