@@ -36,7 +36,9 @@ NEEDS = config.STAGE_NEEDS  # which earlier stages' artifacts each stage reads f
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="quick", help="params/<profile>.yaml (default: quick) or a path to a YAML")
+    ap.add_argument("--profile", default=None,
+                    help="params/<profile>.yaml (default: quick; with --out of an existing run, that run's profile) "
+                         "or a path to a YAML")
     ap.add_argument("--only", default="", help="comma-separated stages to run, e.g. 01_distill,02_compare")
     ap.add_argument("--out", default="", help="run directory (default: a new reports/<profile>/<UTC time>-<sha>/)")
     ap.add_argument("--resume", default="", metavar="RUN_DIR",
@@ -113,6 +115,7 @@ def plan(args) -> tuple[str, list[str], dict, Path | None]:
     stages = select_stages(args.only)
     if not stages:
         raise config.ConfigError(f"--only {args.only!r} names no stage; available: {available_stages()}")
+    args.profile = _profile_for_out(args)
     params = {s: config.stage_parameters(args.profile, s) for s in stages}
     if "01_distill" in params:  # lengths vs the models' context, where the architecture is known before training
         full = {s: config.as_dict(config.STAGE_CONFIGS[s](**params[s])) for s in stages}  # defaults filled in
@@ -140,6 +143,21 @@ def plan(args) -> tuple[str, list[str], dict, Path | None]:
             raise config.ConfigError(f"{out / (s + '.ipynb')} exists: runs are never overwritten; choose another "
                                      f"--out, leave it out for a new run directory, or --resume {out}")
     return Path(args.profile).stem, stages, params, out
+
+
+def _profile_for_out(args) -> str:
+    """Stages added to an existing run (--out RUN) take that run's profile: a stage measured with other parameters
+    than the stages it reads would make the run's report lie. An explicit, different --profile is refused."""
+    run = Path(args.out) if args.out else None
+    if run is None or not (run / "summary.json").exists():
+        return args.profile or "quick"
+    run_profile = read_json(run / "summary.json").get("profile")
+    if args.profile is None or not run_profile:
+        return args.profile or run_profile or "quick"
+    if Path(args.profile).stem != run_profile:
+        raise config.ConfigError(f"--out {args.out} is a {run_profile!r} run; --profile {args.profile} would mix "
+                                 f"profiles in one report: drop --profile, or choose another --out")
+    return args.profile
 
 
 def main(argv=None) -> int:

@@ -54,7 +54,8 @@ def _throughput(hists: dict) -> dict:
     out = {}
     for name, s in hists.items():
         out[name] = {k: s.get(k) for k in ("world_size", "tokens_per_s_per_gpu", "tokens_per_s_total", "time_per_step_s",
-                                              "time_per_step_std_s", "tokens_per_step", "steps", "final_loss", "peak_mem_mb")}
+                                              "time_per_step_std_s", "tokens_per_step", "steps", "final_loss", "peak_mem_mb",
+                                              "train_state_mb_per_rank")}
     return out
 
 

@@ -181,3 +181,21 @@ def test_read_only_reports_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "run_all.py"), "--only", "01_distill"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=env)
     _one_line_error(r, "reports directory", "cannot write")
+
+
+def test_stages_added_to_a_run_take_its_profile(tmp_path):
+    """`--only 04_quant --out RUN` without --profile once ran 04 with the quick parameters inside a gpu-offline run."""
+    sys.path.insert(0, str(ROOT))
+    import run_all
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"profile": "gpu-offline", "stages": {}}))
+    profile, stages, params, out = run_all.plan(run_all.parse_args(["--only", "02_compare", "--out", str(run)]))
+    assert profile == "gpu-offline" and params["02_compare"]["device"] == "cuda" and out == run.resolve()
+    from gpt2opt_lib import config
+
+    with pytest.raises(config.ConfigError, match="mix profiles"):
+        run_all.plan(run_all.parse_args(["--profile", "quick", "--only", "02_compare", "--out", str(run)]))
+    r = _run("--only", "02_compare")  # no --out: the default profile, as before
+    assert r.returncode == 2 and "01_distill" in r.stderr
