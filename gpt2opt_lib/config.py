@@ -141,6 +141,8 @@ class LoraPrune(Common):
     ft_max_train_blocks: int = p(96, "cap on train blocks per fine-tuning epoch (0: all)", ge=0)
     ft_lr: float = p(5e-3, "LoRA learning rate (adapters start at zero, so it is larger than full FT)", gt=0)
     full_ft_lr: float = p(1e-3, "learning rate of the full fine-tuning baseline", gt=0)
+    ft_warmup_steps: int = p(5, "linear learning-rate warm-up steps of every fine-tuning run (04 and 05 use it too)",
+                             ge=0)
     loss_chunk_tokens: int = p(512, "tokens per chunk of the memory-lean CE (0: unchunked)", ge=0)
     lora_on_base: bool = p(True, "also fine-tune LoRA on the student trained without the teacher")
     base_sparsity: list = p(["magnitude-2:4", "wanda-2:4", "wanda-50%"], "real weight sparsity of the merged model",
@@ -153,7 +155,8 @@ class Quant(Common):
     quant_modes: list = p(["nf4", "fp4", "int8"], "bitsandbytes modes compared with the 16-bit baseline",
                           choices=BNB_MODES, unique=True)
     double_quant: bool = p(True, "NF4/FP4 double quantization of the scales (the seed configuration)")
-    engine_quants: list = p(["none", "int8", "int4"], "weight-only quantization of the fast generation engine",
+    engine_quants: list = p(["none", "int4"], "weight-only quantization of the fast generation engine (int8 is "
+                            "opt-in: its batch-1 kernel measured 6x slower than 16-bit weights on an H100)",
                             choices=ENGINE_QUANTS, unique=True)
     batch_size: int = p(8, "forward batch size", ge=1)
     seq_len: int = p(64, "forward sequence length", ge=1)
@@ -164,6 +167,7 @@ class Quant(Common):
     ft_max_train_blocks: int = p(32, "train blocks for the QLoRA timing (steps: blocks / batch)", ge=0)
     ft_lr: float = p(2e-3, "QLoRA learning rate", gt=0)
     gradient_checkpointing: bool = p(True, "also measure QLoRA with activation checkpointing")
+    loss_chunk_tokens: int = p(4096, "tokens per chunk of the memory-lean CE in the QLoRA timing (0: unchunked)", ge=0)
 
 
 @dataclasses.dataclass
@@ -182,6 +186,8 @@ class FlashQuant(Common):
     train_steps: int = p(3, "timed training steps per configuration (after one warm-up step)", ge=1)
     fast_engine_quant: str = p("int4", "weight-only quantization of the fast engine in the stack (none | int8 | int4)",
                                choices=ENGINE_QUANTS)
+    loss_chunk_tokens: int = p(4096, "tokens per chunk of the memory-lean CE in the training measurements "
+                                     "(0: unchunked)", ge=0)
 
 
 # which earlier stages' artifacts each stage reads from the run directory: the one graph run_all and the

@@ -379,7 +379,7 @@ def write_index(run_dir) -> Path:
     if gains:
         cols = list(dict.fromkeys(k for g in gains for k in g))
         parts.append(_html_table([{"": c, **{f"[{i + 1}]": g.get(c) for i, g in enumerate(gains)}}
-                                  for c in cols if c != "stack"],
+                                  for c in cols if c not in ("stack", "key")],
                                  None) .replace("<thead><tr><th></th>", "<thead><tr><th>measure</th>", 1))
         parts.append("<p class='note'>" + "<br>".join(f"[{i + 1}] {_html.escape(g.get('stack', '?'))}"
                                                        for i, g in enumerate(gains)) + "</p>")

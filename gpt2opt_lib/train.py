@@ -38,7 +38,7 @@ class TrainSpec:
     seed: int = 0
 
 
-class _StepTimer:
+class StepTimer:
     """Per-step wall time without host syncs: CUDA events on GPU (read at epoch end), perf_counter on CPU."""
 
     def __init__(self, device: torch.device):
@@ -175,7 +175,7 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
     hist = {"step_loss": [], "epoch_loss": [], "step_time_s": [], "parts": {}, "epochs": [], "precision": str(amp_dtype)}
     tokens_per_step = spec.batch_size * spec.grad_accum * blocks.shape[1]
     reset_peak(device)
-    timer = _StepTimer(device)
+    timer = StepTimer(device)
     bar = tqdm(total=total, desc=desc, disable=not (progress and main), mininterval=2.0)
     step = 0
     for epoch in range(1, spec.epochs + 1):

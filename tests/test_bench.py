@@ -27,6 +27,9 @@ def test_generate_json(tmp_path):
                   "roofline_fraction"):
             assert k in e
         assert e["tokens_per_s"] > 0
+        # one measurement system: throughput from the mean time, as timing.measure and the notebooks report it
+        assert e["tokens_per_s"] == pytest.approx(2 * 6 / e["mean_s"])
+        assert e["tokens_per_s_std"] == pytest.approx(2 * 6 * e["std_s"] / e["mean_s"] ** 2)
     assert rep["engines"]["fast"]["token_match_vs_hf"] == 1.0        # fp32: token for token
     assert rep["engines"]["fast_int4"]["ratio_vs_fp16"] < rep["engines"]["fast"]["ratio_vs_fp16"]
     assert "ppl_rel_change" in rep["engines"]["fast_int8"]
@@ -39,6 +42,7 @@ def test_forward_json_and_failure_recorded(tmp_path):
     assert json.loads(out.read_text())["seq_len"] == 16
     assert REQUIRED <= rep.keys() and rep["sdpa"]["choice"] == "MATH"
     assert rep["engines"]["fast"]["tokens_per_s"] > 0 and rep["engines"]["hf"]["tokens_per_s"] > 0
+    assert rep["engines"]["hf"]["tokens_per_s"] == pytest.approx(2 * 16 / rep["engines"]["hf"]["mean_s"])
     assert "error" in rep["engines"]["hf_no_such_attn"]                # recorded, the run went on
 
 

@@ -51,6 +51,7 @@ def test_json_has_every_figure_for_every_engine(rep):
         assert "error" not in e, (name, e)
         assert ENGINE_KEYS <= e.keys(), (name, ENGINE_KEYS - e.keys())
         assert e["steps_measured"] == 2 and e["tokens_per_s"] > 0 and e["step_time_median_s"] > 0
+        assert e["tokens_per_s"] == pytest.approx(2 * 16 / e["step_time_mean_s"])   # the mean, as everywhere
         assert e["loss_finite"] and math.isfinite(e["first_loss"])
         assert e["mfu"] is None and e["peak_mem_mb"] is None        # CPU: no peak FLOP/s, no allocator stats
     assert rep["engines"]["hf"]["speedup_vs_hf"] == 1.0
@@ -91,13 +92,14 @@ def test_failing_engine_is_recorded_and_the_others_run(tmp_path, monkeypatch):
     def oom(*a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(lora, "apply_lora", oom)
-    real_compile = bench._compile
+    from gpt2opt_lib.bench import training
+    real_compile = training._compile
 
     def broken_compile(module, ctx, on):
         if on:
             raise RuntimeError("inductor exploded")
         return real_compile(module, ctx, on)
-    monkeypatch.setattr(bench, "_compile", broken_compile)
+    monkeypatch.setattr(training, "_compile", broken_compile)
     monkeypatch.setattr(quant, "bnb_status", lambda: (False, "unavailable: bitsandbytes import failed: no GPU"))
     out = tmp_path / "t.json"
     rep = bench.main(TINY + ["--dtype", "fp32", "--engines", "lora,no_such_engine,qlora,fast", "--compile", "fast",

@@ -50,11 +50,15 @@ def inference_row(ctx: StageContext, name: str, model, extra: dict | None = None
     row.update(forward_latency_ms=fb["latency_ms"], forward_latency_std_ms=fb["latency_std_ms"],
                forward_tokens_per_s=fb["tokens_per_s"], forward_tokens_per_s_std=fb["tokens_per_s_std"],
                forward_peak_mem_mb=fb["peak_mem_mb"])
-    gb = generate_bench(ctx, model, 1, c.gen_prompt_len, c.gen_new_tokens, "hf")
-    row.update(gen_engine=gb["engine"], gen_latency_ms=gb["latency_ms"], gen_latency_std_ms=gb["latency_std_ms"],
-               gen_tokens_per_s=gb["tokens_per_s"], gen_tokens_per_s_std=gb["tokens_per_s_std"],
-               gen_peak_mem_mb=gb["peak_mem_mb"])
+    row.update(gen_columns(generate_bench(ctx, model, 1, c.gen_prompt_len, c.gen_new_tokens, "hf")))
     return row
+
+
+def gen_columns(gb: dict) -> dict:
+    """A generation measurement (generate_bench) as the gen_* columns of a result row: one mapping, every table."""
+    return {"gen_engine": gb["engine"], "gen_latency_ms": gb["latency_ms"], "gen_latency_std_ms": gb["latency_std_ms"],
+            "gen_tokens_per_s": gb["tokens_per_s"], "gen_tokens_per_s_std": gb["tokens_per_s_std"],
+            "gen_peak_mem_mb": gb["peak_mem_mb"]}
 
 
 
@@ -153,5 +157,6 @@ def lora_setup(ctx: StageContext) -> dict:
     build the same adapters, so each knob is declared once, in 03's parameters."""
     c = ctx.results_of("03_lora_prune")["config"]
     return {"rank": c["lora_rank"], "alpha": c["lora_alpha"], "dropout": c["lora_dropout"],
-            "targets": tuple(c["lora_targets"]), "sparsity": c["prune_sparsity"], "scope": c["prune_scope"]}
+            "targets": tuple(c["lora_targets"]), "sparsity": c["prune_sparsity"], "scope": c["prune_scope"],
+            "lr": c["ft_lr"], "full_ft_lr": c["full_ft_lr"], "warmup_steps": c.get("ft_warmup_steps", 5)}
 

@@ -18,7 +18,7 @@ from .context import StageContext, summary_table
 # ------------------------------------------------------------------------------------------------ 03_lora_prune
 
 def _ft_spec(cfg, lr: float) -> TrainSpec:
-    return TrainSpec(epochs=cfg.ft_epochs, batch_size=cfg.ft_batch_size, lr=lr, warmup_steps=5, weight_decay=0.0,
+    return TrainSpec(epochs=cfg.ft_epochs, batch_size=cfg.ft_batch_size, lr=lr, warmup_steps=cfg.ft_warmup_steps, weight_decay=0.0,
                      max_train_blocks=cfg.ft_max_train_blocks, precision=cfg.precision, seed=cfg.seed)
 
 
@@ -27,7 +27,7 @@ def full_finetune(ctx: StageContext, which: str = "student_distilled") -> dict:
     model = load_student(ctx, which)
     hist = train(model, ctx.blocks("train"), make_lm_loss_fn(ctx.cfg.loss_chunk_tokens),
                  _ft_spec(ctx.cfg, ctx.cfg.full_ft_lr), ctx.device, tracker=ctx.tracker, desc="full fine-tune")
-    row = train_row(ctx, f"full FT ({which})", model, hist)
+    row = train_row(ctx, f"full FT ({which})", model, hist, {"kind": "full_ft", "student": which})
     del model
     free_memory(ctx)
     return row
@@ -43,7 +43,8 @@ def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_bef
     hist = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), _ft_spec(c, c.ft_lr), ctx.device,
                  params=[p for p in model.parameters() if p.requires_grad],
                  after_step=pruner.apply if pruner else None, tracker=ctx.tracker, desc=name)
-    extra = {"adapter_sparsity": P.sparsity(model, "lora")["sparsity"]}
+    extra = {"kind": "lora_pruned_before" if prune_before else "lora", "student": which,
+             "adapter_sparsity": P.sparsity(model, "lora")["sparsity"]}
     if pruner:
         extra["pruning"] = pruner.record()
     return model, train_row(ctx, name, model, hist, extra)
@@ -53,7 +54,7 @@ def prune_after(ctx: StageContext, peft_model) -> tuple[object, dict]:
     """The other variant: train dense adapters, then zero 80 % by L1 magnitude (no further training)."""
     c = ctx.cfg
     pruned = copy.deepcopy(peft_model)
-    rec = P.prune_lora(pruned, c.prune_sparsity, scope="per_tensor", mask_grads=False).record()
+    rec = P.prune_lora(pruned, c.prune_sparsity, scope=c.prune_scope, mask_grads=False).record()
     val = ctx.perplexity(pruned, "test")
     return pruned, {"config": f"LoRA r{c.lora_rank} + {c.prune_sparsity:.0%} pruned after training",
                     "test_ppl": val["ppl"], "adapter_sparsity": P.sparsity(pruned, "lora")["sparsity"], "pruning": rec}
@@ -125,8 +126,8 @@ def base_sparsity(ctx: StageContext, merged) -> list[dict]:
 
 def lora_results(ctx: StageContext, train_rows: list, after_row: dict, storage: list, merge: dict, sparse: list) -> dict:
     by = {r["config"]: r for r in train_rows}
-    full = next(r for r in train_rows if r["config"].startswith("full FT"))
-    pruned = next(r for r in train_rows if "pruned before" in r["config"])
+    full = next(r for r in train_rows if r["kind"] == "full_ft")
+    pruned = next(r for r in train_rows if r["kind"] == "lora_pruned_before" and r["student"] == "student_distilled")
     res = {"setup": summary_table(ctx), "training": train_rows, "prune_after": after_row, "storage": storage,
            "merge": merge, "base_sparsity": sparse}
     res["metrics"] = {

@@ -12,6 +12,7 @@ from .common import (
     EngineLM,
     compute_dtype,
     free_memory,
+    gen_columns,
     generate_bench,
     inference_row,
     load_16bit,
@@ -66,9 +67,7 @@ def engine_table(ctx: StageContext) -> list[dict]:
         try:
             gb = generate_bench(ctx, model, 1, c.gen_prompt_len, c.gen_new_tokens, "fast", q)
             eng = make_engine(ctx, model, 1, model.config.n_positions, q)
-            row.update(gen_latency_ms=gb["latency_ms"], gen_latency_std_ms=gb["latency_std_ms"],
-                       gen_tokens_per_s=gb["tokens_per_s"], gen_tokens_per_s_std=gb["tokens_per_s_std"],
-                       gen_peak_mem_mb=gb["peak_mem_mb"], weight_mb=eng.weight_bytes()["weight_bytes"] / 2**20,
+            row.update(gen_columns(gb), weight_mb=eng.weight_bytes()["weight_bytes"] / 2**20,
                        test_ppl=ctx.perplexity(EngineLM(eng, model.config), "test")["ppl"], status="ok")
             del eng
         except Exception as e:
@@ -84,7 +83,7 @@ def qlora_table(ctx: StageContext) -> list[dict]:
     if not c.qlora:
         return []
     ls = lora_setup(ctx)  # 03's adapters: rank, alpha, dropout, targets
-    spec = TrainSpec(epochs=1, batch_size=c.ft_batch_size, lr=c.ft_lr, warmup_steps=2, weight_decay=0.0,
+    spec = TrainSpec(epochs=1, batch_size=c.ft_batch_size, lr=c.ft_lr, warmup_steps=ls["warmup_steps"], weight_decay=0.0,
                      max_train_blocks=c.ft_max_train_blocks, precision=c.precision, seed=c.seed)
     rows = []
     variants = [("LoRA on 16-bit", None, False), ("QLoRA on NF4", "nf4", False)]
@@ -104,7 +103,7 @@ def qlora_table(ctx: StageContext) -> list[dict]:
                 model = Q.prepare_qlora(base, rank=ls["rank"], alpha=ls["alpha"], dropout=ls["dropout"],
                                         targets=ls["targets"], gradient_checkpointing=False)
             s = TrainSpec(**{**spec.__dict__, "gradient_checkpointing": ckpt})
-            hist = train(model, ctx.blocks("train"), make_lm_loss_fn(4096), s, ctx.device,
+            hist = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), s, ctx.device,
                          params=[p for p in model.parameters() if p.requires_grad], desc=name)
             rows.append(train_row(ctx, name, model, hist, {"status": "ok", "weight_mb": Q.weight_bytes(model)["total"] / 2**20}))
             del model

@@ -15,6 +15,7 @@ from .common import (
     compute_dtype,
     forward_bench,
     free_memory,
+    gen_columns,
     generate_bench,
     inference_row,
     load_16bit,
@@ -105,11 +106,13 @@ def attention_x_quant(ctx: StageContext, best: str) -> list[dict]:
     return rows
 
 
-def _train_cost(ctx: StageContext, model, params, after_step=None, desc="") -> dict:
+def _train_cost(ctx: StageContext, model, params, lr: float, after_step=None, desc="") -> dict:
+    """Time and memory of c.train_steps training steps (one more as warm-up); lr and warm-up as 03 fine-tuned."""
     c = ctx.cfg
-    spec = TrainSpec(epochs=1, batch_size=c.train_batch_size, lr=1e-4, warmup_steps=1, weight_decay=0.0,
+    spec = TrainSpec(epochs=1, batch_size=c.train_batch_size, lr=lr, warmup_steps=lora_setup(ctx)["warmup_steps"],
+                     weight_decay=0.0,
                      max_train_blocks=c.train_batch_size * (c.train_steps + 1), precision=c.precision, seed=c.seed)
-    h = train(model, ctx.blocks("train"), make_lm_loss_fn(4096), spec, ctx.device, params=params,
+    h = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), spec, ctx.device, params=params,
               after_step=after_step, desc=desc)["summary"]
     return {"train_time_per_step_ms": h["time_per_step_s"] * 1e3, "train_time_per_step_std_ms": h["time_per_step_std_s"] * 1e3,
             "train_tokens_per_s": h["tokens_per_s"], "train_peak_mem_mb": h["peak_mem_mb"],
@@ -121,7 +124,7 @@ def baseline_config(ctx: StageContext) -> dict:
     teacher_dir = ctx.artifact("01_distill", "teacher")
     model = M.load_model(str(teacher_dir), "eager").to(ctx.device)
     row = {"config": "baseline: teacher, 16-bit, eager, full FT", "attention": "eager", "mode": "none"}
-    row.update(_train_cost(ctx, model, list(model.parameters()), desc="baseline full FT"))
+    row.update(_train_cost(ctx, model, list(model.parameters()), lora_setup(ctx)["full_ft_lr"], desc="baseline full FT"))
     del model  # the timed steps changed its weights: quality and inference use the teacher as 01 trained it
     free_memory(ctx)
     model = M.load_model(str(teacher_dir), "eager").to(ctx.device).to(compute_dtype(ctx))
@@ -149,14 +152,15 @@ def stacked_config(ctx: StageContext, best: str) -> list[dict]:
                             gradient_checkpointing=False)
     pruner = P.prune_lora(model, ls["sparsity"], ls["scope"])
     with A.attention_backend(best):
-        tr = _train_cost(ctx, model, [p for p in model.parameters() if p.requires_grad], pruner.apply, "stack QLoRA")
+        tr = _train_cost(ctx, model, [p for p in model.parameters() if p.requires_grad], ls["lr"], pruner.apply,
+                         "stack QLoRA")
     del model, base
     free_memory(ctx)
     model, _ = Q.quantize_bnb(str(merged_dir(ctx)), "nf4", device=str(ctx.device), compute_dtype=compute_dtype(ctx))
     A.set_attention(model, best)
     with A.attention_backend(best):
         row = inference_row(ctx, f"stack: distilled + LoRA + {ls['sparsity']:.0%} pruned + NF4 + {best}", model,
-                             {"attention": best, "mode": "nf4", "weight_mb": Q.weight_bytes(model)["total"] / 2**20, **tr})
+                             {"key": "stack", "attention": best, "mode": "nf4", "weight_mb": Q.weight_bytes(model)["total"] / 2**20, **tr})
     rows.append(row)
     del model
     free_memory(ctx)
@@ -166,9 +170,8 @@ def stacked_config(ctx: StageContext, best: str) -> list[dict]:
         gb = generate_bench(ctx, model, 1, c.gen_prompt_len, c.gen_new_tokens, "fast", c.fast_engine_quant)
         eng = make_engine(ctx, model, 1, model.config.n_positions, c.fast_engine_quant)
         fast = {**row, "config": f"stack + fast engine ({c.fast_engine_quant} weights)", "mode": c.fast_engine_quant,
-                "gen_engine": gb["engine"], "gen_latency_ms": gb["latency_ms"], "gen_latency_std_ms": gb["latency_std_ms"],
-                "gen_tokens_per_s": gb["tokens_per_s"], "gen_tokens_per_s_std": gb["tokens_per_s_std"],
-                "gen_peak_mem_mb": gb["peak_mem_mb"], "weight_mb": eng.weight_bytes()["weight_bytes"] / 2**20,
+                "key": f"stack_engine_{c.fast_engine_quant}",
+                **gen_columns(gb), "weight_mb": eng.weight_bytes()["weight_bytes"] / 2**20,
                 "test_ppl": ctx.perplexity(EngineLM(eng, model.config), "test")["ppl"]}
         # forward columns stay those of the NF4 row: the int4 tinygemm kernel is a decode (batch-1) kernel, and a
         # forward through the engine at batch x seq_len (fp32 logits) measured 0.4x speed and 12x memory on an H100
@@ -211,7 +214,7 @@ def gains_table(baseline: dict, stacks: list[dict], stack_16bit_ppl: float | Non
         if "test_ppl" not in s:
             continue
         out.append({
-            "stack": s["config"],
+            "stack": s["config"], "key": s["key"],
             "training_vram_change_pct": _pct(s.get("train_peak_mem_mb"), baseline.get("train_peak_mem_mb")),
             "inference_vram_change_pct": _pct(s.get("forward_peak_mem_mb"), baseline.get("forward_peak_mem_mb")),
             "weight_memory_change_pct": _pct(s.get("weight_mb"), baseline.get("weight_mb")),
@@ -233,8 +236,8 @@ def flash_results(ctx: StageContext, attn_rows: list, best: str, combo: list, ba
     res = {"setup": summary_table(ctx), "attention": attn_rows, "fastest_attention": best,
            "attention_x_quant": combo, "baseline": baseline, "stacks": stacks, "gains": gains,
            "gains_caption": gains_caption(ctx, baseline)}
-    res["metrics"] = {"fastest_attention": best, **{f"{k}[{g['stack'][:28]}]": v for g in gains for k, v in g.items()
-                                                    if k != "stack" and isinstance(v, (int, float))}}
+    res["metrics"] = {"fastest_attention": best, **{f"{k}[{g['key']}]": v for g in gains for k, v in g.items()
+                                                    if k not in ("stack", "key") and isinstance(v, (int, float))}}
     ctx.save_results(res)
     return res
 

@@ -1,0 +1,133 @@
+"""The command line: `python -m gpt2opt_lib.bench generate|forward|train ...`; arguments checked before anything
+is built or timed (one-line error, exit code 2)."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .forward import cmd_forward
+from .generation import cmd_generate
+from .hardware import DTYPES
+from .training import OPTIONAL_TRAIN_ENGINES, TRAIN_ENGINES, cmd_train
+
+def _train_parser(sub) -> None:
+    t = sub.add_parser("train", help="tokens/s, MFU and peak memory of training configurations (B x seq_len)")
+    t.add_argument("--model", default="random:gpt2", help="student/trained model spec (random:<arch>, hub id, dir)")
+    t.add_argument("--teacher", default="random:gpt2-medium", help="teacher spec for kd_hf / kd_fast")
+    t.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="autocast dtype (fp32: no autocast)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=1024)
+    t.add_argument("--steps", type=int, default=10, help="timed optimizer steps per engine")
+    t.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator, autotune)")
+    t.add_argument("--engines", default=None, help=f"comma list (default: {','.join(TRAIN_ENGINES)}; also "
+                                                  f"{','.join(OPTIONAL_TRAIN_ENGINES)})")
+    t.add_argument("--compile", default="auto",
+                   help="auto (CUDA: fast,kd_fast; each compiled model adds ~15-40 s), none, all, or a comma list")
+    t.add_argument("--no-compile-teacher", dest="compile_teacher", action="store_false",
+                   help="kd_fast: leave the teacher's forward uncompiled")
+    t.add_argument("--sdpa-backend", default="default",
+                   choices=["default", "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
+                   help="force one SDPA backend in the fast-family engines (default: PyTorch's choice)")
+    t.add_argument("--chunk-tokens", type=int, default=8192,
+                   help="tokens per loss chunk (fast, kd_fast, lora*); 8192 = one chunk at 8 x 1024")
+    t.add_argument("--ckpt-chunk-tokens", type=int, default=1024,
+                   help="loss chunk of the memory-lean engines (fast_ckpt, qlora): smaller = less memory")
+    t.add_argument("--lora-rank", type=int, default=8)
+    t.add_argument("--prune-sparsity", type=float, default=0.8)
+    t.add_argument("--kd-temperature", type=float, default=2.0)
+    t.add_argument("--kd-alpha", type=float, default=0.5)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--json", default=None, help="write the figures here")
+    t.add_argument("--seed", type=int, default=0)
+
+
+def _common(p):
+    p.add_argument("--model", default="random:gpt2", help="random:<gpt2|gpt2-medium|distilgpt2|tiny|...>, hub id or dir")
+    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compile, graph capture, autotune)")
+    p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engines", default=None, help="explicit comma list of engines (overrides --quant defaults)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", default="auto")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default="auto")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m gpt2opt_lib.bench", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="tokens/s of generation engines")
+    _common(g)
+    g.add_argument("--prompt-len", type=int, default=32)
+    g.add_argument("--new-tokens", type=int, default=128)
+    g.add_argument("--quant", default="none,int4",
+                   help="comma list of none,int8,int4,nf4 (int8 is opt-in: 6x slower than 16-bit at batch 1 on an H100)")
+    g.add_argument("--group-size", type=int, default=128, help="int4 group size (32/64/128/256)")
+    g.add_argument("--attn", default="sdpa", help="HF attn_implementation of the baseline model")
+    g.add_argument("--quality-tokens", type=int, default=256, help="tokens for the quantization ppl check; 0 = off")
+    f = sub.add_parser("forward", help="tokens/s of a full forward (B x seq_len)")
+    _common(f)
+    f.add_argument("--seq-len", type=int, default=512)
+    f.add_argument("--attn", default="sdpa,eager", help="HF attn_implementations to time (first: the `hf` engine)")
+    _train_parser(sub)
+    return ap
+
+
+# subcommand -> function(args) -> report dict (and a parser in make_parser).
+SUBCOMMANDS = {"generate": cmd_generate, "forward": cmd_forward, "train": cmd_train}
+
+
+class UsageError(ValueError):
+    """A bad command line: one line on stderr, exit code 2, nothing measured and no JSON written."""
+
+
+# argument -> (test, what is allowed); only the arguments a subcommand has are checked
+_ARG_RULES = {
+    "batch_size": (lambda v: v >= 1, ">= 1"), "repeats": (lambda v: v >= 1, ">= 1"),
+    "warmup": (lambda v: v >= 0, ">= 0"), "prompt_len": (lambda v: v >= 1, ">= 1"),
+    "new_tokens": (lambda v: v >= 1, ">= 1"), "seq_len": (lambda v: v >= 1, ">= 1"),
+    "steps": (lambda v: v >= 1, ">= 1"), "quality_tokens": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "group_size": (lambda v: v in (32, 64, 128, 256), "one of 32, 64, 128, 256"),
+    "chunk_tokens": (lambda v: v >= 0, ">= 0"), "ckpt_chunk_tokens": (lambda v: v >= 0, ">= 0"),
+    "lora_rank": (lambda v: v >= 1, ">= 1"), "prune_sparsity": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "kd_temperature": (lambda v: v > 0, "> 0"), "kd_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lr": (lambda v: v > 0, "> 0"),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every numeric argument in range and every random:/scratch: model spec a known architecture, before a model
+    is built or a timer started (an engine failing on bad input is not a measurement)."""
+    for name, (ok, allowed) in _ARG_RULES.items():
+        if getattr(args, name, None) is not None and not ok(getattr(args, name)):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {allowed}")
+    from ..models import arch_config
+
+    for flag in ("model", "teacher"):
+        spec = getattr(args, flag, None)
+        if spec and spec.startswith(("random:", "scratch:")):
+            try:
+                arch_config(spec.split(":", 1)[1])
+            except ValueError as e:
+                raise UsageError(f"--{flag} {spec}: {e}") from None
+    if getattr(args, "quant", None) is not None:
+        bad = [q for q in args.quant.split(",") if q.strip() and q.strip() not in ("none", "int8", "int4", "nf4")]
+        if bad:
+            raise UsageError(f"--quant {args.quant}: unknown mode(s) {bad}; allowed: none, int8, int4, nf4")
+    if getattr(args, "json", None):
+        parent = Path(args.json).resolve().parent
+        existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if Path(args.json).is_dir() or (existing is not None and (not existing.is_dir()
+                                                                   or not os.access(existing, os.W_OK))):
+            raise UsageError(f"--json {args.json}: cannot write there (not a writable directory: {existing})")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = make_parser().parse_args(argv)
+    check_args(args)
+    return SUBCOMMANDS[args.cmd](args)

@@ -1,0 +1,121 @@
+"""`bench generate`: tokens/s of the generation engines (plain `generate`, HF static cache, bitsandbytes NF4,
+gpt2opt's FastGPT2 with 16-bit / int8 / int4 weights), with the fraction of the memory-bandwidth roofline."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import env as envmod
+from ..generate import FastGPT2, hf_generate
+from .common import _model_bytes, _report, _run_engine, build_model
+from .hardware import DTYPES, PEAK_BANDWIDTH, _device_name, _lookup
+
+def _gen_engines(args, device) -> list[str]:
+    if args.engines:
+        return args.engines.split(",")
+    names = ["hf"] + (["hf_static"] if device.type == "cuda" else [])
+    for q in args.quant.split(","):
+        names.append({"none": "fast", "int8": "fast_int8", "int4": "fast_int4", "nf4": "hf_nf4"}[q.strip()])
+    return names
+
+
+def _hf_nf4_model(model, dtype):
+    """The same weights as bitsandbytes NF4 (double quant) through the suite's one loader (quant.quantize_bnb)."""
+    from ..quant import quantize_bnb
+
+    device = next(model.parameters()).device
+    qmodel, rec = quantize_bnb(model, "nf4", device=str(device), compute_dtype=dtype)
+    if qmodel is None:
+        raise RuntimeError(f"skipped: {rec.get('reason')}")
+    return qmodel.eval()
+
+
+def cmd_generate(args) -> dict:
+    device = envmod.resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    model = build_model(args.model, dtype, device, attn=args.attn.split(",")[0], seed=args.seed)
+    B, T, N = args.batch_size, args.prompt_len, args.new_tokens
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device)
+    peak_bw = _lookup(PEAK_BANDWIDTH, _device_name(device))
+    fp16_bytes = _model_bytes(model) * 2 // next(model.parameters()).element_size()
+    results, outputs = {}, {}
+
+    def figures(bytes_per_step):
+        def f(rec):
+            t = rec["mean_s"]
+            tps = B * N / t
+            roof = bytes_per_step * N / t / peak_bw if (peak_bw and bytes_per_step) else None
+            return {"tokens_per_s": tps, "tokens_per_s_std": B * N * rec["std_s"] / t**2, "ms_per_token": t / N * 1e3,
+                    "roofline_fraction": roof,
+                    "achieved_weight_gbps": bytes_per_step * N / t / 1e9 if bytes_per_step else None}
+        return f
+
+    for name in _gen_engines(args, device):
+        if name in ("hf", "hf_static", "hf_nf4"):
+            def make(name=name):
+                m = _hf_nf4_model(model, dtype) if name == "hf_nf4" else model
+                kw = {"cache_implementation": "static"} if name == "hf_static" else {}
+                fn = lambda: outputs.__setitem__(name, hf_generate(m, ids, N, **kw))
+                wb = _model_bytes(m)
+                return fn, {"weight_bytes": wb, "decode_bytes_per_step": wb, "ratio_vs_fp16": wb / fp16_bytes}
+            _run_engine(name, make, device, args, results,
+                        extra=lambda rec: figures(rec["decode_bytes_per_step"])(rec))
+        elif name.startswith("fast"):
+            quant = {"fast": None, "fast_int8": "int8", "fast_int4": "int4"}[name]
+
+            def make(quant=quant, name=name):
+                eng = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, weight_quant=quant,
+                               group_size=args.group_size, use_cuda_graph=args.cuda_graph, compile=args.compile)
+                fn = lambda: outputs.__setitem__(name, eng.generate(ids, N))
+                info = dict(eng.weight_bytes(), cuda_graph=eng.use_cuda_graph, compiled=eng.compile,
+                            quant=eng.quant_report)
+                if quant is not None:
+                    info.update(_quality(eng, model, ids[:4], args))
+                return fn, info
+            _run_engine(name, make, device, args, results,
+                        extra=lambda rec: figures(rec["decode_bytes_per_step"])(rec))
+        else:
+            results[name] = {"error": f"unknown engine {name!r}"}
+    # greedy agreement with plain HF (token for token in fp32; fp16 may diverge after a near-tie)
+    if "hf" in outputs:
+        for name, out in outputs.items():
+            if name != "hf" and name in results and out.shape == outputs["hf"].shape:
+                results[name]["token_match_vs_hf"] = (out == outputs["hf"]).float().mean().item()
+    if "fast" in results and "tokens_per_s" in results["fast"]:
+        for name, rec in results.items():
+            if "tokens_per_s" in rec:
+                rec["speedup_vs_fast"] = rec["tokens_per_s"] / results["fast"]["tokens_per_s"]
+    if "hf" in results and "tokens_per_s" in results["hf"]:
+        for rec in results.values():
+            if "tokens_per_s" in rec:
+                rec["speedup_vs_hf"] = rec["tokens_per_s"] / results["hf"]["tokens_per_s"]
+    return _report(args, device, results, dict(prompt_len=T, new_tokens=N, peak_bandwidth_Bps=peak_bw))
+
+
+_REF_LOGITS: dict = {}
+
+
+def _quality(eng, model, ids, args) -> dict:
+    """Quantization quality vs the same model's unquantized forward, on sequences it generates itself.
+
+    With random weights a perplexity is near the vocabulary size, so we also report the relative logit error
+    and the top-1 agreement, which do not depend on the weights being trained."""
+    if not args.quality_tokens:
+        return {}
+    key = id(model)
+    if key not in _REF_LOGITS:
+        ref_eng = FastGPT2(model, max_batch_size=ids.shape[0], use_cuda_graph=False, compile=False)
+        g = torch.Generator(device=ids.device).manual_seed(args.seed)
+        L = min(args.quality_tokens, model.config.n_positions)
+        text = ref_eng.generate(ids[:, :1], L - 1, do_sample=True, generator=g)   # (B, L) the model's own text
+        _REF_LOGITS[key] = (text, ref_eng.forward_logits(text))
+        del ref_eng
+    text, ref = _REF_LOGITS[key]
+    q = eng.forward_logits(text)
+    nll = lambda lg: torch.nn.functional.cross_entropy(lg[:, :-1].flatten(0, 1), text[:, 1:].flatten()).item()
+    ppl, ppl_ref = math.exp(nll(q)), math.exp(nll(ref))
+    return {"ppl": ppl, "ppl_unquantized": ppl_ref, "ppl_rel_change": ppl / ppl_ref - 1,
+            "logits_rel_err": ((q - ref).norm() / ref.norm()).item(),
+            "top1_agree": (q.argmax(-1) == ref.argmax(-1)).float().mean().item()}

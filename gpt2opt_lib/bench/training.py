@@ -1,0 +1,487 @@
+"""`bench train`: tokens/s, MFU and peak memory of training configurations (engines), same batches, same start
+weights.
+
+Each engine is one training configuration, built fresh from the same initial weights (a CPU template per model
+spec, deep-copied), run for --warmup + --steps optimizer steps on the same batches (random tokens, on the
+device), timed per step without host syncs (train.StepTimer: CUDA events on GPU), and then freed. The warm-up
+steps (compile, allocator, autotune) are dropped from the figures; peak memory is reset after them, so
+`peak_mem_mb` is the steady-state training peak (weights + grads + optimizer state + activations). tokens/s comes
+from the mean step time, as everywhere in the suite.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import statistics
+import time
+
+import torch
+
+from .. import env as envmod
+from ..timing import is_oom
+from .common import _free, _report
+from .hardware import (FLOPS_FORMULA, PEAK_FLOPS, _base, _device_name, _lookup, _param_counts,
+                       train_flops_per_token)
+
+TRAIN_ENGINES = ("hf", "hf_eager", "fast", "fast_ckpt", "kd_hf", "kd_fast", "lora", "lora_pruned", "qlora")
+OPTIONAL_TRAIN_ENGINES = ("hf_fp32",)          # full fine-tune without autocast (slow; only when asked for)
+COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora")
+AUTO_COMPILED = ("fast", "kd_fast")            # --compile auto on CUDA: each compiled model costs ~15-40 s
+
+
+@dataclasses.dataclass
+class _TrainCtx:
+    args: argparse.Namespace
+    device: torch.device
+    amp: torch.dtype | None          # autocast dtype (None: fp32, no autocast)
+    blocks: torch.Tensor             # (n_blocks, T) token ids on the device
+    spec: object                     # train.TrainSpec shared by the train.train engines
+    compiled: set                    # engines that get torch.compile
+    peak_flops: float | None
+    templates: dict = dataclasses.field(default_factory=dict)
+
+    def template(self, spec: str):
+        """fp32 CPU model with the suite's init for `spec`, built once; engines deep-copy it (same start weights)."""
+        if spec not in self.templates:
+            from ..models import build_model as _build
+            self.templates[spec] = _build(spec, attn_implementation="sdpa", seed=self.args.seed).eval()
+        return self.templates[spec]
+
+    def fresh(self, spec: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+        from ..models import set_attn
+        m = copy.deepcopy(self.template(spec))
+        set_attn(m, attn)
+        return m.to(device=self.device, dtype=dtype)
+
+    def autocast(self, dtype="default"):
+        dtype = self.amp if dtype == "default" else dtype
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _reset_peak_stats(device) -> None:
+    # host-side bookkeeping only (no device sync): the peak restarts at what is allocated now
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _figures(ctx: _TrainCtx, times: list[float], losses: list[float], peak, flops_tok: float, flops_tok_6n: float):
+    """Step-time statistics over the measured steps (warm-up dropped), throughput, MFU, losses."""
+    w = ctx.args.warmup
+    meas = times[w:]
+    if not meas:
+        raise RuntimeError(f"no measured steps: got {len(times)} step times for warmup={w}")
+    B, T = ctx.args.batch_size, ctx.args.seq_len
+    mean = statistics.fmean(meas)
+    med = statistics.median(meas)
+    tps = B * T / mean                                  # the mean, as every measurement of the suite
+    pf = ctx.peak_flops
+    return {
+        "step_time_median_s": med, "step_time_mean_s": mean,
+        "step_time_std_s": statistics.stdev(meas) if len(meas) > 1 else 0.0, "step_time_min_s": min(meas),
+        "steps_measured": len(meas), "warmup_steps": w, "warmup_s": sum(times[:w]),
+        "tokens_per_s": tps, "tokens_per_s_median": B * T / med, "samples_per_s": B / mean,
+        "flops_per_token": flops_tok, "tflops": flops_tok * tps / 1e12,
+        "mfu": flops_tok * tps / pf if pf else None, "mfu_6n": flops_tok_6n * tps / pf if pf else None,
+        "peak_mem_mb": peak, "first_loss": losses[0], "final_loss": losses[-1],
+        "loss_finite": all(math.isfinite(x) for x in losses),
+    }
+
+
+def _plain_loop(ctx: _TrainCtx, step_fn) -> tuple[list[float], list[float], float | None]:
+    """The plain-transformers loop: step_fn(batch) -> detached loss; same batches and timer as train.train."""
+    from ..timing import peak_mem_mb, reset_peak
+    from ..train import StepTimer, epoch_batches
+    batches = epoch_batches(ctx.blocks, ctx.spec, 1)     # what train.train sees in its epoch 1
+    if ctx.device.type == "cuda":
+        reset_peak(ctx.device)                           # gc + empty_cache + peak reset, as train.train does
+    timer, losses = StepTimer(ctx.device), []
+    timer.mark()
+    for i, b in enumerate(batches):
+        losses.append(step_fn(b))
+        if i + 1 == ctx.args.warmup:
+            _reset_peak_stats(ctx.device)
+        timer.mark()
+    times = timer.durations()                            # one sync, at the end
+    return times, torch.stack(losses).float().cpu().tolist(), peak_mem_mb(ctx.device)
+
+
+def _plain_optimizer(model, args):
+    # what a plain script writes: torch AdamW (foreach on CUDA, not fused), same hyper-parameters as TrainSpec
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
+                             weight_decay=0.01, fused=False)
+
+
+def _plain_update(ctx, loss, params, opt, scaler):
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)           # HF Trainer's default max_grad_norm; train.train clips too
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _eng_hf(ctx: _TrainCtx, attn: str = "sdpa", amp="default") -> dict:
+    """Plain transformers full fine-tune: model(ids, labels=ids).loss, torch AdamW, autocast, no compile."""
+    amp = ctx.amp if amp == "default" else amp
+    model = ctx.fresh(ctx.args.model, attn).train()
+    n_all, n_mm = _param_counts(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _plain_optimizer(model, ctx.args)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+
+    def step(b):
+        with ctx.autocast(amp):
+            loss = model(input_ids=b, labels=b).loss
+        _plain_update(ctx, loss, params, opt, scaler)
+        return loss.detach()
+    times, losses, peak = _plain_loop(ctx, step)
+    f = train_flops_per_token(model.config, ctx.args.seq_len, n_full=n_mm)
+    rec = _figures(ctx, times, losses, peak, f, 6 * n_all)
+    rec.update(attn_implementation=attn, loss="transformers labels= (full fp32 logits)", optimizer="AdamW (foreach)",
+               autocast=str(amp), compiled=False, gradient_checkpointing=False, trainable_params=n_all,
+               total_params=n_all)
+    return rec
+
+
+def _eng_kd_hf(ctx: _TrainCtx) -> dict:
+    """Distillation as written with plain transformers: full teacher and student logits + distill.kd_loss."""
+    from ..distill import kd_loss
+    a = ctx.args
+    student = ctx.fresh(a.model).train()
+    teacher = ctx.fresh(a.teacher).eval().requires_grad_(False)  # fp32 weights under autocast, like a plain script
+    n_all, n_mm = _param_counts(student)
+    t_all, t_mm = _param_counts(teacher)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = _plain_optimizer(student, a)
+    scaler = torch.amp.GradScaler("cuda") if ctx.amp == torch.float16 else None
+
+    def step(b):
+        with ctx.autocast():
+            with torch.no_grad():
+                t_logits = teacher(input_ids=b).logits                  # (B, T, V)
+            s_logits = student(input_ids=b).logits
+            loss, _ = kd_loss(s_logits, t_logits, b, a.kd_temperature, a.kd_alpha)
+        _plain_update(ctx, loss, params, opt, scaler)
+        return loss.detach()
+    times, losses, peak = _plain_loop(ctx, step)
+    f = train_flops_per_token(student.config, a.seq_len, n_full=n_mm, teacher_cfg=teacher.config, n_teacher=t_mm)
+    rec = _figures(ctx, times, losses, peak, f, 6 * n_all + 2 * t_all)
+    rec.update(loss="distill.kd_loss (reference, full logits)", optimizer="AdamW (foreach)", autocast=str(ctx.amp),
+               compiled=False, gradient_checkpointing=False, trainable_params=n_all, total_params=n_all + t_all,
+               teacher_dtype=str(torch.float32))
+    return rec
+
+
+def _sdpa_wrap(ctx, loss_fn):
+    """Force one SDPA backend (--sdpa-backend) around the forward; backward follows the forward's choice."""
+    if ctx.args.sdpa_backend == "default":
+        return loss_fn
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, ctx.args.sdpa_backend)
+
+    def wrapped(model, batch):
+        with sdpa_kernel([backend]):
+            return loss_fn(model, batch)
+    return wrapped
+
+
+def _run_fast(ctx: _TrainCtx, model, loss_fn, *, params=None, after_step=None, ckpt=False) -> dict:
+    """train.train for --warmup + --steps steps; peak memory restarts after the warm-up steps."""
+    from ..train import train
+    spec = dataclasses.replace(ctx.spec, gradient_checkpointing=ckpt)
+    done = [0]
+
+    def hook():
+        if after_step is not None:
+            after_step()
+        done[0] += 1
+        if done[0] == ctx.args.warmup:
+            _reset_peak_stats(ctx.device)
+    hist = train(model, ctx.blocks, _sdpa_wrap(ctx, loss_fn), spec, ctx.device, params=params, after_step=hook,
+                 progress=False, desc="bench")
+    return {"times": hist["step_time_s"], "losses": hist["step_loss"], "peak": hist["summary"]["peak_mem_mb"],
+            "trainable_params": hist["summary"]["trainable_params"]}
+
+
+def _compile(module, ctx: _TrainCtx, on: bool) -> bool:
+    if on:
+        # dynamic=False: a second model of another shape (the teacher) gets its own static graph, not a
+        # dynamic-shape recompile of the first
+        module.compile(dynamic=False)
+    return on
+
+
+def _eng_fast(ctx: _TrainCtx, name: str, compiled: bool) -> dict:
+    """train.train + chunked CE + fused AdamW + autocast (+ compile of model.transformer) (+ checkpointing)."""
+    from ..distill import make_lm_loss_fn
+    a = ctx.args
+    ckpt = name == "fast_ckpt"
+    chunk = a.ckpt_chunk_tokens if ckpt else a.chunk_tokens
+    model = ctx.fresh(a.model)
+    n_all, n_mm = _param_counts(model)
+    _compile(model.transformer, ctx, compiled)
+    r = _run_fast(ctx, model, make_lm_loss_fn(chunk), ckpt=ckpt)
+    f = train_flops_per_token(model.config, a.seq_len, n_full=n_mm)
+    rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 6 * n_all)
+    rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={chunk})", optimizer="train.train AdamW (fused on CUDA)",
+               autocast=str(ctx.amp), compiled=compiled, gradient_checkpointing=ckpt,
+               trainable_params=r["trainable_params"], total_params=n_all)
+    return rec
+
+
+def _eng_kd_fast(ctx: _TrainCtx, compiled: bool) -> dict:
+    """make_kd_loss_fn (teacher in 16-bit, inference mode, chunked KL + CE) + train.train (+ compile)."""
+    from ..distill import make_kd_loss_fn
+    a = ctx.args
+    student = ctx.fresh(a.model)
+    t_dtype = ctx.amp or torch.float32                   # the frozen teacher needs no fp32 master weights
+    teacher = ctx.fresh(a.teacher, dtype=t_dtype)
+    n_all, n_mm = _param_counts(student)
+    t_all, t_mm = _param_counts(teacher)
+    _compile(student.transformer, ctx, compiled)
+    _compile(teacher.transformer, ctx, compiled and a.compile_teacher)
+    loss_fn = make_kd_loss_fn(teacher, a.kd_temperature, a.kd_alpha, a.chunk_tokens)
+    r = _run_fast(ctx, student, loss_fn)
+    f = train_flops_per_token(student.config, a.seq_len, n_full=n_mm, teacher_cfg=teacher.config, n_teacher=t_mm)
+    rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 6 * n_all + 2 * t_all)
+    rec.update(loss=f"distill.make_kd_loss_fn(chunk_tokens={a.chunk_tokens})",
+               optimizer="train.train AdamW (fused on CUDA)", autocast=str(ctx.amp), compiled=compiled,
+               teacher_compiled=compiled and a.compile_teacher, gradient_checkpointing=False,
+               trainable_params=r["trainable_params"], total_params=n_all + t_all, teacher_dtype=str(t_dtype))
+    return rec
+
+
+def _eng_lora(ctx: _TrainCtx, name: str, compiled: bool) -> dict:
+    """apply_lora(rank) on the fp32 model (+ prune_lora, re-applied after every step) + the fast step."""
+    from ..distill import make_lm_loss_fn
+    from ..lora import apply_lora
+    from ..prune import prune_lora
+    a = ctx.args
+    base = ctx.fresh(a.model)
+    n_all, n_mm = _param_counts(base)
+    model = apply_lora(base, rank=a.lora_rank)
+    _compile(_base(model).transformer, ctx, compiled)
+    pruner = prune_lora(model, a.prune_sparsity) if name == "lora_pruned" else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_ad = sum(p.numel() for p in params)
+    r = _run_fast(ctx, model, make_lm_loss_fn(a.chunk_tokens), params=params,
+                  after_step=pruner.apply if pruner else None)
+    f = train_flops_per_token(base.config, a.seq_len, n_frozen=n_mm, n_adapter=n_ad)
+    rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 4 * n_all + 6 * n_ad)
+    rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={a.chunk_tokens})",
+               optimizer="train.train AdamW (fused on CUDA)", autocast=str(ctx.amp), compiled=compiled,
+               gradient_checkpointing=False, lora_rank=a.lora_rank, trainable_params=n_ad, total_params=n_all + n_ad)
+    if pruner is not None:
+        rec["pruning"] = {k: v for k, v in pruner.record().items() if k != "fully_pruned_tensors"}
+    return rec
+
+
+def _eng_qlora(ctx: _TrainCtx, compiled: bool) -> dict:
+    """quantize_bnb(model, "nf4") + prepare_qlora(gradient_checkpointing=True) + the fast step (lean loss chunk)."""
+    from ..distill import make_lm_loss_fn
+    from ..quant import bnb_status, prepare_qlora, quantize_bnb
+    a = ctx.args
+    ok, reason = bnb_status()
+    if not ok:
+        return {"error": f"skipped: {reason}", "skipped": True}
+    template = ctx.template(a.model)
+    n_all, n_mm = _param_counts(template)
+    qmodel, qrec = quantize_bnb(template, "nf4", device=str(ctx.device),
+                                compute_dtype=ctx.amp if ctx.amp in (torch.bfloat16, torch.float16) else None)
+    if qmodel is None:
+        return {"error": f"skipped: {qrec.get('reason')}", "skipped": True}
+    model = prepare_qlora(qmodel, rank=a.lora_rank, gradient_checkpointing=True)
+    _compile(_base(model).transformer, ctx, compiled)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_ad = sum(p.numel() for p in params)
+    r = _run_fast(ctx, model, make_lm_loss_fn(a.ckpt_chunk_tokens), params=params, ckpt=True)
+    f = train_flops_per_token(template.config, a.seq_len, n_frozen=n_mm, n_adapter=n_ad)
+    rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 4 * n_all + 6 * n_ad)
+    rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={a.ckpt_chunk_tokens})",
+               optimizer="train.train AdamW (fused on CUDA)", autocast=str(ctx.amp), compiled=compiled,
+               gradient_checkpointing=True, lora_rank=a.lora_rank, trainable_params=n_ad, total_params=n_all + n_ad,
+               quant={k: qrec.get(k) for k in ("mode", "compute_dtype", "dtype", "double_quant", "quantized_layers")},
+               weight_bytes=qrec.get("weight_bytes"))
+    return rec
+
+
+def _train_engine_fn(name: str):
+    """engine name -> fn(ctx, compiled) -> record; None for an unknown name."""
+    table = {
+        "hf": lambda ctx, c: _eng_hf(ctx, "sdpa"),
+        "hf_eager": lambda ctx, c: _eng_hf(ctx, "eager"),
+        "hf_fp32": lambda ctx, c: _eng_hf(ctx, "sdpa", amp=None),
+        "kd_hf": lambda ctx, c: _eng_kd_hf(ctx),
+        "fast": lambda ctx, c: _eng_fast(ctx, "fast", c),
+        "fast_ckpt": lambda ctx, c: _eng_fast(ctx, "fast_ckpt", c),
+        "kd_fast": _eng_kd_fast,
+        "lora": lambda ctx, c: _eng_lora(ctx, "lora", c),
+        "lora_pruned": lambda ctx, c: _eng_lora(ctx, "lora_pruned", c),
+        "qlora": _eng_qlora,
+    }
+    return table.get(name)
+
+
+def _error_record(e: BaseException) -> dict:
+    return {"error": f"{type(e).__name__}: {e}"[:500], "oom": is_oom(e)}
+
+
+def _cleanup(ctx: _TrainCtx, compiled: bool) -> None:
+    if compiled:
+        torch._dynamo.reset()        # drop the compiled graphs (and what they keep alive) before the next engine
+    if ctx.device.type == "cuda":    # on CPU nothing is measured from the allocator; gc.collect costs ~0.4 s
+        _free(ctx.device)
+
+
+def _run_train_engine(ctx: _TrainCtx, name: str, results: dict) -> None:
+    """Build, train, measure one engine; record its figures or its error. Never raises.
+
+    A compiled engine that fails for another reason than OOM is retried once without compile (recording
+    `compile_error`), so a torch.compile problem costs the speed-up, not the measurement."""
+    t0 = time.perf_counter()
+    fn = _train_engine_fn(name)
+    compiled = name in ctx.compiled
+    if fn is None:
+        rec = {"error": f"unknown engine {name!r}; allowed: {', '.join(TRAIN_ENGINES + OPTIONAL_TRAIN_ENGINES)}"}
+    else:
+        try:
+            rec = fn(ctx, compiled)
+        except Exception as e:  # noqa: BLE001 - recorded, not raised: one engine's failure must not end the run
+            rec = _error_record(e)
+        if compiled and "error" in rec and not rec.get("oom") and not rec.get("skipped"):
+            compile_error = rec["error"]
+            _cleanup(ctx, True)
+            print(f"  {name}: compiled run failed ({compile_error[:160]}); retrying without compile", flush=True)
+            try:
+                rec = fn(ctx, False)
+            except Exception as e:  # noqa: BLE001
+                rec = _error_record(e)
+            rec["compile_error"] = compile_error
+    rec["total_s"] = time.perf_counter() - t0
+    results[name] = rec
+    _cleanup(ctx, compiled)
+    if "error" in rec:
+        print(f"  {name}: {rec['error'][:200]}", flush=True)
+    else:
+        peak = "-" if rec["peak_mem_mb"] is None else f"{rec['peak_mem_mb']:,.0f}"
+        print(f"  {name}: {rec['step_time_mean_s'] * 1e3:.1f} ms/step, {rec['tokens_per_s']:,.0f} tokens/s, "
+              f"peak {peak} MB, first loss {rec['first_loss']:.4f} ({rec['total_s']:.1f} s incl. build and "
+              f"{rec['warmup_s']:.1f} s warm-up)" + (" [compile failed: ran uncompiled]" if "compile_error" in rec
+                                                     else ""), flush=True)
+
+
+def _ratio(results, a, b, key):
+    ra, rb = results.get(a, {}), results.get(b, {})
+    va, vb = ra.get(key), rb.get(key)
+    return va / vb if (va is not None and vb) else None
+
+
+def _train_targets(results: dict) -> dict:
+    """The issue's targets, computed from this run's figures (value None when an engine is missing/failed)."""
+    def t(value, op, threshold, what):
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        return {"value": value, "target": f"{op} {threshold}", "met": met, "what": what}
+    fast = results.get("fast", {})
+    return {
+        "student_tokens_per_s": t(fast.get("tokens_per_s"), ">=", 500_000, "fast tokens/s"),
+        "student_mfu": t(fast.get("mfu"), ">=", 0.45, "fast MFU (6N + 12LTE)"),
+        "student_speedup_vs_hf": t(_ratio(results, "fast", "hf", "tokens_per_s"), ">=", 4.0,
+                                   "fast tokens/s / hf tokens/s"),
+        "kd_speedup_vs_kd_hf": t(_ratio(results, "kd_fast", "kd_hf", "tokens_per_s"), ">=", 3.0,
+                                 "kd_fast tokens/s / kd_hf tokens/s"),
+        "kd_peak_mem_ratio": t(_ratio(results, "kd_fast", "kd_hf", "peak_mem_mb"), "<=", 0.6,
+                               "kd_fast peak MB / kd_hf peak MB"),
+        "qlora_peak_mem_vs_hf": t(_ratio(results, "qlora", "hf", "peak_mem_mb"), "<=", 0.2,
+                                  "qlora peak MB / hf peak MB (full fine-tune, AdamW)"),
+    }
+
+
+def _train_checks(results: dict) -> dict:
+    """Same start weights and batches: the fast loss paths must start from the reference paths' loss."""
+    def rel(a, b):
+        la, lb = results.get(a, {}).get("first_loss"), results.get(b, {}).get("first_loss")
+        return abs(la - lb) / abs(lb) if (la is not None and lb) else None
+    return {"lm_first_loss_rel_diff_fast_vs_hf": rel("fast", "hf"),
+            "kd_first_loss_rel_diff_fast_vs_hf": rel("kd_fast", "kd_hf")}
+
+
+def _train_engine_list(args) -> list[str]:
+    if not args.engines:
+        return list(TRAIN_ENGINES)
+    return [e.strip() for e in args.engines.split(",") if e.strip()]
+
+
+def _compiled_set(args, device, engines) -> set:
+    c = args.compile
+    if c in ("none", "off", False):
+        return set()
+    if c == "auto":
+        return set(AUTO_COMPILED) & set(engines) if device.type == "cuda" else set()
+    if c == "all":
+        return (set(COMPILABLE) - {"qlora"}) & set(engines)   # bnb 4-bit layers: only when named
+    names = {x.strip() for x in c.split(",") if x.strip()}
+    bad = names - set(COMPILABLE)
+    if bad:
+        raise SystemExit(f"--compile: {sorted(bad)} cannot be compiled; allowed: auto, none, all, or a comma list "
+                         f"of {', '.join(COMPILABLE)}")
+    return names & set(engines)
+
+
+def cmd_train(args) -> dict:
+    """Time every training configuration (engine) on the same batches, from the same start weights.
+
+    Engines: `hf` plain transformers (labels= loss, SDPA, torch AdamW, autocast), `hf_eager` (eager attention),
+    `fast` (train.train: chunked CE, fused AdamW, autocast, + torch.compile of model.transformer on CUDA),
+    `fast_ckpt` (+ activation checkpointing, lean loss chunk), `kd_hf` (plain distillation: full teacher and student
+    logits + distill.kd_loss), `kd_fast` (distill.make_kd_loss_fn, teacher in 16-bit + train.train, compiled on
+    CUDA), `lora` (rank --lora-rank adapters), `lora_pruned` (+ prune_lora --prune-sparsity, re-applied after each
+    step), `qlora` (NF4 base + LoRA + checkpointing); optional `hf_fp32` (no autocast).
+    """
+    from ..train import TrainSpec
+    device = envmod.resolve_device(args.device)
+    amp = envmod.resolve_dtype(args.dtype, device)      # None for fp32; raises for fp16 on CPU
+    envmod.seed_everything(args.seed)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+    engines = _train_engine_list(args)
+    B, T = args.batch_size, args.seq_len
+    n_steps = args.warmup + args.steps
+    spec = TrainSpec(epochs=1, batch_size=B, grad_accum=1, lr=args.lr, warmup_steps=max(1, args.warmup),
+                     precision=args.dtype, grad_clip=1.0, seed=args.seed)
+    ctx = _TrainCtx(args=args, device=device, amp=amp, blocks=torch.empty(0), spec=spec,
+                    compiled=_compiled_set(args, device, engines),
+                    peak_flops=_lookup(PEAK_FLOPS, _device_name(device)) if device.type == "cuda" else None)
+    cfg = ctx.template(args.model).config
+    if T > cfg.n_positions:
+        raise SystemExit(f"--seq-len {T} exceeds {args.model}'s n_positions={cfg.n_positions}")
+    g = torch.Generator().manual_seed(args.seed)
+    # random tokens: speed and memory do not depend on the text; the same blocks (and batches) for every engine
+    ctx.blocks = torch.randint(0, cfg.vocab_size, (n_steps * B, T), generator=g).to(device)
+    print(f"train bench: {args.model} (teacher {args.teacher}) {args.dtype} batch {B} x {T}, {args.warmup} warm-up "
+          f"+ {args.steps} timed steps, compiled: {sorted(ctx.compiled) or 'none'}", flush=True)
+    results: dict = {}
+    for name in engines:
+        _run_train_engine(ctx, name, results)
+    base = results.get("hf", {})
+    for rec in results.values():
+        if "tokens_per_s" in rec:
+            rec["speedup_vs_hf"] = rec["tokens_per_s"] / base["tokens_per_s"] if base.get("tokens_per_s") else None
+            hp = base.get("peak_mem_mb")
+            rec["mem_vs_hf"] = rec["peak_mem_mb"] / hp if (hp and rec.get("peak_mem_mb") is not None) else None
+    extra = dict(teacher=args.teacher, seq_len=T, steps=args.steps, tokens_per_step=B * T,
+                 compiled_engines=sorted(ctx.compiled), sdpa_backend=args.sdpa_backend, lr=args.lr,
+                 chunk_tokens=args.chunk_tokens, ckpt_chunk_tokens=args.ckpt_chunk_tokens, lora_rank=args.lora_rank,
+                 prune_sparsity=args.prune_sparsity, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha,
+                 peak_flops=ctx.peak_flops, flops_formula=FLOPS_FORMULA, targets=_train_targets(results),
+                 checks=_train_checks(results),
+                 timing=("per-step CUDA events (perf_counter on CPU), no host sync inside a step, one sync at the "
+                         "end; --warmup steps dropped; peak memory reset after the warm-up; mean/std/median over "
+                         "--steps steps; tokens_per_s uses the mean step time"))
+    args.repeats = args.steps                             # _report's field name for the timed repetitions
+    return _report(args, device, results, extra)
