@@ -21,6 +21,7 @@ import datetime as _dt
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
         print("profiles:", ", ".join(config.list_profiles()))
         print("stages:  ", ", ".join(available_stages()))
         return 0
-    import papermill as pm
+    import papermill  # noqa: F401  (missing: fail here, before a run directory exists)
 
     # validate every stage's parameters before running anything
     profile, stages, params, out = plan(args)
@@ -195,6 +196,18 @@ def main(argv=None) -> int:
         print(f"resume: keeping the completed stage(s) {', '.join(done)}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     os.environ.update(env)  # the kernel inherits it: notebooks import gpt2opt_lib from this checkout
+    user_threads = os.environ.get("OMP_NUM_THREADS")  # set by the user: always wins
+    active = _register_active()
+    try:
+        return _run_stages(args, stages, params, done, run_dir, summary, summary_path, user_threads)
+    finally:
+        if active is not None:
+            active.unlink(missing_ok=True)
+
+
+def _run_stages(args, stages, params, done, run_dir, summary, summary_path, user_threads) -> int:
+    import papermill as pm
+
     for i, stage in enumerate(stages, 1):
         if stage in done:
             entry = summary["stages"].setdefault(stage, {"notebook": f"{stage}.ipynb", "status": "ok"})
@@ -212,7 +225,10 @@ def main(argv=None) -> int:
         out_nb = run_dir / f"{stage}.ipynb"
         partial = run_dir / ".partial" / f"{stage}.ipynb"
         partial.parent.mkdir(exist_ok=True)
-        print(f"[{i}/{len(stages)}] {stage} ...", flush=True)
+        if not user_threads:  # the kernel's torch reads it at import: a fair share of the cores
+            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(cpu_share())
+        print(f"[{i}/{len(stages)}] {stage} ..." + ("" if user_threads else f" ({os.environ['OMP_NUM_THREADS']} CPU "
+                                                                             f"threads)"), flush=True)
         t0 = time.time()
         entry = {"notebook": out_nb.name}
         try:
@@ -245,6 +261,43 @@ def main(argv=None) -> int:
             return 1
     print(f"done: {summary_path}\nreport: {run_dir / 'index.html'}")
     return 0
+
+
+ACTIVE_DIR = Path(tempfile.gettempdir()) / "gpt2opt-active-runs"  # one empty file per running run_all (its pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def cpu_share(active_dir: Path = ACTIVE_DIR, cpus: int | None = None) -> int:
+    """CPU threads for this run's next notebook: the machine's cores split evenly between the run_all processes
+    running now (entries of dead processes are dropped). Two runs at once each taking every core ran ~5x slower
+    than one alone (oversubscription); recomputed at every stage, since each stage starts a fresh kernel."""
+    cpus = cpus or os.cpu_count() or 1
+    n = 0
+    for f in active_dir.glob("*"):
+        if f.name.isdigit() and _alive(int(f.name)):
+            n += 1
+        else:
+            f.unlink(missing_ok=True)
+    return max(1, cpus // max(1, n))
+
+
+def _register_active(active_dir: Path = ACTIVE_DIR) -> Path | None:
+    try:
+        active_dir.mkdir(parents=True, exist_ok=True)
+        entry = active_dir / str(os.getpid())
+        entry.touch()
+        return entry
+    except OSError:  # no shared temp dir: no sharing, nothing else changes
+        return None
 
 
 def write_index(run_dir: Path) -> None:

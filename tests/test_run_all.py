@@ -199,3 +199,26 @@ def test_stages_added_to_a_run_take_its_profile(tmp_path):
         run_all.plan(run_all.parse_args(["--profile", "quick", "--only", "02_compare", "--out", str(run)]))
     r = _run("--only", "02_compare")  # no --out: the default profile, as before
     assert r.returncode == 2 and "01_distill" in r.stderr
+
+
+def test_cpu_threads_are_shared_between_concurrent_runs(tmp_path):
+    """Two runs at once each took every core (~5x slower each); each stage now gets an even share."""
+    sys.path.insert(0, str(ROOT))
+    import run_all
+
+    active = tmp_path / "active"
+    active.mkdir()
+    assert run_all.cpu_share(active, cpus=8) == 8                 # nobody registered: all cores
+    (active / str(os.getpid())).touch()
+    assert run_all.cpu_share(active, cpus=8) == 8                 # this run alone
+    (active / str(os.getppid())).touch()                           # a second live process
+    assert run_all.cpu_share(active, cpus=8) == 4
+    assert run_all.cpu_share(active, cpus=3) == 1
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (active / str(dead.pid)).touch()                               # a run that died without cleaning up
+    (active / "junk").touch()
+    assert run_all.cpu_share(active, cpus=8) == 4
+    assert sorted(p.name for p in active.iterdir()) == sorted([str(os.getpid()), str(os.getppid())])
+    entry = run_all._register_active(active)
+    assert entry.name == str(os.getpid()) and entry.exists()

@@ -1,0 +1,162 @@
+"""The five stages' step code in-process, without papermill: what each stage hands to the next, and that every
+knob is read where it is declared (03's LoRA lr and warm-up reach 04's QLoRA and 05's stack; each stage's own
+loss chunk reaches its training; 05's metric keys are stable ids, never cut names). Scaled-down quick profile."""
+import dataclasses
+
+import pytest
+
+from gpt2opt_lib import config
+
+SMALL = {  # the quick profile, smaller: seconds per stage on 2 CPU cores
+    "max_articles": 120, "eval_max_tokens": 512, "repeats": 1, "warmup": 0, "wandb_mode": "disabled",
+    "teacher_max_epochs": 1, "epochs": 1, "checkpoint_epochs": [1], "seeds": [1234], "max_train_blocks": 32,
+    "sweep_batch_sizes": [1], "sweep_seq_lens": [32], "gen_new_tokens": 4, "ft_max_train_blocks": 16,
+    "base_sparsity": ["magnitude-2:4"], "quant_modes": ["nf4"], "attn_seq_lens": [32], "train_steps": 1,
+}
+STAGES = ["01_distill", "02_compare", "03_lora_prune", "04_quant", "05_flash_quant"]
+
+
+def _cfg(stage, run_dir, **extra):
+    cls = config.STAGE_CONFIGS[stage]
+    values = {**config.as_dict(cls(**config.stage_parameters("quick", stage))), "run_dir": str(run_dir)}
+    values.update({k: v for k, v in {**SMALL, **extra}.items() if k in config.fields(cls)})
+    return config.load_stage(stage, values)
+
+
+class _Spy:
+    """Wraps a step module's `train` to record the TrainSpec and loss chunk each call used."""
+
+    def __init__(self, module, monkeypatch):
+        self.calls, real = [], module.train
+        self.chunks, real_loss = [], module.make_lm_loss_fn
+
+        def train(model, blocks, loss_fn, spec, device, **kw):
+            self.calls.append((kw.get("desc", ""), spec))
+            return real(model, blocks, loss_fn, spec, device, **kw)
+
+        def make_lm_loss_fn(chunk):
+            self.chunks.append(chunk)
+            return real_loss(chunk)
+        monkeypatch.setattr(module, "train", train)
+        monkeypatch.setattr(module, "make_lm_loss_fn", make_lm_loss_fn)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """All five stages, as the notebooks call them, into one run directory; returns {stage: (cfg, results)}."""
+    from gpt2opt_lib.steps import context
+    from gpt2opt_lib.steps import s01_distill as s1
+    from gpt2opt_lib.steps import s02_compare as s2
+    from gpt2opt_lib.steps import s03_lora_prune as s3
+    from gpt2opt_lib.steps import s04_quant as s4
+    from gpt2opt_lib.steps import s05_flash_quant as s5
+
+    mp = pytest.MonkeyPatch()
+    run_dir = tmp_path_factory.mktemp("steps") / "run"
+    out, spies = {}, {}
+    try:
+        cfg = _cfg("01_distill", run_dir)
+        ctx = context.setup(cfg, "01_distill")
+        teacher, t_info = s1.get_teacher(ctx)
+        runs = s1.train_students(ctx, teacher)
+        out["01_distill"] = (cfg, s1.distill_results(ctx, t_info, s1.student_info(ctx, teacher), runs))
+
+        cfg = _cfg("02_compare", run_dir)
+        ctx = context.setup(cfg, "02_compare")
+        roles = s2.load_roles(ctx)
+        out["02_compare"] = (cfg, s2.compare_results(ctx, s2.quality(ctx, roles), s2.speed(ctx, roles),
+                                                     s2.sweep(ctx, roles)))
+
+        cfg = _cfg("03_lora_prune", run_dir, ft_warmup_steps=3, ft_lr=4e-3, full_ft_lr=7e-4, loss_chunk_tokens=256)
+        ctx = context.setup(cfg, "03_lora_prune")
+        spies["03_lora_prune"] = _Spy(s3, mp)
+        full = s3.full_finetune(ctx)
+        lora_model, lora_row = s3.lora_finetune(ctx)
+        pruned_model, pruned_row = s3.lora_finetune(ctx, prune_before=True)
+        after_model, after_row = s3.prune_after(ctx, lora_model)
+        base_row = s3.lora_finetune(ctx, "student_plain", prune_before=True)[1]
+        storage = [s3.adapter_storage(ctx, pruned_model, "pruned_before")]
+        merged, merge = s3.merge_and_check(ctx, pruned_model)
+        out["03_lora_prune"] = (cfg, s3.lora_results(ctx, [full, lora_row, pruned_row, base_row], after_row,
+                                                     storage, merge, s3.base_sparsity(ctx, merged)))
+
+        cfg = _cfg("04_quant", run_dir, loss_chunk_tokens=128)
+        ctx = context.setup(cfg, "04_quant")
+        spies["04_quant"] = _Spy(s4, mp)
+        qrows, layers = s4.quant_table(ctx)
+        out["04_quant"] = (cfg, s4.quant_results(ctx, qrows, layers, s4.engine_table(ctx), s4.qlora_table(ctx)))
+
+        cfg = _cfg("05_flash_quant", run_dir, loss_chunk_tokens=64)
+        ctx = context.setup(cfg, "05_flash_quant")
+        spies["05_flash_quant"] = _Spy(s5, mp)
+        attn_rows = s5.attention_table(ctx, s5.attention_names(ctx))
+        best = s5.fastest_attention(attn_rows)
+        baseline, stacks = s5.baseline_config(ctx), s5.stacked_config(ctx, best)
+        gains = s5.gains_table(baseline, stacks, s5.stack_16bit_ppl(ctx))
+        out["05_flash_quant"] = (cfg, s5.flash_results(ctx, attn_rows, best, [], baseline, stacks, gains))
+    finally:
+        mp.undo()
+    return out, spies, run_dir
+
+
+def test_every_stage_completes_and_hands_on_its_artifacts(run):
+    out, _, run_dir = run
+    for stage in STAGES:
+        assert config.stage_complete(run_dir, stage), stage
+        assert out[stage][1]["metrics"], stage
+    assert (run_dir / "01_distill" / "student_distilled").is_dir()
+
+
+def test_03_rows_are_typed_not_found_by_their_labels(run):
+    res = run[0]["03_lora_prune"][1]
+    kinds = [(r["kind"], r["student"]) for r in res["training"]]
+    assert kinds == [("full_ft", "student_distilled"), ("lora", "student_distilled"),
+                     ("lora_pruned_before", "student_distilled"), ("lora_pruned_before", "student_plain")]
+    full = res["training"][0]
+    assert res["metrics"]["full_ft_test_ppl"] == full["test_ppl"]
+    assert res["metrics"]["pruned_lora_test_ppl"] == res["training"][2]["test_ppl"]  # the distilled student's
+
+
+def test_03_knobs_reach_its_training(run):
+    cfg, _ = run[0]["03_lora_prune"]
+    spy = run[1]["03_lora_prune"]
+    assert [s.warmup_steps for _, s in spy.calls] == [cfg.ft_warmup_steps] * 4
+    assert [s.lr for _, s in spy.calls] == [cfg.full_ft_lr] + [cfg.ft_lr] * 3
+    assert spy.chunks == [cfg.loss_chunk_tokens] * 4
+
+
+def test_04_and_05_build_and_train_what_03_declared(run):
+    cfg3, _ = run[0]["03_lora_prune"]
+    cfg4, res4 = run[0]["04_quant"]
+    cfg5, _ = run[0]["05_flash_quant"]
+    s4, s5 = run[1]["04_quant"], run[1]["05_flash_quant"]
+    # 04's QLoRA timing: its own lr and loss chunk, 03's warm-up
+    assert s4.calls and all(s.lr == cfg4.ft_lr and s.warmup_steps == cfg3.ft_warmup_steps for _, s in s4.calls)
+    assert s4.chunks == [cfg4.loss_chunk_tokens] * len(s4.calls)
+    # 05: the baseline full FT at 03's full-FT lr, the stack's QLoRA at 03's LoRA lr; 05's own loss chunk
+    (d0, base), (d1, stack) = s5.calls
+    assert (d0, base.lr, d1, stack.lr) == ("baseline full FT", cfg3.full_ft_lr, "stack QLoRA", cfg3.ft_lr)
+    assert base.warmup_steps == stack.warmup_steps == cfg3.ft_warmup_steps
+    assert s5.chunks == [cfg5.loss_chunk_tokens] * 2
+    # int8 engine weights are opt-in: the default engines are 16-bit and int4
+    assert [r["weight_quant"] for r in res4["engine"]] == ["none", "int4"]
+
+
+def test_05_metric_keys_are_stable_ids(run):
+    cfg, res = run[0]["05_flash_quant"]
+    keys = [g["key"] for g in res["gains"]]
+    assert keys == ["stack", f"stack_engine_{cfg.fast_engine_quant}"]
+    for g in res["gains"]:
+        for k, v in g.items():
+            if k not in ("stack", "key") and isinstance(v, (int, float)):
+                assert res["metrics"][f"{k}[{g['key']}]"] == v
+    n_numeric = sum(1 for g in res["gains"] for k, v in g.items()
+                    if k not in ("stack", "key") and isinstance(v, (int, float)))
+    assert len(res["metrics"]) == n_numeric + 1  # + fastest_attention: no two keys collide
+
+
+def test_stage_parameters_are_dataclass_fields():
+    """Every override this test uses exists in at least one stage (a renamed knob fails here, not silently)."""
+    names = set().union(*(config.fields(c) for c in config.STAGE_CONFIGS.values()))
+    assert set(SMALL) <= names, set(SMALL) - names
+    assert all(dataclasses.is_dataclass(c) for c in config.STAGE_CONFIGS.values())
