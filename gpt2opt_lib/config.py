@@ -124,6 +124,7 @@ class Compare(Common):
     sweep_seq_lens: list = p([32, 64], "sequence lengths of the sweep (at most n_positions)", ge=1, nonempty=True)
     gen_new_tokens: int = p(16, "new tokens per generation measurement", ge=1)
     gen_prompt_len: int = p(32, "prompt tokens per generation measurement", ge=1)
+    spec_k: int = p(4, "speculative decoding: draft tokens of the distilled student per teacher step (0: off)", ge=0)
 
 
 @dataclasses.dataclass
@@ -148,6 +149,7 @@ class LoraPrune(Common):
     base_sparsity: list = p(["magnitude-2:4", "wanda-2:4", "wanda-50%"], "real weight sparsity of the merged model",
                             unique=True)
     calib_blocks: int = p(8, "calibration blocks for Wanda activation norms", ge=1)
+    nproc: int = p(1, "processes for each fine-tuning run: above 1, torchrun data-parallel (DDP, one per GPU)", ge=1)
 
 
 @dataclasses.dataclass

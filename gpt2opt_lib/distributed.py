@@ -106,11 +106,29 @@ def run_students(ctx) -> dict:
     return steps.train_students(ctx, teacher)
 
 
+def run_finetune(ctx, job_json: str, out_json: str) -> None:
+    """One of 03's fine-tuning runs on every rank; rank 0 writes the row (and the LoRA adapter as safetensors)."""
+    from .steps import s03_lora_prune as steps
+    from .tracking import read_json, write_atomic, write_json
+    out = steps.run_job(ctx, read_json(job_json))
+    if is_main():
+        res = {"row": out["row"], "world_size": world(), "backend": dist.get_backend() if dist.is_initialized() else None}
+        if "tensors" in out:  # safetensors: nothing from a run directory is ever unpickled
+            from safetensors.torch import save
+            path = Path(out_json).with_suffix(".adapter.safetensors")
+            write_atomic(path, lambda f: f.write(save(out["tensors"])), binary=True)
+            res["adapter"] = str(path)
+        write_json(out_json, res)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m gpt2opt_lib.distributed",
                                  description="01 distillation / 03 LoRA fine-tuning, data-parallel (DDP or FSDP2)")
-    ap.add_argument("stage", choices=["distill", "lora", "students"],
-                    help="distill: all of 01; lora: 03's LoRA fine-tuning; students: 01's students on its saved teacher")
+    ap.add_argument("stage", choices=["distill", "lora", "students", "finetune"],
+                    help="distill: all of 01; lora: 03's LoRA fine-tuning; students: 01's students on its saved "
+                         "teacher; finetune: one of 03's fine-tuning runs (--job-json; what 03 runs with nproc > 1)")
+    ap.add_argument("--job-json", help="finetune: {kind: full_ft|lora, which: student_distilled|student_plain, "
+                                       "prune_before: bool}")
     ap.add_argument("--profile", default="quick", help="params/<profile>.yaml (or a path to a YAML)")
     ap.add_argument("--run-dir", help="run directory (lora/students: one where 01_distill has run)")
     ap.add_argument("--config-json", help="the stage's full config as JSON (what 01 passes), instead of --profile")
@@ -125,7 +143,8 @@ def main(argv=None) -> int:
     device = init_from_env(a.parallel)
     ctx = None
     try:
-        stage = {"distill": "01_distill", "lora": "03_lora_prune", "students": "01_distill"}[a.stage]
+        stage = {"distill": "01_distill", "lora": "03_lora_prune", "students": "01_distill",
+                 "finetune": "03_lora_prune"}[a.stage]
         if not (a.run_dir or a.config_json):
             raise SystemExit("error: give --run-dir (with --profile) or --config-json")
         ctx = _ctx(stage, a.profile, a.run_dir, overrides, a.config_json)
@@ -133,6 +152,10 @@ def main(argv=None) -> int:
             raise ValueError(f"profile device {ctx.device} but torchrun gave {device}: set device in the profile")
         from . import train as T
         summaries: list = []
+        if a.stage == "finetune":
+            run_finetune(ctx, a.job_json, a.out_json)
+            ctx.tracker.finish()
+            return 0
         if a.stage == "students":
             hists = run_students(ctx)
             if is_main():

@@ -113,11 +113,12 @@ class _Block(nn.Module):
         return self._out(x, y)
 
     def forward_decode(self, x, kc, vc, pos, mask):
-        """x (B, 1, C); pos (1,) long on device; mask (1, 1, 1, L) bool, True = attend (positions <= pos)."""
-        q, k, v = self._qkv(x)                                          # (B, nh, 1, hs)
+        """x (B, S, C) with S new tokens (S = 1: a decode step); pos (S,) long on device, their cache slots;
+        mask (1, 1, S, L) bool, True = attend (query i: slots <= pos[i])."""
+        q, k, v = self._qkv(x)                                          # (B, nh, S, hs)
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v)
-        y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale)  # (B, nh, 1, hs)
+        y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale)  # (B, nh, S, hs)
         return self._out(x, y)
 
 
@@ -174,6 +175,18 @@ class _Core(nn.Module):
         for blk, kc, vc in zip(self.blocks, ks, vs):
             x = blk.forward_decode(x, kc, vc, pos, mask)
         return self.logits(x[:, 0]).float()
+
+    def span_logits(self, toks: torch.Tensor, pos: torch.Tensor, ks, vs) -> torch.Tensor:
+        """toks (B, S) at consecutive positions pos (S,) long on device -> logits (B, S, V) fp32; writes each
+        layer's cache at those slots (a multi-token decode step at any cache offset: speculative decoding's
+        verify step). Query i attends to slots <= pos[i] only, so slots past the span (stale after a rollback)
+        are never read and a rollback is just a smaller position next time."""
+        x = self.wte(toks) + self.wpe[pos]                              # (B, S, C)
+        L = ks[0].shape[2]
+        mask = (torch.arange(L, device=pos.device)[None, :] <= pos[:, None]).view(1, 1, -1, L)
+        for blk, kc, vc in zip(self.blocks, ks, vs):
+            x = blk.forward_decode(x, kc, vc, pos, mask)
+        return self.logits(x).float()
 
     # --- ragged (left-padded) batches: eager, per-row positions and key masks --------------------------------------
 

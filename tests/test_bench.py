@@ -55,6 +55,9 @@ def test_unknown_random_arch_is_a_clear_error():
     (["generate", "--batch-size", "0"], "--batch-size 0"),
     (["generate", "--new-tokens", "-1"], "--new-tokens -1"),
     (["generate", "--model", "random:nope"], "random:nope"),
+    (["generate", "--draft", "random:tiny", "--batch-size", "2"], "--batch-size 1"),
+    (["generate", "--draft", "random:nope"], "random:nope"),
+    (["generate", "--draft", "random:tiny", "--draft-k", "0"], "--draft-k 0"),
     (["forward", "--seq-len", "0"], "--seq-len 0"),
     (["train", "--kd-alpha", "2"], "--kd-alpha"),
 ])
@@ -77,3 +80,20 @@ def test_check_args_in_process():
         bench.main(["generate", "--model", "random:tiny", "--batch-size", "0"])
     with pytest.raises(bench.UsageError, match="allowed"):
         bench.main(["generate", "--model", "random:tiny", "--quant", "int3"])
+
+
+def test_generate_with_a_draft_measures_speculative_decoding(tmp_path):
+    """--draft: speculative decoding against the target's own engine and HF assisted generation, same run; the
+    output is the target's greedy output token for token (fp32), and the JSON says so."""
+    out = tmp_path / "specul.json"
+    rep = bench.main(["generate", "--model", "random:tiny-teacher", "--draft", "random:tiny", "--draft-k", "3",
+                      "--dtype", "fp32", "--device", "cpu", "--prompt-len", "8", "--new-tokens", "9", "--repeats", "1",
+                      "--warmup", "0", "--quant", "none", "--json", str(out)])
+    spec = json.loads(out.read_text())["speculative"]
+    assert spec == json.loads(json.dumps(rep["speculative"], default=str))
+    assert spec["draft"] == "random:tiny" and spec["k"] == 3 and spec["token_identical"] is True
+    e = spec["engines"]
+    assert {"fast", "draft_fast", "speculative", "hf", "hf_assisted"} <= e.keys()
+    assert spec["speedup"] == pytest.approx(e["speculative"]["tokens_per_s"] / e["fast"]["tokens_per_s"])
+    assert e["speculative"]["tokens_per_s"] == pytest.approx(9 / e["speculative"]["mean_s"])
+    assert 0 <= spec["acceptance_rate"] <= 1 and e["speculative"]["proposed"] % 3 == 0

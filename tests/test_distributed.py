@@ -194,6 +194,8 @@ common: {device: cpu, precision: fp32, tokenizer: gpt2, corpus: wiki-offline, ma
              student_init: teacher-layers, student_n_layer: 1, epochs: 2,
              checkpoint_epochs: [1, 2], batch_size: 2, lr: 1.0e-3, warmup_steps: 1, max_train_blocks: 16,
              kd_chunk_tokens: 64, no_teacher_baseline: false}
+03_lora_prune: {ft_batch_size: 2, ft_max_train_blocks: 8, lora_on_base: false, base_sparsity: [magnitude-2:4],
+                calib_blocks: 2, loss_chunk_tokens: 64}
 """
 
 
@@ -256,13 +258,15 @@ def test_two_nodes_through_the_c10d_rendezvous(tmp_path):
 
 @pytest.mark.slow
 def test_run_all_nproc_trains_the_students_data_parallel(tmp_path):
-    """`run_all.py --nproc 2`: 01 trains its students under torchrun from inside the notebook (2 gloo processes on
-    CPU here, one per GPU on a GPU host); rank 0 writes the same artifacts, and the report shows world size 2."""
+    """`run_all.py --nproc 2`: 01 trains its students and 03 each of its fine-tuning runs under torchrun from inside
+    the notebook (2 gloo processes on CPU here, one per GPU on a GPU host); rank 0 writes the same artifacts, and
+    the report shows world size 2."""
     prof = tmp_path / "tiny.yaml"
     prof.write_text(TINY_PROFILE.replace("random:tiny", "scratch:tiny"))
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    p = subprocess.run([sys.executable, "run_all.py", "--profile", str(prof), "--only", "01_distill", "--out", str(out),
+    p = subprocess.run([sys.executable, "run_all.py", "--profile", str(prof), "--only", "01_distill,03_lora_prune",
+                        "--out", str(out),
                         "--nproc", "2", "--no-html"], env=env, capture_output=True, text=True, timeout=900,
                        cwd=Path(__file__).parents[1])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -273,6 +277,15 @@ def test_run_all_nproc_trains_the_students_data_parallel(tmp_path):
     assert (out / "01_distill" / "student_distilled" / "config.json").exists()
     assert sorted(d.name for d in (out / "01_distill" / "checkpoints").iterdir()) == [
         "student_distilled-epoch001", "student_distilled-epoch002"]
+    r3 = json.loads((out / "03_lora_prune" / "results.json").read_text())
+    assert r3["config"]["nproc"] == 2
+    assert [(r["kind"], r["world_size"]) for r in r3["training"]] == [("full_ft", 2), ("lora", 2),
+                                                                       ("lora_pruned_before", 2)]
+    # the adapters trained under torchrun came back: pruned stays pruned, merged == unmerged (03's own asserts too)
+    assert abs(r3["metrics"]["pruned_adapter_sparsity"] - 0.8) < 0.02
+    assert r3["metrics"]["merged_max_abs_diff"] < 1e-3
+    assert sorted(p.name for p in (out / "03_lora_prune" / "torchrun").iterdir()) == [
+        "full_ft-student_distilled", "lora-student_distilled", "lora-student_distilled-pruned_before"]
 
 
 def test_fsdp_shards_the_training_state(runs):

@@ -65,7 +65,7 @@ def run(tmp_path_factory):
         ctx = context.setup(cfg, "02_compare")
         roles = s2.load_roles(ctx)
         out["02_compare"] = (cfg, s2.compare_results(ctx, s2.quality(ctx, roles), s2.speed(ctx, roles),
-                                                     s2.sweep(ctx, roles)))
+                                                     s2.sweep(ctx, roles), s2.speculative(ctx, roles)))
 
         cfg = _cfg("03_lora_prune", run_dir, ft_warmup_steps=3, ft_lr=4e-3, full_ft_lr=7e-4, loss_chunk_tokens=256)
         ctx = context.setup(cfg, "03_lora_prune")
@@ -105,6 +105,16 @@ def test_every_stage_completes_and_hands_on_its_artifacts(run):
         assert config.stage_complete(run_dir, stage), stage
         assert out[stage][1]["metrics"], stage
     assert (run_dir / "01_distill" / "student_distilled").is_dir()
+
+
+def test_02_speculative_decoding_with_the_pair_01_trained(run):
+    """The distilled student drafts, the teacher verifies: the teacher's own greedy output, token for token."""
+    cfg, res = run[0]["02_compare"]
+    spec = res["speculative"]
+    assert spec["status"] == "ok" and spec["k"] == cfg.spec_k and spec["token_identical"] is True
+    assert [r["engine"] for r in spec["table"]][:3] == ["fast", "draft_fast", "speculative"]
+    assert res["metrics"]["speculative_token_identical"] is True
+    assert 0 <= res["metrics"]["speculative_acceptance_rate"] <= 1
 
 
 def test_03_rows_are_typed_not_found_by_their_labels(run):

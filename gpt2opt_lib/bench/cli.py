@@ -69,6 +69,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-size", type=int, default=128, help="int4 group size (32/64/128/256)")
     g.add_argument("--attn", default="sdpa", help="HF attn_implementation of the baseline model")
     g.add_argument("--quality-tokens", type=int, default=256, help="tokens for the quantization ppl check; 0 = off")
+    g.add_argument("--draft", default=None, help="speculative decoding: a draft model spec (e.g. the distilled "
+                                                 "student's directory) proposing tokens for --model to verify")
+    g.add_argument("--draft-k", type=int, default=4, help="draft tokens per verify step (with --draft)")
     f = sub.add_parser("forward", help="tokens/s of a full forward (B x seq_len)")
     _common(f)
     f.add_argument("--seq-len", type=int, default=512)
@@ -95,7 +98,7 @@ _ARG_RULES = {
     "chunk_tokens": (lambda v: v >= 0, ">= 0"), "ckpt_chunk_tokens": (lambda v: v >= 0, ">= 0"),
     "lora_rank": (lambda v: v >= 1, ">= 1"), "prune_sparsity": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "kd_temperature": (lambda v: v > 0, "> 0"), "kd_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "lr": (lambda v: v > 0, "> 0"),
+    "lr": (lambda v: v > 0, "> 0"), "draft_k": (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -107,13 +110,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {allowed}")
     from ..models import arch_config
 
-    for flag in ("model", "teacher"):
+    for flag in ("model", "teacher", "draft"):
         spec = getattr(args, flag, None)
         if spec and spec.startswith(("random:", "scratch:")):
             try:
                 arch_config(spec.split(":", 1)[1])
             except ValueError as e:
                 raise UsageError(f"--{flag} {spec}: {e}") from None
+    if getattr(args, "draft", None) and args.batch_size != 1:
+        raise UsageError(f"--draft: speculative decoding runs at --batch-size 1 (got {args.batch_size})")
     if getattr(args, "quant", None) is not None:
         bad = [q for q in args.quant.split(",") if q.strip() and q.strip() not in ("none", "int8", "int4", "nf4")]
         if bad:

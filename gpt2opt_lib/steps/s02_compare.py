@@ -53,6 +53,30 @@ def speed(ctx: StageContext, roles: dict) -> dict:
     return {"forward": fwd, "generate": gen}
 
 
+def speculative(ctx: StageContext, roles: dict) -> dict | None:
+    """The pair 01 trained, used as speculative decoding needs it: the distilled student drafts spec_k tokens, the
+    teacher verifies them in one step (greedy, batch 1), against the teacher's own fast engine and HF assisted
+    generation with the same draft, in this run. The output must be the teacher's greedy output token for token.
+    None when spec_k is 0."""
+    from ..speculative import measure_speculative
+
+    c = ctx.cfg
+    if not c.spec_k:
+        return None
+    ids = ctx.blocks("test", c.gen_prompt_len)[:1].to(ctx.device)
+    try:
+        rec = measure_speculative(roles["teacher"], roles["distilled student"], ids, c.gen_new_tokens, k=c.spec_k,
+                                  device=ctx.device, warmup=max(1, c.warmup), repeats=max(2, c.repeats))
+    except Exception as e:  # an OOM or a kernel that refuses the shape is a recorded outcome
+        return {"k": c.spec_k, "status": f"{'OOM' if is_oom(e) else 'failed'}: {type(e).__name__}: {e}"[:300]}
+    rows = [{"engine": name, **{k: r.get(k) for k in ("tokens_per_s", "tokens_per_s_std", "mean_s", "std_s",
+                                                      "peak_mem_mb", "token_identical", "acceptance_rate", "error")}}
+            for name, r in rec["engines"].items()]
+    return {"status": "ok", "pair": "teacher verifies, distilled student drafts", "table": rows,
+            **{k: rec[k] for k in ("k", "prompt_len", "new_tokens", "speedup", "speedup_vs_hf", "acceptance_rate",
+                                   "tokens_per_target_step", "token_identical")}}
+
+
 def sweep(ctx: StageContext, roles: dict) -> list[dict]:
     """batch x seq-len grid per model; an out-of-memory point is recorded as 'OOM' and the sweep goes on."""
     rows = []
@@ -72,11 +96,11 @@ def sweep(ctx: StageContext, roles: dict) -> list[dict]:
     return rows
 
 
-def compare_results(ctx: StageContext, qual: list, spd: dict, swp: list) -> dict:
+def compare_results(ctx: StageContext, qual: list, spd: dict, swp: list, spec: dict | None = None) -> dict:
     by = {r["model"]: r for r in qual}
     fw = {r["model"]: r for r in spd["forward"]}
     res = {"setup": summary_table(ctx), "quality": qual, "forward": spd["forward"], "generate": spd["generate"],
-           "sweep": swp}
+           "sweep": swp, "speculative": spec}
     t, d = "teacher", "distilled student"
     res["metrics"] = {
         "teacher_test_ppl": by[t]["test_ppl"], "distilled_test_ppl": by[d]["test_ppl"],
@@ -85,5 +109,9 @@ def compare_results(ctx: StageContext, qual: list, spd: dict, swp: list) -> dict
         "distilled_forward_tokens_per_s": fw[d]["tokens_per_s"],
         **{f"distilled_generate_tokens_per_s_{g['engine']}": g["tokens_per_s"] for g in spd["generate"] if g["model"] == d},
     }
+    if spec and spec.get("status") == "ok":
+        res["metrics"].update(speculative_speedup_vs_teacher_fast=spec["speedup"],
+                              speculative_acceptance_rate=spec["acceptance_rate"],
+                              speculative_token_identical=spec["token_identical"])
     ctx.save_results(res)
     return res

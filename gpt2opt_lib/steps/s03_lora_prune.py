@@ -8,6 +8,7 @@ import copy
 import torch
 
 from .. import lora as L
+from .. import parallel as D
 from .. import models as M
 from .. import prune as P
 from ..distill import make_lm_loss_fn
@@ -23,21 +24,37 @@ def _ft_spec(cfg, lr: float) -> TrainSpec:
 
 
 def full_finetune(ctx: StageContext, which: str = "student_distilled") -> dict:
-    """The training-cost baseline: every weight trained with AdamW (fp32 master weights + autocast)."""
+    """The training-cost baseline: every weight trained with AdamW (fp32 master weights + autocast).
+    With nproc > 1 (and no process group yet) it runs data-parallel under torchrun; rank 0 returns the row."""
+    if ctx.cfg.nproc > 1 and not D.active():
+        return _torchrun(ctx, {"kind": "full_ft", "which": which})["row"]
     model = load_student(ctx, which)
     hist = train(model, ctx.blocks("train"), make_lm_loss_fn(ctx.cfg.loss_chunk_tokens),
                  _ft_spec(ctx.cfg, ctx.cfg.full_ft_lr), ctx.device, tracker=ctx.tracker, desc="full fine-tune")
-    row = train_row(ctx, f"full FT ({which})", model, hist, {"kind": "full_ft", "student": which})
+    row = train_row(ctx, f"full FT ({which})", model, hist, {"kind": "full_ft", "student": which,
+                                                               "world_size": hist["summary"].get("world_size", 1)})
     del model
     free_memory(ctx)
     return row
 
 
 def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_before: bool = False):
-    """LoRA on the frozen student; with prune_before, 80 % of adapter weights are zeroed first and kept at zero."""
+    """LoRA on the frozen student; with prune_before, 80 % of adapter weights are zeroed first and kept at zero.
+    With nproc > 1 (and no process group yet) the training runs data-parallel under torchrun; rank 0 saves the
+    trained adapter weights (safetensors) and they are loaded into the same LoRA model here."""
     c = ctx.cfg
     model = L.apply_lora(load_student(ctx, which), rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
                          targets=tuple(c.lora_targets))
+    if c.nproc > 1 and not D.active():
+        out = _torchrun(ctx, {"kind": "lora", "which": which, "prune_before": prune_before})
+        from safetensors.torch import load_file
+
+        trained = load_file(out["adapter"], device=str(ctx.device))
+        missing = set(L.lora_tensors(model)) - set(trained)
+        if missing:
+            raise RuntimeError(f"torchrun's adapter lacks {sorted(missing)[:3]}...")
+        model.load_state_dict(trained, strict=False)
+        return model, out["row"]
     pruner = P.prune_lora(model, c.prune_sparsity, scope=c.prune_scope) if prune_before else None
     name = f"LoRA r{c.lora_rank}" + (f" + {c.prune_sparsity:.0%} pruned before" if prune_before else "") + f" ({which})"
     hist = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), _ft_spec(c, c.ft_lr), ctx.device,
@@ -47,7 +64,42 @@ def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_bef
              "adapter_sparsity": P.sparsity(model, "lora")["sparsity"]}
     if pruner:
         extra["pruning"] = pruner.record()
+    extra["world_size"] = hist["summary"].get("world_size", 1)
     return model, train_row(ctx, name, model, hist, extra)
+
+
+def run_job(ctx: StageContext, job: dict) -> dict:
+    """One fine-tuning run of this stage (what `_torchrun` asks every rank to do): its row, and for LoRA the trained
+    adapter tensors (on rank 0 the caller saves them)."""
+    if job["kind"] == "full_ft":
+        return {"row": full_finetune(ctx, job["which"])}
+    model, row = lora_finetune(ctx, job["which"], prune_before=job["prune_before"])
+    return {"row": row, "tensors": {k: v.detach().contiguous().cpu() for k, v in L.lora_tensors(model).items()}}
+
+
+def _torchrun(ctx: StageContext, job: dict) -> dict:
+    """`run_job` on `nproc` processes: torchrun -m gpt2opt_lib.distributed finetune, reading this stage's validated
+    config; one process per GPU (nccl) or CPU processes (gloo). Returns {"row", "adapter" (LoRA: a safetensors
+    file)}; the row records the world size."""
+    import subprocess
+    import sys
+
+    from ..config import as_dict
+    from ..tracking import read_json, write_json
+
+    cfg = ctx.cfg
+    name = f"{job['kind']}-{job['which']}" + ("-pruned_before" if job.get("prune_before") else "")
+    work = ctx.stage_dir / "torchrun" / name
+    cfg_path = write_json(work / "config.json", {**as_dict(cfg), "nproc": 1})
+    job_path = write_json(work / "job.json", job)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
+           "-m", "gpt2opt_lib.distributed", "finetune", "--config-json", str(cfg_path), "--job-json", str(job_path),
+           "--out-json", str(work / "out.json")]
+    print("running:", " ".join(cmd), flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"torchrun with nproc={cfg.nproc} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return read_json(work / "out.json")
 
 
 def prune_after(ctx: StageContext, peft_model) -> tuple[object, dict]:

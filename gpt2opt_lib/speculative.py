@@ -1,0 +1,298 @@
+"""Speculative decoding (greedy) on two FastGPT2 engines: a small draft (the suite's distilled student) proposes k
+tokens, the target verifies them in ONE forward over k + 1 positions of its static KV cache.
+
+One iteration, with the sequence x_0 .. x_{n-1} known and both caches valid for slots 0 .. n-2:
+
+1. draft: a 2-token step over (x_{n-2}, x_{n-1}) at slots (n-2, n-1) gives d_1, then k - 1 one-token steps give
+   d_2 .. d_k (k draft forwards). The 2-token first step re-writes slot n-2, which brings the draft up to date in
+   the case "all k accepted", where its own last proposal d_k was never fed to it, at a fixed shape (no branch);
+2. target: one step over (x_{n-1}, d_1 .. d_k) at slots n-1 .. n+k-1 gives its argmax g_0 .. g_k (g_i predicts
+   x_{n+i});
+3. accept the longest prefix with d_{i+1} == g_i (a = 0 .. k tokens) plus the target's own g_a (the correction, or
+   the bonus token when all k were accepted): x_n .. x_{n+a} = g_0 .. g_a, so n += a + 1. Rollback is free: a cache
+   slot >= the new n - 1 is stale, but every query attends only to slots <= its own position (`_Core.span_logits`),
+   and the next iteration overwrites them.
+
+Every token is the target's argmax given the accepted prefix, so the output is token-identical to the target's
+greedy decoding whatever the draft proposes (the draft only changes the speed). Positions, the sequence buffer and
+the acceptance all live on the device; the host reads one number (n) per iteration to decide when to stop. On CUDA
+the whole iteration (k draft steps, the verify step, the acceptance) is one CUDA graph (optionally torch.compiled
+first), and the prefill one graph per prompt length; on CPU the same functions run eagerly.
+
+Batch size 1 only. `measure_speculative` times it against the target's own engine (and HF assisted generation).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .generate import FastGPT2, hf_generate
+from .timing import measure
+
+
+class SpeculativeDecoder:
+    def __init__(self, target: FastGPT2, draft: FastGPT2, k: int = 4, use_cuda_graph: bool | str = "auto",
+                 compile: bool | str = "auto"):
+        """target, draft: FastGPT2 engines on the same device with the same vocabulary (any dtype / weight quant).
+
+        k: draft tokens per target step (>= 1). use_cuda_graph / compile: "auto" = on for CUDA (compile only if
+        both engines compile), off on CPU. The engines' KV caches are reused (their own `generate` still works; it
+        and this decoder overwrite each other's cache contents, never both at once)."""
+        for name, eng in (("target", target), ("draft", draft)):
+            if not isinstance(eng, FastGPT2):
+                raise TypeError(f"{name} must be a FastGPT2 engine, got {type(eng).__name__}")
+        if draft is target:
+            raise ValueError("target and draft must be two engines (each keeps its own KV cache): for a self-draft "
+                             "build FastGPT2(model) twice")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k (draft tokens per target step) must be an int >= 1, got {k!r}")
+        if target.core.vocab_size != draft.core.vocab_size:
+            raise ValueError(f"target and draft must share the tokenizer: vocab_size {target.core.vocab_size} "
+                             f"(target) != {draft.core.vocab_size} (draft)")
+        if target.device != draft.device:
+            raise ValueError(f"target and draft must be on the same device, got {target.device} and {draft.device}")
+        self.target, self.draft, self.k, self.device = target, draft, k, target.device
+        on_cuda = self.device.type == "cuda"
+        self.use_cuda_graph = on_cuda if use_cuda_graph == "auto" else bool(use_cuda_graph)
+        if self.use_cuda_graph and not on_cuda:
+            raise ValueError("use_cuda_graph=True needs a CUDA device")
+        self.compile = (on_cuda and target.compile and draft.compile) if compile == "auto" else bool(compile)
+        dev = self.device
+        self._n = torch.zeros(1, dtype=torch.long, device=dev)                  # tokens known (prompt + new)
+        self._seq = torch.zeros(1, target.max_seq_len + k + 2, dtype=torch.long, device=dev)   # x_0 .. x_{n-1}
+        self._span = torch.arange(k + 1, device=dev)                            # 0 .. k
+        self._caches = ([c[:1] for c in target.ks], [c[:1] for c in target.vs],
+                        [c[:1] for c in draft.ks], [c[:1] for c in draft.vs])
+        self._iter_fn = (torch.compile(self._iteration, fullgraph=True, dynamic=False) if self.compile
+                         else self._iteration)
+        self.compile_error: str | None = None
+        self._graphs: dict = {}
+        self._ids: dict = {}
+        self._pool = None
+
+    # --- the two device steps: every input and output is a static tensor -----------------------------------------
+
+    def _prefill(self, ids, n, seq, tks, tvs, dks, dvs):
+        """ids (1, T): both caches get slots 0 .. T-1; seq = prompt + the target's first token; n = T + 1."""
+        T = ids.shape[1]
+        tc = self.target.core
+        nxt = tc.logits(tc.forward_full(ids, tks, tvs)[:, -1]).float().argmax(-1)    # (1,)
+        self.draft.core.forward_full(ids, dks, dvs)
+        seq[:, :T].copy_(ids)
+        seq[:, T].copy_(nxt)
+        n.fill_(T + 1)
+
+    def _iteration(self, n, seq, tks, tvs, dks, dvs):
+        """One draft-k / verify-once round; advances n by (accepted + 1). Needs n >= 2."""
+        k, dc = self.k, self.draft.core
+        p = n - 1                                                       # (1,) slot of the pending token x_{n-1}
+        pos2 = torch.cat([p - 1, p])                                    # (2,)
+        cur = dc.span_logits(seq[:, pos2], pos2, dks, dvs)[:, -1].argmax(-1)   # d_1 (1,)
+        drafts = [cur]
+        for i in range(1, k):
+            cur = dc.decode_logits(cur, p + i, dks, dvs).argmax(-1)    # d_{i+1}
+            drafts.append(cur)
+        d = torch.stack(drafts, dim=1)                                  # (1, k)
+        pos = p + self._span                                            # (k+1,) slots n-1 .. n+k-1
+        g = self.target.core.span_logits(torch.cat([seq[:, p], d], dim=1), pos, tks, tvs).argmax(-1)  # (1, k+1)
+        a = ((d != g[:, :k]).long().cumsum(dim=1) == 0).sum(dim=1)       # (1,) accepted prefix length
+        seq.index_copy_(1, pos + 1, g)                                  # x_n .. x_{n+a} = g_0 .. g_a (rest: stale)
+        n.add_(a + 1)
+
+    # --- graphs ---------------------------------------------------------------------------------------------------
+
+    def _capture(self, key, fn, reset):
+        """fn() mutates static buffers; reset() puts them in a state fn can run from (before warm-up and capture).
+        Captured before the prefill, so the warm-up runs' writes are overwritten."""
+        if key not in self._graphs:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    reset()
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            reset()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool):
+                fn()
+            self._graphs[key] = g
+        return self._graphs[key].replay
+
+    def _runners(self, T: int, need_iteration: bool):
+        args = (self._n, self._seq, *self._caches)
+        if not self.use_cuda_graph:
+            buf = torch.zeros(1, T, dtype=torch.long, device=self.device)
+            return buf, (lambda: self._prefill(buf, *args)), (lambda: self._iter_fn(*args))
+        step = None
+        if need_iteration:
+            def reset():                                                # n = 2: slots <= k + 1, inside any cache
+                self._n.fill_(2)                                        # that passes the length check
+            try:
+                step = self._capture("iteration", lambda: self._iter_fn(*args), reset)
+            except Exception as e:  # noqa: BLE001 - torch.compile failing in the warm-up: graph the eager round
+                if not self.compile or "iteration" in self._graphs:
+                    raise
+                warnings.warn(f"speculative: torch.compile of the round failed, capturing it eagerly: {e}"[:500])
+                torch.cuda.synchronize()
+                self.compile, self.compile_error, self._iter_fn = False, f"{type(e).__name__}: {e}"[:500], \
+                    self._iteration
+                step = self._capture("iteration", lambda: self._iter_fn(*args), reset)
+        buf = self._ids.setdefault(T, torch.zeros(1, T, dtype=torch.long, device=self.device))
+        prefill = self._capture(("prefill", T), lambda: self._prefill(buf, *args), lambda: None)
+        return buf, prefill, step
+
+    # --- public API -----------------------------------------------------------------------------------------------
+
+    def _check(self, input_ids, max_new_tokens: int) -> None:
+        self.target._check_ids(input_ids)
+        B, T = input_ids.shape
+        if B != 1:
+            raise ValueError(f"speculative decoding runs batch size 1 only, got input_ids of shape "
+                             f"{tuple(input_ids.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        k, N = self.k, max_new_tokens
+        # the last round starts with n <= T + N - 1 and writes target slots up to n + k - 1, draft slots n + k - 2
+        for name, eng, need in (("target", self.target, T + N + k - 1), ("draft", self.draft, T + N + k - 2)):
+            if need > eng.max_seq_len:
+                raise ValueError(f"prompt ({T}) + max_new_tokens ({N}) + k ({k}) needs {need} {name} cache slots, "
+                                 f"more than the {name}'s max_seq_len {eng.max_seq_len} (model n_positions "
+                                 f"{eng.core.n_positions}): lower max_new_tokens or k")
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | None = None) -> tuple[torch.Tensor, dict]:
+        """Greedy: input_ids (1, T) -> (tokens (1, T + n), stats), n = max_new_tokens, or fewer when eos_token_id
+        is given and met (the output then ends with it, as `model.generate` at batch size 1).
+
+        stats: new_tokens; k; target_forward_passes (the prefill + one verify step per round); verify_steps;
+        draft_forward_passes (the prefill + k per round); proposed (k per round) and accepted draft tokens, counted
+        over every round (the last round's tokens past max_new_tokens included); acceptance_rate = accepted /
+        proposed (None without a round); tokens_per_target_step = new_tokens / target_forward_passes (1.0 for
+        plain decoding); mean_accepted_per_verify."""
+        self._check(input_ids, max_new_tokens)
+        T, N, k = input_ids.shape[1], max_new_tokens, self.k
+        buf, prefill, step = self._runners(T, need_iteration=N > 1)
+        buf.copy_(input_ids.to(self.device))
+        prefill()
+        n_host, rounds, accepted = T + 1, 0, 0
+        end = None                                                      # T + index of eos + 1, once met
+        if eos_token_id is not None and int(self._seq[0, T]) == eos_token_id:
+            end = T + 1
+        while end is None and n_host - T < N:
+            step()
+            n_new = int(self._n)                                        # the one host sync per round
+            accepted += n_new - n_host - 1
+            rounds += 1
+            if eos_token_id is not None:
+                new = self._seq[0, n_host: min(n_new, T + N)].tolist()
+                if eos_token_id in new:
+                    end = n_host + new.index(eos_token_id) + 1
+            n_host = n_new
+        end = end if end is not None else T + N
+        out = self._seq[:, :end].clone()
+        proposed = k * rounds
+        stats = dict(new_tokens=end - T, k=k, target_forward_passes=1 + rounds, verify_steps=rounds,
+                     draft_forward_passes=1 + k * rounds, proposed=proposed, accepted=accepted,
+                     acceptance_rate=accepted / proposed if proposed else None,
+                     tokens_per_target_step=(end - T) / (1 + rounds),
+                     mean_accepted_per_verify=accepted / rounds if rounds else None)
+        return out, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measurement (for `python -m gpt2opt_lib.bench generate --draft <spec>`)
+
+def _timing_row(timing, new_tokens: int) -> dict:
+    row = timing.as_dict()   # throughput from the mean time, as every measurement of the suite
+    row["tokens_per_s"] = new_tokens / timing.mean_s
+    row["tokens_per_s_std"] = new_tokens * timing.std_s / timing.mean_s ** 2
+    row["ms_per_token"] = timing.mean_s / new_tokens * 1e3
+    return row
+
+
+def _hf_assisted(target_model, draft_model, ids, N: int, k: int) -> torch.Tensor:
+    """HF assisted generation with a constant k draft tokens per round (the draft's generation_config is restored)."""
+    gc = draft_model.generation_config
+    saved = {a: getattr(gc, a, None) for a in ("num_assistant_tokens", "num_assistant_tokens_schedule",
+                                               "assistant_confidence_threshold")}
+    try:
+        gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = k, "constant"
+        gc.assistant_confidence_threshold = 0.0                          # always propose k (no early stop)
+        return hf_generate(target_model, ids, N, assistant_model=draft_model)
+    finally:
+        for a, v in saved.items():
+            setattr(gc, a, v)
+
+
+def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new_tokens: int, k: int = 4,
+                        device: torch.device | str | None = None, warmup: int = 2, repeats: int = 5, *,
+                        dtype: torch.dtype | None = None, engine_kwargs: dict | None = None,
+                        draft_engine_kwargs: dict | None = None, spec_kwargs: dict | None = None,
+                        hf_baselines: bool = True) -> dict:
+    """Time speculative decoding (target + draft FastGPT2 engines) against the target's own FastGPT2 engine, the
+    draft's engine alone, and, with hf_baselines, plain `model.generate` (`hf`) and HF assisted generation with the
+    same draft and k (`hf_assisted`; its error string is recorded if this transformers version cannot run it).
+
+    target_model / draft_model: HF GPT2LMHeadModels (the engines copy them to `device`, default the target's
+    device, in `dtype`, default the model's); the HF rows run the models where they are. prompt_ids: (1, T).
+    engine_kwargs go to both FastGPT2s (e.g. use_cuda_graph, compile), draft_engine_kwargs (default: the same) to
+    the draft's only (e.g. weight_quant="int8"), spec_kwargs to SpeculativeDecoder (use_cuda_graph, compile).
+    Every row goes through timing.measure (warm-up, sync, repeats).
+
+    Returns {"prompt_len", "new_tokens", "k", "device", "engines": {name: row}, "speedup" (speculative / fast
+    tokens per s), "speedup_vs_hf", "acceptance_rate", "tokens_per_target_step", "token_identical" (speculative
+    output == the target engine's greedy output)}; a row holds mean_s, std_s, median_s, min_s, repeats,
+    peak_mem_mb, tokens_per_s (new tokens / mean) and its std, ms_per_token, and for `speculative` the stats of
+    `SpeculativeDecoder.generate`; HF rows hold token_identical too, or "error"."""
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
+        raise ValueError(f"prompt_ids must be a (1, T) tensor of token ids, got "
+                         f"{tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids)}")
+    device = torch.device(device) if device is not None else next(target_model.parameters()).device
+    T, N = prompt_ids.shape[1], new_tokens
+    kw = dict(engine_kwargs or {})
+    dkw = dict(kw if draft_engine_kwargs is None else draft_engine_kwargs)
+    target = FastGPT2(target_model, max_batch_size=1, max_seq_len=T + N + k, dtype=dtype, device=device, **kw)
+    draft = FastGPT2(draft_model, max_batch_size=1, max_seq_len=T + N + k, dtype=dtype, device=device, **dkw)
+    spec = SpeculativeDecoder(target, draft, k=k, **(spec_kwargs or {}))
+    spec._check(prompt_ids, N)
+    ids = prompt_ids.to(device)
+    outs: dict = {}
+
+    def timed(name, fn):
+        t = measure(lambda: outs.__setitem__(name, fn()), device=device, warmup=warmup, repeats=repeats)
+        return _timing_row(t, N)
+
+    engines = {"fast": timed("fast", lambda: target.generate(ids, N))}
+    engines["fast"].update(cuda_graph=target.use_cuda_graph, compiled=target.compile)
+    engines["draft_fast"] = timed("draft_fast", lambda: draft.generate(ids, N))
+    engines["speculative"] = timed("speculative", lambda: spec.generate(ids, N))
+    out, stats = outs.pop("speculative")
+    engines["speculative"].update(stats, cuda_graph=spec.use_cuda_graph, compiled=spec.compile,
+                                 compile_error=spec.compile_error)
+    ref = outs["fast"]
+    token_identical = bool(out.shape == ref.shape and torch.equal(out, ref))
+    engines["speculative"]["token_identical"] = token_identical
+    if hf_baselines:
+        model_dev = next(target_model.parameters()).device
+        rows = {"hf": lambda: hf_generate(target_model, ids.to(model_dev), N),
+                "hf_assisted": lambda: _hf_assisted(target_model, draft_model, ids.to(model_dev), N, k)}
+        for name, fn in rows.items():
+            try:
+                engines[name] = timed(name, fn)
+                o = outs[name].to(ref.device)
+                engines[name]["token_identical"] = bool(o.shape == ref.shape and torch.equal(o, ref))
+            except Exception as e:  # noqa: BLE001 - a baseline's failure is recorded, not raised
+                engines[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    tps = lambda name: engines.get(name, {}).get("tokens_per_s")
+    ratio = lambda a, b: tps(a) / tps(b) if tps(a) and tps(b) else None
+    return {"prompt_len": T, "new_tokens": N, "k": k, "device": str(device), "engines": engines,
+            "speedup": ratio("speculative", "fast"), "speedup_vs_hf": ratio("speculative", "hf"),
+            "hf_assisted_speedup_vs_hf": ratio("hf_assisted", "hf"),
+            "acceptance_rate": stats["acceptance_rate"], "tokens_per_target_step": stats["tokens_per_target_step"],
+            "token_identical": token_identical}
+

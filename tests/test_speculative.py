@@ -1,0 +1,292 @@
+"""Speculative decoding (gpt2opt_lib/speculative.py) on tiny random GPT-2s, fp32, CPU: token-identical to the
+target alone whatever the draft, exact stats, the multi-token verify step against a full forward, bad inputs."""
+import copy
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from gpt2opt_lib.generate import FastGPT2, hf_generate  # noqa: E402
+from gpt2opt_lib.speculative import SpeculativeDecoder, measure_speculative  # noqa: E402
+
+VOCAB, T0, NEW = 1000, 8, 24
+
+
+def tiny_model(seed=0, n_layer=2, vocab=VOCAB, n_positions=128):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=64, n_head=4, vocab_size=vocab, n_positions=n_positions)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():                        # wider than GPT-2's 0.02 init: varied text, not endless repeats
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model
+
+
+def perturbed(model, eps=0.01, seed=7):
+    """The target with a little noise on every matrix: a draft that agrees with it most of the time."""
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * eps)
+    return m
+
+
+def layers_dropped(model, keep):
+    """The target keeping only the blocks in `keep` (a crude student; embeddings and ln_f shared)."""
+    m = copy.deepcopy(model)
+    m.transformer.h = torch.nn.ModuleList(m.transformer.h[i] for i in keep)
+    m.config.n_layer = len(keep)
+    return m
+
+
+def prompt(seed, T=T0):
+    return torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and on a loaded 2-core machine OpenMP's spinning threads made
+    these tests ~10x slower. Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def target_model():
+    return tiny_model(0)
+
+
+@pytest.fixture(scope="module")
+def weak_last_layer_model():
+    """3 blocks, the last one's output projections scaled down: dropping it gives a close (not equal) draft."""
+    m = tiny_model(4, n_layer=3)
+    with torch.no_grad():
+        blk = m.transformer.h[2]
+        blk.attn.c_proj.weight.mul_(0.1)
+        blk.mlp.c_proj.weight.mul_(0.1)
+    return m
+
+
+@pytest.fixture(scope="module")
+def target(target_model):
+    return FastGPT2(target_model, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def refs(target_model, target):
+    """The target engine's greedy tokens for 3 prompts, checked against HF model.generate(do_sample=False)."""
+    out = {}
+    for s in (1, 2, 3):
+        ids = prompt(s)
+        ours = target.generate(ids, NEW)
+        assert torch.equal(ours, hf_generate(target_model, ids, NEW))
+        assert len(set(ours[0, T0:].tolist())) > 5, "degenerate text: the test would not discriminate"
+        out[s] = (ids, ours)
+    return out
+
+
+def _check_identical(target, draft_model, refs, ks=(1, 3, 5), **draft_kw):
+    draft = FastGPT2(draft_model, max_seq_len=64, **draft_kw)
+    rates = []
+    for k in ks:
+        spec = SpeculativeDecoder(target, draft, k=k)
+        for s, (ids, ref) in refs.items():
+            out, st = spec.generate(ids, NEW)
+            assert torch.equal(out, ref), (k, s)
+            assert st["new_tokens"] == NEW and 0.0 <= st["acceptance_rate"] <= 1.0
+            rates.append(st["acceptance_rate"])
+    return rates
+
+
+def test_same_model_draft_accepts_everything(target_model, target, refs):
+    rates = _check_identical(target, target_model, refs)
+    assert rates == [1.0] * len(rates)           # exactly: the draft is the target
+
+
+def test_unrelated_draft_still_identical(target, refs):
+    rates = _check_identical(target, tiny_model(5), refs)
+    assert max(rates) < 0.2                      # a different random model rarely agrees
+
+
+def test_perturbed_draft_partial_acceptance(target_model, target, refs):
+    rates = _check_identical(target, perturbed(target_model), refs)
+    assert 0.1 < sum(rates) / len(rates) < 0.9
+
+
+def test_layer_dropped_draft(target_model, target, refs):
+    """The suite's student init (models.student_from_teacher: every other teacher block); random weights, so it
+    agrees little, but the output must still be the target's (the next test has a closer layer-dropped draft)."""
+    from gpt2opt_lib.models import student_from_teacher
+    _check_identical(target, student_from_teacher(target_model, 1), refs, ks=(1, 3))
+
+
+def test_dropped_weak_layer_draft_matches_hf(weak_last_layer_model):
+    t = FastGPT2(weak_last_layer_model, max_seq_len=64)
+    draft = FastGPT2(layers_dropped(weak_last_layer_model, [0, 1]), max_seq_len=64)
+    rates = []
+    for s in (1, 2, 3):
+        ids = prompt(s)
+        ref = hf_generate(weak_last_layer_model, ids, NEW)
+        for k in (1, 3, 5):
+            out, st = SpeculativeDecoder(t, draft, k=k).generate(ids, NEW)
+            assert torch.equal(out, ref), (s, k)
+            rates.append(st["acceptance_rate"])
+    assert 0.2 < sum(rates) / len(rates) < 1.0   # some, not all, drafts accepted
+
+
+def test_quantized_draft(target_model, target, refs):
+    """The draft may be weight-quantized (it only proposes tokens): the output stays the target's."""
+    _check_identical(target, target_model, refs, ks=(3,), weight_quant="int8")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("n", [1, 2, 7, 24])
+def test_stats_hand_count_identical_draft(target_model, target, k, n):
+    """Same model as draft: the prefill gives 1 token, every round k + 1, so ceil((n - 1) / (k + 1)) rounds."""
+    spec = SpeculativeDecoder(target, FastGPT2(target_model, max_seq_len=64), k=k)
+    ids = prompt(1)
+    out, st = spec.generate(ids, n)
+    rounds = math.ceil((n - 1) / (k + 1))
+    assert out.shape == (1, T0 + n) and torch.equal(out, target.generate(ids, n))
+    assert st["verify_steps"] == rounds and st["target_forward_passes"] == 1 + rounds
+    assert st["draft_forward_passes"] == 1 + k * rounds
+    assert st["proposed"] == st["accepted"] == k * rounds
+    assert st["acceptance_rate"] == (1.0 if rounds else None)
+    assert st["tokens_per_target_step"] == n / (1 + rounds)
+    assert st["new_tokens"] == n
+
+
+def test_stats_hand_count_unrelated_draft(target):
+    """A draft that never agrees: every round gives exactly one (the target's) token, so n - 1 rounds."""
+    spec = SpeculativeDecoder(target, FastGPT2(tiny_model(5), max_seq_len=64), k=3)
+    ids = prompt(2)
+    _, st = spec.generate(ids, 10)
+    if st["accepted"]:
+        pytest.skip("the unrelated draft happened to agree once")
+    assert st["verify_steps"] == 9 and st["target_forward_passes"] == 10 and st["proposed"] == 27
+    assert st["acceptance_rate"] == 0.0 and st["tokens_per_target_step"] == 1.0
+
+
+def test_stats_partial_acceptance_consistent(target_model, target):
+    """Rounds give accepted + 1 tokens each: the counters must add up to the tokens produced."""
+    spec = SpeculativeDecoder(target, FastGPT2(perturbed(target_model), max_seq_len=64), k=4)
+    _, st = spec.generate(prompt(3), NEW)
+    produced = 1 + st["accepted"] + st["verify_steps"]          # prefill token + (a + 1) per round
+    assert NEW <= produced < NEW + st["k"] + 1                   # the last round may overshoot, then is cut
+    assert st["acceptance_rate"] == st["accepted"] / (4 * st["verify_steps"])
+
+
+def test_prompt_of_one_token_and_eos(target_model, target):
+    spec = SpeculativeDecoder(target, FastGPT2(perturbed(target_model), max_seq_len=64), k=3)
+    ids = prompt(4, T=1)
+    out, _ = spec.generate(ids, NEW)
+    ref = hf_generate(target_model, ids, NEW)
+    assert torch.equal(out, ref)
+    new = ref[0, 1:].tolist()
+    t = next(i for i in range(2, len(new)) if new[i] not in new[:i])
+    eos = new[t]
+    out, st = spec.generate(ids, NEW, eos_token_id=eos)
+    assert torch.equal(out, hf_generate(target_model, ids, NEW, eos_token_id=eos))
+    assert out.shape == (1, 1 + t + 1) and st["new_tokens"] == t + 1
+    out, st = spec.generate(ids, NEW, eos_token_id=new[0])     # eos as the very first token
+    assert out.shape == (1, 2) and st["verify_steps"] == 0
+
+
+def test_span_logits_equal_full_forward_over_stale_cache(target_model, target):
+    """The verify step at an arbitrary cache offset, after a 'rollback' that leaves stale slots past it."""
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(8))
+    full = target.forward_logits(ids)
+    core, ks, vs = target.core, [k[:1] for k in target.ks], [v[:1] for v in target.vs]
+    target.generate(prompt(9, T=20), 40)                       # fill slots 0 .. 59 with another text
+    core.forward_full(ids[:, :12], ks, vs)
+    pos = torch.arange(12, 18)
+    torch.testing.assert_close(core.span_logits(ids[:, 12:18], pos, ks, vs), full[:, 12:18], rtol=1e-4, atol=1e-4)
+    pos = torch.arange(15, 30)                                 # roll back to 15: slots 15 .. 17 rewritten
+    torch.testing.assert_close(core.span_logits(ids[:, 15:30], pos, ks, vs), full[:, 15:30], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs(target_model, target):
+    draft = FastGPT2(target_model, max_seq_len=64)
+    for k in (0, -2, 1.5, True, None):
+        with pytest.raises(ValueError, match="k "):
+            SpeculativeDecoder(target, draft, k=k)
+    with pytest.raises(ValueError, match="two engines"):
+        SpeculativeDecoder(target, target)
+    with pytest.raises(TypeError, match="draft must be a FastGPT2"):
+        SpeculativeDecoder(target, target_model)
+    with pytest.raises(ValueError, match="vocab_size 1000 .target. != 1064 .draft."):
+        SpeculativeDecoder(target, FastGPT2(tiny_model(1, vocab=1064), max_seq_len=64))
+    spec = SpeculativeDecoder(target, draft, k=4)
+    ids = prompt(1)
+    for n in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+            spec.generate(ids, n)
+    with pytest.raises(ValueError, match="batch size 1"):
+        spec.generate(torch.cat([ids, ids]), 4)
+    bad = ids.clone()
+    bad[0, 2] = VOCAB
+    with pytest.raises(ValueError, match=f"input_ids holds token id {VOCAB}"):
+        spec.generate(bad, 4)
+    with pytest.raises(ValueError, match="integer"):
+        spec.generate(ids.float(), 4)
+    # target cache: 64 slots; prompt 8 + 53 new + k 4 - 1 = 64 fits, one more token does not
+    spec.generate(ids, 53)
+    with pytest.raises(ValueError, match=r"prompt \(8\) \+ max_new_tokens \(54\) \+ k \(4\).*target's max_seq_len 64"):
+        spec.generate(ids, 54)
+    short = SpeculativeDecoder(target, FastGPT2(target_model, max_seq_len=32), k=4)
+    with pytest.raises(ValueError, match="draft's max_seq_len 32"):
+        short.generate(ids, 30)
+    with pytest.raises(ValueError, match="use_cuda_graph=True needs a CUDA device"):
+        SpeculativeDecoder(target, draft, use_cuda_graph=True)
+
+
+def test_measure_speculative_cpu(target_model):
+    res = measure_speculative(target_model, perturbed(target_model), prompt(1), 16, k=3, device="cpu",
+                              warmup=0, repeats=2)
+    eng = res["engines"]
+    assert res["token_identical"] is True and eng["speculative"]["token_identical"] is True
+    for name in ("fast", "draft_fast", "speculative", "hf"):
+        assert eng[name]["tokens_per_s"] > 0 and eng[name]["repeats"] == 2, name
+    assert res["speedup"] == eng["speculative"]["tokens_per_s"] / eng["fast"]["tokens_per_s"]
+    assert 0.0 <= res["acceptance_rate"] <= 1.0 and res["tokens_per_target_step"] >= 1.0
+    assert eng["hf"]["token_identical"] is True
+    assert "error" in eng["hf_assisted"] or eng["hf_assisted"]["token_identical"] is True
+    with pytest.raises(ValueError, match=r"\(1, T\)"):
+        measure_speculative(target_model, target_model, prompt(1)[0], 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True])
+def test_gpu_graphs_match_target_engine(compile):
+    """fp32 on CUDA: the graph-captured (optionally compiled) round gives the target engine's tokens."""
+    model = tiny_model(0).cuda()
+    target = FastGPT2(model, max_seq_len=64)
+    for draft_model, k in ((model, 4), (perturbed(model), 3), (tiny_model(5), 2)):
+        draft = FastGPT2(draft_model.cuda(), max_seq_len=64)
+        spec = SpeculativeDecoder(target, draft, k=k, compile=compile)
+        eager = SpeculativeDecoder(target, draft, k=k, use_cuda_graph=False, compile=False)
+        assert spec.use_cuda_graph
+        assert spec.compile == compile, spec.compile_error   # no silent fallback from torch.compile
+        for s in (1, 2):
+            ids = prompt(s).cuda()
+            ref = target.generate(ids, NEW)
+            a, sa = spec.generate(ids, NEW)
+            b, sb = eager.generate(ids, NEW)
+            assert torch.equal(a, ref) and torch.equal(b, ref), (k, s)
+            if not compile:                      # the same kernels replayed: the same proposals, the same stats
+                assert sa == sb
+            if draft_model is model:
+                assert sa["acceptance_rate"] == 1.0
+        for T in (3, 8):                         # a second prompt length: another prefill graph, same round graph
+            ids = prompt(3, T=T).cuda()
+            assert torch.equal(spec.generate(ids, 10)[0], target.generate(ids, 10))
