@@ -32,6 +32,9 @@ CASES = {  # name: (parallel, grad_accum, lora, kd)
     "ddp_bf16": ("ddp", 1, False, False),
     "fsdp_bf16": ("fsdp", 1, False, False),
     "ddp_compiled": ("ddp", 1, False, False),
+    # the native training model (model.py, train_engine: native), with the fused KD loss
+    "ddp_native_kd": ("ddp", 1, False, True),
+    "fsdp_native": ("fsdp", 1, False, False),
 }
 SPEC_EXTRA = {"ddp_ckpt": {"gradient_checkpointing": True}, "fsdp_ckpt": {"gradient_checkpointing": True},
               "ddp_bf16": {"precision": "bf16"}, "fsdp_bf16": {"precision": "bf16"}}
@@ -80,6 +83,9 @@ def _run_case(name: str, world: int, per_rank_loss: list | None = None, epoch_ca
     parallel, accum, lora, kd = CASES[name]
     D._MODE["parallel"] = parallel
     model = _model(lora)
+    if "native" in name:
+        from gpt2opt_lib import model as NM
+        model = NM.from_hf(model)
     if name == "ddp_compiled":  # dynamo traces the blocks under DDP (the eager backend: no C++ toolchain needed)
         model.transformer.compile(backend="eager", dynamic=False)
     spec = TrainSpec(**{"epochs": 2 if name in ("ddp", "fsdp") else 1, "batch_size": MICRO * (WORLD // world),
