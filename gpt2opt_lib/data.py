@@ -47,9 +47,15 @@ def offline_tokenizer():
     return tok
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is on: the hub clients read their local cache only (no network, no retries), so a filled
+    cache (HF_HOME / HF_HUB_CACHE, HF_DATASETS_CACHE) serves the hub's tokenizer, models and WikiText-2."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """False when HF_HUB_OFFLINE=1 or huggingface.co can't be reached quickly (saves the hub client's retries)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if hub_offline():
         return False
     import socket
 
@@ -61,8 +67,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def get_tokenizer(name: str = "gpt2"):
-    """Local dir or hub id first ('offline' skips it); the identical offline BPE files otherwise."""
-    if name != "offline" and (Path(name).is_dir() or hub_reachable()):
+    """Local dir or hub id first (the hub, or its local cache under HF_HUB_OFFLINE=1; 'offline' skips it); the
+    identical offline BPE files otherwise."""
+    if name != "offline" and (Path(name).is_dir() or hub_offline() or hub_reachable()):
         try:
             from transformers import AutoTokenizer
 
@@ -137,7 +144,7 @@ def _wikitext2() -> dict[str, list[tuple[str, str]]]:
 def load_corpus(source: str = "auto") -> tuple[dict[str, list[tuple[str, str]]], str]:
     """Return ({split: [(title, text), ...]}, resolved source name). Empty corpora raise ValueError."""
     if source == "auto":
-        if hub_reachable():
+        if hub_offline() or hub_reachable():  # offline: WikiText-2 from the datasets cache, if it is there
             try:
                 return _check(_wikitext2(), "wikitext-2"), "wikitext-2"
             except Exception:

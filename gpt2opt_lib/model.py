@@ -102,9 +102,12 @@ class GPT2(nn.Module):
                 x = blk(x)
         return self.ln_f(x)
 
-    def forward(self, input_ids):
-        """HF-like: returns an object with `.logits` (B, T, V) (the padded rows cut off)."""
-        return SimpleNamespace(logits=self.hidden(input_ids) @ self.lm_head.weight.t())
+    def forward(self, input_ids, hidden_only: bool = False):
+        """HF-like: returns an object with `.logits` (B, T, V) (the padded rows cut off); with hidden_only the
+        hidden states after ln_f (what the chunked losses read through `model.transformer`). Both go through the
+        module call, so `model.compile()` compiles what the losses run."""
+        h = self.hidden(input_ids)
+        return h if hidden_only else SimpleNamespace(logits=h @ self.lm_head.weight.t())
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         self.gradient_checkpointing = True
@@ -120,7 +123,7 @@ class _Transformer:
         self._gpt = gpt
 
     def __call__(self, input_ids):
-        return SimpleNamespace(last_hidden_state=self._gpt.hidden(input_ids))
+        return SimpleNamespace(last_hidden_state=self._gpt(input_ids, hidden_only=True))
 
 
 def _lin(mod) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -77,10 +77,116 @@ def test_kd_hf_and_kd_fast_start_from_the_same_loss(rep):
 def test_lm_loss_paths_agree(rep):
     """transformers' labels= loss and the chunked CE of the fast engines, same weights and batch."""
     e = rep["engines"]
-    for name in ("hf_eager", "fast", "fast_ckpt", "lora", "lora_pruned"):
+    for name in ("hf_eager", "fast", "fast_ckpt", "native", "lora", "lora_pruned"):
         assert e[name]["first_loss"] == pytest.approx(e["hf"]["first_loss"], rel=1e-5), name
     if "first_loss" in e["qlora"]:                                   # NF4 weights: close, not equal
         assert e["qlora"]["first_loss"] == pytest.approx(e["hf"]["first_loss"], rel=0.02)
+
+
+def test_native_engines_start_from_hf_loss(rep):
+    """model.py from the same template: the first loss is hf's (LM) and kd_hf's (KD), fp32, same batch."""
+    e, c = rep["engines"], rep["checks"]
+    assert e["native"]["first_loss"] == pytest.approx(e["hf"]["first_loss"], rel=1e-4)
+    assert c["native_first_loss_rel_diff_vs_hf"] < 1e-4
+    assert e["kd_native"]["first_loss"] == pytest.approx(e["kd_hf"]["first_loss"], rel=1e-4)
+    assert c["kd_native_first_loss_rel_diff_vs_kd_hf"] < 1e-4
+    assert e["native"]["padded_vocab"] % 64 == 0 and e["kd_native"]["teacher_dtype"] == "torch.float32"
+    # FLOPs with the real vocabulary: native counts exactly what hf counts
+    assert e["native"]["flops_per_token"] == e["hf"]["flops_per_token"]
+    assert e["kd_native"]["flops_per_token"] == e["kd_hf"]["flops_per_token"]
+
+
+def test_nanogpt_ref_engine_and_new_targets(rep):
+    """nanogpt_ref: its own init (so no loss equality with hf), ~ln(padded vocab) at init, FLOPs of the real
+    vocabulary (equal to hf's: same architecture); the issue's new targets are computed from this run."""
+    e, c, t = rep["engines"], rep["checks"], rep["targets"]
+    ref = e["nanogpt_ref"]
+    assert ref["padded_vocab"] == 50304 and ref["flops_vocab"] == 50257
+    assert ref["flops_per_token"] == e["hf"]["flops_per_token"]
+    assert c["nanogpt_ref_first_loss"] == ref["first_loss"]
+    assert abs(ref["first_loss"] - math.log(50304)) < 0.15 and c["nanogpt_ref_ln_padded_vocab"] == math.log(50304)
+    assert t["native_vs_nanogpt_ref"]["value"] == pytest.approx(e["native"]["tokens_per_s"] / ref["tokens_per_s"])
+    assert t["lora_vs_full_ft"]["value"] == pytest.approx(e["lora"]["tokens_per_s"] / e["fast"]["tokens_per_s"])
+    assert t["kd_native_vs_kd_hf"]["value"] == pytest.approx(e["kd_native"]["tokens_per_s"] /
+                                                             e["kd_hf"]["tokens_per_s"])
+    assert t["native_tokens_per_s"]["target"] == ">= 400000" and t["kd_native_peak_mem_ratio"]["met"] is None
+    assert {"qlora_vs_lora", "kd_native_peak_mem_ratio"} <= t.keys() and "sweep" not in rep
+
+
+def test_nanogpt_ref_model_by_hand():
+    """Logits over the padded vocabulary for every position; at nanoGPT's init (std 0.02) the logits are ~0, so
+    the loss is ~ln(50304) = 10.826; the residual projections get std 0.02/sqrt(2L); tied head; optimizer groups."""
+    from gpt2opt_lib.bench.nanogpt_ref import GPT, configure_optimizer
+    from gpt2opt_lib.models import arch_config
+    torch.manual_seed(0)
+    cfg = arch_config("tiny")                                        # L=2, E=64, 4 heads, 50257 tokens
+    m = GPT(cfg).eval()
+    ids = torch.randint(0, 50257, (2, 16))
+    y = torch.cat([ids[:, 1:], torch.full((2, 1), -1)], 1)
+    logits, loss = m(ids, y)
+    assert logits.shape == (2, 16, 50304) and m(ids)[1] is None
+    assert abs(loss.item() - 10.826) < 0.15
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50304), ids[:, 1:].reshape(-1))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)      # the -1 target is ignored
+    assert m.lm_head.weight is m.transformer.wte.weight
+    assert m.transformer.h[0].mlp.c_proj.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)
+    assert m.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    opt = configure_optimizer(m, 1e-3, 0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in m.parameters())
+    import ast
+
+    import gpt2opt_lib.bench.nanogpt_ref as ref_mod
+    tree = ast.parse(open(ref_mod.__file__).read())                  # an independent reference: torch only
+    mods = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert all(m == "__future__" or m.split(".")[0] in ("math", "torch") for m in mods), mods
+
+
+def test_batch_size_sweep(tmp_path):
+    """--batch-sizes 2,4: every engine at each batch size, and per engine the batch size of the best tokens/s
+    (CPU: no MFU); the top level is the first batch size's run, in today's layout."""
+    out = tmp_path / "sweep.json"
+    args = TINY[:5] + TINY[7:]                                       # TINY without its "--batch-size 2"
+    assert "--batch-size" not in args and "--steps" in args
+    rep = bench.main(args + ["--dtype", "fp32", "--engines", "hf,native", "--batch-sizes", "2,4", "--json", str(out)])
+    sw = json.loads(out.read_text())["sweep"]
+    assert sw["batch_sizes"] == [2, 4] and list(sw["by_batch"]) == ["2", "4"]
+    assert rep["batch_size"] == 2 and list(rep["engines"]) == ["hf", "native"] and TOP_KEYS <= rep.keys()
+    for bs in (2, 4):
+        for name in ("hf", "native"):
+            r = sw["by_batch"][str(bs)][name]
+            assert r["tokens_per_s"] == pytest.approx(bs * 16 / r["step_time_mean_s"])
+    assert sw["by_batch"]["4"]["native"]["first_loss"] == pytest.approx(sw["by_batch"]["4"]["hf"]["first_loss"],
+                                                                       rel=1e-4)
+    for name in ("hf", "native"):
+        b = sw["best"][name]
+        assert b["batch_size"] in (2, 4) and b["by"] == "tokens_per_s" and b["mfu"] is None
+        assert b["tokens_per_s"] == max(sw["by_batch"][k][name]["tokens_per_s"] for k in ("2", "4"))
+        assert b["tokens_per_s"] == sw["by_batch"][str(b["batch_size"])][name]["tokens_per_s"]
+    assert set(sw["targets_by_batch"]) == {"2", "4"}
+
+
+@pytest.mark.parametrize("value", ["0", "2,x", "4,-1", ","])
+def test_bad_batch_sizes_is_a_usage_error(value):
+    with pytest.raises(bench.UsageError, match="--batch-sizes") as ei:
+        bench.main(TINY + ["--dtype", "fp32", "--engines", "hf", "--batch-sizes", value])
+    assert "\n" not in str(ei.value)
+
+
+def test_bad_batch_sizes_from_the_command_line(tmp_path):
+    """`python -m gpt2opt_lib.bench train --batch-sizes 0`: one line on stderr, exit code 2, no JSON."""
+    import subprocess
+    import sys
+    out = tmp_path / "out.json"
+    r = subprocess.run([sys.executable, "-m", "gpt2opt_lib.bench", *TINY, "--batch-sizes", "0", "--dtype", "fp32",
+                        "--device", "cpu", "--json", str(out)], cwd=bench.envmod.REPO_ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("error: --batch-sizes 0") and not out.exists()
 
 
 def test_failing_engine_is_recorded_and_the_others_run(tmp_path, monkeypatch):
@@ -147,12 +253,16 @@ def test_train_bench_on_gpu(tmp_path):
     out = tmp_path / "g.json"
     rep = bench.main(["train", "--model", "random:tiny", "--teacher", "random:tiny-teacher", "--dtype", "bf16",
                       "--batch-size", "4", "--seq-len", "64", "--steps", "3", "--warmup", "2",
-                      "--engines", "hf,fast,kd_hf,kd_fast,qlora", "--json", str(out)])
+                      "--engines", "hf,fast,kd_hf,kd_fast,qlora,nanogpt_ref,native,kd_native", "--json", str(out)])
     e = rep["engines"]
-    for name in ("hf", "fast", "kd_hf", "kd_fast"):
+    for name in ("hf", "fast", "kd_hf", "kd_fast", "nanogpt_ref", "native", "kd_native"):
         assert "error" not in e[name], e[name]
         assert e[name]["peak_mem_mb"] > 0 and e[name]["mfu"] > 0 and e[name]["mem_vs_hf"] > 0
-    assert e["fast"]["compiled"] and e["kd_fast"]["compiled"] and "compile_error" not in e["fast"]
+    for name in ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native"):      # --compile auto on CUDA
+        assert e[name]["compiled"] and "compile_error" not in e[name], (name, e[name].get("compile_error"))
     assert e["kd_fast"]["first_loss"] == pytest.approx(e["kd_hf"]["first_loss"], rel=2e-2)
+    assert e["native"]["first_loss"] == pytest.approx(e["hf"]["first_loss"], rel=2e-2)
+    assert e["kd_native"]["first_loss"] == pytest.approx(e["kd_hf"]["first_loss"], rel=2e-2)
+    assert e["kd_native"]["teacher_dtype"] == "torch.bfloat16"
     assert rep["targets"]["kd_peak_mem_ratio"]["value"] is not None
     assert torch.cuda.is_available()

@@ -111,3 +111,19 @@ def test_dropout_follows_the_config():
 def test_too_long_sequence_is_a_clear_error():
     with pytest.raises(ValueError, match="n_positions"):
         N.from_hf(hf_tiny())(ids(1, 65))
+
+
+def test_the_losses_path_goes_through_the_module_call(monkeypatch):
+    """The chunked losses read `model.transformer(input_ids=...)`; it must run through the module call, or
+    `model.compile()` (01 with compile: true) compiles a forward the losses never use and training runs eager."""
+    m = N.from_hf(hf_tiny()).eval()
+    x = ids()
+    calls, forward = [], N.GPT2.forward
+    monkeypatch.setattr(N.GPT2, "forward", lambda self, *a, **k: calls.append(k) or forward(self, *a, **k))
+    h = m.transformer(input_ids=x).last_hidden_state
+    assert calls == [{"hidden_only": True}]
+    torch.testing.assert_close(h, m.hidden(x))
+    monkeypatch.undo()
+    m.compile(backend="eager")                                       # dynamo traces the module call
+    torch.testing.assert_close(m.transformer(input_ids=x).last_hidden_state, h)
+    assert m._compiled_call_impl is not None

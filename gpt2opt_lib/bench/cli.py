@@ -9,7 +9,7 @@ from pathlib import Path
 from .forward import cmd_forward
 from .generation import cmd_generate
 from .hardware import DTYPES
-from .training import OPTIONAL_TRAIN_ENGINES, TRAIN_ENGINES, cmd_train
+from .training import AUTO_COMPILED, OPTIONAL_TRAIN_ENGINES, TRAIN_ENGINES, cmd_train, parse_batch_sizes
 
 def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="tokens/s, MFU and peak memory of training configurations (B x seq_len)")
@@ -18,15 +18,19 @@ def _train_parser(sub) -> None:
     t.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="autocast dtype (fp32: no autocast)")
     t.add_argument("--device", default="auto")
     t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--batch-sizes", default=None,
+                   help="comma list (e.g. 8,16,32): every engine once per batch size (overrides --batch-size); the "
+                        "JSON's `sweep` has each batch size and, per engine, the one where MFU (tokens/s) peaks")
     t.add_argument("--seq-len", type=int, default=1024)
     t.add_argument("--steps", type=int, default=10, help="timed optimizer steps per engine")
     t.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator, autotune)")
     t.add_argument("--engines", default=None, help=f"comma list (default: {','.join(TRAIN_ENGINES)}; also "
                                                   f"{','.join(OPTIONAL_TRAIN_ENGINES)})")
     t.add_argument("--compile", default="auto",
-                   help="auto (CUDA: fast,kd_fast; each compiled model adds ~15-40 s), none, all, or a comma list")
+                   help=f"auto (CUDA: {','.join(AUTO_COMPILED)}; each compiled model adds ~15-40 s), none, all, "
+                        f"or a comma list")
     t.add_argument("--no-compile-teacher", dest="compile_teacher", action="store_false",
-                   help="kd_fast: leave the teacher's forward uncompiled")
+                   help="kd_fast, kd_native: leave the teacher's forward uncompiled")
     t.add_argument("--sdpa-backend", default="default",
                    choices=["default", "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
                    help="force one SDPA backend in the fast-family engines (default: PyTorch's choice)")
@@ -119,6 +123,12 @@ def check_args(args: argparse.Namespace) -> None:
                 raise UsageError(f"--{flag} {spec}: {e}") from None
     if getattr(args, "draft", None) and args.batch_size != 1:
         raise UsageError(f"--draft: speculative decoding runs at --batch-size 1 (got {args.batch_size})")
+    if getattr(args, "batch_sizes", None) is not None:
+        try:
+            parse_batch_sizes(args.batch_sizes)
+        except ValueError as e:
+            raise UsageError(f"--batch-sizes {args.batch_sizes}: {e} (want a comma list of integers >= 1, "
+                             f"e.g. 8,16,32)") from None
     if getattr(args, "quant", None) is not None:
         bad = [q for q in args.quant.split(",") if q.strip() and q.strip() not in ("none", "int8", "int4", "nf4")]
         if bad:

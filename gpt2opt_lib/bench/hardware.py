@@ -36,10 +36,13 @@ FLOPS_FORMULA = {
     "N": "parameters taking part in matmuls: all parameters (tied wte/lm_head once) minus the position embedding",
     "attention": "12 * n_layer * seq_len * n_embd per token for forward+backward (QK^T and AV, 4*L*T*E forward, "
                  "non-causal convention of PaLM/nanoGPT/llm.c); 4 * L * T * E for a forward only",
-    "full": "hf, hf_eager, hf_fp32, fast, fast_ckpt: 6*N + 12*L*T*E",
+    "full": "hf, hf_eager, hf_fp32, fast, fast_ckpt, native, nanogpt_ref: 6*N + 12*L*T*E",
+    "padded_vocab": "native (multiple of 64) and nanogpt_ref (multiple of 128, 50304) pad the vocabulary: N counts "
+                    "the real vocabulary (50257 rows), as the other engines, so MFU compares like for like; the "
+                    "padding rows' FLOPs are overhead of those engines, not model FLOPs",
     "lora": "lora, lora_pruned, qlora: 4*N_base (forward + input-gradient of the frozen weights, no weight "
             "gradients) + 6*N_adapter + 12*L*T*E; qlora counts the logical (unquantized) base parameters",
-    "kd": "kd_hf, kd_fast: student 6*N_s + 12*L_s*T*E_s + teacher forward 2*N_t + 4*L_t*T*E_t",
+    "kd": "kd_hf, kd_fast, kd_native: student 6*N_s + 12*L_s*T*E_s + teacher forward 2*N_t + 4*L_t*T*E_t",
     "mfu_6n": "the issue's convention (118k tokens/s = 8.9 % on H100): attention dropped and N = all parameters "
               "(6*N full, 4*N+6*N_adapter LoRA, 6*N_s+2*N_t KD)",
     "peak_flops": "dense bf16/fp16 tensor-core FLOP/s of the device (PEAK_FLOPS); mfu is null on CPU",
@@ -50,13 +53,18 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _param_counts(model) -> tuple[int, int]:
-    """(all parameters, matmul parameters) of a plain GPT2LMHeadModel; tied wte/lm_head counted once."""
+def _param_counts(model, vocab_size: int | None = None) -> tuple[int, int]:
+    """(all parameters, matmul parameters) of a plain GPT2LMHeadModel (or a model of its layout: `.transformer.wte`,
+    `.transformer.wpe`, `.lm_head`, e.g. nanogpt_ref.GPT); tied wte/lm_head counted once. `vocab_size`: the real
+    vocabulary of a model whose embedding is padded; the padding rows are left out of both counts."""
     base = _base(model)
+    wte = base.transformer.wte.weight
     n_all = sum(p.numel() for p in base.parameters())          # parameters() de-duplicates tied tensors
+    if vocab_size is not None and wte.shape[0] > vocab_size:
+        n_all -= (wte.shape[0] - vocab_size) * wte.shape[1]    # padding rows: never a real token
     n_mm = n_all - base.transformer.wpe.weight.numel()         # position embedding: a lookup, no FLOPs
-    if base.lm_head.weight is not base.transformer.wte.weight:
-        n_mm -= base.transformer.wte.weight.numel()            # untied: the input embedding is a lookup too
+    if base.lm_head.weight is not wte:
+        n_mm -= wte.shape[0] * wte.shape[1] if vocab_size is None else vocab_size * wte.shape[1]  # untied lookup
     return n_all, n_mm
 
 

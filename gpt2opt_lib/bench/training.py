@@ -21,14 +21,16 @@ import torch
 
 from .. import env as envmod
 from ..timing import is_oom
-from .common import _free, _report
+from .common import _free, _report, print_train_table
 from .hardware import (FLOPS_FORMULA, PEAK_FLOPS, _base, _device_name, _lookup, _param_counts,
                        train_flops_per_token)
 
-TRAIN_ENGINES = ("hf", "hf_eager", "fast", "fast_ckpt", "kd_hf", "kd_fast", "lora", "lora_pruned", "qlora")
+TRAIN_ENGINES = ("hf", "hf_eager", "nanogpt_ref", "fast", "fast_ckpt", "native", "kd_hf", "kd_fast", "kd_native",
+                 "lora", "lora_pruned", "qlora")
 OPTIONAL_TRAIN_ENGINES = ("hf_fp32",)          # full fine-tune without autocast (slow; only when asked for)
-COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora")
-AUTO_COMPILED = ("fast", "kd_fast")            # --compile auto on CUDA: each compiled model costs ~15-40 s
+COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native")
+# --compile auto on CUDA: each compiled model costs ~15-40 s
+AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native")
 
 
 @dataclasses.dataclass
@@ -257,6 +259,104 @@ def _eng_kd_fast(ctx: _TrainCtx, compiled: bool) -> dict:
     return rec
 
 
+def _eng_nanogpt_ref(ctx: _TrainCtx, compiled: bool) -> dict:
+    """The yardstick (bench/nanogpt_ref.py): nanoGPT's GPT-2 with its own init and a vocabulary padded to 50304,
+    trained as nanoGPT trains it: logits for every position + F.cross_entropy over the padded-vocab logits,
+    autocast, nanoGPT's AdamW (fused on CUDA), grad clip 1.0, the whole model (loss included) under torch.compile.
+    Its weights are its own (not the template's), so its first loss is not hf's; ~ln(vocab) at init."""
+    from .nanogpt_ref import GPT, configure_optimizer
+    a = ctx.args
+    cfg = ctx.template(a.model).config
+    with torch.random.fork_rng(devices=[]):                 # a fixed init, the global RNG left as it was
+        torch.manual_seed(a.seed)
+        model = GPT(cfg)
+    model = model.to(ctx.device).train()
+    n_all, n_mm = _param_counts(model, vocab_size=cfg.vocab_size)   # FLOPs: the real vocabulary, as the others
+    n_params = sum(p.numel() for p in model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = configure_optimizer(model, a.lr, ctx.spec.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if ctx.amp == torch.float16 else None
+    _compile(model, ctx, compiled)
+
+    def step(b):
+        # position t predicts token t+1 (as every engine here); the last position has no target (-1: ignored)
+        y = torch.cat([b[:, 1:], b.new_full((b.shape[0], 1), -1)], dim=1)
+        with ctx.autocast():
+            _, loss = model(b, y)
+        _plain_update(ctx, loss, params, opt, scaler)
+        return loss.detach()
+    times, losses, peak = _plain_loop(ctx, step)
+    f = train_flops_per_token(cfg, a.seq_len, n_full=n_mm)
+    rec = _figures(ctx, times, losses, peak, f, 6 * n_all)
+    rec.update(loss="F.cross_entropy over the padded-vocab logits (all positions, last one ignored)",
+               optimizer="nanogpt_ref.configure_optimizer: AdamW (fused on CUDA, foreach on CPU), decay on >= 2-D",
+               autocast=str(ctx.amp), compiled=compiled, compile_scope="whole model (forward + loss)",
+               gradient_checkpointing=False, trainable_params=n_params, total_params=n_params,
+               padded_vocab=model.padded_vocab, flops_vocab=cfg.vocab_size,
+               init="nanoGPT's own (normal 0.02, c_proj 0.02/sqrt(2L), seed --seed): not the other engines' weights")
+    return rec
+
+
+def _native(ctx: _TrainCtx, spec: str, dtype: torch.dtype = torch.float32):
+    """gpt2opt_lib.model.GPT2 with the template's weights (from_hf on the CPU: no second HF copy on the device)."""
+    from .. import model as NM
+    return NM.from_hf(ctx.template(spec)).to(device=ctx.device, dtype=dtype)
+
+
+def _compile_native(model, ctx: _TrainCtx, on: bool) -> bool:
+    """The chunked losses reach model.py's trunk through `model.transformer(input_ids=)` -> `model.hidden()`, which
+    nn.Module.compile() (it wraps __call__) never sees; so compile that method: embeddings, blocks and ln_f as one
+    graph, the counterpart of compiling model.transformer in `fast`."""
+    if on:
+        model.hidden = torch.compile(model.hidden, dynamic=False)
+    return on
+
+
+def _eng_native(ctx: _TrainCtx, compiled: bool) -> dict:
+    """The project's native GPT-2 (gpt2opt_lib/model.py, from_hf of the same template: hf's start weights) +
+    train.train + chunked CE + fused AdamW + autocast (+ compile of the trunk): 01's `train_engine: native`."""
+    from ..distill import make_lm_loss_fn
+    a = ctx.args
+    template = ctx.template(a.model)
+    n_all, n_mm = _param_counts(template)               # the HF model's counts: the real vocabulary
+    model = _native(ctx, a.model)
+    _compile_native(model, ctx, compiled)
+    r = _run_fast(ctx, model, make_lm_loss_fn(a.chunk_tokens))
+    f = train_flops_per_token(template.config, a.seq_len, n_full=n_mm)
+    rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 6 * n_all)
+    rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={a.chunk_tokens})",
+               optimizer="train.train AdamW (fused on CUDA)", autocast=str(ctx.amp), compiled=compiled,
+               compile_scope="model.hidden (embeddings, blocks, ln_f)", gradient_checkpointing=False,
+               trainable_params=r["trainable_params"], total_params=n_all, padded_vocab=model.wte.num_embeddings)
+    return rec
+
+
+def _eng_kd_native(ctx: _TrainCtx, compiled: bool) -> dict:
+    """01's `train_engine: native` distillation: student and teacher both model.py GPT2s (the teacher a 16-bit
+    copy in inference mode), distill.make_kd_loss_fn (chunked KL + CE) + train.train (+ compile)."""
+    from ..distill import make_kd_loss_fn
+    a = ctx.args
+    s_tpl, t_tpl = ctx.template(a.model), ctx.template(a.teacher)
+    n_all, n_mm = _param_counts(s_tpl)
+    t_all, t_mm = _param_counts(t_tpl)
+    t_dtype = ctx.amp or torch.float32                   # the frozen teacher needs no fp32 master weights
+    student = _native(ctx, a.model)
+    teacher = _native(ctx, a.teacher, t_dtype)
+    t_compiled = compiled and a.compile_teacher
+    _compile_native(student, ctx, compiled)
+    _compile_native(teacher, ctx, t_compiled)
+    loss_fn = make_kd_loss_fn(teacher, a.kd_temperature, a.kd_alpha, a.chunk_tokens)
+    r = _run_fast(ctx, student, loss_fn)
+    f = train_flops_per_token(s_tpl.config, a.seq_len, n_full=n_mm, teacher_cfg=t_tpl.config, n_teacher=t_mm)
+    rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 6 * n_all + 2 * t_all)
+    rec.update(loss=f"distill.make_kd_loss_fn(chunk_tokens={a.chunk_tokens})",
+               optimizer="train.train AdamW (fused on CUDA)", autocast=str(ctx.amp), compiled=compiled,
+               teacher_compiled=t_compiled, compile_scope="model.hidden (embeddings, blocks, ln_f)",
+               gradient_checkpointing=False, trainable_params=r["trainable_params"], total_params=n_all + t_all,
+               teacher_dtype=str(t_dtype), padded_vocab=student.wte.num_embeddings)
+    return rec
+
+
 def _eng_lora(ctx: _TrainCtx, name: str, compiled: bool) -> dict:
     """apply_lora(rank) on the fp32 model (+ prune_lora, re-applied after every step) + the fast step."""
     from ..distill import make_lm_loss_fn
@@ -324,6 +424,9 @@ def _train_engine_fn(name: str):
         "lora": lambda ctx, c: _eng_lora(ctx, "lora", c),
         "lora_pruned": lambda ctx, c: _eng_lora(ctx, "lora_pruned", c),
         "qlora": _eng_qlora,
+        "nanogpt_ref": _eng_nanogpt_ref,
+        "native": _eng_native,
+        "kd_native": _eng_kd_native,
     }
     return table.get(name)
 
@@ -399,6 +502,17 @@ def _train_targets(results: dict) -> dict:
                                "kd_fast peak MB / kd_hf peak MB"),
         "qlora_peak_mem_vs_hf": t(_ratio(results, "qlora", "hf", "peak_mem_mb"), "<=", 0.2,
                                   "qlora peak MB / hf peak MB (full fine-tune, AdamW)"),
+        "native_tokens_per_s": t(results.get("native", {}).get("tokens_per_s"), ">=", 400_000, "native tokens/s"),
+        "native_vs_nanogpt_ref": t(_ratio(results, "native", "nanogpt_ref", "tokens_per_s"), ">=", 1.1,
+                                   "native tokens/s / nanogpt_ref tokens/s"),
+        "kd_native_vs_kd_hf": t(_ratio(results, "kd_native", "kd_hf", "tokens_per_s"), ">=", 3.0,
+                                "kd_native tokens/s / kd_hf tokens/s"),
+        "kd_native_peak_mem_ratio": t(_ratio(results, "kd_native", "kd_hf", "peak_mem_mb"), "<=", 0.6,
+                                      "kd_native peak MB / kd_hf peak MB"),
+        "lora_vs_full_ft": t(_ratio(results, "lora", "fast", "tokens_per_s"), ">=", 1.3,
+                             "lora tokens/s / fast tokens/s (full fine-tune, same step)"),
+        "qlora_vs_lora": t(_ratio(results, "qlora", "lora", "tokens_per_s"), ">=", 0.8,
+                           "qlora tokens/s / lora tokens/s"),
     }
 
 
@@ -407,8 +521,14 @@ def _train_checks(results: dict) -> dict:
     def rel(a, b):
         la, lb = results.get(a, {}).get("first_loss"), results.get(b, {}).get("first_loss")
         return abs(la - lb) / abs(lb) if (la is not None and lb) else None
+    ref = results.get("nanogpt_ref", {})
     return {"lm_first_loss_rel_diff_fast_vs_hf": rel("fast", "hf"),
-            "kd_first_loss_rel_diff_fast_vs_hf": rel("kd_fast", "kd_hf")}
+            "kd_first_loss_rel_diff_fast_vs_hf": rel("kd_fast", "kd_hf"),
+            "native_first_loss_rel_diff_vs_hf": rel("native", "hf"),
+            "kd_native_first_loss_rel_diff_vs_kd_hf": rel("kd_native", "kd_hf"),
+            # nanogpt_ref starts from its own init (other weights): recorded, not compared; ~ln(vocab) at init
+            "nanogpt_ref_first_loss": ref.get("first_loss"),
+            "nanogpt_ref_ln_padded_vocab": math.log(ref["padded_vocab"]) if "padded_vocab" in ref else None}
 
 
 def _train_engine_list(args) -> list[str]:
@@ -433,30 +553,39 @@ def _compiled_set(args, device, engines) -> set:
     return names & set(engines)
 
 
-def cmd_train(args) -> dict:
-    """Time every training configuration (engine) on the same batches, from the same start weights.
+def parse_batch_sizes(text: str) -> list[int]:
+    """--batch-sizes "8,16,32" -> [8, 16, 32] (order kept, repeats dropped); ValueError naming the bad value."""
+    out: list[int] = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            v = int(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an integer") from None
+        if v < 1:
+            raise ValueError(f"{v} must be >= 1")
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise ValueError("no batch size given")
+    return out
 
-    Engines: `hf` plain transformers (labels= loss, SDPA, torch AdamW, autocast), `hf_eager` (eager attention),
-    `fast` (train.train: chunked CE, fused AdamW, autocast, + torch.compile of model.transformer on CUDA),
-    `fast_ckpt` (+ activation checkpointing, lean loss chunk), `kd_hf` (plain distillation: full teacher and student
-    logits + distill.kd_loss), `kd_fast` (distill.make_kd_loss_fn, teacher in 16-bit + train.train, compiled on
-    CUDA), `lora` (rank --lora-rank adapters), `lora_pruned` (+ prune_lora --prune-sparsity, re-applied after each
-    step), `qlora` (NF4 base + LoRA + checkpointing); optional `hf_fp32` (no autocast).
-    """
+
+def _train_at(args, device, amp, engines: list[str], B: int, templates: dict) -> tuple[dict, _TrainCtx]:
+    """Every engine once at batch size B: fresh blocks (--warmup + --steps batches of B), same start weights."""
     from ..train import TrainSpec
-    device = envmod.resolve_device(args.device)
-    amp = envmod.resolve_dtype(args.dtype, device)      # None for fp32; raises for fp16 on CPU
-    envmod.seed_everything(args.seed)
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
-    engines = _train_engine_list(args)
-    B, T = args.batch_size, args.seq_len
+    envmod.seed_everything(args.seed)                     # every batch size starts from the same RNG state
+    args = argparse.Namespace(**{**vars(args), "batch_size": B})
+    T = args.seq_len
     n_steps = args.warmup + args.steps
     spec = TrainSpec(epochs=1, batch_size=B, grad_accum=1, lr=args.lr, warmup_steps=max(1, args.warmup),
                      precision=args.dtype, grad_clip=1.0, seed=args.seed)
     ctx = _TrainCtx(args=args, device=device, amp=amp, blocks=torch.empty(0), spec=spec,
                     compiled=_compiled_set(args, device, engines),
-                    peak_flops=_lookup(PEAK_FLOPS, _device_name(device)) if device.type == "cuda" else None)
+                    peak_flops=_lookup(PEAK_FLOPS, _device_name(device)) if device.type == "cuda" else None,
+                    templates=templates)
     cfg = ctx.template(args.model).config
     if T > cfg.n_positions:
         raise SystemExit(f"--seq-len {T} exceeds {args.model}'s n_positions={cfg.n_positions}")
@@ -474,6 +603,77 @@ def cmd_train(args) -> dict:
             rec["speedup_vs_hf"] = rec["tokens_per_s"] / base["tokens_per_s"] if base.get("tokens_per_s") else None
             hp = base.get("peak_mem_mb")
             rec["mem_vs_hf"] = rec["peak_mem_mb"] / hp if (hp and rec.get("peak_mem_mb") is not None) else None
+    ctx.blocks = torch.empty(0)                           # the next batch size gets its own
+    return results, ctx
+
+
+def _sweep_best(by_batch: dict) -> dict:
+    """Per engine: the batch size where MFU peaks (tokens/s where MFU is None, e.g. on CPU), and where it failed."""
+    best: dict = {}
+    for bs, results in by_batch.items():
+        for name, rec in results.items():
+            b = best.setdefault(name, {"batch_size": None, "tokens_per_s": None, "mfu": None, "by": None,
+                                       "failed_batch_sizes": []})
+            if "tokens_per_s" not in rec:
+                b["failed_batch_sizes"].append(int(bs))
+                continue
+            by = "mfu" if rec.get("mfu") is not None else "tokens_per_s"
+            if b["batch_size"] is None or rec[by] > (b[by] if b[by] is not None else -math.inf):
+                b.update(batch_size=int(bs), tokens_per_s=rec["tokens_per_s"], mfu=rec.get("mfu"), by=by,
+                         step_time_mean_s=rec["step_time_mean_s"], peak_mem_mb=rec.get("peak_mem_mb"))
+    return best
+
+
+def cmd_train(args) -> dict:
+    """Time every training configuration (engine) on the same batches, from the same start weights.
+
+    Engines: `hf` plain transformers (labels= loss, SDPA, torch AdamW, autocast), `hf_eager` (eager attention),
+    `nanogpt_ref` (bench/nanogpt_ref.py: the compact nanoGPT GPT-2 anyone writes, its own init, padded vocabulary,
+    plain loop, fused AdamW, whole model compiled on CUDA), `fast` (train.train: chunked CE, fused AdamW, autocast,
+    + torch.compile of model.transformer on CUDA), `fast_ckpt` (+ activation checkpointing, lean loss chunk),
+    `native` (gpt2opt_lib/model.py from the same weights + the fast step, compiled on CUDA), `kd_hf` (plain
+    distillation: full teacher and student logits + distill.kd_loss), `kd_fast` (distill.make_kd_loss_fn, teacher
+    in 16-bit + train.train, compiled on CUDA), `kd_native` (kd_fast's loss with student and teacher on model.py),
+    `lora` (rank --lora-rank adapters), `lora_pruned` (+ prune_lora --prune-sparsity, re-applied after each
+    step), `qlora` (NF4 base + LoRA + checkpointing); optional `hf_fp32` (no autocast).
+
+    --batch-sizes 8,16,32: the whole engine list once per batch size (fresh blocks each); the top-level figures
+    (engines, targets, checks, batch_size) are the first batch size's, `sweep` has every batch size and, per
+    engine, the batch size where MFU (tokens/s where MFU is None) peaks.
+    """
+    device = envmod.resolve_device(args.device)
+    amp = envmod.resolve_dtype(args.dtype, device)      # None for fp32; raises for fp16 on CPU
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+    engines = _train_engine_list(args)
+    sweep_sizes = parse_batch_sizes(args.batch_sizes) if getattr(args, "batch_sizes", None) else None
+    templates: dict = {}
+    if sweep_sizes is None:
+        results, ctx = _train_at(args, device, amp, engines, args.batch_size, templates)
+        sweep = None
+    else:
+        by_batch = {}
+        for bs in sweep_sizes:
+            by_batch[str(bs)], ctx_bs = _train_at(args, device, amp, engines, bs, templates)
+            if bs == sweep_sizes[0]:
+                ctx = ctx_bs
+            else:
+                print_train_table({"model": args.model, "teacher": args.teacher, "dtype": args.dtype,
+                                   "batch_size": bs, "seq_len": args.seq_len, "device": _device_name(device),
+                                   "engines": by_batch[str(bs)], "targets": _train_targets(by_batch[str(bs)])})
+        args.batch_size = sweep_sizes[0]
+        results = by_batch[str(sweep_sizes[0])]
+        sweep = {"batch_sizes": sweep_sizes, "by_batch": by_batch, "best": _sweep_best(by_batch),
+                 "targets_by_batch": {k: _train_targets(v) for k, v in by_batch.items()},
+                 "checks_by_batch": {k: _train_checks(v) for k, v in by_batch.items()},
+                 "top_level_batch_size": sweep_sizes[0],
+                 "best_rule": "per engine, the batch size of the highest MFU (tokens/s where MFU is None)"}
+        for name, b in sweep["best"].items():
+            if b["batch_size"] is not None:
+                mfu = "-" if b["mfu"] is None else f"{b['mfu'] * 100:.1f} %"
+                print(f"  best batch size {name:<12} {b['batch_size']:>5}: {b['tokens_per_s']:,.0f} tokens/s, "
+                      f"MFU {mfu}", flush=True)
+    B, T = args.batch_size, args.seq_len
     extra = dict(teacher=args.teacher, seq_len=T, steps=args.steps, tokens_per_step=B * T,
                  compiled_engines=sorted(ctx.compiled), sdpa_backend=args.sdpa_backend, lr=args.lr,
                  chunk_tokens=args.chunk_tokens, ckpt_chunk_tokens=args.ckpt_chunk_tokens, lora_rank=args.lora_rank,
@@ -483,5 +683,7 @@ def cmd_train(args) -> dict:
                  timing=("per-step CUDA events (perf_counter on CPU), no host sync inside a step, one sync at the "
                          "end; --warmup steps dropped; peak memory reset after the warm-up; mean/std/median over "
                          "--steps steps; tokens_per_s uses the mean step time"))
+    if sweep is not None:
+        extra["sweep"] = sweep
     args.repeats = args.steps                             # _report's field name for the timed repetitions
     return _report(args, device, results, extra)
