@@ -84,12 +84,13 @@ def run_distill(ctx) -> dict:
     return {arm: hs[0]["summary"] for arm, hs in runs.items() if hs}  # the first seed's throughput
 
 
-def run_lora(ctx, summaries: list) -> dict:
+def run_lora(ctx) -> dict:
     """03's LoRA fine-tuning (dense adapters, and pruned-before); the adapters are saved as the notebook does."""
     from .steps import s03_lora_prune as steps
-    model, row = steps.lora_finetune(ctx)
-    _, prow = steps.lora_finetune(ctx, prune_before=True)
-    out = {"lora": summaries[-2], "lora_pruned_before": summaries[-1]}
+    dense, pruned = [], []
+    model, row = steps.lora_finetune(ctx, summaries=dense)
+    _, prow = steps.lora_finetune(ctx, prune_before=True, summaries=pruned)
+    out = {"lora": dense[0], "lora_pruned_before": pruned[0]}
     if is_main():  # the rows the notebook tabulates, and the trained dense adapter
         from . import lora as L
         from .tracking import write_json
@@ -133,14 +134,19 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", help="run directory (lora/students: one where 01_distill has run)")
     ap.add_argument("--config-json", help="the stage's full config as JSON (what 01 passes), instead of --profile")
     ap.add_argument("--out-json", help="students: where rank 0 writes the training histories")
-    ap.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"])
+    ap.add_argument("--parallel", default=None, choices=["ddp", "fsdp"],
+                    help="01: ddp or fsdp (default: the profile's `parallel`); 03 runs DDP")
     ap.add_argument("--baseline-json", help="results_ddp.json of a 1-process run, for the scaling efficiency")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override stage parameters (YAML values), e.g. --set epochs=1 batch_size=4")
     a = ap.parse_args(argv)
     import yaml
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
-    device = init_from_env(a.parallel)
+    if a.parallel and a.stage in ("distill", "students"):
+        overrides["parallel"] = a.parallel  # the one place the mode lives: the stage config -> TrainSpec.parallel
+    elif a.parallel == "fsdp":
+        raise SystemExit(f"error: --parallel fsdp: {a.stage} trains with DDP (FSDP2 is 01's option)")
+    device = init_from_env()
     ctx = None
     try:
         stage = {"distill": "01_distill", "lora": "03_lora_prune", "students": "01_distill",
@@ -150,8 +156,6 @@ def main(argv=None) -> int:
         ctx = _ctx(stage, a.profile, a.run_dir, overrides, a.config_json)
         if ctx.device.type != device.type:
             raise ValueError(f"profile device {ctx.device} but torchrun gave {device}: set device in the profile")
-        from . import train as T
-        summaries: list = []
         if a.stage == "finetune":
             run_finetune(ctx, a.job_json, a.out_json)
             ctx.tracker.finish()
@@ -161,16 +165,15 @@ def main(argv=None) -> int:
             if is_main():
                 from .tracking import write_json
                 write_json(a.out_json or ctx.stage_dir / "torchrun" / "students.json",
-                           {"world_size": world(), "parallel": a.parallel if active() else "none",
+                           {"world_size": world(), "parallel": getattr(ctx.cfg, "parallel", "ddp") if active() else "none",
                             "backend": dist.get_backend() if dist.is_initialized() else None, "runs": hists})
             ctx.tracker.finish()
             return 0
-        with T.collect_summaries(summaries):
-            runs = run_distill(ctx) if a.stage == "distill" else run_lora(ctx, summaries)
+        runs = run_distill(ctx) if a.stage == "distill" else run_lora(ctx)
         if is_main():
             from .tracking import read_json, write_json
             runs = _throughput(runs)
-            res = {"stage": stage, "parallel": a.parallel if active() else "none", "world_size": world(),
+            res = {"stage": stage, "parallel": getattr(ctx.cfg, "parallel", "ddp") if active() else "none", "world_size": world(),
                    "backend": dist.get_backend() if dist.is_initialized() else None, "device": str(device),
                    "device_name": ctx.stamp.get("device_name"), "env": ctx.stamp, "runs": runs,
                    "scaling": _efficiency(runs, read_json(a.baseline_json) if a.baseline_json else None)}

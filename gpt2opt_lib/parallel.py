@@ -2,7 +2,7 @@
 uses once torchrun has started a group of world > 1. The torchrun entry point is `gpt2opt_lib.distributed`.
 
 How it fits `train.train`: once `init_from_env()` has started a process group of world > 1, `train` wraps the
-model (DDP, or FSDP2 with parallel="fsdp"), each rank takes its slice of every GLOBAL batch (`rank_slice`), so
+model (DDP, or FSDP2 with TrainSpec.parallel="fsdp"), each rank takes its slice of every GLOBAL batch (`rank_slice`), so
 world x batch_size samples make one optimizer step and one process with batch_size = world x batch_size sees
 exactly the same samples per step. Losses are all-reduced (mean) once per epoch; the progress bar, the tracker
 and `on_epoch_end` (validation, checkpoints) run on rank 0 only. Backend: nccl on CUDA, gloo on CPU (tests).
@@ -14,9 +14,6 @@ import os
 
 import torch
 import torch.distributed as dist
-
-_MODE = {"parallel": "ddp"}  # set by init_from_env; read by train.train
-
 
 def active() -> bool:
     """True when a process group of more than one rank is running (train.train switches to data-parallel)."""
@@ -35,18 +32,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def parallel_mode() -> str:
-    return _MODE["parallel"]
-
-
-def init_from_env(parallel: str = "ddp", timeout_min: int = 60) -> torch.device:
+def init_from_env(timeout_min: int = 60) -> torch.device:
     """Start the process group from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; returns this rank's device.
 
     Without torchrun's variables (a plain `python`), nothing is started and the single-process device is returned.
     """
-    if parallel not in ("ddp", "fsdp"):
-        raise ValueError(f"parallel={parallel!r}; allowed: ddp, fsdp")
-    _MODE["parallel"] = parallel
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")

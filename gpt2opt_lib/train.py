@@ -36,6 +36,7 @@ class TrainSpec:
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
+    parallel: str = "ddp"              # under a process group of more than one rank: "ddp" or "fsdp" (FSDP2)
 
 
 class StepTimer:
@@ -114,19 +115,6 @@ def epoch_batches(blocks: torch.Tensor, spec: TrainSpec, epoch: int) -> list[tor
     return [blocks[order[i: i + spec.batch_size]] for i in range(0, n, spec.batch_size)]
 
 
-_SUMMARY_SINKS: list[list] = []
-
-
-@contextlib.contextmanager
-def collect_summaries(sink: list):
-    """Every `train` call inside the block appends its history's summary to `sink` (the torchrun CLI's report)."""
-    _SUMMARY_SINKS.append(sink)
-    try:
-        yield sink
-    finally:
-        _SUMMARY_SINKS.remove(sink)
-
-
 def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, device: torch.device, *,
           params=None, after_step: Callable | None = None, on_epoch_end: Callable | None = None,
           tracker=None, desc: str = "train", progress: bool = True) -> dict:
@@ -147,7 +135,9 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
     W = D.world() if D.active() else 1
     main = D.is_main()
     gspec = dataclasses.replace(spec, batch_size=spec.batch_size * W)  # the global batch walked by every rank
-    fsdp = W > 1 and D.parallel_mode() == "fsdp"
+    if spec.parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"TrainSpec.parallel={spec.parallel!r}; allowed: ddp, fsdp")
+    fsdp = W > 1 and spec.parallel == "fsdp"
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if W == 1:
@@ -273,13 +263,11 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
         "time_per_step_s": t_step, "time_per_step_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
         "tokens_per_s": tokens_per_step * W / t_step,  # the whole job (= per GPU on one process)
         "tokens_per_s_total": tokens_per_step * W / t_step, "tokens_per_s_per_gpu": tokens_per_step / t_step,
-        "world_size": W, "parallel": (D.parallel_mode() if W > 1 else "none"),
+        "world_size": W, "parallel": (spec.parallel if W > 1 else "none"),
         "samples_per_s": spec.batch_size * spec.grad_accum * W / t_step,
         "peak_mem_mb": peak_mem_mb(device), "final_loss": hist["epoch_loss"][-1],
         "train_state_mb_per_rank": state_bytes / 2**20,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad) if fsdp
         else sum(p.numel() for p in params if p.requires_grad),
     }
-    for sink in _SUMMARY_SINKS:
-        sink.append(hist["summary"])
     return hist

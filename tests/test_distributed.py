@@ -81,7 +81,6 @@ def _loss_fn(kd: bool, record: list | None = None):
 
 def _run_case(name: str, world: int, per_rank_loss: list | None = None, epoch_calls: list | None = None):
     parallel, accum, lora, kd = CASES[name]
-    D._MODE["parallel"] = parallel
     model = _model(lora)
     if "native" in name:
         from gpt2opt_lib import model as NM
@@ -89,7 +88,7 @@ def _run_case(name: str, world: int, per_rank_loss: list | None = None, epoch_ca
     if name == "ddp_compiled":  # dynamo traces the blocks under DDP (the eager backend: no C++ toolchain needed)
         model.transformer.compile(backend="eager", dynamic=False)
     spec = TrainSpec(**{"epochs": 2 if name in ("ddp", "fsdp") else 1, "batch_size": MICRO * (WORLD // world),
-                        "grad_accum": accum, "lr": 1e-2, "warmup_steps": 2, "precision": "fp32", "seed": 1,
+                        "grad_accum": accum, "lr": 1e-2, "warmup_steps": 2, "precision": "fp32", "seed": 1, "parallel": parallel,
                         **SPEC_EXTRA.get(name, {})})
     params = [p for p in model.parameters() if p.requires_grad] if lora else None
 

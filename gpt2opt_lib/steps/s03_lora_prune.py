@@ -38,7 +38,8 @@ def full_finetune(ctx: StageContext, which: str = "student_distilled") -> dict:
     return row
 
 
-def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_before: bool = False):
+def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_before: bool = False,
+                  summaries: list | None = None):
     """LoRA on the frozen student; with prune_before, 80 % of adapter weights are zeroed first and kept at zero.
     With nproc > 1 (and no process group yet) the training runs data-parallel under torchrun; rank 0 saves the
     trained adapter weights (safetensors) and they are loaded into the same LoRA model here."""
@@ -65,6 +66,8 @@ def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_bef
     if pruner:
         extra["pruning"] = pruner.record()
     extra["world_size"] = hist["summary"].get("world_size", 1)
+    if summaries is not None:  # the torchrun CLI's throughput report
+        summaries.append(hist["summary"])
     return model, train_row(ctx, name, model, hist, extra)
 
 
