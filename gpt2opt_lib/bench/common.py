@@ -3,7 +3,6 @@ recorded, never raised), the report (JSON + table). Throughput everywhere is com
 the notebooks (timing.py); median and min are recorded beside it."""
 from __future__ import annotations
 
-import gc
 import json
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import env as envmod
-from ..timing import is_oom, measure
+from ..timing import is_oom, measure, reset_peak
 from .hardware import _device_name
 
 def build_model(spec: str, dtype: torch.dtype, device: torch.device, attn: str = "sdpa", seed: int = 0):
@@ -23,18 +22,14 @@ def build_model(spec: str, dtype: torch.dtype, device: torch.device, attn: str =
 
 
 def _model_bytes(model) -> int:
-    seen, n = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            n += p.numel() * p.element_size()
-    return n
+    """Weight bytes as the notebooks count them (quant.weight_bytes: tied tensors once, quantization state in)."""
+    from ..quant import weight_bytes
+
+    return weight_bytes(model)["total"]
 
 
 def _free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    reset_peak(device)  # gc + the CUDA cache emptied (timing.reset_peak), between engines
 
 
 def _run_engine(name, make_fn, device, args, results, extra=None):
