@@ -97,3 +97,16 @@ def test_generate_with_a_draft_measures_speculative_decoding(tmp_path):
     assert spec["speedup"] == pytest.approx(e["speculative"]["tokens_per_s"] / e["fast"]["tokens_per_s"])
     assert e["speculative"]["tokens_per_s"] == pytest.approx(9 / e["speculative"]["mean_s"])
     assert 0 <= spec["acceptance_rate"] <= 1 and e["speculative"]["proposed"] % 3 == 0
+
+
+@pytest.mark.gpu
+def test_generate_reports_kernels_per_token_on_gpu(tmp_path):
+    """On CUDA the fast engines say where a token's time goes: kernels launched and GPU kernel time per token."""
+    rep = bench.main(["generate", "--model", "random:tiny", "--dtype", "fp16", "--device", "cuda", "--prompt-len", "8",
+                      "--new-tokens", "16", "--repeats", "2", "--warmup", "1", "--quant", "none,int4",
+                      "--quality-tokens", "0", "--json", str(tmp_path / "g.json")])
+    for name in ("fast", "fast_int4"):
+        e = rep["engines"][name]
+        assert "error" not in e, e
+        assert e["kernels_per_token"] >= 4 * 2, e            # at least a few kernels per layer and token
+        assert 0 < e["gpu_kernel_us_per_token"] < e["ms_per_token"] * 1e3 * 1.05

@@ -72,7 +72,7 @@ def cmd_generate(args) -> dict:
                                group_size=args.group_size, use_cuda_graph=args.cuda_graph, compile=args.compile)
                 fn = lambda: outputs.__setitem__(name, eng.generate(ids, N))
                 info = dict(eng.weight_bytes(), cuda_graph=eng.use_cuda_graph, compiled=eng.compile,
-                            quant=eng.quant_report)
+                            quant=eng.quant_report, **kernels_per_token(lambda: eng.generate(ids, N), B * N, device))
                 if quant is not None:
                     info.update(_quality(eng, model, ids[:4], args))
                 return fn, info
@@ -122,6 +122,28 @@ def _speculative(args, model, ids, dtype, device) -> dict:
     rec["setup_and_run_s"] = time.perf_counter() - t0
     _free(device)
     return rec
+
+
+def kernels_per_token(fn, n_tokens: int, device) -> dict:
+    """CUDA kernels launched and GPU kernel time per generated token, from one profiled call of fn (after the
+    engine's warm-up: call it on a warmed engine). Where the time per token goes, next to tokens/s and GB/s.
+    CUDA only ({} elsewhere); a profiler failure is recorded, never raised."""
+    if torch.device(device).type != "cuda":
+        return {}
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()                                             # warm: graph capture / compile happen outside the trace
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()
+                   and "memset" not in e.name.lower()]
+        return {"kernels_per_token": len(kernels) / n_tokens,
+                "gpu_kernel_us_per_token": sum(e.device_time for e in kernels) / n_tokens}
+    except Exception as e:  # noqa: BLE001 - a profiler problem costs the figure, not the measurement
+        return {"kernels_per_token_error": f"{type(e).__name__}: {e}"[:200]}
 
 
 _REF_LOGITS: dict = {}
