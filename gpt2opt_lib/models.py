@@ -74,12 +74,21 @@ def build_model(spec: str, attn_implementation: str = "sdpa", seed: int | None =
     return load_model(spec, attn_implementation)
 
 
+def _hub_reachable() -> bool:
+    from .data import hub_reachable
+
+    return hub_reachable()
+
+
 def load_model(path_or_id: str, attn_implementation: str = "sdpa", dtype=torch.float32) -> GPT2LMHeadModel:
     if not Path(path_or_id).exists() and "/" in path_or_id and path_or_id.startswith((".", "/", "reports")):
         raise FileNotFoundError(f"checkpoint {path_or_id!r} does not exist")
     local = Path(path_or_id).is_dir()
+    # a hub id with no network: read the local HF cache only (no minute of retries per file before failing)
+    cache_only = not local and not _hub_reachable()
     try:
-        model = GPT2LMHeadModel.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation)
+        model = GPT2LMHeadModel.from_pretrained(path_or_id, dtype=dtype, attn_implementation=attn_implementation,
+                                                **({"local_files_only": True} if cache_only else {}))
     except Exception as e:
         if local:  # a checkpoint that exists but can't be read: truncated, corrupt, half-copied
             raise ValueError(f"checkpoint {path_or_id!r} could not be read (truncated or corrupt?): "

@@ -215,3 +215,19 @@ def test_a_pickle_in_the_token_cache_is_never_run(tmp_path, monkeypatch):
     tok = data.offline_tokenizer()
     assert data.token_stream(tok, [("a", "Hello world")], cache_key="k").tolist() == [15496, 995, 50256]
     assert not (tmp_path / "pwned").exists()
+
+
+def test_hub_id_without_network_fails_fast_with_one_clear_error(monkeypatch, tmp_path):
+    """No network and HF_HUB_OFFLINE unset: the hub client used to retry for about a minute per file. A hub id is
+    then read from the local cache only, and a model that is not there is a clear error within seconds."""
+    import time
+
+    from gpt2opt_lib import data, models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="hub is unreachable"):
+        models.load_model("gpt2opt-test/no-such-model")
+    assert time.perf_counter() - t0 < 10
