@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -88,7 +89,7 @@ def test_generate_with_a_draft_measures_speculative_decoding(tmp_path):
     out = tmp_path / "specul.json"
     rep = bench.main(["generate", "--model", "random:tiny-teacher", "--draft", "random:tiny", "--draft-k", "3",
                       "--dtype", "fp32", "--device", "cpu", "--prompt-len", "8", "--new-tokens", "9", "--repeats", "1",
-                      "--warmup", "0", "--quant", "none", "--json", str(out)])
+                      "--warmup", "0", "--quant", "none", "--prompts", "corpus", "--json", str(out)])
     spec = json.loads(out.read_text())["speculative"]
     assert spec == json.loads(json.dumps(rep["speculative"], default=str))
     assert spec["draft"] == "random:tiny" and spec["k"] == 3 and spec["token_identical"] is True
@@ -110,3 +111,18 @@ def test_generate_reports_kernels_per_token_on_gpu(tmp_path):
         assert "error" not in e, e
         assert e["kernels_per_token"] >= 4 * 2, e            # at least a few kernels per layer and token
         assert 0 < e["gpu_kernel_us_per_token"] < e["ms_per_token"] * 1e3 * 1.05
+
+
+def test_corpus_prompts_are_text_windows():
+    """--prompts corpus: consecutive windows of the offline test split (what a trained draft is accepted on)."""
+    import argparse
+
+    from gpt2opt_lib import data
+    from gpt2opt_lib.bench.generation import _prompts
+
+    ids = _prompts(argparse.Namespace(prompts="corpus", seed=0), 50257, 2, 8)
+    tok = data.get_tokenizer("gpt2")
+    splits, _ = data.load_corpus("wiki-offline")
+    assert torch.equal(ids.flatten(), data.token_stream(tok, splits["test"][:64])[:16].long())
+    rnd = _prompts(argparse.Namespace(prompts="random", seed=0), 50257, 2, 8)
+    assert rnd.shape == (2, 8) and not torch.equal(rnd, ids)

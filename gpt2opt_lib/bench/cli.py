@@ -76,6 +76,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft", default=None, help="speculative decoding: a draft model spec (e.g. the distilled "
                                                  "student's directory) proposing tokens for --model to verify")
     g.add_argument("--draft-k", type=int, default=4, help="draft tokens per verify step (with --draft)")
+    g.add_argument("--prompts", default="random", choices=["random", "corpus"],
+                   help="prompt tokens: random, or text from the offline corpus's test split (for trained models)")
     f = sub.add_parser("forward", help="tokens/s of a full forward (B x seq_len)")
     _common(f)
     f.add_argument("--seq-len", type=int, default=512)

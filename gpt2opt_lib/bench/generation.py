@@ -13,6 +13,22 @@ from ..timing import is_oom
 from .common import _free, _model_bytes, _report, _run_engine, build_model
 from .hardware import DTYPES, PEAK_BANDWIDTH, _device_name, _lookup
 
+def _prompts(args, vocab_size: int, B: int, T: int) -> torch.Tensor:
+    """(B, T) prompt ids: random tokens (speed does not depend on the text), or with --prompts corpus the test split
+    of the offline Wikipedia corpus, consecutive T-token windows (a trained draft's acceptance depends on the text)."""
+    if getattr(args, "prompts", "random") == "corpus":
+        from .. import data
+
+        tok = data.get_tokenizer("gpt2")
+        splits, _ = data.load_corpus("wiki-offline")
+        stream = data.token_stream(tok, splits["test"][:64])
+        if stream.numel() < B * T:
+            raise ValueError(f"--prompts corpus: {stream.numel()} test tokens, fewer than batch x prompt-len")
+        return stream[: B * T].view(B, T).long()
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randint(0, vocab_size, (B, T), generator=g)
+
+
 def _gen_engines(args, device) -> list[str]:
     if args.engines:
         return args.engines.split(",")
@@ -38,8 +54,7 @@ def cmd_generate(args) -> dict:
     dtype = DTYPES[args.dtype]
     model = build_model(args.model, dtype, device, attn=args.attn.split(",")[0], seed=args.seed)
     B, T, N = args.batch_size, args.prompt_len, args.new_tokens
-    g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device)
+    ids = _prompts(args, model.config.vocab_size, B, T).to(device)
     peak_bw = _lookup(PEAK_BANDWIDTH, _device_name(device))
     fp16_bytes = _model_bytes(model) * 2 // next(model.parameters()).element_size()
     results, outputs = {}, {}
