@@ -340,20 +340,7 @@ class FastGPT2:
         if not self.use_cuda_graph:
             return fn
         if key not in self._graphs:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    self.pos.zero_()
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            self.pos.zero_()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._pool):
-                fn()
-            self._graphs[key] = g
+            self._graphs[key], self._pool = capture_graph(fn, self.pos.zero_, self._pool)
         return self._graphs[key].replay
 
     def _prefill_runner(self, B, T, flags):
@@ -530,6 +517,26 @@ class FastGPT2:
     def weight_bytes(self) -> dict:
         from . import wquant
         return wquant.quantized_weight_bytes(self)
+
+
+def capture_graph(fn, reset, pool=None):
+    """Warm fn up on a side stream (3 runs: compile, autotune, allocator), then capture it into a CUDA graph.
+
+    fn() mutates static buffers; reset() puts them back where fn can run from, before every warm-up run and before
+    the capture. pool: a graph memory pool to share (None: a new one). Returns (graph, pool)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            reset()
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    reset()
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        fn()
+    return g, pool
 
 
 # ----------------------------------------------------------------------------------------------------------------

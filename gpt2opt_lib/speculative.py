@@ -27,8 +27,8 @@ import warnings
 
 import torch
 
-from .generate import FastGPT2, hf_generate
-from .timing import measure
+from .generate import FastGPT2, capture_graph, hf_generate
+from .timing import measure, rate
 
 
 class SpeculativeDecoder:
@@ -106,20 +106,7 @@ class SpeculativeDecoder:
         """fn() mutates static buffers; reset() puts them in a state fn can run from (before warm-up and capture).
         Captured before the prefill, so the warm-up runs' writes are overwritten."""
         if key not in self._graphs:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    reset()
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            reset()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._pool):
-                fn()
-            self._graphs[key] = g
+            self._graphs[key], self._pool = capture_graph(fn, reset, self._pool)
         return self._graphs[key].replay
 
     def _runners(self, T: int, need_iteration: bool):
@@ -209,8 +196,7 @@ class SpeculativeDecoder:
 
 def _timing_row(timing, new_tokens: int) -> dict:
     row = timing.as_dict()   # throughput from the mean time, as every measurement of the suite
-    row["tokens_per_s"] = new_tokens / timing.mean_s
-    row["tokens_per_s_std"] = new_tokens * timing.std_s / timing.mean_s ** 2
+    row["tokens_per_s"], row["tokens_per_s_std"] = rate(new_tokens, timing.mean_s, timing.std_s)
     row["ms_per_token"] = timing.mean_s / new_tokens * 1e3
     return row
 

@@ -74,6 +74,12 @@ def measure(fn: Callable[[], object], *, device: torch.device | str | None, warm
     )
 
 
+def rate(n: float, mean_s: float, std_s: float) -> tuple[float, float]:
+    """Items per second from a mean time, and its std (first-order propagation: n * std / mean^2). Every
+    throughput of the suite (tokens/s, samples/s) comes from the mean time this way."""
+    return n / mean_s, n * std_s / mean_s**2
+
+
 def is_oom(exc: BaseException) -> bool:
     """True for a CUDA/CPU out-of-memory error (recorded as an outcome in sweeps, never a crash)."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):

@@ -5,7 +5,7 @@ import torch
 
 from .. import env as envmod
 from ..generate import FastGPT2
-from ..timing import measure
+from ..timing import measure, rate
 from .common import _model_bytes, _report, _run_engine, build_model
 from .hardware import DTYPES, PEAK_FLOPS, _device_name, _lookup
 
@@ -48,7 +48,8 @@ def cmd_forward(args) -> dict:
 
     def figures(rec):
         t = rec["mean_s"]
-        return {"tokens_per_s": B * T / t, "tokens_per_s_std": B * T * rec["std_s"] / t**2,
+        tps, tps_std = rate(B * T, t, rec["std_s"])
+        return {"tokens_per_s": tps, "tokens_per_s_std": tps_std,
                 "ms_per_token": t / (B * T) * 1e3, "tflops": flops / t / 1e12, "mfu": flops / t / peak if peak else None,
                 "weight_bytes": _model_bytes(model), "roofline_fraction": None}
 

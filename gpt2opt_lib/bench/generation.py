@@ -9,7 +9,7 @@ import torch
 
 from .. import env as envmod
 from ..generate import FastGPT2, hf_generate
-from ..timing import is_oom
+from ..timing import is_oom, rate
 from .common import _free, _model_bytes, _report, _run_engine, build_model
 from .hardware import DTYPES, PEAK_BANDWIDTH, _device_name, _lookup
 
@@ -62,9 +62,9 @@ def cmd_generate(args) -> dict:
     def figures(bytes_per_step):
         def f(rec):
             t = rec["mean_s"]
-            tps = B * N / t
+            tps, tps_std = rate(B * N, t, rec["std_s"])
             roof = bytes_per_step * N / t / peak_bw if (peak_bw and bytes_per_step) else None
-            return {"tokens_per_s": tps, "tokens_per_s_std": B * N * rec["std_s"] / t**2, "ms_per_token": t / N * 1e3,
+            return {"tokens_per_s": tps, "tokens_per_s_std": tps_std, "ms_per_token": t / N * 1e3,
                     "roofline_fraction": roof,
                     "achieved_weight_gbps": bytes_per_step * N / t / 1e9 if bytes_per_step else None}
         return f

@@ -11,7 +11,7 @@ import torch
 
 from .. import lora as L
 from .. import models as M
-from ..timing import measure
+from ..timing import measure, rate
 from .context import StageContext
 
 
@@ -80,10 +80,10 @@ def forward_bench(ctx: StageContext, model, batch_size: int, seq_len: int) -> di
         return model(input_ids=ids).logits
 
     t = measure(fwd, device=ctx.device, warmup=ctx.cfg.warmup, repeats=ctx.cfg.repeats)
+    tps, tps_std = rate(batch_size * seq_len, t.mean_s, t.std_s)
     return {"batch_size": batch_size, "seq_len": seq_len, "latency_ms": t.mean_s * 1e3, "latency_std_ms": t.std_s * 1e3,
-            "samples_per_s": batch_size / t.mean_s, "tokens_per_s": batch_size * seq_len / t.mean_s,
-            "tokens_per_s_std": batch_size * seq_len * t.std_s / t.mean_s**2, "peak_mem_mb": t.peak_mem_mb,
-            "weight_mb": weight_mb(model)}
+            "samples_per_s": batch_size / t.mean_s, "tokens_per_s": tps, "tokens_per_s_std": tps_std,
+            "peak_mem_mb": t.peak_mem_mb, "weight_mb": weight_mb(model)}
 
 
 class EngineLM:
@@ -135,10 +135,10 @@ def generate_bench(ctx: StageContext, model, batch_size: int, prompt_len: int, n
         name = "hf.generate"
 
     t = measure(gen, device=ctx.device, warmup=max(1, ctx.cfg.warmup), repeats=max(2, ctx.cfg.repeats))
-    n = ids.shape[0] * new_tokens
+    tps, tps_std = rate(ids.shape[0] * new_tokens, t.mean_s, t.std_s)
     return {"engine": name, "batch_size": ids.shape[0], "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "latency_ms": t.mean_s * 1e3, "latency_std_ms": t.std_s * 1e3, "tokens_per_s": n / t.mean_s,
-            "tokens_per_s_std": n * t.std_s / t.mean_s**2, "ms_per_token": t.mean_s * 1e3 / new_tokens,
+            "latency_ms": t.mean_s * 1e3, "latency_std_ms": t.std_s * 1e3, "tokens_per_s": tps,
+            "tokens_per_s_std": tps_std, "ms_per_token": t.mean_s * 1e3 / new_tokens,
             "peak_mem_mb": t.peak_mem_mb}
 
 

@@ -21,7 +21,7 @@ from .context import StageContext, summary_table
 def _spec(cfg, **kw) -> TrainSpec:
     base = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
                 weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, max_train_blocks=cfg.max_train_blocks,
-                precision=cfg.precision, seed=cfg.seed, parallel=getattr(cfg, "parallel", "ddp"))
+                precision=cfg.precision, seed=cfg.seed, parallel=cfg.parallel)
     base.update(kw)
     return TrainSpec(**base)
 
