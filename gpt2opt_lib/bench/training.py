@@ -303,15 +303,6 @@ def _native(ctx: _TrainCtx, spec: str, dtype: torch.dtype = torch.float32):
     return NM.from_hf(ctx.template(spec)).to(device=ctx.device, dtype=dtype)
 
 
-def _compile_native(model, ctx: _TrainCtx, on: bool) -> bool:
-    """The chunked losses reach model.py's trunk through `model.transformer(input_ids=)` -> `model.hidden()`, which
-    nn.Module.compile() (it wraps __call__) never sees; so compile that method: embeddings, blocks and ln_f as one
-    graph, the counterpart of compiling model.transformer in `fast`."""
-    if on:
-        model.hidden = torch.compile(model.hidden, dynamic=False)
-    return on
-
-
 def _eng_native(ctx: _TrainCtx, compiled: bool) -> dict:
     """The project's native GPT-2 (gpt2opt_lib/model.py, from_hf of the same template: hf's start weights) +
     train.train + chunked CE + fused AdamW + autocast (+ compile of the trunk): 01's `train_engine: native`."""
@@ -320,13 +311,13 @@ def _eng_native(ctx: _TrainCtx, compiled: bool) -> dict:
     template = ctx.template(a.model)
     n_all, n_mm = _param_counts(template)               # the HF model's counts: the real vocabulary
     model = _native(ctx, a.model)
-    _compile_native(model, ctx, compiled)
+    _compile(model, ctx, compiled)  # the module, as 01 compiles it
     r = _run_fast(ctx, model, make_lm_loss_fn(a.chunk_tokens))
     f = train_flops_per_token(template.config, a.seq_len, n_full=n_mm)
     rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 6 * n_all)
     rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={a.chunk_tokens})",
                optimizer="train.train AdamW (fused on CUDA)", autocast=str(ctx.amp), compiled=compiled,
-               compile_scope="model.hidden (embeddings, blocks, ln_f)", gradient_checkpointing=False,
+               compile_scope="model.py GPT2 module (embeddings, blocks, ln_f)", gradient_checkpointing=False,
                trainable_params=r["trainable_params"], total_params=n_all, padded_vocab=model.wte.num_embeddings)
     return rec
 
@@ -343,15 +334,15 @@ def _eng_kd_native(ctx: _TrainCtx, compiled: bool) -> dict:
     student = _native(ctx, a.model)
     teacher = _native(ctx, a.teacher, t_dtype)
     t_compiled = compiled and a.compile_teacher
-    _compile_native(student, ctx, compiled)
-    _compile_native(teacher, ctx, t_compiled)
+    _compile(student, ctx, compiled)
+    _compile(teacher, ctx, t_compiled)
     loss_fn = make_kd_loss_fn(teacher, a.kd_temperature, a.kd_alpha, a.chunk_tokens)
     r = _run_fast(ctx, student, loss_fn)
     f = train_flops_per_token(s_tpl.config, a.seq_len, n_full=n_mm, teacher_cfg=t_tpl.config, n_teacher=t_mm)
     rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 6 * n_all + 2 * t_all)
     rec.update(loss=f"distill.make_kd_loss_fn(chunk_tokens={a.chunk_tokens})",
                optimizer="train.train AdamW (fused on CUDA)", autocast=str(ctx.amp), compiled=compiled,
-               teacher_compiled=t_compiled, compile_scope="model.hidden (embeddings, blocks, ln_f)",
+               teacher_compiled=t_compiled, compile_scope="model.py GPT2 module (embeddings, blocks, ln_f)",
                gradient_checkpointing=False, trainable_params=r["trainable_params"], total_params=n_all + t_all,
                teacher_dtype=str(t_dtype), padded_vocab=student.wte.num_embeddings)
     return rec
