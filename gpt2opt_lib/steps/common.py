@@ -11,6 +11,7 @@ import torch
 
 from .. import lora as L
 from .. import models as M
+from ..config import LoraPrune
 from ..timing import measure, rate
 from .context import StageContext
 
@@ -158,5 +159,5 @@ def lora_setup(ctx: StageContext) -> dict:
     c = ctx.results_of("03_lora_prune")["config"]
     return {"rank": c["lora_rank"], "alpha": c["lora_alpha"], "dropout": c["lora_dropout"],
             "targets": tuple(c["lora_targets"]), "sparsity": c["prune_sparsity"], "scope": c["prune_scope"],
-            "lr": c["ft_lr"], "full_ft_lr": c["full_ft_lr"], "warmup_steps": c.get("ft_warmup_steps", 5)}
+            "lr": c["ft_lr"], "full_ft_lr": c["full_ft_lr"], "warmup_steps": c.get("ft_warmup_steps", LoraPrune.ft_warmup_steps)}  # a run older than the key
 

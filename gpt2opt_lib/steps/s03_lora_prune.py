@@ -44,10 +44,12 @@ def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_bef
     With nproc > 1 (and no process group yet) the training runs data-parallel under torchrun; rank 0 saves the
     trained adapter weights (safetensors) and they are loaded into the same LoRA model here."""
     c = ctx.cfg
+    out = None
+    if c.nproc > 1 and not D.active():  # trained first: this process holds no model while the GPUs train
+        out = _torchrun(ctx, {"kind": "lora", "which": which, "prune_before": prune_before})
     model = L.apply_lora(load_student(ctx, which), rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
                          targets=tuple(c.lora_targets))
-    if c.nproc > 1 and not D.active():
-        out = _torchrun(ctx, {"kind": "lora", "which": which, "prune_before": prune_before})
+    if out is not None:
         from safetensors.torch import load_file
 
         trained = load_file(out["adapter"], device=str(ctx.device))
