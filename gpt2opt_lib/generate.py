@@ -32,12 +32,16 @@ VOCAB_MULTIPLE = 64   # pad the tied embedding / LM head rows: aligned matmul ti
 # model pieces
 
 class _Dense(nn.Module):
+    split_bias = False   # gemv decode: one-row x W^T as a plain mm (inductor turns it into a GEMV), bias added after
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.register_buffer("weight", weight)                          # (N, K), nn.Linear layout
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split_bias and self.bias is not None and x.shape[:-1].numel() == 1:
+            return F.linear(x, self.weight) + self.bias                 # mm (-> GEMV) + bias fused into it
         return F.linear(x, self.weight, self.bias)
 
 
@@ -66,6 +70,8 @@ _ACTS = {
 
 
 class _Block(nn.Module):
+    math_attn = False    # gemv decode: attention over the cache as plain reductions (fused by inductor), not SDPA
+
     def __init__(self, hf_block: nn.Module, cfg, layer_idx: int, dtype, device):
         super().__init__()
         cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()
@@ -118,7 +124,12 @@ class _Block(nn.Module):
         q, k, v = self._qkv(x)                                          # (B, nh, S, hs)
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v)
-        y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale)  # (B, nh, S, hs)
+        if self.math_attn:   # a few queries against L cached keys: reductions inductor fuses (mask, softmax, PV)
+            att = (q.unsqueeze(-2).float() * kc.unsqueeze(-3).float()).sum(-1) * self.scale    # (B, nh, S, L)
+            att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+            y = (att.unsqueeze(-1) * vc.unsqueeze(-3).float()).sum(-2).to(q.dtype)            # (B, nh, S, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale)  # (B, nh, S, hs)
         return self._out(x, y)
 
 
@@ -154,6 +165,15 @@ class _Core(nn.Module):
                 seen.add(p.data_ptr())
                 n += p.numel()
         self.fp16_bytes = 2 * n
+
+    def use_gemv_decode(self, on: bool) -> None:
+        """Decode kernels for torch.compile: one-row matmuls as mm + bias (inductor's GEMV under coordinate-descent
+        tuning) and attention over the cache as fused reductions. Same math as the default path (tested eagerly)."""
+        for m in self.modules():
+            if isinstance(m, _Dense):
+                m.split_bias = on
+            elif isinstance(m, _Block):
+                m.math_attn = on
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         h = F.layer_norm(x, (x.shape[-1],), self.lnf_w, self.lnf_b, self.eps)
@@ -275,12 +295,16 @@ class FastGPT2:
     def __init__(self, model: nn.Module, max_batch_size: int = 1, max_seq_len: int | None = None,
                  dtype: torch.dtype | None = None, use_cuda_graph: bool | str = "auto",
                  compile: bool | str = "auto", weight_quant: str | None = None, group_size: int = 128,
-                 quant_backend: str = "auto", device: torch.device | str | None = None):
+                 quant_backend: str = "auto", device: torch.device | str | None = None, gemv: bool = True):
         """model: HF GPT2LMHeadModel (or PEFT-wrapped); weights are copied, the model is not modified.
 
         max_seq_len: KV-cache length (prompt + new tokens), default and cap n_positions.
         dtype: compute dtype (default the model's). use_cuda_graph / compile: "auto" = on for CUDA, off on CPU.
         weight_quant: None | "int8" | "int4" (weight-only, see wquant.py); group_size for int4.
+        gemv: compile the decode step with inductor's coordinate-descent tuning, under which a matmul with one row
+        (batch 1 decode) becomes a tuned Triton GEMV reduction (bias, residual and GELU fused into it) instead of a
+        cuBLAS GEMM tile with split-K (what gpt-fast does), and attention over the cache as fused reductions instead
+        of an SDPA kernel plus its mask. Only when compiled (CUDA by default).
         """
         model = _as_plain_gpt2(model)
         p = next(model.parameters())
@@ -303,10 +327,17 @@ class FastGPT2:
                                                          backend=quant_backend)
             self.weight_quant = weight_quant
             self._alloc_state()
-        self._decode_fn = (torch.compile(self.core.decode_step, fullgraph=True, dynamic=False)
-                           if self.compile else self.core.decode_step)
+        self.gemv = bool(gemv) and self.compile
+        self.core.use_gemv_decode(self.gemv)
+        self._decode_fn = self.compiled(self.core.decode_step)
         self._graphs: dict = {}
         self._pool = None
+
+    def compiled(self, fn):
+        """fn under torch.compile with this engine's options (fn itself when the engine does not compile)."""
+        if not self.compile:
+            return fn
+        return torch.compile(fn, fullgraph=True, dynamic=False, options=decode_compile_options(self.gemv))
 
     # --- static buffers --------------------------------------------------------------------------------------------
     def _alloc_state(self):
@@ -517,6 +548,12 @@ class FastGPT2:
     def weight_bytes(self) -> dict:
         from . import wquant
         return wquant.quantized_weight_bytes(self)
+
+
+def decode_compile_options(gemv: bool) -> dict:
+    """Inductor options of the decode / verify steps. coordinate_descent_tuning also turns inductor's decomposition
+    of one-row matmuls (mm -> mul + sum) on: a GEMV that streams the weights instead of a GEMM tile."""
+    return {"coordinate_descent_tuning": True} if gemv else {}
 
 
 def capture_graph(fn, reset, pool=None):

@@ -119,3 +119,66 @@ def test_all_masked_labels_give_zero_loss_and_bad_labels_are_named():
         distill.kd_loss(torch.randn(1, 4, 11), torch.randn(1, 4, 11), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="chunk_tokens"):
         distill.kd_loss_chunked(hs, ws, torch.zeros(1, 4, dtype=torch.long), chunk_tokens=0)
+
+
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_pure_chunk_function_equals_inplace_one(with_teacher):
+    """chunk_loss_grad (what CUDA compiles) and the in-place eager chunk: same sums, same gradient, masked rows 0."""
+    torch.manual_seed(0)
+    c, V = 6, 29
+    s, t = torch.randn(c, V), (torch.randn(c, V) if with_teacher else None)
+    yc = torch.randint(0, V, (c,))
+    vc = torch.tensor([True, True, False, True, True, False])[:, None]
+    n = vc.sum().float()
+    a_ce, a_kd = (0.4, 0.6) if with_teacher else (1.0, 0.0)
+    ce, kd, g = distill.chunk_loss_grad(s, t, yc, vc, n, a_ce, a_kd, 2.0)
+    ce2, kd2 = torch.zeros(()), torch.zeros(())
+    g2 = distill._chunk_grad_inplace(s, t, yc, vc, n, a_ce, a_kd, 2.0, ce2, kd2)
+    assert ce.item() == pytest.approx(ce2.item(), rel=1e-6) and kd.item() == pytest.approx(kd2.item(), rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(g, g2, rtol=1e-6, atol=1e-7)
+    assert torch.all(g[~vc[:, 0]] == 0)
+    # CE by hand
+    ce_hand = -torch.log_softmax(s, -1)[torch.arange(c), yc][vc[:, 0]].sum()
+    assert ce.item() == pytest.approx(ce_hand.item(), rel=1e-6)
+
+
+@pytest.mark.gpu
+def test_chunked_kd_on_cuda_compiled_equals_reference():
+    """On CUDA the chunk runs compiled (chunk_loss_grad under torch.compile): values and gradients equal the
+    reference kd_loss, masked labels included."""
+    torch.manual_seed(0)
+    dev = "cuda"
+    B, T, E, V = 2, 33, 16, 101
+    hs = torch.randn(B, T, E, device=dev, requires_grad=True)
+    ws = torch.randn(V, E, device=dev, requires_grad=True)
+    ht, wt = torch.randn(B, T, E, device=dev), torch.randn(V, E, device=dev)
+    y = torch.randint(0, V, (B, T), device=dev)
+    y[0, :5] = -100
+    ref, _ = distill.kd_loss(hs @ ws.t(), ht @ wt.t(), y, 2.0, 0.5)
+    g_ref = torch.autograd.grad(ref, (hs, ws))
+    got, _ = distill.kd_loss_chunked(hs, ws, y, ht, wt, 2.0, 0.5, 24)   # 64 rows: chunks of 24, 24, 16
+    g_got = torch.autograd.grad(got, (hs, ws))
+    assert distill._compiled_chunk() is not None
+    assert got.item() == pytest.approx(ref.item(), rel=1e-4)
+    for a, b in zip(g_ref, g_got):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_chunked_loss_matmuls_follow_autocast():
+    """Under autocast the LM-head matmuls run in the autocast dtype (the fp32 hidden states that ln_f returns
+    there are cast, as autocast casts a matmul's inputs), not in fp32: the loss equals the reference on
+    bf16-rounded logits, and the gradient keeps the hidden states' dtype."""
+    torch.manual_seed(0)
+    B, T, E, V = 2, 9, 16, 37
+    hs = torch.randn(B, T, E, requires_grad=True)
+    ws, ht, wt = torch.randn(V, E), torch.randn(B, T, E), torch.randn(V, E)
+    y = torch.randint(0, V, (B, T))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = distill.kd_loss_chunked(hs, ws, y, ht, wt, 2.0, 0.5, 7)
+    bf = lambda a, b: (a.bfloat16() @ b.bfloat16().t()).float()
+    ref_bf16, _ = distill.kd_loss(bf(hs, ws), bf(ht, wt), y, 2.0, 0.5)
+    ref_fp32, _ = distill.kd_loss(hs @ ws.t(), ht @ wt.t(), y, 2.0, 0.5)
+    assert got.item() == pytest.approx(ref_bf16.item(), rel=1e-4)
+    assert abs(got.item() - ref_fp32.item()) > 10 * abs(got.item() - ref_bf16.item())
+    (g,) = torch.autograd.grad(got, (hs,))
+    assert g.dtype == torch.float32

@@ -136,6 +136,22 @@ def test_incremental_decode_equals_full_forward(model, B):
     torch.testing.assert_close(inc[:, 4:], full[:, 4:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_gemv_decode_kernels_same_math(model, B):
+    """The gemv decode path (one-row mm + bias, attention as plain reductions: what CUDA compiles with
+    coordinate-descent tuning) computes what the default path does: run eagerly here, logits of the KV-cache decode
+    equal the full forward, and greedy output equals HF's."""
+    ids = torch.randint(0, VOCAB, (B, 24), generator=torch.Generator().manual_seed(3))
+    eng = FastGPT2(model, max_batch_size=3, max_seq_len=40)
+    assert not eng.gemv                                  # CPU: not compiled, so the default kernels
+    eng.core.use_gemv_decode(True)
+    assert all(b.math_attn and b.c_attn.split_bias for b in eng.core.blocks)
+    full, inc = eng.forward_logits(ids), eng.incremental_logits(ids, prefill_len=5)
+    torch.testing.assert_close(inc[:, 4:], full[:, 4:], rtol=1e-4, atol=1e-4)
+    p = prompts(B)
+    assert torch.equal(eng.generate(p, NEW), hf_generate(model, p, NEW))
+
+
 def test_sampling_reproducible_and_topk1_is_greedy(model):
     ids = prompts(3)
     eng = FastGPT2(model, max_batch_size=3, max_seq_len=64)
@@ -190,11 +206,12 @@ def test_pruned_heads_and_merged_lora():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_graph_engine_matches_hf(dtype):
+@pytest.mark.parametrize("gemv", [True, False])
+def test_gpu_graph_engine_matches_hf(dtype, gemv):
     model = tiny_model().to("cuda", dtype)
     ids = prompts(3).cuda()
-    eng = FastGPT2(model, max_batch_size=3, max_seq_len=64)
-    assert eng.use_cuda_graph and eng.compile
+    eng = FastGPT2(model, max_batch_size=3, max_seq_len=64, gemv=gemv)
+    assert eng.use_cuda_graph and eng.compile and eng.gemv == gemv
     ours, ref = eng.generate(ids, NEW), hf_generate(model, ids, NEW)
     # fp16 near-ties may flip a token late on; bf16 (8-bit mantissa) flips them much earlier on a random model
     assert torch.equal(ours[:, : T0 + 1], ref[:, : T0 + 1])

@@ -34,7 +34,7 @@ def perturbed(model, eps=0.01, seed=7):
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=g) * eps)
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * eps)
     return m
 
 

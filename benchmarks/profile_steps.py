@@ -1,0 +1,203 @@
+"""Where the GPU time of a step goes: torch.profiler over a few steps, kernels grouped into classes.
+
+train  (issue 12): the native engine (model.py + the fused chunked loss, compiled or eager + fused AdamW, as
+       `bench train --engines native` runs it) and nanogpt_ref, same batch.
+decode (issue 13): one FastGPT2 decode step (compiled, CUDA graph off so kernels are seen one by one) per engine
+       variant, plus the graphed tokens/s of each.
+Prints the step time (CUDA events), GPU kernel time per step by class and the top kernels; writes --json.
+Usage (CUDA):  python benchmarks/profile_steps.py train --batch-size 8 --json OUT.json
+               python benchmarks/profile_steps.py decode --model random:gpt2 --json OUT.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpt2opt_lib import env as envmod  # noqa: E402
+from gpt2opt_lib.bench import nanogpt_ref  # noqa: E402
+from gpt2opt_lib.distill import make_lm_loss_fn  # noqa: E402
+from gpt2opt_lib.model import from_hf  # noqa: E402
+from gpt2opt_lib.models import build_model  # noqa: E402
+
+CLASSES = (("matmul", ("gemm", "sm90", "cutlass", "xmma", "nvjet", "matmul", "cublas")),
+           ("attention", ("flash", "fmha", "attention", "cudnn")),
+           ("optimizer", ("adam", "multi_tensor", "foreach", "norm")),
+           ("triton/fused", ("triton",)))
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for cls, keys in CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def run(name, step, n_warm, n_prof, n_time):
+    for _ in range(n_warm):
+        step()
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(n_time + 1)]
+    ev[0].record()
+    for i in range(n_time):
+        step()
+        ev[i + 1].record()
+    torch.cuda.synchronize()
+    times = [ev[i].elapsed_time(ev[i + 1]) for i in range(n_time)]
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(n_prof):
+            step()
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            per_kernel[e.name][0] += e.device_time / n_prof / 1e3      # ms per step
+            per_kernel[e.name][1] += 1
+    by_class = defaultdict(float)
+    for k, (ms, _) in per_kernel.items():
+        by_class[classify(k)] += ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]
+    rec = {"step_ms_mean": sum(times) / len(times), "step_ms_all": times,
+           "gpu_kernel_ms_per_step": sum(v[0] for v in per_kernel.values()),
+           "kernels_per_step": sum(v[1] for v in per_kernel.values()) / n_prof,
+           "by_class_ms": dict(by_class),
+           "top_kernels": [{"name": k[:160], "ms_per_step": v[0], "calls_per_step": v[1] / n_prof} for k, v in top]}
+    print(f"\n== {name}: step {rec['step_ms_mean']:.2f} ms, GPU kernels {rec['gpu_kernel_ms_per_step']:.2f} ms "
+          f"({rec['kernels_per_step']:.0f} kernels)", flush=True)
+    for cls, ms in sorted(by_class.items(), key=lambda kv: -kv[1]):
+        print(f"   {cls:14s} {ms:8.2f} ms")
+    for t in rec["top_kernels"][:15]:
+        print(f"   {t['ms_per_step']:7.2f} ms  x{t['calls_per_step']:5.0f}  {t['name'][:110]}")
+    return rec
+
+
+def main_train(a):
+    dev = torch.device("cuda")
+    B, T = a.batch_size, a.seq_len
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 50257, (B, T), generator=g).to(dev)
+    template = build_model(a.model, attn_implementation="sdpa", seed=0)
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": [B, T],
+           "git_sha": envmod.git_sha(), "engines": {}}
+    import gpt2opt_lib.distill as D
+    for name in a.engines.split(","):
+        if name.startswith("native"):
+            model = from_hf(template).to(dev).train()
+            model.compile(dynamic=False)
+            D._COMPILED_CHUNK.clear()
+            if name == "native_eager_loss":
+                D._COMPILED_CHUNK.append(None)
+            loss_fn = make_lm_loss_fn(a.chunk_tokens)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            params = list(model.parameters())
+
+            def step(model=model, loss_fn=loss_fn, opt=opt, params=params):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss, _ = loss_fn(model, batch)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        else:
+            torch.manual_seed(0)
+            model = nanogpt_ref.GPT(template.config).to(dev).train()
+            opt = nanogpt_ref.configure_optimizer(model, 1e-4, 0.1)
+            model.compile(dynamic=False)
+            y = torch.cat([batch[:, 1:], batch.new_full((B, 1), -1)], dim=1)
+            params = list(model.parameters())
+
+            def step(model=model, opt=opt, params=params, y=y):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    _, loss = model(batch, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        out["engines"][name] = run(name, step, 4, 3, 8)
+        del model, opt
+        D._COMPILED_CHUNK.clear()
+        torch.cuda.empty_cache()
+    return out
+
+
+def main_decode(a):
+    """Each variant: FastGPT2 built twice from the same weights, graphed (tokens/s, as bench generate times it) and
+    compiled without graphs (one profiled generate: kernels one by one, per generated token)."""
+    from gpt2opt_lib.generate import FastGPT2
+    from gpt2opt_lib.timing import measure
+    dev = torch.device("cuda")
+    B, T, N = a.batch_size, a.prompt_len, a.new_tokens
+    model = build_model(a.model, attn_implementation="sdpa", seed=0).to(dev, torch.float16).eval()
+    ids = torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(0)).to(dev)
+    variants = {"fast": dict(gemv=False), "fast_gemv": dict(gemv=True),
+                "fast_int4": dict(gemv=False, weight_quant="int4"), "fast_int4_gemv": dict(gemv=True, weight_quant="int4"),
+                "fast_int8": dict(gemv=False, weight_quant="int8"), "fast_int8_gemv": dict(gemv=True, weight_quant="int8")}
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model, "batch": B,
+           "prompt_len": T, "new_tokens": N, "git_sha": envmod.git_sha(), "engines": {}}
+    ref = None
+    for name in a.engines.split(","):
+        kw = variants[name]
+        try:
+            eng = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, **kw)
+            res = measure(lambda: eng.generate(ids, N), warmup=2, repeats=10, device=dev)
+            toks = eng.generate(ids, N)
+            if ref is None:
+                ref = toks
+            rec = {"tokens_per_s": B * N / res.mean_s, "ms_per_token": res.mean_s / N * 1e3,
+                   "std_s": res.std_s, "match_first": (toks == ref).float().mean().item()}
+            eng = None
+            eng = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, use_cuda_graph=False, **kw)
+            eng.generate(ids, 4)
+
+            def step():
+                eng.generate(ids, N)
+            prof = run(f"{name} (no graph)", step, 1, 1, 1)
+            rec.update(kernels_per_token=prof["kernels_per_step"] / N,
+                       gpu_kernel_us_per_token=prof["gpu_kernel_ms_per_step"] / N * 1e3,
+                       by_class_us_per_token={k: v / N * 1e3 for k, v in prof["by_class_ms"].items()},
+                       top_kernels=prof["top_kernels"])
+            eng = None
+        except Exception as e:  # noqa: BLE001 - one variant failing is a finding, not the end of the run
+            rec = {"error": f"{type(e).__name__}: {e}"[:400]}
+        print(f"** {name}: {rec.get('tokens_per_s', 0):,.0f} tok/s, {rec.get('kernels_per_token', 0):.0f} kernels/token, "
+              f"{rec.get('gpu_kernel_us_per_token', 0):.0f} us GPU/token {rec.get('error', '')}", flush=True)
+        out["engines"][name] = rec
+        torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["train", "decode"])
+    ap.add_argument("--model", default=None, help="default random:gpt2")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 8 (train), 1 (decode)")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--chunk-tokens", type=int, default=8192)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--engines", default=None)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    a.model = a.model or "random:gpt2"
+    if a.mode == "train":
+        a.batch_size = a.batch_size or 8
+        a.engines = a.engines or "native,native_eager_loss,nanogpt_ref"
+        out = main_train(a)
+    else:
+        a.batch_size = a.batch_size or 1
+        a.engines = a.engines or "fast,fast_gemv,fast_int4,fast_int4_gemv"
+        out = main_decode(a)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
