@@ -335,9 +335,7 @@ class FastGPT2:
 
     def compiled(self, fn):
         """fn under torch.compile with this engine's options (fn itself when the engine does not compile)."""
-        if not self.compile:
-            return fn
-        return torch.compile(fn, fullgraph=True, dynamic=False, options=decode_compile_options(self.gemv))
+        return compile_step(fn, self.gemv) if self.compile else fn
 
     # --- static buffers --------------------------------------------------------------------------------------------
     def _alloc_state(self):
@@ -550,10 +548,25 @@ class FastGPT2:
         return wquant.quantized_weight_bytes(self)
 
 
-def decode_compile_options(gemv: bool) -> dict:
-    """Inductor options of the decode / verify steps. coordinate_descent_tuning also turns inductor's decomposition
-    of one-row matmuls (mm -> mul + sum) on: a GEMV that streams the weights instead of a GEMM tile."""
-    return {"coordinate_descent_tuning": True} if gemv else {}
+def _allow_recompiles(limit: int = 256) -> None:
+    """Every engine compiles the same step function (another _Core, another shape): one dynamo cache entry each.
+    Past dynamo's default limit of 8 per function, a notebook's ninth engine would silently run the step eagerly
+    (hundreds of launches per token, in a measurement); raise the limit instead."""
+    import torch._dynamo.config as dc
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dc, name):
+            setattr(dc, name, max(getattr(dc, name), limit))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dc, name):
+            setattr(dc, name, max(getattr(dc, name), 4 * limit))
+
+
+def compile_step(fn, gemv: bool):
+    """A decode / verify step under torch.compile (static shapes, one graph). With gemv, inductor's
+    coordinate-descent tuning, which also turns its decomposition of one-row matmuls (mm -> mul + sum) on: a GEMV
+    that streams the weights instead of a GEMM tile."""
+    _allow_recompiles()
+    return torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True} if gemv else {})
 
 
 def capture_graph(fn, reset, pool=None):

@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from .generate import FastGPT2, capture_graph, decode_compile_options, hf_generate
+from .generate import FastGPT2, capture_graph, compile_step, hf_generate
 from .timing import measure, rate
 
 
@@ -64,9 +64,7 @@ class SpeculativeDecoder:
         self._span = torch.arange(k + 1, device=dev)                            # 0 .. k
         self._caches = ([c[:1] for c in target.ks], [c[:1] for c in target.vs],
                         [c[:1] for c in draft.ks], [c[:1] for c in draft.vs])
-        self._iter_fn = (torch.compile(self._iteration, fullgraph=True, dynamic=False,
-                                       options=decode_compile_options(target.gemv)) if self.compile
-                         else self._iteration)
+        self._iter_fn = compile_step(self._iteration, target.gemv) if self.compile else self._iteration
         self.compile_error: str | None = None
         self._graphs: dict = {}
         self._ids: dict = {}
