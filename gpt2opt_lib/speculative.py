@@ -233,7 +233,11 @@ def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new
     tokens per s), "speedup_vs_hf", "acceptance_rate", "tokens_per_target_step", "token_identical" (speculative
     output == the target engine's greedy output)}; a row holds mean_s, std_s, median_s, min_s, repeats,
     peak_mem_mb, tokens_per_s (new tokens / mean) and its std, ms_per_token, and for `speculative` the stats of
-    `SpeculativeDecoder.generate`; HF rows hold token_identical too, or "error"."""
+    `SpeculativeDecoder.generate`; HF rows hold token_identical too, or "error". "same_prefix_tokens": new tokens
+    equal to the target engine's before the first difference; "dtype": the engines' compute dtype. Identity is
+    exact in fp32; in 16-bit the verify step (k+1 rows) and the decode step (one row) run different kernels whose
+    roundings differ, so a near-tie between two tokens can flip (as HF's own greedy output differs from the fast
+    engine's there).""" 
     if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
         raise ValueError(f"prompt_ids must be a (1, T) tensor of token ids, got "
                          f"{tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids)}")
@@ -262,6 +266,9 @@ def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new
     ref = outs["fast"]
     token_identical = bool(out.shape == ref.shape and torch.equal(out, ref))
     engines["speculative"]["token_identical"] = token_identical
+    n = min(out.shape[1], ref.shape[1])
+    diff = (out[0, T:n] != ref[0, T:n]).nonzero()
+    same_prefix = int(diff[0, 0]) if diff.numel() else n - T      # new tokens equal before the first divergence
     if hf_baselines:
         model_dev = next(target_model.parameters()).device
         rows = {"hf": lambda: hf_generate(target_model, ids.to(model_dev), N),
@@ -279,5 +286,6 @@ def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new
             "speedup": ratio("speculative", "fast"), "speedup_vs_hf": ratio("speculative", "hf"),
             "hf_assisted_speedup_vs_hf": ratio("hf_assisted", "hf"),
             "acceptance_rate": stats["acceptance_rate"], "tokens_per_target_step": stats["tokens_per_target_step"],
-            "token_identical": token_identical}
+            "token_identical": token_identical, "same_prefix_tokens": same_prefix,
+            "dtype": str(target.dtype).replace("torch.", "")}
 
