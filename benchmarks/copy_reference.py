@@ -3,7 +3,7 @@
 
 Copy a GPU run into reports/reference/: executed notebooks with runs of one repeated warning line collapsed
 (the count kept), HTML regenerated from them; results, plots, params, summary copied as they are."""
-import json, shutil, sys
+import shutil, sys
 from pathlib import Path
 import nbformat
 from nbconvert import HTMLExporter

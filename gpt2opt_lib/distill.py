@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 
-IGNORE_INDEX = -100  # the Hugging Face convention: a label of -100 (padding, a masked prompt) is not a target
+IGNORE_INDEX = -100
+HEAD_ROW_MULTIPLE = 64  # the fused loss pads the LM head to this many rows (aligned cuBLAS tiles)  # the Hugging Face convention: a label of -100 (padding, a masked prompt) is not a target
 
 
 def _check_labels(labels, n_rows: int, what: str) -> None:
@@ -45,40 +46,46 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float = 2.0, al
     return alpha * kd + (1 - alpha) * ce, {"kd": kd.detach(), "ce": ce.detach()}
 
 
-def chunk_loss_grad(s, t, yc, vc, n, a_ce: float, a_kd: float, temperature: float):
+def chunk_loss_grad(s, t, yc, vc, n, a_ce: float, a_kd: float, temperature: float, vocab: int | None = None):
     """One chunk of the fused loss, as a pure function (what torch.compile fuses on CUDA).
 
-    s (c, V) student logits, t (c, V) teacher logits or None (16-bit or fp32; the math is fp32), yc (c,) labels
-    (masked ones already any in-range index), vc (c, 1) bool valid rows, n the unmasked token count (tensor).
+    s (c, Vp) student logits, t (c, Vp) teacher logits or None (16-bit or fp32; the math is fp32), yc (c,) labels
+    (masked ones already any in-range index), vc (c, 1) bool valid rows, n the unmasked token count (tensor),
+    vocab the real vocabulary (columns >= vocab are padding: probability 0, no loss, no gradient; default Vp).
     Returns (ce_sum, kd_sum, g): the chunk's CE sum, its T^2-scaled KL sum, and g = d(mean loss)/ds in s's dtype."""
-    sf = s.float()
+    col = torch.arange(s.shape[1], device=s.device)[None, :]
+    real = col < (s.shape[1] if vocab is None else vocab)
+    sf = s.float().masked_fill(~real, float("-inf"))
     log_p = torch.log_softmax(sf, -1)
     ce = -(log_p.gather(1, yc[:, None]) * vc).sum()
-    onehot = torch.arange(sf.shape[1], device=sf.device)[None, :] == yc[:, None]
-    g = (log_p.exp() - onehot.float()) * a_ce                      # d CE_sum / d s, weighted
+    g = (log_p.exp() - (col == yc[:, None]).float()) * a_ce         # d CE_sum / d s, weighted
     kd = torch.zeros((), dtype=torch.float32, device=sf.device)
     if t is not None:
-        log_pt = torch.log_softmax(t.float() / temperature, -1)
+        log_pt = torch.log_softmax(t.float().masked_fill(~real, float("-inf")) / temperature, -1)
         log_ps = torch.log_softmax(sf / temperature, -1)
-        kd = (log_pt.exp() * (log_pt - log_ps) * vc).sum() * temperature**2
+        kd = (torch.where(real, log_pt.exp() * (log_pt - log_ps), 0.0) * vc).sum() * temperature**2
         g = g + (a_kd * temperature) * (log_ps.exp() - log_pt.exp())  # d (T^2 KL_sum) / d s
     return ce, kd, (g * vc / n).to(s.dtype)
 
 
-def _chunk_grad_inplace(s, t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum):
-    """chunk_loss_grad eagerly with in-place ops (CPU, or CUDA without compile): one fp32 (c, V) buffer reused,
+def _chunk_grad_inplace(s, t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum, vocab: int | None = None):
+    """chunk_loss_grad eagerly with in-place ops (CPU, or CUDA without compile): one fp32 (c, Vp) buffer reused,
     the sums accumulated into ce_sum / kd_sum. Returns g in s's dtype."""
+    V = s.shape[1] if vocab is None else vocab
     sf = s.float()
+    sf[:, V:] = float("-inf")                                        # padding columns: probability 0
     log_p = torch.log_softmax(sf, -1)
     ce_sum += -(log_p.gather(1, yc[:, None]) * vc).sum()
     g = log_p.exp_()                                                 # softmax(s), in place
     g[torch.arange(g.shape[0], device=g.device), yc] -= 1            # d CE_sum / d s
     g *= a_ce
     if t is not None:
-        log_pt = torch.log_softmax(t.float() / temperature, -1)
-        log_ps = torch.log_softmax(sf / temperature, -1)
+        tf = t.float()
+        tf[:, V:] = float("-inf")
+        log_pt = torch.log_softmax(tf / temperature, -1)[:, :V]
+        log_ps = torch.log_softmax(sf / temperature, -1)[:, :V]
         kd_sum += (log_pt.exp() * (log_pt - log_ps) * vc).sum() * temperature**2
-        g += (a_kd * temperature) * (log_ps.exp_() - log_pt.exp_())  # d (T^2 KL_sum) / d s
+        g[:, :V] += (a_kd * temperature) * (log_ps.exp_() - log_pt.exp_())  # d (T^2 KL_sum) / d s
     g *= vc                                                          # masked rows: no gradient
     g /= n
     return g.to(s.dtype)
@@ -123,10 +130,14 @@ class _FusedChunkedKD(torch.autograd.Function):
         valid = y != IGNORE_INDEX                                            # (N,) masked labels: no target
         n = valid.sum().clamp(min=1).float()                                 # unmasked tokens (tensor: no sync)
         y = y.masked_fill(~valid, 0)                                         # any in-range index; its rows are zeroed
-        w = ws.to(mm_dtype)
-        wt = wt.to(mm_dtype) if wt is not None else None
+        # the head padded to a multiple of 64 rows (zeros; their columns masked out of the softmax): a (c, 50257)
+        # logits matrix has an odd row stride, which sends cuBLAS to unaligned (align1) kernels, ~4x slower here
+        V = ws.shape[0]
+        pad = (-V) % HEAD_ROW_MULTIPLE
+        w = F.pad(ws.to(mm_dtype), (0, 0, 0, pad))
+        wt = F.pad(wt.to(mm_dtype), (0, 0, 0, pad)) if wt is not None else None
         grad_hs = torch.empty_like(hs)
-        grad_ws = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device)
+        grad_ws = torch.zeros(w.shape, dtype=torch.float32, device=ws.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
         kd_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
         has_t = ht is not None
@@ -137,14 +148,14 @@ class _FusedChunkedKD(torch.autograd.Function):
             yc, vc = y[i: i + chunk], valid[i: i + chunk, None]              # (c,), (c, 1)
             t = (ht[i: i + chunk].to(mm_dtype) @ wt.t()) if has_t else None  # (c, V) teacher logits
             if fused is not None:   # CUDA: one compiled kernel chain per chunk (no fp32 (c, V) temporaries)
-                ce_c, kd_c, g = fused(h @ w.t(), t, yc, vc, n, a_ce, a_kd, float(temperature))
+                ce_c, kd_c, g = fused(h @ w.t(), t, yc, vc, n, a_ce, a_kd, float(temperature), V)
                 ce_sum += ce_c
                 kd_sum += kd_c
             else:
-                g = _chunk_grad_inplace(h @ w.t(), t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum)
+                g = _chunk_grad_inplace(h @ w.t(), t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum, V)
             grad_hs[i: i + chunk] = g @ w
             grad_ws += (g.t() @ h).float()                                   # 16-bit matmul, fp32 sum
-        ctx.save_for_backward(grad_hs, grad_ws.to(ws.dtype))
+        ctx.save_for_backward(grad_hs, grad_ws[:V].to(ws.dtype))
         ce, kd = ce_sum / n, kd_sum / n
         loss = a_ce * ce + a_kd * kd
         ctx.mark_non_differentiable(ce, kd)

@@ -602,5 +602,11 @@ def hf_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, 
     eos = eos_token_id if eos_token_id is not None else -1   # -1: never matches, no early stop
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     kw.setdefault("do_sample", False)
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                          eos_token_id=eos, pad_token_id=pad, **kw)
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # eos -1 is deliberate: no "should be positive" warning on every call
+    try:
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                              eos_token_id=eos, pad_token_id=pad, **kw)
+    finally:
+        hf_logging.set_verbosity(level)

@@ -121,9 +121,12 @@ def test_all_masked_labels_give_zero_loss_and_bad_labels_are_named():
         distill.kd_loss_chunked(hs, ws, torch.zeros(1, 4, dtype=torch.long), chunk_tokens=0)
 
 
+@pytest.mark.parametrize("vocab", [None, 24])
 @pytest.mark.parametrize("with_teacher", [True, False])
-def test_pure_chunk_function_equals_inplace_one(with_teacher):
-    """chunk_loss_grad (what CUDA compiles) and the in-place eager chunk: same sums, same gradient, masked rows 0."""
+def test_pure_chunk_function_equals_inplace_one(with_teacher, vocab):
+    """chunk_loss_grad (what CUDA compiles) and the in-place eager chunk: same sums, same gradient, masked rows 0;
+    with vocab < the logits' width the extra columns are padding (the loss on the first `vocab` columns only, no
+    gradient on the rest)."""
     torch.manual_seed(0)
     c, V = 6, 29
     s, t = torch.randn(c, V), (torch.randn(c, V) if with_teacher else None)
@@ -131,9 +134,19 @@ def test_pure_chunk_function_equals_inplace_one(with_teacher):
     vc = torch.tensor([True, True, False, True, True, False])[:, None]
     n = vc.sum().float()
     a_ce, a_kd = (0.4, 0.6) if with_teacher else (1.0, 0.0)
-    ce, kd, g = distill.chunk_loss_grad(s, t, yc, vc, n, a_ce, a_kd, 2.0)
+    if vocab is not None:
+        yc = yc % vocab
+    ce, kd, g = distill.chunk_loss_grad(s, t, yc, vc, n, a_ce, a_kd, 2.0, vocab)
     ce2, kd2 = torch.zeros(()), torch.zeros(())
-    g2 = distill._chunk_grad_inplace(s, t, yc, vc, n, a_ce, a_kd, 2.0, ce2, kd2)
+    g2 = distill._chunk_grad_inplace(s.clone(), None if t is None else t.clone(), yc, vc, n, a_ce, a_kd, 2.0, ce2, kd2,
+                                     vocab)
+    if vocab is not None:   # padding = the loss of the logits cut to the real vocabulary
+        ce3, kd3, g3 = distill.chunk_loss_grad(s[:, :vocab], None if t is None else t[:, :vocab], yc, vc, n, a_ce,
+                                               a_kd, 2.0)
+        assert ce.item() == pytest.approx(ce3.item(), rel=1e-6) and kd.item() == pytest.approx(kd3.item(), abs=1e-6)
+        torch.testing.assert_close(g[:, :vocab], g3)
+        assert torch.all(g[:, vocab:] == 0)
+        s = s[:, :vocab]
     assert ce.item() == pytest.approx(ce2.item(), rel=1e-6) and kd.item() == pytest.approx(kd2.item(), rel=1e-6, abs=1e-9)
     torch.testing.assert_close(g, g2, rtol=1e-6, atol=1e-7)
     assert torch.all(g[~vc[:, 0]] == 0)
