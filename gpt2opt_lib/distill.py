@@ -6,6 +6,8 @@ gradients on the same scale as the hard-label ones when T changes.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -94,11 +96,14 @@ def _chunk_grad_inplace(s, t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum
 _COMPILED_CHUNK = []
 
 
-def _compiled_chunk():
-    """chunk_loss_grad under torch.compile (built once; None where compile is unavailable or GPT2OPT_COMPILE_LOSS=0).
+def _compiled_chunk(device=None):
+    """chunk_loss_grad under torch.compile for a CUDA device (built once; None on other devices, where compile is
+    unavailable, with GPT2OPT_COMPILE_LOSS=0, or after it failed once).
     Inductor fuses the upcast, both log-softmaxes, the gather, the one-hot and the scaling into a few passes over
     the (c, V) logits instead of ~10 eager ones."""
     import os
+    if device is not None and torch.device(device).type != "cuda":
+        return None
     if not _COMPILED_CHUNK:
         ok = os.environ.get("GPT2OPT_COMPILE_LOSS", "1") != "0" and hasattr(torch, "compile")
         _COMPILED_CHUNK.append(torch.compile(chunk_loss_grad, dynamic=False) if ok else None)
@@ -142,16 +147,21 @@ class _FusedChunkedKD(torch.autograd.Function):
         kd_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
         has_t = ht is not None
         a_ce, a_kd = ((1 - alpha), alpha) if has_t else (1.0, 0.0)
-        fused = _compiled_chunk() if hs.is_cuda else None
+        fused = _compiled_chunk(hs.device)
         for i in range(0, hs.shape[0], chunk):
             h = hs[i: i + chunk].to(mm_dtype)
             yc, vc = y[i: i + chunk], valid[i: i + chunk, None]              # (c,), (c, 1)
             t = (ht[i: i + chunk].to(mm_dtype) @ wt.t()) if has_t else None  # (c, V) teacher logits
             if fused is not None:   # CUDA: one compiled kernel chain per chunk (no fp32 (c, V) temporaries)
-                ce_c, kd_c, g = fused(h @ w.t(), t, yc, vc, n, a_ce, a_kd, float(temperature), V)
-                ce_sum += ce_c
-                kd_sum += kd_c
-            else:
+                try:
+                    ce_c, kd_c, g = fused(h @ w.t(), t, yc, vc, n, a_ce, a_kd, float(temperature), V)
+                    ce_sum += ce_c
+                    kd_sum += kd_c
+                except Exception as e:  # noqa: BLE001 - a compiler failure costs speed, never the run
+                    _COMPILED_CHUNK[:] = [None]
+                    fused = None
+                    warnings.warn(f"fused loss: torch.compile of the chunk failed, running it eagerly: {e}"[:400])
+            if fused is None:
                 g = _chunk_grad_inplace(h @ w.t(), t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum, V)
             grad_hs[i: i + chunk] = g @ w
             grad_ws += (g.t() @ h).float()                                   # 16-bit matmul, fp32 sum

@@ -171,7 +171,7 @@ def test_chunked_kd_on_cuda_compiled_equals_reference():
     g_ref = torch.autograd.grad(ref, (hs, ws))
     got, _ = distill.kd_loss_chunked(hs, ws, y, ht, wt, 2.0, 0.5, 24)   # 64 rows: chunks of 24, 24, 16
     g_got = torch.autograd.grad(got, (hs, ws))
-    assert distill._compiled_chunk() is not None
+    assert distill._compiled_chunk("cuda") is not None
     assert got.item() == pytest.approx(ref.item(), rel=1e-4)
     for a, b in zip(g_ref, g_got):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
@@ -195,3 +195,20 @@ def test_chunked_loss_matmuls_follow_autocast():
     assert abs(got.item() - ref_fp32.item()) > 10 * abs(got.item() - ref_bf16.item())
     (g,) = torch.autograd.grad(got, (hs,))
     assert g.dtype == torch.float32
+
+
+def test_fused_chunk_compile_failure_falls_back_to_eager(monkeypatch):
+    """A compiler failure inside the fused loss costs speed, never the run: one warning, the eager chunk's values."""
+    torch.manual_seed(0)
+    hs, ws = torch.randn(2, 9, 8, requires_grad=True), torch.randn(37, 8)
+    ht, wt, y = torch.randn(2, 9, 8), torch.randn(37, 8), torch.randint(0, 37, (2, 9))
+    ref, _ = distill.kd_loss_chunked(hs, ws, y, ht, wt, 2.0, 0.5, 7)
+
+    def boom(*a, **k):
+        raise RuntimeError("inductor says no")
+    monkeypatch.setattr(distill, "_COMPILED_CHUNK", [boom])
+    monkeypatch.setattr(distill, "_compiled_chunk", lambda device=None: distill._COMPILED_CHUNK[0])
+    with pytest.warns(UserWarning, match="inductor says no"):
+        got, _ = distill.kd_loss_chunked(hs, ws, y, ht, wt, 2.0, 0.5, 7)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert distill._COMPILED_CHUNK == [None]
