@@ -132,7 +132,7 @@ def main_decode(a):
     """Each variant: FastGPT2 built twice from the same weights, graphed (tokens/s, as bench generate times it) and
     compiled without graphs (one profiled generate: kernels one by one, per generated token)."""
     from gpt2opt_lib.generate import FastGPT2
-    from gpt2opt_lib.timing import measure
+    from gpt2opt_lib.timing import measure, rate
     dev = torch.device("cuda")
     B, T, N = a.batch_size, a.prompt_len, a.new_tokens
     model = build_model(a.model, attn_implementation="sdpa", seed=0).to(dev, torch.float16).eval()
@@ -151,7 +151,8 @@ def main_decode(a):
             toks = eng.generate(ids, N)
             if ref is None:
                 ref = toks
-            rec = {"tokens_per_s": B * N / res.mean_s, "ms_per_token": res.mean_s / N * 1e3,
+            tps, tps_std = rate(B * N, res.mean_s, res.std_s)
+            rec = {"tokens_per_s": tps, "tokens_per_s_std": tps_std, "ms_per_token": res.mean_s / N * 1e3,
                    "std_s": res.std_s, "match_first": (toks == ref).float().mean().item()}
             eng = None
             eng = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, use_cuda_graph=False, **kw)

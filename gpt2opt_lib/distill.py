@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 
-IGNORE_INDEX = -100
-HEAD_ROW_MULTIPLE = 64  # the fused loss pads the LM head to this many rows (aligned cuBLAS tiles)  # the Hugging Face convention: a label of -100 (padding, a masked prompt) is not a target
+IGNORE_INDEX = -100  # the Hugging Face convention: a label of -100 (padding, a masked prompt) is not a target
+HEAD_ROW_MULTIPLE = 64  # the fused loss pads the LM head to this many rows (aligned cuBLAS tiles)
 
 
 def _check_labels(labels, n_rows: int, what: str) -> None:
@@ -97,15 +97,15 @@ _COMPILED_CHUNK = []
 
 
 def _compiled_chunk(device=None):
-    """chunk_loss_grad under torch.compile for a CUDA device (built once; None on other devices, where compile is
-    unavailable, with GPT2OPT_COMPILE_LOSS=0, or after it failed once).
+    """chunk_loss_grad under torch.compile for a CUDA device (built once; None on other devices, with
+    GPT2OPT_COMPILE_LOSS=0, or after it failed once).
     Inductor fuses the upcast, both log-softmaxes, the gather, the one-hot and the scaling into a few passes over
     the (c, V) logits instead of ~10 eager ones."""
     import os
     if device is not None and torch.device(device).type != "cuda":
         return None
     if not _COMPILED_CHUNK:
-        ok = os.environ.get("GPT2OPT_COMPILE_LOSS", "1") != "0" and hasattr(torch, "compile")
+        ok = os.environ.get("GPT2OPT_COMPILE_LOSS", "1") != "0"
         _COMPILED_CHUNK.append(torch.compile(chunk_loss_grad, dynamic=False) if ok else None)
     return _COMPILED_CHUNK[0]
 

@@ -329,13 +329,9 @@ class FastGPT2:
             self._alloc_state()
         self.gemv = bool(gemv) and self.compile
         self.core.use_gemv_decode(self.gemv)
-        self._decode_fn = self.compiled(self.core.decode_step)
+        self._decode_fn = compile_step(self.core.decode_step, self.gemv) if self.compile else self.core.decode_step
         self._graphs: dict = {}
         self._pool = None
-
-    def compiled(self, fn):
-        """fn under torch.compile with this engine's options (fn itself when the engine does not compile)."""
-        return compile_step(fn, self.gemv) if self.compile else fn
 
     # --- static buffers --------------------------------------------------------------------------------------------
     def _alloc_state(self):
