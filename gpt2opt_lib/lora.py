@@ -157,3 +157,128 @@ def lora_summary(peft_model) -> dict:
             "targets": sorted(cfg.target_modules), "fan_in_fan_out": cfg.fan_in_fan_out,
             "trainable": trainable, "total": total, "trainable_share": share}
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA on the native GPT-2 (model.py): the training path of issue 12. peft's layers carry per-adapter dicts and
+# Python branching that torch.compile traces around; this is the same math in one small module that compiles into
+# the block's graph. Adapters are saved in peft's format for GPT2LMHeadModel, so `PeftModel.from_pretrained`
+# (and every later stage) loads what the native path trained.
+
+# HF target name -> native module names (the MLP output projection is `c_proj` in HF, `mlp_proj` in model.py)
+_NATIVE_NAMES = {"c_attn": ("c_attn",), "c_proj": ("c_proj", "mlp_proj"), "c_fc": ("c_fc",)}
+_HF_PATH = {"c_attn": "attn.c_attn", "c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + B(A(dropout(x))) * alpha / r, base frozen (nn.Linear, or quant.NF4Linear for QLoRA).
+    lora_A / lora_B are bias-free nn.Linear (peft's parameter names and init: A Kaiming-uniform, B zero)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        w = base.weight
+        dev = w.device
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=dev)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=dev)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with B @ A * scaling folded into the (dequantized) base weight, in fp32."""
+        w = self.base.dense_weight() if hasattr(self.base, "dense_weight") else self.base.weight
+        lin = nn.Linear(self.in_features, self.out_features, device=w.device)
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
+        lin.weight.copy_(w.float() + delta)
+        lin.bias.copy_(self.base.bias.float())
+        return lin
+
+
+def apply_lora_native(model: nn.Module, rank: int = 8, alpha: int = 16, dropout: float = 0.05,
+                      targets: Sequence[str] = DEFAULT_TARGETS, base_dtype: torch.dtype | None = None,
+                      wrap=None) -> nn.Module:
+    """LoRA on a model.py GPT2 in place: every target linear becomes a LoRALinear, everything else is frozen.
+    targets: HF names as for apply_lora ("c_proj" covers both output projections). base_dtype: cast the frozen
+    weights (the whole base: embeddings, norms, linears) to it, e.g. bf16 under bf16 autocast: no fp32 master copy
+    of weights that never change. wrap: fn(nn.Linear) -> frozen module replacing the base (QLoRA: NF4Linear)."""
+    unknown = [t for t in targets if t not in _NATIVE_NAMES]
+    if unknown or not targets:
+        raise ValueError(f"native LoRA targets must be among {sorted(_NATIVE_NAMES)}, got {list(targets)}")
+    names = {n for t in targets for n in _NATIVE_NAMES[t]}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if base_dtype is not None:
+        model.to(base_dtype)
+    for blk in model.h:
+        for name in names:
+            base = getattr(blk, name)
+            if wrap is not None:
+                base = wrap(base)
+            setattr(blk, name, LoRALinear(base, rank, alpha, dropout))
+    model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets)}
+    return model
+
+
+def native_lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """'h.{i}.{name}' -> LoRALinear of a model that went through apply_lora_native."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def native_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters under the keys peft saves for a GPT2LMHeadModel (adapter name dropped, fp32, contiguous)."""
+    out = {}
+    for n, m in native_lora_modules(model).items():
+        _, i, name = n.split(".")
+        key = f"base_model.model.transformer.h.{i}.{_HF_PATH[name]}"
+        out[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
+        out[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
+    return out
+
+
+def save_native_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> int:
+    """Save a native LoRA model's adapters in peft's format for GPT2LMHeadModel (adapter_model.safetensors +
+    adapter_config.json, fan_in_fan_out=True as HF's Conv1D needs): `PeftModel.from_pretrained(hf_gpt2, out_dir)`
+    loads it. Returns bytes on disk."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise ValueError("not a native LoRA model (apply_lora_native was not called on it)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+               target_modules=cfg["target_modules"], fan_in_fan_out=True, bias="none", task_type="CAUSAL_LM",
+               base_model_name_or_path=base_model_name_or_path).save_pretrained(str(out_dir))
+    save_file(native_adapter_state(model), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    apply_umask(out_dir)
+    return dir_bytes(out_dir)
+
+
+@torch.no_grad()
+def merge_native_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRALinear back into a plain nn.Linear (fp32), in place; returns the model (then model.to_hf)."""
+    for blk in model.h:
+        for name, m in list(blk.named_children()):
+            if isinstance(m, LoRALinear):
+                setattr(blk, name, m.merged())
+    model.float()
+    del model.lora_config
+    return model

@@ -77,10 +77,12 @@ def test_kd_hf_and_kd_fast_start_from_the_same_loss(rep):
 def test_lm_loss_paths_agree(rep):
     """transformers' labels= loss and the chunked CE of the fast engines, same weights and batch."""
     e = rep["engines"]
-    for name in ("hf_eager", "fast", "fast_ckpt", "native", "lora", "lora_pruned"):
+    for name in ("hf_eager", "fast", "fast_ckpt", "native", "lora", "lora_pruned", "lora_native"):
         assert e[name]["first_loss"] == pytest.approx(e["hf"]["first_loss"], rel=1e-5), name
-    if "first_loss" in e["qlora"]:                                   # NF4 weights: close, not equal
-        assert e["qlora"]["first_loss"] == pytest.approx(e["hf"]["first_loss"], rel=0.02)
+    for name in ("qlora", "qlora_native"):
+        if "first_loss" in e[name]:                                  # NF4 weights: close, not equal
+            assert e[name]["first_loss"] == pytest.approx(e["hf"]["first_loss"], rel=0.02), name
+            assert e[name]["first_loss"] != e["hf"]["first_loss"], name
 
 
 def test_native_engines_start_from_hf_loss(rep):
@@ -111,6 +113,14 @@ def test_nanogpt_ref_engine_and_new_targets(rep):
                                                              e["kd_hf"]["tokens_per_s"])
     assert t["native_tokens_per_s"]["target"] == ">= 400000" and t["kd_native_peak_mem_ratio"]["met"] is None
     assert {"qlora_vs_lora", "kd_native_peak_mem_ratio"} <= t.keys() and "sweep" not in rep
+    assert t["lora_native_vs_native"]["value"] == pytest.approx(e["lora_native"]["tokens_per_s"] /
+                                                                e["native"]["tokens_per_s"])
+    ln, qn = e["lora_native"], e["qlora_native"]
+    assert ln["trainable_params"] == e["lora"]["trainable_params"]    # same adapters as peft's (c_proj: both)
+    assert ln["gradient_checkpointing"] is False and ln["base"] == "nn.Linear"
+    if "first_loss" in qn:
+        assert qn["gradient_checkpointing"] is True and qn["trainable_params"] == ln["trainable_params"]
+        assert 0 < qn["weight_bytes"]["nf4_linears"] < 85e6 / 2 * 1.2       # ~0.5 byte per gpt2 linear weight
 
 
 def test_nanogpt_ref_model_by_hand():

@@ -26,11 +26,13 @@ from .hardware import (FLOPS_FORMULA, PEAK_FLOPS, _base, _device_name, _lookup, 
                        train_flops_per_token)
 
 TRAIN_ENGINES = ("hf", "hf_eager", "nanogpt_ref", "fast", "fast_ckpt", "native", "kd_hf", "kd_fast", "kd_native",
-                 "lora", "lora_pruned", "qlora")
-OPTIONAL_TRAIN_ENGINES = ("hf_fp32",)          # full fine-tune without autocast (slow; only when asked for)
-COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native")
+                 "lora", "lora_pruned", "qlora", "lora_native", "qlora_native")
+OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt")          # full fine-tune without autocast (slow; only when asked for)
+COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native",
+              "lora_native", "qlora_native", "qlora_native_nockpt")
 # --compile auto on CUDA: each compiled model costs ~15-40 s
-AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native")
+AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
+                 "qlora_native_nockpt")
 
 
 @dataclasses.dataclass
@@ -402,6 +404,43 @@ def _eng_qlora(ctx: _TrainCtx, compiled: bool) -> dict:
     return rec
 
 
+def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool) -> dict:
+    """LoRA (lora.apply_lora_native) or QLoRA (+ quant.NF4Linear bases: NF4, double quant) on the native GPT-2, the
+    frozen base in the autocast dtype (no fp32 master copy of weights that never change), compiled like native."""
+    from ..distill import make_lm_loss_fn
+    from ..lora import apply_lora_native
+    a = ctx.args
+    template = ctx.template(a.model)
+    n_all, n_mm = _param_counts(template)
+    wrap = None
+    if quant:
+        from ..quant import NF4Linear, bnb_status
+        ok, reason = bnb_status()
+        if not ok:
+            return {"error": f"skipped: {reason}", "skipped": True}
+        cdt = ctx.amp if ctx.amp in (torch.bfloat16, torch.float16) else torch.float32
+
+        def wrap(lin):
+            return NF4Linear.from_linear(lin, cdt)
+    model = apply_lora_native(_native(ctx, a.model), rank=a.lora_rank, base_dtype=ctx.amp, wrap=wrap)
+    _compile(model, ctx, compiled)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_ad = sum(p.numel() for p in params)
+    chunk = a.ckpt_chunk_tokens if ckpt else a.chunk_tokens
+    r = _run_fast(ctx, model, make_lm_loss_fn(chunk), params=params, ckpt=ckpt)
+    f = train_flops_per_token(template.config, a.seq_len, n_frozen=n_mm, n_adapter=n_ad)
+    rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 4 * n_all + 6 * n_ad)
+    rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={chunk})", optimizer="train.train AdamW (fused on CUDA)",
+               autocast=str(ctx.amp), compiled=compiled, compile_scope="model.py GPT2 module with LoRALinear",
+               gradient_checkpointing=ckpt, lora_rank=a.lora_rank, trainable_params=n_ad,
+               total_params=n_all + n_ad, base_dtype=str(ctx.amp or torch.float32),
+               base="NF4 (bitsandbytes, block 64, double quant) via quant.NF4Linear" if quant else "nn.Linear")
+    if quant:
+        from ..quant import NF4Linear
+        rec["weight_bytes"] = {"nf4_linears": sum(m.nbytes() for m in model.modules() if isinstance(m, NF4Linear))}
+    return rec
+
+
 def _train_engine_fn(name: str):
     """engine name -> fn(ctx, compiled) -> record; None for an unknown name."""
     table = {
@@ -415,6 +454,9 @@ def _train_engine_fn(name: str):
         "lora": lambda ctx, c: _eng_lora(ctx, "lora", c),
         "lora_pruned": lambda ctx, c: _eng_lora(ctx, "lora_pruned", c),
         "qlora": _eng_qlora,
+        "lora_native": lambda ctx, c: _eng_lora_native(ctx, False, False, c),
+        "qlora_native": lambda ctx, c: _eng_lora_native(ctx, True, True, c),
+        "qlora_native_nockpt": lambda ctx, c: _eng_lora_native(ctx, True, False, c),
         "nanogpt_ref": _eng_nanogpt_ref,
         "native": _eng_native,
         "kd_native": _eng_kd_native,
@@ -504,6 +546,12 @@ def _train_targets(results: dict) -> dict:
                              "lora tokens/s / fast tokens/s (full fine-tune, same step)"),
         "qlora_vs_lora": t(_ratio(results, "qlora", "lora", "tokens_per_s"), ">=", 0.8,
                            "qlora tokens/s / lora tokens/s"),
+        "lora_native_vs_native": t(_ratio(results, "lora_native", "native", "tokens_per_s"), ">=", 1.3,
+                                   "lora_native tokens/s / native tokens/s (full fine-tune, same model code)"),
+        "qlora_native_vs_lora_native": t(_ratio(results, "qlora_native", "lora_native", "tokens_per_s"), ">=", 0.8,
+                                         "qlora_native tokens/s / lora_native tokens/s"),
+        "qlora_native_peak_mem_vs_native": t(_ratio(results, "qlora_native", "native", "peak_mem_mb"), "<=", 0.2,
+                                             "qlora_native peak MB / native peak MB (full fine-tune, AdamW)"),
     }
 
 

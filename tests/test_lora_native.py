@@ -1,0 +1,166 @@
+"""LoRA and QLoRA on the native GPT-2 (lora.apply_lora_native, quant.NF4Linear) against peft on Hugging Face's
+GPT-2: same adapters -> same logits; the saved adapter loads with PeftModel.from_pretrained; gradient counts."""
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2opt_lib import distill, lora as L, model as N
+
+CFG = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+           attn_pdrop=0.0)
+
+
+def hf_tiny(seed=0):
+    torch.manual_seed(seed)
+    m = GPT2LMHeadModel(GPT2Config(**CFG, attn_implementation="eager"))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    return m.eval()
+
+
+def ids(B=2, T=16):
+    return torch.randint(0, CFG["vocab_size"], (B, T), generator=torch.Generator().manual_seed(1))
+
+
+def native_lora(hf, rank=4, seed=3, **kw):
+    m = L.apply_lora_native(N.from_hf(hf), rank=rank, dropout=0.0, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():                      # non-zero B: the adapters change the logits (a sharp comparison)
+        for mod in L.native_lora_modules(m).values():
+            mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=g) * 0.05)
+    return m.eval()
+
+
+def test_param_count_matches_peft_formula_and_only_adapters_train():
+    hf = hf_tiny()
+    m = native_lora(hf, rank=4)
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert trainable == L.lora_param_formula(hf, rank=4)               # r * (in + out) over c_attn, c_proj x2, c_fc
+    assert trainable == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+    assert all(".lora_" in n for n, p in m.named_parameters() if p.requires_grad)
+
+
+def test_zero_B_is_the_base_model():
+    hf = hf_tiny()
+    m = L.apply_lora_native(N.from_hf(hf), rank=4, dropout=0.0).eval()
+    torch.testing.assert_close(m(ids()).logits, hf(input_ids=ids()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_adapter_loads_in_peft_with_equal_logits(tmp_path):
+    from peft import PeftModel
+    hf = hf_tiny()
+    m = native_lora(hf)
+    nbytes = L.save_native_adapter(m, tmp_path / "ad")
+    assert nbytes > 0 and (tmp_path / "ad" / "adapter_config.json").exists()
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ad")).eval()
+    x = ids()
+    want = m(x).logits
+    got = peft_model(input_ids=x).logits
+    assert (want - hf(input_ids=x).logits).abs().max() > 1e-3           # the adapters do something
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # and merging either way gives the same plain model
+    merged_hf = N.to_hf(L.merge_native_lora(m))
+    torch.testing.assert_close(merged_hf.eval()(input_ids=x).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_only_adapter_gradients_and_equal_to_peft():
+    hf = hf_tiny()
+    m = native_lora(hf).train()
+    from peft import PeftModel
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        L.save_native_adapter(m, d)
+        p = PeftModel.from_pretrained(copy.deepcopy(hf), d, is_trainable=True).train()
+    loss_fn = distill.make_lm_loss_fn(0)
+    x = ids()
+    loss_fn(m, x)[0].backward()
+    loss_fn(p, x)[0].backward()
+    ours = {k: v.grad for k, v in m.named_parameters() if v.requires_grad}
+    theirs = {n: q.grad for n, q in p.named_parameters() if q.requires_grad}
+    assert len(ours) == len(theirs) == 16
+    key = "base_model.model.transformer.h.1.mlp.c_proj.lora_A.default.weight"
+    torch.testing.assert_close(ours["h.1.mlp_proj.lora_A.weight"], theirs[key], rtol=1e-4, atol=1e-5)
+    assert all(q.grad is None for n, q in m.named_parameters() if not q.requires_grad)
+
+
+def test_bad_targets_and_rank():
+    with pytest.raises(ValueError, match="targets"):
+        L.apply_lora_native(N.from_hf(hf_tiny()), targets=("q_proj",))
+    with pytest.raises(ValueError, match="rank"):
+        L.apply_lora_native(N.from_hf(hf_tiny()), rank=0)
+    with pytest.raises(ValueError, match="not a native LoRA"):
+        L.save_native_adapter(N.from_hf(hf_tiny()), "/nonexistent/never")
+
+
+def test_nf4_linear_matches_bitsandbytes_and_backward():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from gpt2opt_lib.quant import NF4Linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 192)
+    q = NF4Linear.from_linear(lin, torch.float32)
+    packed, qs = bnbf.quantize_4bit(lin.weight.detach().contiguous(), blocksize=64, compress_statistics=True,
+                                    quant_type="nf4")
+    w = q.dense_weight()
+    torch.testing.assert_close(w, bnbf.dequantize_4bit(packed, qs), rtol=0, atol=0)   # bnb's own NF4 + double quant
+    assert 0 < (w - lin.weight).abs().max() < 0.25 * lin.weight.abs().max()           # 4-bit: close, not equal
+    x = torch.randn(5, 256, requires_grad=True)
+    y = q(x)
+    torch.testing.assert_close(y, x @ w.t() + lin.bias, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(5, -1), rtol=1e-5, atol=1e-5)
+    # 4 bits a weight + 1 byte per 64-block scale + the bias: < 1/7 of the fp32 bytes
+    assert q.nbytes() < lin.weight.numel() * 4 / 7
+
+
+def test_qlora_native_trains_only_adapters_and_merges():
+    pytest.importorskip("bitsandbytes")
+    from gpt2opt_lib.quant import NF4Linear
+    hf = hf_tiny()
+    m = L.apply_lora_native(N.from_hf(hf), rank=4, dropout=0.0,
+                            wrap=lambda lin: NF4Linear.from_linear(lin, torch.float32)).train()
+    loss, _ = distill.make_lm_loss_fn(0)(m, ids())
+    loss.backward()
+    grads = [n for n, p in m.named_parameters() if p.grad is not None]
+    assert grads and all(".lora_" in n for n in grads) and len(grads) == 16
+    x = ids()
+    want = m.eval()(x).logits
+    assert (want - hf(input_ids=x).logits).abs().max() > 1e-4                       # quantized: not the fp32 model
+    merged = L.merge_native_lora(m)
+    torch.testing.assert_close(merged(x).logits, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", [False, True])
+def test_compiled_lora_native_on_cuda_equals_eager(quant):
+    """The bench's lora_native / qlora_native step on CUDA: bf16 base, autocast, torch.compile of the module (the
+    NF4 autograd.Function and bitsandbytes' ops inside the graph): loss and adapter gradients equal eager's."""
+    if quant:
+        pytest.importorskip("bitsandbytes")
+    from gpt2opt_lib.quant import NF4Linear
+    dev = "cuda"
+    wrap = (lambda lin: NF4Linear.from_linear(lin, torch.bfloat16)) if quant else None
+    x = ids(4, 32).to(dev)
+    loss_fn = distill.make_lm_loss_fn(64)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        m = L.apply_lora_native(N.from_hf(hf_tiny()).to(dev), rank=4, dropout=0.0, base_dtype=torch.bfloat16,
+                                wrap=wrap).train()
+        with torch.no_grad():
+            for mod in L.native_lora_modules(m).values():
+                mod.lora_B.weight.fill_(0.01)
+        if compiled:
+            m.compile(dynamic=False)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss, _ = loss_fn(m, x)
+        loss.backward()
+        results.append((loss.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=2e-2, atol=2e-2)
+    assert g0.keys() == g1.keys() and len(g0) == 16
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=5e-2, atol=5e-3 * g0[n].abs().max().item() + 1e-6)
