@@ -89,15 +89,22 @@ def main_train(a):
            "git_sha": envmod.git_sha(), "engines": {}}
     import gpt2opt_lib.distill as D
     for name in a.engines.split(","):
-        if name.startswith("native"):
+        if name.startswith(("native", "lora_native", "qlora_native")):
             model = from_hf(template).to(dev).train()
+            if "lora" in name:                   # lora_native[_d0], qlora_native[_ckpt]: as bench train builds them
+                from gpt2opt_lib.lora import apply_lora_native
+                from gpt2opt_lib.quant import NF4Linear
+                wrap = (lambda lin: NF4Linear.from_linear(lin, torch.bfloat16)) if name.startswith("q") else None
+                model = apply_lora_native(model, rank=8, dropout=0.0 if name.endswith("_d0") else 0.05,
+                                          base_dtype=torch.bfloat16, wrap=wrap)
+                model.gradient_checkpointing = name.endswith("_ckpt")
             model.compile(dynamic=False)
             D._COMPILED_CHUNK.clear()
             if name == "native_eager_loss":
                 D._COMPILED_CHUNK.append(None)
             loss_fn = make_lm_loss_fn(a.chunk_tokens)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-            params = list(model.parameters())
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
             def step(model=model, loss_fn=loss_fn, opt=opt, params=params):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
