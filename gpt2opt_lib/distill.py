@@ -142,7 +142,10 @@ class _FusedChunkedKD(torch.autograd.Function):
         w = F.pad(ws.to(mm_dtype), (0, 0, 0, pad))
         wt = F.pad(wt.to(mm_dtype), (0, 0, 0, pad)) if wt is not None else None
         grad_hs = torch.empty_like(hs)
-        grad_ws = torch.zeros(w.shape, dtype=torch.float32, device=ws.device)
+        # a frozen head (LoRA, QLoRA: the tied embedding is not trained) needs no (V, E) weight gradient: that
+        # GEMM is as large as the logits' own and is skipped
+        need_w = ctx.needs_input_grad[1]
+        grad_ws = None
         ce_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
         kd_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
         has_t = ht is not None
@@ -164,8 +167,10 @@ class _FusedChunkedKD(torch.autograd.Function):
             if fused is None:
                 g = _chunk_grad_inplace(h @ w.t(), t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum, V)
             grad_hs[i: i + chunk] = g @ w
-            grad_ws += (g.t() @ h).float()                                   # 16-bit matmul, fp32 sum
-        ctx.save_for_backward(grad_hs, grad_ws[:V].to(ws.dtype))
+            if need_w:                                                       # 16-bit matmul, fp32 sum
+                gw = (g.t() @ h).float()
+                grad_ws = gw if grad_ws is None else grad_ws.add_(gw)
+        ctx.save_for_backward(grad_hs, grad_ws[:V].to(ws.dtype) if need_w else None)
         ce, kd = ce_sum / n, kd_sum / n
         loss = a_ce * ce + a_kd * kd
         ctx.mark_non_differentiable(ce, kd)
@@ -174,7 +179,7 @@ class _FusedChunkedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_ce, _g_kd):
         grad_hs, grad_ws = ctx.saved_tensors
-        return grad_hs * g_loss, grad_ws * g_loss, None, None, None, None, None, None
+        return grad_hs * g_loss, (grad_ws * g_loss if grad_ws is not None else None), None, None, None, None, None, None
 
 
 def kd_loss_chunked(student_hidden, student_head_w, labels, teacher_hidden=None, teacher_head_w=None,

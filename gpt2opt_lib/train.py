@@ -178,6 +178,8 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
             step_loss = torch.zeros((), device=device)
             group = batches[i: i + spec.grad_accum]
             for j, mb in enumerate(group):
+                if device.type == "cuda":  # a model compiled with CUDA graphs may reuse its output buffers now
+                    torch.compiler.cudagraph_mark_step_begin()
                 mb = mb.to(device, non_blocking=True)
                 last = j == len(group) - 1
                 # DDP: gradients are all-reduced on the last micro-batch of the step only

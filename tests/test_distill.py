@@ -212,3 +212,22 @@ def test_fused_chunk_compile_failure_falls_back_to_eager(monkeypatch):
         got, _ = distill.kd_loss_chunked(hs, ws, y, ht, wt, 2.0, 0.5, 7)
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
     assert distill._COMPILED_CHUNK == [None]
+
+
+def test_fused_loss_frozen_head_skips_weight_gradient():
+    """LoRA / QLoRA: the tied head is frozen, so the fused loss forms no (V, E) weight gradient; the hidden-state
+    gradient and the loss are those of the trainable-head case."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 8)
+    w = torch.randn(37, 8)
+    y = torch.randint(0, 37, (2, 9))
+    out = []
+    for train_w in (True, False):
+        hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_(train_w)
+        loss, _ = distill.kd_loss_chunked(hs, ws, y, chunk_tokens=5)
+        loss.backward()
+        out.append((loss.detach(), hs.grad, ws.grad))
+    (l1, g1, w1), (l2, g2, w2) = out
+    assert w1 is not None and w2 is None
+    torch.testing.assert_close(l2, l1)
+    torch.testing.assert_close(g2, g1)

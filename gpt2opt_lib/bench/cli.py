@@ -29,6 +29,8 @@ def _train_parser(sub) -> None:
     t.add_argument("--compile", default="auto",
                    help=f"auto (CUDA: {','.join(AUTO_COMPILED)}; each compiled model adds ~15-40 s), none, all, "
                         f"or a comma list")
+    t.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="native, kd_native, lora_native, qlora_native: compile without CUDA graphs")
     t.add_argument("--no-compile-teacher", dest="compile_teacher", action="store_false",
                    help="kd_fast, kd_native: leave the teacher's forward uncompiled")
     t.add_argument("--sdpa-backend", default="default",
