@@ -41,6 +41,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--ckpt-chunk-tokens", type=int, default=1024,
                    help="loss chunk of the memory-lean engines (fast_ckpt, qlora): smaller = less memory")
     t.add_argument("--lora-rank", type=int, default=8)
+    t.add_argument("--lora-dropout", type=float, default=0.05, help="adapter-input dropout of the LoRA engines")
     t.add_argument("--prune-sparsity", type=float, default=0.8)
     t.add_argument("--kd-temperature", type=float, default=2.0)
     t.add_argument("--kd-alpha", type=float, default=0.5)
@@ -105,6 +106,7 @@ _ARG_RULES = {
     "group_size": (lambda v: v in (32, 64, 128, 256), "one of 32, 64, 128, 256"),
     "chunk_tokens": (lambda v: v >= 0, ">= 0"), "ckpt_chunk_tokens": (lambda v: v >= 0, ">= 0"),
     "lora_rank": (lambda v: v >= 1, ">= 1"), "prune_sparsity": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "kd_temperature": (lambda v: v > 0, "> 0"), "kd_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "lr": (lambda v: v > 0, "> 0"), "draft_k": (lambda v: v >= 1, ">= 1"),
 }

@@ -65,8 +65,10 @@ class _TrainCtx:
 
 
 def _reset_peak_stats(device) -> None:
-    # host-side bookkeeping only (no device sync): the peak restarts at what is allocated now
+    # the peak restarts at what is allocated now; cached free blocks (compile, autotuning) are returned first so
+    # the reserved peak is the steady state's too (CUDA graph pools stay: they are in use)
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -368,7 +370,7 @@ def _eng_lora(ctx: _TrainCtx, name: str, compiled: bool) -> dict:
     a = ctx.args
     base = ctx.fresh(a.model)
     n_all, n_mm = _param_counts(base)
-    model = apply_lora(base, rank=a.lora_rank)
+    model = apply_lora(base, rank=a.lora_rank, dropout=a.lora_dropout)
     _compile(_base(model).transformer, ctx, compiled)
     pruner = prune_lora(model, a.prune_sparsity) if name == "lora_pruned" else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -399,7 +401,7 @@ def _eng_qlora(ctx: _TrainCtx, compiled: bool) -> dict:
                                 compute_dtype=ctx.amp if ctx.amp in (torch.bfloat16, torch.float16) else None)
     if qmodel is None:
         return {"error": f"skipped: {qrec.get('reason')}", "skipped": True}
-    model = prepare_qlora(qmodel, rank=a.lora_rank, gradient_checkpointing=True)
+    model = prepare_qlora(qmodel, rank=a.lora_rank, dropout=a.lora_dropout, gradient_checkpointing=True)
     _compile(_base(model).transformer, ctx, compiled)
     params = [p for p in model.parameters() if p.requires_grad]
     n_ad = sum(p.numel() for p in params)
@@ -432,7 +434,8 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool) ->
 
         def wrap(lin):
             return NF4Linear.from_linear(lin, cdt)
-    model = apply_lora_native(_native(ctx, a.model), rank=a.lora_rank, base_dtype=ctx.amp, wrap=wrap)
+    model = apply_lora_native(_native(ctx, a.model), rank=a.lora_rank, dropout=a.lora_dropout, base_dtype=ctx.amp,
+                              wrap=wrap)
     graphs = _graphs(ctx, compiled)
     _compile(model, ctx, compiled, graphs)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -443,7 +446,8 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool) ->
     rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 4 * n_all + 6 * n_ad)
     rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={chunk})", optimizer="train.train AdamW (fused on CUDA)",
                autocast=str(ctx.amp), compiled=compiled, compile_scope="model.py GPT2 module with LoRALinear",
-               gradient_checkpointing=ckpt, lora_rank=a.lora_rank, trainable_params=n_ad, cuda_graphs=graphs,
+               gradient_checkpointing=ckpt, lora_rank=a.lora_rank, lora_dropout=a.lora_dropout, trainable_params=n_ad,
+               cuda_graphs=graphs,
                total_params=n_all + n_ad, base_dtype=str(ctx.amp or torch.float32),
                base="NF4 (bitsandbytes, block 64, double quant) via quant.NF4Linear" if quant else "nn.Linear")
     if quant:
@@ -486,6 +490,18 @@ def _cleanup(ctx: _TrainCtx, compiled: bool) -> None:
         _free(ctx.device)
 
 
+def _reserved_peak(device, rec: dict) -> None:
+    """Every engine also records the allocator's reserved peak (since the warm-up). Under CUDA graphs the graphs'
+    private memory pool is filled at capture and replays allocate nothing, so the allocated peak misses the
+    activations: there `peak_mem_mb` is the reserved peak (an upper bound: it includes cached free blocks) and
+    the allocated one is kept as `peak_allocated_mb`."""
+    rec["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    if rec.get("cuda_graphs"):
+        rec["peak_allocated_mb"] = rec["peak_mem_mb"]
+        rec["peak_mem_mb"] = rec["peak_reserved_mb"]
+        rec["peak_mem_kind"] = "reserved (CUDA graph pools)"
+
+
 def _run_train_engine(ctx: _TrainCtx, name: str, results: dict) -> None:
     """Build, train, measure one engine; record its figures or its error. Never raises.
 
@@ -511,6 +527,8 @@ def _run_train_engine(ctx: _TrainCtx, name: str, results: dict) -> None:
                 rec = _error_record(e)
             rec["compile_error"] = compile_error
     rec["total_s"] = time.perf_counter() - t0
+    if ctx.device.type == "cuda" and "error" not in rec:
+        _reserved_peak(ctx.device, rec)
     results[name] = rec
     _cleanup(ctx, compiled)
     if "error" in rec:
@@ -727,6 +745,7 @@ def cmd_train(args) -> dict:
     extra = dict(teacher=args.teacher, seq_len=T, steps=args.steps, tokens_per_step=B * T,
                  compiled_engines=sorted(ctx.compiled), sdpa_backend=args.sdpa_backend, lr=args.lr,
                  chunk_tokens=args.chunk_tokens, ckpt_chunk_tokens=args.ckpt_chunk_tokens, lora_rank=args.lora_rank,
+                 lora_dropout=args.lora_dropout, cuda_graphs=getattr(args, "cuda_graphs", True),
                  prune_sparsity=args.prune_sparsity, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha,
                  peak_flops=ctx.peak_flops, flops_formula=FLOPS_FORMULA, targets=_train_targets(results),
                  checks=_train_checks(results),
