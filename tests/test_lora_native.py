@@ -135,32 +135,41 @@ def test_qlora_native_trains_only_adapters_and_merges():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant", [False, True])
-def test_compiled_lora_native_on_cuda_equals_eager(quant):
-    """The bench's lora_native / qlora_native step on CUDA: bf16 base, autocast, torch.compile of the module (the
-    NF4 autograd.Function and bitsandbytes' ops inside the graph): loss and adapter gradients equal eager's."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_lora_native_on_cuda_equals_eager(quant, dtype):
+    """The bench's lora_native / qlora_native step on CUDA under torch.compile (the NF4 autograd.Function and
+    bitsandbytes' ops inside the graph) against eager: fp32 (no autocast) tight; bf16 (base in bf16, autocast)
+    the loss and the global gradient norm (single bf16 gradients of tiny adapters are rounding-dominated)."""
     if quant:
         pytest.importorskip("bitsandbytes")
     from gpt2opt_lib.quant import NF4Linear
     dev = "cuda"
-    wrap = (lambda lin: NF4Linear.from_linear(lin, torch.bfloat16)) if quant else None
+    bf16 = dtype == torch.bfloat16
+    wrap = (lambda lin: NF4Linear.from_linear(lin, dtype)) if quant else None
     x = ids(4, 32).to(dev)
     loss_fn = distill.make_lm_loss_fn(64)
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        m = L.apply_lora_native(N.from_hf(hf_tiny()).to(dev), rank=4, dropout=0.0, base_dtype=torch.bfloat16,
-                                wrap=wrap).train()
+        m = L.apply_lora_native(N.from_hf(hf_tiny()).to(dev), rank=4, dropout=0.0, wrap=wrap,
+                                base_dtype=dtype if bf16 else None).train()
+        g = torch.Generator(device=dev).manual_seed(5)
         with torch.no_grad():
             for mod in L.native_lora_modules(m).values():
-                mod.lora_B.weight.fill_(0.01)
+                mod.lora_B.weight.normal_(0, 0.05, generator=g)
         if compiled:
             m.compile(dynamic=False)
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
             loss, _ = loss_fn(m, x)
         loss.backward()
         results.append((loss.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}))
     (l0, g0), (l1, g1) = results
-    torch.testing.assert_close(l1, l0, rtol=2e-2, atol=2e-2)
     assert g0.keys() == g1.keys() and len(g0) == 16
-    for n in g0:                                    # bf16: a few elements differ in their last bits; the norm agrees
-        assert (g1[n] - g0[n]).norm() <= 0.03 * g0[n].norm() + 1e-6, n
+    if not bf16:
+        torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-4)
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-3 * g0[n].abs().max().item() + 1e-7)
+        return
+    torch.testing.assert_close(l1, l0, rtol=2e-2, atol=2e-2)
+    flat0, flat1 = (torch.cat([v.flatten() for v in gr.values()]) for gr in (g0, g1))
+    assert (flat1 - flat0).norm() <= 0.05 * flat0.norm()
