@@ -80,13 +80,19 @@ def cmd_generate(args) -> dict:
             _run_engine(name, make, device, args, results,
                         extra=lambda rec: figures(rec["decode_bytes_per_step"])(rec))
         elif name.startswith("fast"):
-            quant = {"fast": None, "fast_int8": "int8", "fast_int4": "int4"}[name]
+            # *_nogemv: the same engine without the GEMV decode path (A/B of FastGPT2's gemv switch)
+            gemv = not name.endswith("_nogemv")
+            quant = {"fast": None, "fast_int8": "int8", "fast_int4": "int4"}.get(name.removesuffix("_nogemv"), "?")
+            if quant == "?":
+                results[name] = {"error": f"unknown engine {name!r}"}
+                continue
 
-            def make(quant=quant, name=name):
+            def make(quant=quant, name=name, gemv=gemv):
                 eng = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, weight_quant=quant,
-                               group_size=args.group_size, use_cuda_graph=args.cuda_graph, compile=args.compile)
+                               group_size=args.group_size, use_cuda_graph=args.cuda_graph, compile=args.compile,
+                               gemv=gemv)
                 fn = lambda: outputs.__setitem__(name, eng.generate(ids, N))
-                info = dict(eng.weight_bytes(), cuda_graph=eng.use_cuda_graph, compiled=eng.compile,
+                info = dict(eng.weight_bytes(), cuda_graph=eng.use_cuda_graph, compiled=eng.compile, gemv=eng.gemv,
                             quant=eng.quant_report, **kernels_per_token(lambda: eng.generate(ids, N), B * N, device))
                 if quant is not None:
                     info.update(_quality(eng, model, ids[:4], args))
