@@ -24,7 +24,7 @@ from gpt2opt_lib.models import build_model  # noqa: E402
 MB = 2**20
 
 
-def build(name, template, dev, chunk_tokens, ckpt_chunk_tokens):
+def build(name, template, dev, chunk_tokens, ckpt_chunk_tokens, compiled=True):
     model = from_hf(template).to(dev).train()
     ckpt = name.startswith("qlora") and not name.endswith("_nockpt")
     if "lora" in name:
@@ -33,7 +33,8 @@ def build(name, template, dev, chunk_tokens, ckpt_chunk_tokens):
         model = apply_lora_native(model, rank=8, dropout=0.0 if "_d0" in name else 0.05, base_dtype=torch.bfloat16,
                                   wrap=wrap)
     model.gradient_checkpointing = ckpt
-    model.compile(dynamic=False)
+    if compiled:
+        model.compile(dynamic=False)
     return model, (ckpt_chunk_tokens if ckpt else chunk_tokens), ckpt
 
 
@@ -45,17 +46,21 @@ def main():
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--chunk-tokens", type=int, default=8192)
     ap.add_argument("--ckpt-chunk-tokens", type=int, default=1024)
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     dev = torch.device("cuda")
     template = build_model(a.model, attn_implementation="sdpa", seed=0)
     batch = torch.randint(0, 50257, (a.batch_size, a.seq_len), generator=torch.Generator().manual_seed(0)).to(dev)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": [a.batch_size, a.seq_len],
+           "compiled": a.compile,
            "git_sha": envmod.git_sha(), "engines": {}}
     for name in a.engines.split(","):
+        import gc
+        gc.collect()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
-        model, chunk, ckpt = build(name, template, dev, a.chunk_tokens, a.ckpt_chunk_tokens)
+        model, chunk, ckpt = build(name, template, dev, a.chunk_tokens, a.ckpt_chunk_tokens, a.compile)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
         rec = {"gradient_checkpointing": ckpt, "loss_chunk_tokens": chunk,
@@ -92,7 +97,7 @@ def main():
               f"(above the empty device)", flush=True)
         for k, v in phases.items():
             print(f"   {k:48s} allocated {v['allocated_mb']:8.0f} MB   peak in phase {v['peak_mb']:8.0f} MB")
-        del model, opt, params
+        del model, opt, params, mark
         torch._dynamo.reset()
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
