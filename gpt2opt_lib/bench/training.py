@@ -436,8 +436,16 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool) ->
             return NF4Linear.from_linear(lin, cdt)
     model = apply_lora_native(_native(ctx, a.model), rank=a.lora_rank, dropout=a.lora_dropout, base_dtype=ctx.amp,
                               wrap=wrap)
-    graphs = _graphs(ctx, compiled)
-    _compile(model, ctx, compiled, graphs)
+    if ckpt:
+        # checkpointing: each block compiled on its own and the (eager) checkpoint around it, so only the block
+        # inputs are kept; under a whole-model compile the partitioner saved ~1 GB more at b8 x 1024 (measured:
+        # benchmarks/memory_steps.py). No CUDA graphs: the recompute runs a block's forward inside backward.
+        graphs = False
+        for blk in model.h:
+            _compile(blk, ctx, compiled)
+    else:
+        graphs = _graphs(ctx, compiled)
+        _compile(model, ctx, compiled, graphs)
     params = [p for p in model.parameters() if p.requires_grad]
     n_ad = sum(p.numel() for p in params)
     chunk = a.ckpt_chunk_tokens if ckpt else a.chunk_tokens
@@ -445,7 +453,8 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool) ->
     f = train_flops_per_token(template.config, a.seq_len, n_frozen=n_mm, n_adapter=n_ad)
     rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 4 * n_all + 6 * n_ad)
     rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={chunk})", optimizer="train.train AdamW (fused on CUDA)",
-               autocast=str(ctx.amp), compiled=compiled, compile_scope="model.py GPT2 module with LoRALinear",
+               autocast=str(ctx.amp), compiled=compiled,
+               compile_scope="each block (LoRALinear inside)" if ckpt else "model.py GPT2 module with LoRALinear",
                gradient_checkpointing=ckpt, lora_rank=a.lora_rank, lora_dropout=a.lora_dropout, trainable_params=n_ad,
                cuda_graphs=graphs,
                total_params=n_all + n_ad, base_dtype=str(ctx.amp or torch.float32),
