@@ -439,10 +439,11 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool) ->
     if ckpt:
         # checkpointing: each block compiled on its own and the (eager) checkpoint around it, so only the block
         # inputs are kept; under a whole-model compile the partitioner saved ~1 GB more at b8 x 1024 (measured:
-        # benchmarks/memory_steps.py). No CUDA graphs: the recompute runs a block's forward inside backward.
-        graphs = False
+        # benchmarks/memory_steps.py). CUDA graphs per block (the recompute replays a block's forward graph inside
+        # backward); --no-cuda-graphs to compare.
+        graphs = _graphs(ctx, compiled)
         for blk in model.h:
-            _compile(blk, ctx, compiled)
+            _compile(blk, ctx, compiled, graphs)
     else:
         graphs = _graphs(ctx, compiled)
         _compile(model, ctx, compiled, graphs)
