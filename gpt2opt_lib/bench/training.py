@@ -27,12 +27,13 @@ from .hardware import (FLOPS_FORMULA, PEAK_FLOPS, _base, _device_name, _lookup, 
 
 TRAIN_ENGINES = ("hf", "hf_eager", "nanogpt_ref", "fast", "fast_ckpt", "native", "kd_hf", "kd_fast", "kd_native",
                  "lora", "lora_pruned", "qlora", "lora_native", "qlora_native")
-OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt")          # full fine-tune without autocast (slow; only when asked for)
+# hf_fp32: full fine-tune without autocast (slow); qlora_native_nockpt / _budget: QLoRA's memory-speed variants
+OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget")
 COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native",
-              "lora_native", "qlora_native", "qlora_native_nockpt")
+              "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget")
 # --compile auto on CUDA: each compiled model costs ~15-40 s
 AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
-                 "qlora_native_nockpt")
+                 "qlora_native_nockpt", "qlora_native_budget")
 
 
 @dataclasses.dataclass
@@ -416,7 +417,7 @@ def _eng_qlora(ctx: _TrainCtx, compiled: bool) -> dict:
     return rec
 
 
-def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool) -> dict:
+def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, budget: float | None = None) -> dict:
     """LoRA (lora.apply_lora_native) or QLoRA (+ quant.NF4Linear bases: NF4, double quant) on the native GPT-2, the
     frozen base in the autocast dtype (no fp32 master copy of weights that never change), compiled like native."""
     from ..distill import make_lm_loss_fn
@@ -436,7 +437,12 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool) ->
             return NF4Linear.from_linear(lin, cdt)
     model = apply_lora_native(_native(ctx, a.model), rank=a.lora_rank, dropout=a.lora_dropout, base_dtype=ctx.amp,
                               wrap=wrap)
-    if ckpt:
+    if budget is not None:
+        # recompute chosen by the compiler: one whole-model graph (CUDA graphs possible) whose backward partition
+        # keeps at most `budget` of the activations it would save (torch._functorch activation_memory_budget)
+        graphs = _graphs(ctx, compiled)
+        _compile(model, ctx, compiled, graphs)
+    elif ckpt:
         # checkpointing: each block compiled on its own and the (eager) checkpoint around it, so only the block
         # inputs are kept; under a whole-model compile the partitioner saved ~1 GB more at b8 x 1024 (measured:
         # benchmarks/memory_steps.py). CUDA graphs per block (the recompute replays a block's forward graph inside
@@ -450,14 +456,19 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool) ->
     params = [p for p in model.parameters() if p.requires_grad]
     n_ad = sum(p.numel() for p in params)
     chunk = a.ckpt_chunk_tokens if ckpt else a.chunk_tokens
-    r = _run_fast(ctx, model, make_lm_loss_fn(chunk), params=params, ckpt=ckpt)
+    if budget is not None:
+        import torch._functorch.config as fconf
+        with fconf.patch(activation_memory_budget=budget):
+            r = _run_fast(ctx, model, make_lm_loss_fn(a.ckpt_chunk_tokens), params=params)
+    else:
+        r = _run_fast(ctx, model, make_lm_loss_fn(chunk), params=params, ckpt=ckpt)
     f = train_flops_per_token(template.config, a.seq_len, n_frozen=n_mm, n_adapter=n_ad)
     rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 4 * n_all + 6 * n_ad)
     rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={chunk})", optimizer="train.train AdamW (fused on CUDA)",
                autocast=str(ctx.amp), compiled=compiled,
                compile_scope="each block (LoRALinear inside)" if ckpt else "model.py GPT2 module with LoRALinear",
                gradient_checkpointing=ckpt, lora_rank=a.lora_rank, lora_dropout=a.lora_dropout, trainable_params=n_ad,
-               cuda_graphs=graphs,
+               cuda_graphs=graphs, activation_memory_budget=budget,
                total_params=n_all + n_ad, base_dtype=str(ctx.amp or torch.float32),
                base="NF4 (bitsandbytes, block 64, double quant) via quant.NF4Linear" if quant else "nn.Linear")
     if quant:
@@ -482,6 +493,7 @@ def _train_engine_fn(name: str):
         "lora_native": lambda ctx, c: _eng_lora_native(ctx, False, False, c),
         "qlora_native": lambda ctx, c: _eng_lora_native(ctx, True, True, c),
         "qlora_native_nockpt": lambda ctx, c: _eng_lora_native(ctx, True, False, c),
+        "qlora_native_budget": lambda ctx, c: _eng_lora_native(ctx, True, False, c, budget=0.1),
         "nanogpt_ref": _eng_nanogpt_ref,
         "native": _eng_native,
         "kd_native": _eng_kd_native,
