@@ -33,7 +33,7 @@ def build(name, template, dev, chunk_tokens, ckpt_chunk_tokens, compiled=True):
         model = apply_lora_native(model, rank=8, dropout=0.0 if "_d0" in name else 0.05, base_dtype=torch.bfloat16,
                                   wrap=wrap)
     model.gradient_checkpointing = ckpt
-    if compiled and ckpt:        # as bench train: blocks compiled one by one, the checkpoint around them
+    if compiled and ckpt:        # as bench train's qlora_native_lean: blocks compiled one by one, checkpoint around
         for blk in model.h:
             blk.compile(dynamic=False)
     elif compiled:

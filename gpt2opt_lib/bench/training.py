@@ -27,13 +27,13 @@ from .hardware import (FLOPS_FORMULA, PEAK_FLOPS, _base, _device_name, _lookup, 
 
 TRAIN_ENGINES = ("hf", "hf_eager", "nanogpt_ref", "fast", "fast_ckpt", "native", "kd_hf", "kd_fast", "kd_native",
                  "lora", "lora_pruned", "qlora", "lora_native", "qlora_native")
-# hf_fp32: full fine-tune without autocast (slow); qlora_native_nockpt / _budget: QLoRA's memory-speed variants
-OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget")
+# hf_fp32: full fine-tune without autocast (slow); qlora_native_nockpt / _budget / _lean: QLoRA's memory-speed points
+OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean")
 COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native",
-              "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget")
+              "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean")
 # --compile auto on CUDA: each compiled model costs ~15-40 s
 AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
-                 "qlora_native_nockpt", "qlora_native_budget")
+                 "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean")
 
 
 @dataclasses.dataclass
@@ -417,7 +417,8 @@ def _eng_qlora(ctx: _TrainCtx, compiled: bool) -> dict:
     return rec
 
 
-def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, budget: float | None = None) -> dict:
+def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, budget: float | None = None,
+                     lean: bool = False) -> dict:
     """LoRA (lora.apply_lora_native) or QLoRA (+ quant.NF4Linear bases: NF4, double quant) on the native GPT-2, the
     frozen base in the autocast dtype (no fp32 master copy of weights that never change), compiled like native."""
     from ..distill import make_lm_loss_fn
@@ -442,14 +443,14 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
         # keeps at most `budget` of the activations it would save (torch._functorch activation_memory_budget)
         graphs = _graphs(ctx, compiled)
         _compile(model, ctx, compiled, graphs)
-    elif ckpt:
-        # checkpointing: each block compiled on its own and the (eager) checkpoint around it, so only the block
-        # inputs are kept; under a whole-model compile the partitioner saved ~1 GB more at b8 x 1024 (measured:
-        # benchmarks/memory_steps.py). CUDA graphs per block (the recompute replays a block's forward graph inside
-        # backward); --no-cuda-graphs to compare.
-        graphs = _graphs(ctx, compiled)
+    elif lean:
+        # checkpointing with each block compiled on its own and the (eager) checkpoint around it: only the block
+        # inputs are kept (a whole-model compile keeps ~1 GB more at b8 x 1024: benchmarks/memory_steps.py). No CUDA
+        # graphs: cudagraph trees (torch 2.11) fail on the recompute inside backward ("graph recording observed an
+        # input tensor deallocate ..."), so this step is CPU-launch-bound.
+        graphs = False
         for blk in model.h:
-            _compile(blk, ctx, compiled, graphs)
+            _compile(blk, ctx, compiled)
     else:
         graphs = _graphs(ctx, compiled)
         _compile(model, ctx, compiled, graphs)
@@ -466,7 +467,7 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
     rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 4 * n_all + 6 * n_ad)
     rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={chunk})", optimizer="train.train AdamW (fused on CUDA)",
                autocast=str(ctx.amp), compiled=compiled,
-               compile_scope="each block (LoRALinear inside)" if ckpt else "model.py GPT2 module with LoRALinear",
+               compile_scope="each block (LoRALinear inside)" if lean else "model.py GPT2 module with LoRALinear",
                gradient_checkpointing=ckpt, lora_rank=a.lora_rank, lora_dropout=a.lora_dropout, trainable_params=n_ad,
                cuda_graphs=graphs, activation_memory_budget=budget,
                total_params=n_all + n_ad, base_dtype=str(ctx.amp or torch.float32),
@@ -494,6 +495,7 @@ def _train_engine_fn(name: str):
         "qlora_native": lambda ctx, c: _eng_lora_native(ctx, True, True, c),
         "qlora_native_nockpt": lambda ctx, c: _eng_lora_native(ctx, True, False, c),
         "qlora_native_budget": lambda ctx, c: _eng_lora_native(ctx, True, False, c, budget=0.1),
+        "qlora_native_lean": lambda ctx, c: _eng_lora_native(ctx, True, True, c, lean=True),
         "nanogpt_ref": _eng_nanogpt_ref,
         "native": _eng_native,
         "kd_native": _eng_kd_native,
@@ -603,6 +605,10 @@ def _train_targets(results: dict) -> dict:
                                          "qlora_native tokens/s / lora_native tokens/s"),
         "qlora_native_peak_mem_vs_native": t(_ratio(results, "qlora_native", "native", "peak_mem_mb"), "<=", 0.2,
                                              "qlora_native peak MB / native peak MB (full fine-tune, AdamW)"),
+        "qlora_native_lean_vs_lora_native": t(_ratio(results, "qlora_native_lean", "lora_native", "tokens_per_s"),
+                                              ">=", 0.8, "qlora_native_lean tokens/s / lora_native tokens/s"),
+        "qlora_native_lean_peak_mem_vs_native": t(_ratio(results, "qlora_native_lean", "native", "peak_mem_mb"),
+                                                  "<=", 0.2, "qlora_native_lean peak MB / native peak MB"),
     }
 
 
