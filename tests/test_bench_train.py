@@ -276,3 +276,34 @@ def test_train_bench_on_gpu(tmp_path):
     assert e["kd_native"]["teacher_dtype"] == "torch.bfloat16"
     assert rep["targets"]["kd_peak_mem_ratio"]["value"] is not None
     assert torch.cuda.is_available()
+
+
+def test_qlora_native_variants_same_start_and_records(tmp_path, one_thread):
+    """The three QLoRA-on-native memory/speed points train the same NF4 model from the same start (same first loss),
+    and say how: checkpointing, compile scope, the compiler's activation budget."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "q.json"
+    bench.main(TINY + ["--dtype", "fp32", "--engines", "qlora_native,qlora_native_lean,qlora_native_budget,"
+                       "qlora_native_nockpt", "--json", str(out)])
+    e = json.loads(out.read_text())["engines"]
+    first = {k: v["first_loss"] for k, v in e.items()}
+    assert len(set(round(x, 5) for x in first.values())) == 1, first
+    assert e["qlora_native"]["gradient_checkpointing"] and e["qlora_native_lean"]["gradient_checkpointing"]
+    assert not e["qlora_native_nockpt"]["gradient_checkpointing"]
+    assert e["qlora_native_lean"]["compile_scope"].startswith("each block")
+    assert e["qlora_native_budget"]["activation_memory_budget"] == 0.1
+    assert all(v["cuda_graphs"] is False for v in e.values())                # CPU: no graphs
+
+
+def test_reserved_peak_replaces_allocated_under_cuda_graphs(monkeypatch):
+    """CUDA-graph engines report the reserved peak (graph pools are invisible to the allocated count); the others
+    keep the allocated peak and record the reserved one beside it."""
+    from gpt2opt_lib.bench import training as BT
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 3 * 2**30)
+    g = {"peak_mem_mb": 500.0, "cuda_graphs": True}
+    p = {"peak_mem_mb": 2000.0}
+    BT._reserved_peak("cuda", g)
+    BT._reserved_peak("cuda", p)
+    assert g == {"peak_mem_mb": 3072.0, "cuda_graphs": True, "peak_reserved_mb": 3072.0, "peak_allocated_mb": 500.0,
+                 "peak_mem_kind": "reserved (CUDA graph pools)"}
+    assert p == {"peak_mem_mb": 2000.0, "peak_reserved_mb": 3072.0}
