@@ -146,13 +146,19 @@ def main_decode(a):
     ids = torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(0)).to(dev)
     variants = {"fast": dict(gemv=False), "fast_gemv": dict(gemv=True),
                 "fast_int4": dict(gemv=False, weight_quant="int4"), "fast_int4_gemv": dict(gemv=True, weight_quant="int4"),
-                "fast_int8": dict(gemv=False, weight_quant="int8"), "fast_int8_gemv": dict(gemv=True, weight_quant="int8")}
+                "fast_int8": dict(gemv=False, weight_quant="int8"), "fast_int8_gemv": dict(gemv=True, weight_quant="int8"),
+                # inductor's horizontal fusion of independent kernels (K and V cache writes, ...) on top of gemv
+                "fast_gemv_combo": dict(gemv=True), "fast_int4_gemv_combo": dict(gemv=True, weight_quant="int4")}
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model, "batch": B,
            "prompt_len": T, "new_tokens": N, "git_sha": envmod.git_sha(), "engines": {}}
     ref = None
     for name in a.engines.split(","):
         kw = variants[name]
+        import contextlib
+        import torch._inductor.config as iconf
+        opts = iconf.patch(combo_kernels=True) if name.endswith("_combo") else contextlib.nullcontext()
         try:
+            opts.__enter__()
             eng = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, **kw)
             res = measure(lambda: eng.generate(ids, N), warmup=2, repeats=10, device=dev)
             toks = eng.generate(ids, N)
@@ -175,6 +181,9 @@ def main_decode(a):
             eng = None
         except Exception as e:  # noqa: BLE001 - one variant failing is a finding, not the end of the run
             rec = {"error": f"{type(e).__name__}: {e}"[:400]}
+        finally:
+            opts.__exit__(None, None, None)
+            torch._dynamo.reset()       # the next variant compiles afresh (inductor options are read at compile)
         print(f"** {name}: {rec.get('tokens_per_s', 0):,.0f} tok/s, {rec.get('kernels_per_token', 0):.0f} kernels/token, "
               f"{rec.get('gpu_kernel_us_per_token', 0):.0f} us GPU/token {rec.get('error', '')}", flush=True)
         out["engines"][name] = rec
