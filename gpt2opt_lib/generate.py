@@ -560,9 +560,12 @@ def _allow_recompiles(limit: int = 256) -> None:
 def compile_step(fn, gemv: bool):
     """A decode / verify step under torch.compile (static shapes, one graph). With gemv, inductor's
     coordinate-descent tuning, which also turns its decomposition of one-row matmuls (mm -> mul + sum) on: a GEMV
-    that streams the weights instead of a GEMM tile."""
+    that streams the weights instead of a GEMM tile; and its combo kernels (independent kernels, such as the K and
+    V cache writes, launched as one): gpt2 fp16 batch 1 on an H200, 147 -> 135 kernels and 2,311 -> 2,475 tokens
+    per second (benchmarks/results/h200_profile_decode_combo.json)."""
     _allow_recompiles()
-    return torch.compile(fn, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True} if gemv else {})
+    opts = {"coordinate_descent_tuning": True, "combo_kernels": True} if gemv else {}
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=opts)
 
 
 def capture_graph(fn, reset, pool=None):
