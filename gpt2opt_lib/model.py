@@ -11,7 +11,9 @@ back into a standard GPT2LMHeadModel, so every later stage, the inference engine
 HF model. The loss functions of distill.py work unchanged: `.transformer(input_ids=).last_hidden_state` and
 `.lm_head.weight` (the unpadded (V, C) view of the tied matrix) are provided.
 
-Status: CPU-tested against HF (logits, gradients, round trips); not yet measured on a GPU nor used by the stages.
+Status: CPU-tested against HF (logits, gradients, round trips); 01's engine in the GPU profiles
+(`train_engine: native`); measured by `bench train` (engines native, kd_native, lora_native, qlora_native; README,
+"Training engine"). LoRA / QLoRA on it: lora.apply_lora_native, quant.NF4Linear.
 """
 from __future__ import annotations
 
