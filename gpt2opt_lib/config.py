@@ -148,6 +148,9 @@ class LoraPrune(Common):
     lora_on_base: bool = p(True, "also fine-tune LoRA on the student trained without the teacher")
     base_sparsity: list = p(["magnitude-2:4", "wanda-2:4", "wanda-50%"], "real weight sparsity of the merged model",
                             unique=True)
+    train_engine: str = p("hf", "hf (peft on transformers' GPT-2 modules) or native (model.py + lora.LoRALinear; "
+                          "the adapters copied back into the peft model after)", choices=("hf", "native"))
+    compile: bool = p(False, "torch.compile the fine-tuned model (CUDA; first step pays 10-60 s)")
     calib_blocks: int = p(8, "calibration blocks for Wanda activation norms", ge=1)
     nproc: int = p(1, "processes for each fine-tuning run: above 1, torchrun data-parallel (DDP, one per GPU)", ge=1)
 

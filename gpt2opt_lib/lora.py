@@ -253,6 +253,30 @@ def native_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def copy_adapters(src: nn.Module, dst: nn.Module) -> int:
+    """Copy LoRA A/B weights between a native LoRA model and a peft model on GPT2LMHeadModel (either way), matched
+    by peft's saved key (adapter name dropped). Every adapter of the native side must find its peer; returns the
+    number of tensors copied."""
+    native, peft_model = (src, dst) if native_lora_modules(src) else (dst, src)
+    theirs = {n.replace(".default.", "."): p for n, p in peft_model.named_parameters() if ".lora_" in n}
+    ours = {}
+    for n, m in native_lora_modules(native).items():
+        _, i, name = n.split(".")
+        key = f"base_model.model.transformer.h.{i}.{_HF_PATH[name]}"
+        ours[f"{key}.lora_A.weight"] = m.lora_A.weight
+        ours[f"{key}.lora_B.weight"] = m.lora_B.weight
+    missing = sorted(set(ours) ^ set(theirs))
+    if missing:
+        raise ValueError(f"native and peft adapters differ: {missing[:3]} ...")
+    for k, t in ours.items():
+        if src is native:
+            theirs[k].copy_(t)
+        else:
+            t.copy_(theirs[k])
+    return len(ours)
+
+
 def save_native_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> int:
     """Save a native LoRA model's adapters in peft's format for GPT2LMHeadModel (adapter_model.safetensors +
     adapter_config.json, fan_in_fan_out=True as HF's Conv1D needs): `PeftModel.from_pretrained(hf_gpt2, out_dir)`

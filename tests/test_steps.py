@@ -170,3 +170,38 @@ def test_stage_parameters_are_dataclass_fields():
     names = set().union(*(config.fields(c) for c in config.STAGE_CONFIGS.values()))
     assert set(SMALL) <= names, set(SMALL) - names
     assert all(dataclasses.is_dataclass(c) for c in config.STAGE_CONFIGS.values())
+
+
+def test_03_native_engine_trains_what_peft_trains(run):
+    """03 with `train_engine: native` (model.py + lora.LoRALinear, adapters copied back into the peft model) trains
+    the same adapters as peft on HF's modules: same init, data order and math (fp32, no dropout); pruned entries
+    stay zero; full fine-tuning likewise."""
+    import torch
+
+    from gpt2opt_lib import lora as L
+    from gpt2opt_lib.steps import context
+    from gpt2opt_lib.steps import s03_lora_prune as s3
+
+    _, _, run_dir = run
+    cls = config.STAGE_CONFIGS["03_lora_prune"]
+    base = {**config.as_dict(cls(**config.stage_parameters("quick", "03_lora_prune"))), "run_dir": str(run_dir)}
+    base.update({k: v for k, v in SMALL.items() if k in config.fields(cls)})
+    out = {}
+    for engine in ("hf", "native"):
+        cfg = cls(**{**base, "train_engine": engine, "lora_dropout": 0.0, "ft_max_train_blocks": 8})
+        ctx = context.setup(cfg, "03_lora_prune")
+        model, row = s3.lora_finetune(ctx, prune_before=True)
+        full = s3.full_finetune(ctx)
+        out[engine] = (row, {n: p.detach().clone() for n, p in L.lora_tensors(model).items()}, full)
+    (r_hf, t_hf, f_hf), (r_n, t_n, f_n) = out["hf"], out["native"]
+    assert r_n["engine"] == "native" and r_hf["engine"] == "hf" and f_n["engine"] == "native"
+    assert t_hf.keys() == t_n.keys() and len(t_n) > 0
+    moved = 0
+    for k in t_hf:
+        torch.testing.assert_close(t_n[k], t_hf[k], rtol=1e-3, atol=1e-5)
+        assert torch.equal(t_n[k] == 0, t_hf[k] == 0), k                  # the same 80 % pruned, still zero
+        moved += int(".lora_B." in k and t_n[k].abs().sum() > 0)
+    assert moved > 0                                                     # B left zero: training happened
+    assert r_n["adapter_sparsity"] == pytest.approx(r_hf["adapter_sparsity"])
+    assert r_n["test_ppl"] == pytest.approx(r_hf["test_ppl"], rel=1e-3)
+    assert f_n["test_ppl"] == pytest.approx(f_hf["test_ppl"], rel=1e-3)

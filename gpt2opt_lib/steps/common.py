@@ -30,6 +30,26 @@ def load_student(ctx: StageContext, which: str = "student_distilled"):
 
 
 
+def maybe_compile(model, ctx: StageContext):
+    """torch.compile in place where the stage asks for it (`compile: true`) and runs on CUDA; state-dict keys stay
+    plain (save_pretrained, conversion back to HF)."""
+    if getattr(ctx.cfg, "compile", False) and ctx.device.type == "cuda":
+        (model.transformer if isinstance(model.transformer, torch.nn.Module) else model).compile()
+    return model
+
+
+def training_engine(model, ctx: StageContext):
+    """What train() runs, and how the trained weights get back: the HF model itself (train_engine: hf), or its
+    native copy (model.py) whose weights `back()` writes into the HF model, which it returns."""
+    if getattr(ctx.cfg, "train_engine", "hf") != "native":
+        return model, lambda: model
+    from .. import model as NM
+
+    with torch.random.fork_rng(devices=[]):  # built on the CPU; the global RNG stays where the HF engine has it
+        native = NM.from_hf(model)
+    return native, lambda: NM.to_hf(native, model)
+
+
 def merged_dir(ctx: StageContext) -> Path:
     return ctx.artifact("03_lora_prune", "merged")
 

@@ -13,6 +13,7 @@ from .. import models as M
 from .. import parallel as D
 from ..distill import make_kd_loss_fn, make_lm_loss_fn
 from ..train import TrainSpec, train
+from .common import maybe_compile, training_engine
 from .context import StageContext, summary_table
 
 # ------------------------------------------------------------------------------------------------ 01_distill
@@ -24,24 +25,6 @@ def _spec(cfg, **kw) -> TrainSpec:
                 precision=cfg.precision, seed=cfg.seed, parallel=cfg.parallel)
     base.update(kw)
     return TrainSpec(**base)
-
-
-def _maybe_compile(model, ctx: StageContext):
-    if ctx.cfg.compile and ctx.device.type == "cuda":
-        # in place: state-dict keys stay plain (save_pretrained, conversion back to HF)
-        (model.transformer if isinstance(model.transformer, torch.nn.Module) else model).compile()
-    return model
-
-
-def _engine(model, ctx: StageContext):
-    """What train() runs, and how the trained weights get back: the HF model itself (train_engine: hf), or its
-    native copy (model.py) whose weights `back()` writes into the HF model, which it returns."""
-    if getattr(ctx.cfg, "train_engine", "hf") != "native":
-        return model, lambda: model
-    from .. import model as NM
-
-    native = NM.from_hf(model)
-    return native, lambda: NM.to_hf(native, model)
 
 
 def get_teacher(ctx: StageContext):
@@ -69,8 +52,8 @@ def get_teacher(ctx: StageContext):
                     "stop": epoch - best["epoch"] >= cfg.teacher_patience}
 
         spec = _spec(cfg, epochs=cfg.teacher_max_epochs, lr=cfg.teacher_lr)
-        work, back = _engine(teacher, ctx)
-        hist = train(_maybe_compile(work, ctx), ctx.blocks("train"), make_lm_loss_fn(cfg.kd_chunk_tokens), spec,
+        work, back = training_engine(teacher, ctx)
+        hist = train(maybe_compile(work, ctx), ctx.blocks("train"), make_lm_loss_fn(cfg.kd_chunk_tokens), spec,
                      ctx.device, on_epoch_end=on_epoch_end, tracker=ctx.tracker, desc="teacher (from scratch)")
         D.load_state_from(work, best["state"])  # the best epoch, not the last (rank 0's, on every rank)
         teacher = back()
@@ -115,7 +98,7 @@ def student_info(ctx: StageContext, teacher) -> dict:
 def _train_student(ctx: StageContext, student, loss_fn, name: str, seed: int, save: bool) -> dict:
     """One student run; `save`: the model (and its checkpoints) become the run's artifacts for later stages."""
     cfg = ctx.cfg
-    work, back = _engine(student, ctx)
+    work, back = training_engine(student, ctx)
 
     def on_epoch_end(epoch, model):
         if epoch not in cfg.checkpoint_epochs and epoch != cfg.epochs:
@@ -125,7 +108,7 @@ def _train_student(ctx: StageContext, student, loss_fn, name: str, seed: int, sa
             M.save_model(back(), ctx.stage_dir / "checkpoints" / f"{name}-epoch{epoch:03d}")
         return {"val_loss": val["nll"], "val_ppl": val["ppl"]}
 
-    hist = train(_maybe_compile(work, ctx), ctx.blocks("train"), loss_fn, _spec(cfg, seed=seed), ctx.device,
+    hist = train(maybe_compile(work, ctx), ctx.blocks("train"), loss_fn, _spec(cfg, seed=seed), ctx.device,
                  on_epoch_end=on_epoch_end, tracker=ctx.tracker, desc=f"{name} (seed {seed})")
     student = back()
     if save:
@@ -139,8 +122,8 @@ def distill_student(ctx: StageContext, teacher, student, seed: int | None = None
     # the frozen teacher only runs forward: a 16-bit copy, so the fp32 teacher stays intact for the no-teacher
     # student's initialisation (identical to this student's)
     t = copy.deepcopy(teacher).to(ctx.amp_dtype) if ctx.amp_dtype is not None else teacher
-    t, _ = _engine(t, ctx)  # the teacher's forward on the same engine as the student's
-    _maybe_compile(t, ctx)
+    t, _ = training_engine(t, ctx)  # the teacher's forward on the same engine as the student's
+    maybe_compile(t, ctx)
     loss_fn = make_kd_loss_fn(t, cfg.temperature, cfg.alpha, cfg.kd_chunk_tokens)
     return _train_student(ctx, student, loss_fn, "student_distilled", seed, save)
 

@@ -13,7 +13,7 @@ from .. import models as M
 from .. import prune as P
 from ..distill import make_lm_loss_fn
 from ..train import TrainSpec, train
-from .common import forward_bench, free_memory, load_student, train_row
+from .common import forward_bench, free_memory, load_student, maybe_compile, train_row, training_engine
 from .context import StageContext, summary_table
 
 # ------------------------------------------------------------------------------------------------ 03_lora_prune
@@ -29,9 +29,12 @@ def full_finetune(ctx: StageContext, which: str = "student_distilled") -> dict:
     if ctx.cfg.nproc > 1 and not D.active():
         return _torchrun(ctx, {"kind": "full_ft", "which": which})["row"]
     model = load_student(ctx, which)
-    hist = train(model, ctx.blocks("train"), make_lm_loss_fn(ctx.cfg.loss_chunk_tokens),
+    work, back = training_engine(model, ctx)
+    hist = train(maybe_compile(work, ctx), ctx.blocks("train"), make_lm_loss_fn(ctx.cfg.loss_chunk_tokens),
                  _ft_spec(ctx.cfg, ctx.cfg.full_ft_lr), ctx.device, tracker=ctx.tracker, desc="full fine-tune")
+    model = back()
     row = train_row(ctx, f"full FT ({which})", model, hist, {"kind": "full_ft", "student": which,
+                                                               "engine": ctx.cfg.train_engine,
                                                                "world_size": hist["summary"].get("world_size", 1)})
     del model
     free_memory(ctx)
@@ -47,7 +50,16 @@ def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_bef
     out = None
     if c.nproc > 1 and not D.active():  # trained first: this process holds no model while the GPUs train
         out = _torchrun(ctx, {"kind": "lora", "which": which, "prune_before": prune_before})
-    model = L.apply_lora(load_student(ctx, which), rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
+    student = load_student(ctx, which)
+    native = None
+    # the native path builds its modules under a forked RNG: peft's adapter init and everything after it draw the
+    # same random numbers as with train_engine: hf (same init, same run)
+    fork = lambda: torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else [])
+    if c.train_engine == "native" and out is None:  # a native copy of the same student, taken before peft wraps it
+        from .. import model as NM
+        with fork():
+            native = NM.from_hf(student)
+    model = L.apply_lora(student, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
                          targets=tuple(c.lora_targets))
     if out is not None:
         from safetensors.torch import load_file
@@ -58,12 +70,24 @@ def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_bef
             raise RuntimeError(f"torchrun's adapter lacks {sorted(missing)[:3]}...")
         model.load_state_dict(trained, strict=False)
         return model, out["row"]
-    pruner = P.prune_lora(model, c.prune_sparsity, scope=c.prune_scope) if prune_before else None
+    work = model
+    if native is not None:  # train the native LoRA model from peft's initial adapters; copied back after training
+        with fork():
+            work = L.apply_lora_native(native, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
+                                       targets=tuple(c.lora_targets), base_dtype=ctx.amp_dtype)
+        L.copy_adapters(model, work)
+    pruner = P.prune_lora(work, c.prune_sparsity, scope=c.prune_scope) if prune_before else None
     name = f"LoRA r{c.lora_rank}" + (f" + {c.prune_sparsity:.0%} pruned before" if prune_before else "") + f" ({which})"
-    hist = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), _ft_spec(c, c.ft_lr), ctx.device,
-                 params=[p for p in model.parameters() if p.requires_grad],
+    hist = train(maybe_compile(work, ctx) if native is not None else work, ctx.blocks("train"),
+                 make_lm_loss_fn(c.loss_chunk_tokens), _ft_spec(c, c.ft_lr), ctx.device,
+                 params=[p for p in work.parameters() if p.requires_grad],
                  after_step=pruner.apply if pruner else None, tracker=ctx.tracker, desc=name)
-    extra = {"kind": "lora_pruned_before" if prune_before else "lora", "student": which,
+    if native is not None:
+        if pruner is not None:
+            pruner.remove_hooks()
+        L.copy_adapters(work, model)
+        del work, native
+    extra = {"kind": "lora_pruned_before" if prune_before else "lora", "student": which, "engine": c.train_engine,
              "adapter_sparsity": P.sparsity(model, "lora")["sparsity"]}
     if pruner:
         extra["pruning"] = pruner.record()
