@@ -144,12 +144,23 @@ def test_04_and_05_build_and_train_what_03_declared(run):
     assert s4.calls and all(s.lr == cfg4.ft_lr and s.warmup_steps == cfg3.ft_warmup_steps for _, s in s4.calls)
     assert s4.chunks == [cfg4.loss_chunk_tokens] * len(s4.calls)
     # 05: the baseline full FT at 03's full-FT lr, the stack's QLoRA at 03's LoRA lr; 05's own loss chunk
-    (d0, base), (d1, stack) = s5.calls
+    (d0, base), (d1, stack), (d2, native) = s5.calls
     assert (d0, base.lr, d1, stack.lr) == ("baseline full FT", cfg3.full_ft_lr, "stack QLoRA", cfg3.ft_lr)
-    assert base.warmup_steps == stack.warmup_steps == cfg3.ft_warmup_steps
-    assert s5.chunks == [cfg5.loss_chunk_tokens] * 2
+    assert (d2, native.lr) == ("stack QLoRA (native)", cfg3.ft_lr)    # the same step on model.py, beside it
+    assert base.warmup_steps == stack.warmup_steps == native.warmup_steps == cfg3.ft_warmup_steps
+    assert s5.chunks == [cfg5.loss_chunk_tokens] * 3
     # int8 engine weights are opt-in: the default engines are 16-bit and int4
     assert [r["weight_quant"] for r in res4["engine"]] == ["none", "int4"]
+
+
+def test_05_stack_row_has_the_native_qlora_step_beside_peft(run):
+    cfg, res = run[0]["05_flash_quant"]
+    row = next(r for r in res["stacks"] if r.get("key") == "stack")
+    if "train_native_status" in row:                                  # bitsandbytes missing: a recorded reason
+        assert row["train_native_status"].startswith("unavailable")
+        return
+    assert row["train_native_engine"].startswith("model.py") and row["train_native_tokens_per_s"] > 0
+    assert row["train_native_trainable_params"] == row["trainable_params"]   # the same adapters
 
 
 def test_05_metric_keys_are_stable_ids(run):

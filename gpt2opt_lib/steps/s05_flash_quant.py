@@ -156,6 +156,7 @@ def stacked_config(ctx: StageContext, best: str) -> list[dict]:
                          "stack QLoRA")
     del model, base
     free_memory(ctx)
+    tr.update(_native_qlora_cost(ctx, ls, best))
     model, _ = Q.quantize_bnb(str(merged_dir(ctx)), "nf4", device=str(ctx.device), compute_dtype=compute_dtype(ctx))
     A.set_attention(model, best)
     with A.attention_backend(best):
@@ -182,6 +183,42 @@ def stacked_config(ctx: StageContext, best: str) -> list[dict]:
     del model
     free_memory(ctx)
     return rows
+
+
+def _native_qlora_cost(ctx: StageContext, ls: dict, best: str) -> dict:
+    """The same QLoRA step on the native model (model.py + lora.LoRALinear over quant.NF4Linear bases: NF4, double
+    quant; compiled on CUDA), same adapters, pruning, lr and batches: `train_native_*` columns beside the peft +
+    bitsandbytes ones of the stack row. A failure is recorded in `train_native_status`."""
+    import torch
+
+    from .. import lora as L
+    from .. import model as NM
+    ok, why = Q.bnb_status()
+    if not ok:
+        return {"train_native_status": why}
+    try:
+        dt = compute_dtype(ctx)
+        hf = M.load_model(str(merged_dir(ctx)), ctx.cfg.attn_implementation)
+        with torch.random.fork_rng(devices=[]):  # the RNG stays where the peft stack left it
+            model = L.apply_lora_native(NM.from_hf(hf).to(ctx.device), rank=ls["rank"], alpha=ls["alpha"],
+                                        dropout=ls["dropout"], targets=ls["targets"], base_dtype=ctx.amp_dtype,
+                                        wrap=lambda lin: Q.NF4Linear.from_linear(lin, dt))
+        del hf
+        pruner = P.prune_lora(model, ls["sparsity"], ls["scope"])
+        compiled = ctx.device.type == "cuda"
+        if compiled:
+            model.compile(dynamic=False)
+        with A.attention_backend(best):
+            tr = _train_cost(ctx, model, [p for p in model.parameters() if p.requires_grad], ls["lr"], pruner.apply,
+                             "stack QLoRA (native)")
+        del model
+        free_memory(ctx)
+        out = {"train_native_" + k.removeprefix("train_"): v for k, v in tr.items()}
+        out["train_native_engine"] = "model.py + LoRALinear + NF4Linear" + (", compiled" if compiled else "")
+        return out
+    except Exception as e:  # noqa: BLE001 - the comparison column is a recorded outcome, never the stage's end
+        free_memory(ctx)
+        return {"train_native_status": f"failed: {type(e).__name__}: {e}"[:300]}
 
 
 def _pct(new, old):
