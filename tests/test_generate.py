@@ -270,3 +270,29 @@ def test_out_of_range_ids_rejected_before_the_device(model, monkeypatch, bad, wo
         eng.generate(ids.float(), 4)
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         eng.generate(ids[0], 4)
+
+
+def test_compile_step_falls_back_without_combo_kernels(monkeypatch):
+    """Combo kernels are experimental in inductor: a compile failure with them recompiles the step once without
+    them (warning) instead of failing the generation; a second failure is raised."""
+    import gpt2opt_lib.generate as G
+    calls = []
+
+    def fake_compile(fn, **kw):
+        opts = kw.get("options", {})
+        calls.append(dict(opts))
+
+        def compiled(*a):
+            if opts.get("combo_kernels"):
+                raise RuntimeError("combo kernels unsupported here")
+            return fn(*a)
+        return compiled
+    monkeypatch.setattr(G.torch, "compile", fake_compile)
+    step = G.compile_step(lambda x: x + 1, gemv=True)
+    with pytest.warns(UserWarning, match="combo_kernels failed"):
+        assert step(1) == 2
+    assert step(2) == 3 and calls == [{"coordinate_descent_tuning": True, "combo_kernels": True},
+                                      {"coordinate_descent_tuning": True}]
+    bad = G.compile_step(lambda x: 1 / 0, gemv=True)
+    with pytest.warns(UserWarning), pytest.raises(ZeroDivisionError):
+        bad(1)
