@@ -178,7 +178,9 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
             step_loss = torch.zeros((), device=device)
             group = batches[i: i + spec.grad_accum]
             for j, mb in enumerate(group):
-                if device.type == "cuda":  # a model compiled with CUDA graphs may reuse its output buffers now
+                if device.type == "cuda" and j == 0:
+                    # a model compiled with CUDA graphs may reuse its output buffers from here on: once per optimizer
+                    # step, not per micro-batch (accumulated gradients may still alias the previous one's outputs)
                     torch.compiler.cudagraph_mark_step_begin()
                 mb = mb.to(device, non_blocking=True)
                 last = j == len(group) - 1
