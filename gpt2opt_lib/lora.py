@@ -242,15 +242,21 @@ def native_lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def native_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters under the keys peft saves for a GPT2LMHeadModel (adapter name dropped, fp32, contiguous)."""
+def _native_adapters_by_peft_key(model: nn.Module) -> dict[str, nn.Parameter]:
+    """A native LoRA model's lora_A / lora_B weights under the keys peft saves for a GPT2LMHeadModel (adapter name
+    dropped)."""
     out = {}
     for n, m in native_lora_modules(model).items():
         _, i, name = n.split(".")
         key = f"base_model.model.transformer.h.{i}.{_HF_PATH[name]}"
-        out[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
-        out[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous().cpu()
+        out[f"{key}.lora_A.weight"] = m.lora_A.weight
+        out[f"{key}.lora_B.weight"] = m.lora_B.weight
     return out
+
+
+def native_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters under the keys peft saves for a GPT2LMHeadModel (adapter name dropped, fp32, contiguous)."""
+    return {k: p.detach().float().contiguous().cpu() for k, p in _native_adapters_by_peft_key(model).items()}
 
 
 @torch.no_grad()
@@ -260,12 +266,7 @@ def copy_adapters(src: nn.Module, dst: nn.Module) -> int:
     number of tensors copied."""
     native, peft_model = (src, dst) if native_lora_modules(src) else (dst, src)
     theirs = {n.replace(".default.", "."): p for n, p in peft_model.named_parameters() if ".lora_" in n}
-    ours = {}
-    for n, m in native_lora_modules(native).items():
-        _, i, name = n.split(".")
-        key = f"base_model.model.transformer.h.{i}.{_HF_PATH[name]}"
-        ours[f"{key}.lora_A.weight"] = m.lora_A.weight
-        ours[f"{key}.lora_B.weight"] = m.lora_B.weight
+    ours = _native_adapters_by_peft_key(native)
     missing = sorted(set(ours) ^ set(theirs))
     if missing:
         raise ValueError(f"native and peft adapters differ: {missing[:3]} ...")
