@@ -292,6 +292,7 @@ def test_qlora_native_variants_same_start_and_records(tmp_path, one_thread):
     assert not e["qlora_native_nockpt"]["gradient_checkpointing"]
     assert e["qlora_native_lean"]["compile_scope"].startswith("each block")
     assert e["qlora_native_budget"]["activation_memory_budget"] == 0.1
+    assert e["qlora_native_budget"]["loss"] == e["qlora_native"]["loss"] == "distill.make_lm_loss_fn(chunk_tokens=1024)"
     assert all(v["cuda_graphs"] is False for v in e.values())                # CPU: no graphs
 
 

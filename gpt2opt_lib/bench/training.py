@@ -438,12 +438,7 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
             return NF4Linear.from_linear(lin, cdt)
     model = apply_lora_native(_native(ctx, a.model), rank=a.lora_rank, dropout=a.lora_dropout, base_dtype=ctx.amp,
                               wrap=wrap)
-    if budget is not None:
-        # recompute chosen by the compiler: one whole-model graph (CUDA graphs possible) whose backward partition
-        # keeps at most `budget` of the activations it would save (torch._functorch activation_memory_budget)
-        graphs = _graphs(ctx, compiled)
-        _compile(model, ctx, compiled, graphs)
-    elif lean:
+    if lean:
         # checkpointing with each block compiled on its own and the (eager) checkpoint around it: only the block
         # inputs are kept (a whole-model compile keeps ~1 GB more at b8 x 1024: benchmarks/memory_steps.py). No CUDA
         # graphs: cudagraph trees (torch 2.11) fail on the recompute inside backward ("graph recording observed an
@@ -451,16 +446,17 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
         graphs = False
         for blk in model.h:
             _compile(blk, ctx, compiled)
-    else:
+    else:   # with a budget: one whole-model graph too, the recompute chosen by the compiler's partitioner
         graphs = _graphs(ctx, compiled)
         _compile(model, ctx, compiled, graphs)
     params = [p for p in model.parameters() if p.requires_grad]
     n_ad = sum(p.numel() for p in params)
-    chunk = a.ckpt_chunk_tokens if ckpt else a.chunk_tokens
-    if budget is not None:
+    lean_memory = ckpt or budget is not None          # the memory-lean points take the lean loss chunk
+    chunk = a.ckpt_chunk_tokens if lean_memory else a.chunk_tokens
+    if budget is not None:   # the backward partition keeps at most `budget` of the activations it would save
         import torch._functorch.config as fconf
         with fconf.patch(activation_memory_budget=budget):
-            r = _run_fast(ctx, model, make_lm_loss_fn(a.ckpt_chunk_tokens), params=params)
+            r = _run_fast(ctx, model, make_lm_loss_fn(chunk), params=params)
     else:
         r = _run_fast(ctx, model, make_lm_loss_fn(chunk), params=params, ckpt=ckpt)
     f = train_flops_per_token(template.config, a.seq_len, n_frozen=n_mm, n_adapter=n_ad)
