@@ -295,7 +295,8 @@ class FastGPT2:
     def __init__(self, model: nn.Module, max_batch_size: int = 1, max_seq_len: int | None = None,
                  dtype: torch.dtype | None = None, use_cuda_graph: bool | str = "auto",
                  compile: bool | str = "auto", weight_quant: str | None = None, group_size: int = 128,
-                 quant_backend: str = "auto", device: torch.device | str | None = None, gemv: bool = True):
+                 quant_backend: str = "auto", device: torch.device | str | None = None, gemv: bool = True,
+                 fused: bool | str = "auto"):
         """model: HF GPT2LMHeadModel (or PEFT-wrapped); weights are copied, the model is not modified.
 
         max_seq_len: KV-cache length (prompt + new tokens), default and cap n_positions.
@@ -305,6 +306,10 @@ class FastGPT2:
         (batch 1 decode) becomes a tuned Triton GEMV reduction (bias, residual and GELU fused into it) instead of a
         cuBLAS GEMM tile with split-K (what gpt-fast does), and attention over the cache as fused reductions instead
         of an SDPA kernel plus its mask. Only when compiled (CUDA by default).
+        fused: batch-1 greedy decode through the fused Triton kernels of triton_decode.py (5 kernels per layer
+        instead of ~11; other batch sizes and sampling keep the compiled step). "auto" = on where the engine
+        compiles and graphs on CUDA, triton is importable and the weights are 16/32-bit (`fused_off_reason` says
+        why not otherwise); True insists (a ValueError names what is missing); False = the inductor step only.
         """
         model = _as_plain_gpt2(model)
         p = next(model.parameters())
@@ -330,8 +335,22 @@ class FastGPT2:
         self.gemv = bool(gemv) and self.compile
         self.core.use_gemv_decode(self.gemv)
         self._decode_fn = compile_step(self.core.decode_step, self.gemv) if self.compile else self.core.decode_step
+        self.fused, self.fused_off_reason = self._fused_decode(fused)
         self._graphs: dict = {}
         self._pool = None
+
+    def _fused_decode(self, fused):
+        if fused is False or (fused == "auto" and not (self.compile and self.use_cuda_graph)):
+            return None, "off" if fused is False else "not compiled with CUDA graphs"
+        from . import triton_decode
+        reason = None if triton_decode.available(self.device) else \
+            f"triton is not importable or cannot run on {self.device.type}"
+        reason = reason or triton_decode.supports(self.core)
+        if reason is None:
+            return triton_decode.FusedDecode(self.core, self.device), None
+        if fused is True:
+            raise ValueError(f"fused=True: {reason}")
+        return None, reason
 
     # --- static buffers --------------------------------------------------------------------------------------------
     def _alloc_state(self):
@@ -378,6 +397,10 @@ class FastGPT2:
         return buf, self._runner(key, fn)
 
     def _decode_runner(self, B, flags):
+        if self.fused is not None and B == 1 and not flags["do_sample"]:
+            tok, pos, out, finished, _, _, _, eos, pad, ks, vs = self._args(1)
+            fn = lambda: self.fused.step(tok, pos, out, finished, eos, pad, ks, vs)
+            return self._runner(("decode_fused", 1), fn)
         fn = lambda: self._decode_fn(*self._args(B), **flags)
         return self._runner(("decode", B, *flags.values()), fn)
 

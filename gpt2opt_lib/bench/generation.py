@@ -80,19 +80,23 @@ def cmd_generate(args) -> dict:
             _run_engine(name, make, device, args, results,
                         extra=lambda rec: figures(rec["decode_bytes_per_step"])(rec))
         elif name.startswith("fast"):
-            # *_nogemv: the same engine without the GEMV decode path (A/B of FastGPT2's gemv switch)
+            # *_inductor: the compiled inductor step only, without the fused Triton batch-1 kernels (A/B of
+            # FastGPT2's fused switch); *_nogemv: that step without its GEMV path either (A/B of the gemv switch)
             gemv = not name.endswith("_nogemv")
-            quant = {"fast": None, "fast_int8": "int8", "fast_int4": "int4"}.get(name.removesuffix("_nogemv"), "?")
+            fused = "auto" if gemv and not name.endswith("_inductor") else False
+            base = name.removesuffix("_nogemv").removesuffix("_inductor")
+            quant = {"fast": None, "fast_int8": "int8", "fast_int4": "int4"}.get(base, "?")
             if quant == "?":
                 results[name] = {"error": f"unknown engine {name!r}"}
                 continue
 
-            def make(quant=quant, name=name, gemv=gemv):
+            def make(quant=quant, name=name, gemv=gemv, fused=fused):
                 eng = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, weight_quant=quant,
                                group_size=args.group_size, use_cuda_graph=args.cuda_graph, compile=args.compile,
-                               gemv=gemv)
+                               gemv=gemv, fused=fused)
                 fn = lambda: outputs.__setitem__(name, eng.generate(ids, N))
                 info = dict(eng.weight_bytes(), cuda_graph=eng.use_cuda_graph, compiled=eng.compile, gemv=eng.gemv,
+                            fused_decode=eng.fused is not None and B == 1, fused_off_reason=eng.fused_off_reason,
                             quant=eng.quant_report, **kernels_per_token(lambda: eng.generate(ids, N), B * N, device))
                 if quant is not None:
                     info.update(_quality(eng, model, ids[:4], args))

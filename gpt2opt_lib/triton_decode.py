@@ -1,0 +1,286 @@
+"""Fused Triton kernels for batch-1 greedy decode: a GPT-2 token in 5 kernels per layer instead of ~11.
+
+At batch 1 a decode step is launch-bound, not bandwidth-bound: gpt2's 248 MB of fp16 weights stream in ~55 us on
+an H200, but inductor's step runs ~135 kernels (~2.6 us each, mostly waiting on the previous one). These kernels
+fuse what inductor keeps apart, so a token costs 5 per layer + 2:
+
+  ln_gemv   LayerNorm of the one row, then its GEMV with a weight tile and the bias (and the tanh-GELU): qkv and
+            c_fc. Each program recomputes the row's statistics (768 values, from L2) instead of a separate
+            LayerNorm kernel. The first layer's also gathers the embedding (wte[tok] + wpe[pos]) and writes x.
+  attn      per head: writes the new K/V into the static cache at `pos` and attends over slots 0..pos only (the
+            live length, read on the device: no 1,024-slot scan, no mask tensor), online softmax in fp32.
+  gemv_res  GEMV + bias + the residual add, in place on x: c_proj and the MLP's projection.
+  head      ln_f + the tied LM head GEMV, each program keeping only its (max, argmax) (no logits written), then
+  finish    one program: the argmax over those partials (lowest index on ties, as torch.argmax), pad for finished
+            rows, eos flag, output write, tok / pos advance: the engine's whole bookkeeping.
+
+Batch 1, greedy, 16-/32-bit weights (FastGPT2 picks this path for exactly those steps; others keep the compiled
+inductor step). The kernels run on CUDA, inside the engine's CUDA graph, and on CPU under TRITON_INTERPRET=1,
+where the tests compare them with the engine's eager step. Weights are read in their (N, K) nn.Linear layout.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the engine then keeps the inductor step
+    triton = tl = None
+
+
+def _interpreter_numpy2_fix() -> None:
+    """Triton's CPU interpreter holds scalars as 1-element numpy arrays and turns them into loop bounds with int(),
+    which numpy >= 2.? refuses ("only 0-dimensional arrays can be converted"): read the one element instead."""
+    from triton.runtime import interpreter as ti
+
+    if getattr(ti, "_gpt2opt_patched", False):
+        return
+    original = ti._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    ti._patch_lang_tensor, ti._gpt2opt_patched = patch, True
+
+
+if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_numpy2_fix()
+
+
+def available(device: torch.device) -> bool:
+    """Triton importable, and the device one it can run on (CUDA; CPU only under its interpreter)."""
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+    @triton.jit
+    def _gelu_tanh(x):
+        z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))          # tanh(z) = 2 sigmoid(2z) - 1
+
+    @triton.jit
+    def _ln_gemv_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
+                        pv_ptr, pi_ptr, K, N, n_valid, eps,
+                        KP: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        GELU: tl.constexpr, ARGMAX: tl.constexpr):
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        k = tl.arange(0, KP)
+        km = k < K
+        if EMBED:                                                         # x = wte[tok] + wpe[pos], written once
+            t = tl.load(tok_ptr)
+            p = tl.load(pos_ptr)
+            x = tl.load(wte_ptr + t * K + k, mask=km, other=0.0).to(tl.float32) + \
+                tl.load(wpe_ptr + p * K + k, mask=km, other=0.0).to(tl.float32)
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)               # the residual stream's own rounding
+            if pid == 0:
+                tl.store(x_ptr + k, x.to(x_ptr.dtype.element_ty), mask=km)
+        else:
+            x = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 0) / K
+        d = tl.where(km, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
+        h = d * rstd * tl.load(lnw_ptr + k, mask=km, other=0.0).to(tl.float32) + \
+            tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
+        h = h.to(w_ptr.dtype.element_ty).to(tl.float32)                   # LayerNorm output in the model dtype
+        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        acc = tl.sum(w.to(tl.float32) * h[None, :], 1)                    # (BLOCK_N,)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        if GELU:
+            acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
+        if ARGMAX:                                                        # logits rounded as the model's matmul
+            acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+            acc = tl.where(n < n_valid, acc, float("-inf"))
+            m = tl.max(acc, 0)
+            i = tl.min(tl.where(acc == m, n, 2147483647), 0)              # lowest index among the maxima
+            tl.store(pv_ptr + pid, m)
+            tl.store(pi_ptr + pid, i)
+        else:
+            tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
+
+    @triton.jit
+    def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """x[n] += h . W[n, :] + b[n] (in place: each program reads and writes only its own BLOCK_N entries)."""
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            km = k < K
+            h = tl.load(h_ptr + k, mask=km, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
+        acc += tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)               # the projection in the model dtype
+        x = tl.load(x_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        tl.store(x_ptr + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
+
+    @triton.jit
+    def _attn_kernel(qkv_ptr, kc_ptr, vc_ptr, y_ptr, pos_ptr, L, C, scale, HS: tl.constexpr, BLOCK_L: tl.constexpr):
+        """One head: cache[pos] = new k, v; y = softmax(q K[0..pos]^T * scale) V[0..pos], online softmax in fp32."""
+        hd = tl.program_id(0)
+        p = tl.load(pos_ptr)
+        d = tl.arange(0, HS)
+        q = tl.load(qkv_ptr + hd * HS + d).to(tl.float32)
+        kn = tl.load(qkv_ptr + C + hd * HS + d)
+        vn = tl.load(qkv_ptr + 2 * C + hd * HS + d)
+        base = hd * L * HS
+        tl.store(kc_ptr + base + p * HS + d, kn)
+        tl.store(vc_ptr + base + p * HS + d, vn)
+        m = tl.sum(q * kn.to(tl.float32), 0) * scale                      # the new token attends to itself
+        l = m * 0.0 + 1.0
+        acc = vn.to(tl.float32)
+        for s0 in range(0, p, BLOCK_L):                                   # earlier slots 0 .. pos-1: the live part
+            s = s0 + tl.arange(0, BLOCK_L)
+            sm = s < p
+            kt = tl.load(kc_ptr + base + s[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0).to(tl.float32)
+            sc = tl.where(sm, tl.sum(kt * q[None, :], 1) * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 0))
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(sc - m_new)
+            vt = tl.load(vc_ptr + base + s[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(e[:, None] * vt, 0)
+            l = l * alpha + tl.sum(e, 0)
+            m = m_new
+        tl.store(y_ptr + hd * HS + d, (acc / l).to(y_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _finish_kernel(pv_ptr, pi_ptr, P, tok_ptr, pos_ptr, out_ptr, fin_ptr, eos_ptr, pad_ptr,
+                       BLOCK_P: tl.constexpr):
+        r = tl.arange(0, BLOCK_P)
+        rm = r < P
+        v = tl.load(pv_ptr + r, mask=rm, other=float("-inf"))
+        i = tl.load(pi_ptr + r, mask=rm, other=2147483647)
+        nxt = tl.min(tl.where(v == tl.max(v, 0), i, 2147483647), 0).to(tl.int64)
+        fin = tl.load(fin_ptr) != 0
+        nxt = tl.where(fin, tl.load(pad_ptr), nxt)                        # finished rows keep emitting pad
+        fin = fin | (nxt == tl.load(eos_ptr))
+        p = tl.load(pos_ptr)
+        tl.store(out_ptr + p + 1, nxt)
+        tl.store(tok_ptr, nxt)
+        tl.store(fin_ptr, fin.to(tl.uint8))
+        tl.store(pos_ptr, p + 1)
+
+
+def _cfg(**kw):
+    warps = kw.pop("num_warps")
+    return triton.Config(kw, num_warps=warps)
+
+
+_TUNED: dict = {}
+
+
+def _kernels(device: torch.device):
+    """The launchable kernels: autotuned over a few tile shapes on CUDA (during the engine's warm-up, before its
+    CUDA graph is captured), one fixed shape under the CPU interpreter (no timing there)."""
+    if device.type != "cuda":
+        return {"ln_gemv": (_ln_gemv_kernel, {"BLOCK_N": 8, "num_warps": 4}),
+                "gemv_res": (_gemv_res_kernel, {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4})}
+    if not _TUNED:
+        _TUNED["ln_gemv"] = (triton.autotune(
+            [_cfg(BLOCK_N=bn, num_warps=w) for bn, w in ((2, 2), (4, 4), (8, 4), (8, 8), (16, 8))],
+            key=["K", "N", "KP", "GELU"])(_ln_gemv_kernel), {})
+        _TUNED["gemv_res"] = (triton.autotune(
+            [_cfg(BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
+             for bn, bk, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8))],
+            key=["K", "N"], restore_value=["x_ptr"])(_gemv_res_kernel), {})
+    return _TUNED
+
+
+HEAD_BLOCK_N = 8   # the head's tile is fixed (not tuned): the finish kernel reduces exactly cdiv(Vpad, 8) partials
+
+
+class FusedDecode:
+    """The fused batch-1 greedy decode step of one FastGPT2 engine: static scratch buffers and the launch list."""
+
+    def __init__(self, core, device: torch.device):
+        if triton is None:
+            raise RuntimeError("the fused decode kernels need triton")
+        reason = supports(core)
+        if reason:
+            raise ValueError(f"fused decode: {reason}")
+        blocks, dt, C = core.blocks, core.dtype, core.wpe.shape[1]
+        self.core, self.device, self.C = core, device, C
+        width = max(blk.c_fc.weight.shape[0] for blk in blocks)
+        attn = max(blk.n_head * blk.head_dim for blk in blocks)
+        self.x = torch.zeros(C, dtype=dt, device=device)
+        self.qkv = torch.zeros(3 * attn, dtype=dt, device=device)
+        self.y = torch.zeros(attn, dtype=dt, device=device)
+        self.h = torch.zeros(width, dtype=dt, device=device)
+        Vpad = core.lm_head.weight.shape[0]
+        self.P = triton.cdiv(Vpad, HEAD_BLOCK_N)
+        self.pv = torch.full((self.P,), float("-inf"), dtype=torch.float32, device=device)
+        self.pi = torch.zeros(self.P, dtype=torch.int32, device=device)
+        self.kernels = _kernels(device)
+
+    def _ln_gemv(self, x, lnw, lnb, dense, out, *, embed=None, gelu=False, argmax=False, n_valid=0, block_n=None):
+        kern, fixed = self.kernels["ln_gemv"]
+        N, K = dense.weight.shape
+        tok, pos = embed if embed is not None else (x, x)
+        wte = self.core.wte.weight if embed is not None else x
+        meta = dict(KP=triton.next_power_of_2(K), EMBED=embed is not None, HAS_BIAS=dense.bias is not None,
+                    GELU=gelu, ARGMAX=argmax)
+        if block_n is not None:                                           # the head: a fixed tile
+            kern, fixed = _ln_gemv_kernel, {"BLOCK_N": block_n, "num_warps": 4}
+        grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]),)
+        kern[grid](x, tok, pos, wte, self.core.wpe, lnw, lnb, dense.weight,
+                   dense.bias if dense.bias is not None else dense.weight, out, self.pv, self.pi,
+                   K, N, n_valid, self.core.eps, **meta, **fixed)
+
+    def _gemv_res(self, h, dense, x):
+        kern, fixed = self.kernels["gemv_res"]
+        N, K = dense.weight.shape
+        kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](h, dense.weight, dense.bias, x, K, N, **fixed)
+
+    def step(self, tok, pos, out, finished, eos, pad, ks, vs) -> None:
+        """One greedy token for batch row 0: reads tok (1,), pos (1,); writes the caches' slot pos, out[0, pos+1],
+        tok, finished and pos += 1 (the compiled step's contract, FastGPT2._Core.decode_step)."""
+        core, x = self.core, self.x
+        for i, (blk, kc, vc) in enumerate(zip(core.blocks, ks, vs)):
+            A = blk.n_head * blk.head_dim
+            qkv, y, h = self.qkv[: 3 * A], self.y[:A], self.h[: blk.c_fc.weight.shape[0]]
+            self._ln_gemv(x, blk.ln1_w, blk.ln1_b, blk.c_attn, qkv, embed=(tok, pos) if i == 0 else None)
+            _attn_kernel[(blk.n_head,)](qkv, kc, vc, y, pos, kc.shape[2], A, blk.scale, HS=blk.head_dim,
+                                        BLOCK_L=32, num_warps=4)
+            self._gemv_res(y, blk.c_proj, x)
+            self._ln_gemv(x, blk.ln2_w, blk.ln2_b, blk.c_fc, h, gelu=True)
+            self._gemv_res(h, blk.mlp_proj, x)
+        self._ln_gemv(x, core.lnf_w, core.lnf_b, core.lm_head, x, argmax=True, n_valid=core.vocab_size,
+                      block_n=HEAD_BLOCK_N)
+        _finish_kernel[(1,)](self.pv, self.pi, self.P, tok, pos, out, finished.view(torch.uint8), eos, pad,
+                             BLOCK_P=triton.next_power_of_2(self.P), num_warps=8)
+
+
+def _is_gelu_tanh(blk) -> bool:
+    """The block's activation is GPT-2's tanh GELU (gelu_new and its aliases): the one the kernel computes."""
+    probe = torch.linspace(-4, 4, 9, dtype=torch.float32)
+    ref = torch.nn.functional.gelu(probe, approximate="tanh")
+    return bool(torch.allclose(blk.act(probe), ref, atol=1e-6))
+
+
+def supports(core) -> str | None:
+    """None if the fused step can run this engine's weights, else the reason it cannot."""
+    for blk in core.blocks:
+        if not _is_gelu_tanh(blk):
+            return "activation is not GPT-2's tanh GELU"
+        if blk.head_dim & (blk.head_dim - 1):
+            return f"head_dim {blk.head_dim} is not a power of two"
+        for d in (blk.c_attn, blk.c_proj, blk.c_fc, blk.mlp_proj):
+            if not isinstance(getattr(d, "weight", None), torch.Tensor) or d.weight.dim() != 2 \
+                    or not d.weight.dtype.is_floating_point or d.bias is None:
+                return "weights are quantized (or a linear has no bias)"
+    if not isinstance(getattr(core.lm_head, "weight", None), torch.Tensor) or \
+            not core.lm_head.weight.dtype.is_floating_point:
+        return "the LM head is quantized"
+    return None

@@ -1,0 +1,171 @@
+"""The fused Triton decode step (triton_decode.py) against FastGPT2's eager step and plain PyTorch, on CPU through
+Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported); the same tests run on CUDA under -m gpu."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"   # read when triton's kernels are decorated: before gpt2opt_lib imports it
+pytest.importorskip("triton")
+transformers = pytest.importorskip("transformers")
+
+from gpt2opt_lib import triton_decode  # noqa: E402
+from gpt2opt_lib.generate import FastGPT2  # noqa: E402
+
+VOCAB = 1001   # not a multiple of 64: the padded head rows must never win the argmax
+
+
+def tiny_model(seed=0, n_layer=2, n_embd=64, n_head=4, **kw):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=VOCAB, n_positions=96,
+                                  **kw)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():                        # a wide init: varied greedy text, a sharp token-equality test
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+            else:
+                p.normal_(0, 0.1)               # LayerNorm weights and biases away from 1 / 0: they are used
+    return model
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _engines(model, dtype=torch.float32, **kw):
+    dev = _device()
+    model = model.to(dev)
+    kw = dict(max_batch_size=2, max_seq_len=80, dtype=dtype, use_cuda_graph=False, compile=False, **kw)
+    return FastGPT2(model, fused=True, **kw), FastGPT2(model, fused=False, **kw)
+
+
+def _prompt(T=7, seed=1, B=1):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed)).to(_device())
+
+
+@pytest.mark.parametrize("T", [1, 40])   # 40: the attention loop crosses its 32-slot tiles
+def test_greedy_tokens_and_cache_equal_the_eager_step(T):
+    fused, ref = _engines(tiny_model())
+    assert fused.fused is not None and ref.fused is None
+    ids = _prompt(T)
+    a, b = fused.generate(ids, 16), ref.generate(ids, 16)
+    assert torch.equal(a, b), (a, b)
+    n = T + 15                                   # slots written: prompt + 15 decode steps
+    for kf, kr in zip(fused.ks + fused.vs, ref.ks + ref.vs):
+        torch.testing.assert_close(kf[0, :, :n], kr[0, :, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_eos_then_pad_as_the_eager_step():
+    fused, ref = _engines(tiny_model(seed=3))
+    ids = _prompt(5, seed=4)
+    free = ref.generate(ids, 20)
+    eos = int(free[0, 5 + 3])                    # the 4th new token: stop there, pad after
+    a = fused.generate(ids, 20, eos_token_id=eos, pad_token_id=7)
+    b = ref.generate(ids, 20, eos_token_id=eos, pad_token_id=7)
+    assert torch.equal(a, b)
+    assert a.shape[1] <= 5 + 4 + 16              # trimmed after every row finished (checked every 16 steps)
+
+
+def test_pruned_mlp_width_and_layer_scaling():
+    """A narrower MLP in one layer (what 03's structured pruning leaves) and the inverse-layer attention scale."""
+    from transformers.pytorch_utils import Conv1D
+    model = tiny_model(seed=5, scale_attn_by_inverse_layer_idx=True)
+    mlp = model.transformer.h[1].mlp                 # layer 1 keeps 96 of 256 hidden units
+    fc, proj = Conv1D(96, 64), Conv1D(64, 96)
+    with torch.no_grad():
+        fc.weight.copy_(mlp.c_fc.weight[:, :96]), fc.bias.copy_(mlp.c_fc.bias[:96])
+        proj.weight.copy_(mlp.c_proj.weight[:96]), proj.bias.copy_(mlp.c_proj.bias)
+    mlp.c_fc, mlp.c_proj = fc, proj
+    fused, ref = _engines(model)
+    ids = _prompt(6, seed=2)
+    assert torch.equal(fused.generate(ids, 12), ref.generate(ids, 12))
+
+
+def test_batch_above_one_and_sampling_keep_the_compiled_step():
+    fused, ref = _engines(tiny_model())
+    ids = _prompt(6, B=2)
+    assert torch.equal(fused.generate(ids, 10), ref.generate(ids, 10))      # B = 2: the ordinary step
+    g1, g2 = (torch.Generator(device=ids.device).manual_seed(0) for _ in range(2))
+    assert torch.equal(fused.generate(ids[:1], 10, do_sample=True, generator=g1),
+                       ref.generate(ids[:1], 10, do_sample=True, generator=g2))
+    assert {k[0] for k in fused._graphs} <= {"ids"}  # no graphs on CPU; the keys are only the prompt buffers
+
+
+def test_half_precision_matches_within_rounding():
+    """16-bit weights: the kernels round where the model's matmuls round, so greedy text equals the eager
+    step's for most prompts; the logits path is checked through the KV cache it writes."""
+    dtype = torch.float16 if torch.cuda.is_available() else torch.bfloat16
+    fused, ref = _engines(tiny_model(seed=7), dtype=dtype)
+    ids = _prompt(8, seed=8)
+    a, b = fused.generate(ids, 12), ref.generate(ids, 12)
+    assert (a == b).float().mean() > 0.9
+    first = (a != b).nonzero()
+    n = (int(first[0, 1]) if len(first) else a.shape[1]) - 1  # slots written before any divergence
+    for kf, kr in zip(fused.ks, ref.ks):
+        torch.testing.assert_close(kf[0, :, :n].float(), kr[0, :, :n].float(), atol=3e-2, rtol=3e-2)
+
+
+def test_unsupported_engines_say_why():
+    model = tiny_model(activation_function="relu")
+    with pytest.raises(ValueError, match="tanh GELU"):
+        FastGPT2(model, fused=True, use_cuda_graph=False, compile=False, device=_device())
+    eng = FastGPT2(model, fused="auto", use_cuda_graph=False, compile=False, device=_device())
+    assert eng.fused is None and eng.fused_off_reason
+    q = FastGPT2(tiny_model(), fused="auto", weight_quant="int8", use_cuda_graph=False, compile=False,
+                 device=_device())
+    assert q.fused is None
+
+
+def test_layer_kernels_against_torch():
+    """Each kernel on its own: LayerNorm+GEMV(+GELU), GEMV+bias+residual, and cache attention, vs PyTorch."""
+    dev = _device()
+    model = tiny_model(seed=9).to(dev)
+    eng = FastGPT2(model, fused=True, use_cuda_graph=False, compile=False, max_seq_len=80)
+    f, blk = eng.fused, eng.core.blocks[0]
+    F = torch.nn.functional
+    x = torch.randn(64, device=dev)
+    f.x.copy_(x)
+    f._ln_gemv(f.x, blk.ln2_w, blk.ln2_b, blk.c_fc, f.h, gelu=True)
+    want = F.gelu(F.linear(F.layer_norm(x, (64,), blk.ln2_w, blk.ln2_b, blk.eps), blk.c_fc.weight, blk.c_fc.bias),
+                  approximate="tanh")
+    torch.testing.assert_close(f.h, want, atol=1e-4, rtol=1e-4)
+    h = torch.randn(256, device=dev)
+    f.h.copy_(h)
+    f._gemv_res(f.h, blk.mlp_proj, f.x)
+    torch.testing.assert_close(f.x, x + F.linear(h, blk.mlp_proj.weight, blk.mlp_proj.bias), atol=1e-4, rtol=1e-4)
+    # attention at pos = 37 over a cache with 37 filled slots
+    kc, vc = eng.ks[0][:1], eng.vs[0][:1]
+    kc[:, :, :37].normal_()
+    vc[:, :, :37].normal_()
+    qkv = torch.randn(3 * 64, device=dev)
+    pos = torch.tensor([37], device=dev)
+    y = torch.empty(64, device=dev)
+    triton_decode._attn_kernel[(4,)](qkv, kc, vc, y, pos, kc.shape[2], 64, blk.scale, HS=16, BLOCK_L=32)
+    q, k, v = (t.view(1, 4, 1, 16) for t in qkv.split(64))
+    torch.testing.assert_close(kc[:, :, 37:38], k)
+    ref = F.scaled_dot_product_attention(q, kc[:, :, :38], vc[:, :, :38], scale=blk.scale)
+    torch.testing.assert_close(y, ref.reshape(64), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_graph_engine_fused_equals_inductor(dtype):
+    """The default CUDA engine (compiled, graphed) takes the fused step at batch 1 greedy: same tokens as the
+    inductor step (fp32 exactly; fp16 the first tokens, a near-tie may flip one later), and a graph replayed
+    twice gives the same text (no state leaks between generations)."""
+    model = tiny_model(seed=11).to("cuda")
+    fused = FastGPT2(model, max_seq_len=80, dtype=dtype)
+    ref = FastGPT2(model, max_seq_len=80, dtype=dtype, fused=False)
+    assert fused.fused is not None and fused.use_cuda_graph and fused.compile
+    ids = _prompt(9, seed=12)
+    a, b = fused.generate(ids, 40), ref.generate(ids, 40)
+    assert any(k[0] == "decode_fused" for k in fused._graphs)
+    if dtype == torch.float32:
+        assert torch.equal(a, b)
+    else:
+        assert torch.equal(a[:, :14], b[:, :14]) and (a == b).float().mean() > 0.9
+    assert torch.equal(fused.generate(ids, 40), a)
