@@ -148,7 +148,12 @@ def main_decode(a):
                 "fast_int4": dict(gemv=False, weight_quant="int4"), "fast_int4_gemv": dict(gemv=True, weight_quant="int4"),
                 "fast_int8": dict(gemv=False, weight_quant="int8"), "fast_int8_gemv": dict(gemv=True, weight_quant="int8"),
                 # inductor's horizontal fusion of independent kernels (K and V cache writes, ...) on top of gemv
-                "fast_gemv_combo": dict(gemv=True), "fast_int4_gemv_combo": dict(gemv=True, weight_quant="int4")}
+                "fast_gemv_combo": dict(gemv=True), "fast_int4_gemv_combo": dict(gemv=True, weight_quant="int4"),
+                # the fused Triton batch-1 step (triton_decode.py); _lN: its attention tile of N cache slots
+                "fast_fused": dict(fused=True), "fast_fused_l32": dict(fused=True, attn=(32, 4)),
+                "fast_fused_l128": dict(fused=True, attn=(128, 8))}
+    for kw in variants.values():
+        kw.setdefault("fused", False)            # the inductor variants stay inductor (fused is on by default)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model, "batch": B,
            "prompt_len": T, "new_tokens": N, "git_sha": envmod.git_sha(), "engines": {}}
     ref = None
@@ -159,7 +164,15 @@ def main_decode(a):
         opts = iconf.patch(combo_kernels=True) if name.endswith("_combo") else contextlib.nullcontext()
         try:
             opts.__enter__()
-            eng = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, **kw)
+            kw = dict(kw)
+            attn = kw.pop("attn", None)
+
+            def engine(**more):
+                e = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, **kw, **more)
+                if attn and e.fused is not None:
+                    e.fused.attn_block_l, e.fused.attn_warps = attn
+                return e
+            eng = engine()
             res = measure(lambda: eng.generate(ids, N), warmup=2, repeats=10, device=dev)
             toks = eng.generate(ids, N)
             if ref is None:
@@ -168,7 +181,7 @@ def main_decode(a):
             rec = {"tokens_per_s": tps, "tokens_per_s_std": tps_std, "ms_per_token": res.mean_s / N * 1e3,
                    "std_s": res.std_s, "match_first": (toks == ref).float().mean().item()}
             eng = None
-            eng = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, use_cuda_graph=False, **kw)
+            eng = engine(use_cuda_graph=False)
             eng.generate(ids, 4)
 
             def step():

@@ -191,9 +191,10 @@ def _kernels(device: torch.device):
         _TUNED["ln_gemv"] = (triton.autotune(
             [_cfg(BLOCK_N=bn, num_warps=w) for bn, w in ((2, 2), (4, 4), (8, 4), (8, 8), (16, 8))],
             key=["K", "N", "KP", "GELU"])(_ln_gemv_kernel), {})
-        _TUNED["gemv_res"] = (triton.autotune(
+        _TUNED["gemv_res"] = (triton.autotune(      # BLOCK_K >= K: the whole row tile in one load (no loop)
             [_cfg(BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
-             for bn, bk, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8))],
+             for bn, bk, w in ((2, 4096, 4), (4, 4096, 8), (4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (8, 512, 4),
+                               (16, 256, 4))],
             key=["K", "N"], restore_value=["x_ptr"])(_gemv_res_kernel), {})
     return _TUNED
 
@@ -223,6 +224,7 @@ class FusedDecode:
         self.pv = torch.full((self.P,), float("-inf"), dtype=torch.float32, device=device)
         self.pi = torch.zeros(self.P, dtype=torch.int32, device=device)
         self.kernels = _kernels(device)
+        self.attn_block_l, self.attn_warps = 64, 4    # cache slots per loop iteration of the attention kernel
 
     def _ln_gemv(self, x, lnw, lnb, dense, out, *, embed=None, gelu=False, argmax=False, n_valid=0, block_n=None):
         kern, fixed = self.kernels["ln_gemv"]
@@ -252,7 +254,7 @@ class FusedDecode:
             qkv, y, h = self.qkv[: 3 * A], self.y[:A], self.h[: blk.c_fc.weight.shape[0]]
             self._ln_gemv(x, blk.ln1_w, blk.ln1_b, blk.c_attn, qkv, embed=(tok, pos) if i == 0 else None)
             _attn_kernel[(blk.n_head,)](qkv, kc, vc, y, pos, kc.shape[2], A, blk.scale, HS=blk.head_dim,
-                                        BLOCK_L=32, num_warps=4)
+                                        BLOCK_L=self.attn_block_l, num_warps=self.attn_warps)
             self._gemv_res(y, blk.c_proj, x)
             self._ln_gemv(x, blk.ln2_w, blk.ln2_b, blk.c_fc, h, gelu=True)
             self._gemv_res(h, blk.mlp_proj, x)
