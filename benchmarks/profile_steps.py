@@ -151,7 +151,8 @@ def main_decode(a):
                 "fast_gemv_combo": dict(gemv=True), "fast_int4_gemv_combo": dict(gemv=True, weight_quant="int4"),
                 # the fused Triton batch-1 step (triton_decode.py); _lN: its attention tile of N cache slots
                 "fast_fused": dict(fused=True), "fast_fused_l32": dict(fused=True, attn=(32, 4)),
-                "fast_fused_l128": dict(fused=True, attn=(128, 8))}
+                "fast_fused_l64": dict(fused=True, attn=(64, 4)),
+                "fast_fused_nopdl": dict(fused=True, pdl=False)}   # without programmatic dependent launch
     for kw in variants.values():
         kw.setdefault("fused", False)            # the inductor variants stay inductor (fused is on by default)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model, "batch": B,
@@ -165,12 +166,14 @@ def main_decode(a):
         try:
             opts.__enter__()
             kw = dict(kw)
-            attn = kw.pop("attn", None)
+            attn, pdl = kw.pop("attn", None), kw.pop("pdl", None)
 
             def engine(**more):
                 e = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, **kw, **more)
                 if attn and e.fused is not None:
                     e.fused.attn_block_l, e.fused.attn_warps = attn
+                if pdl is not None and e.fused is not None:
+                    e.fused.pdl = pdl and e.fused.pdl
                 return e
             eng = engine()
             res = measure(lambda: eng.generate(ids, N), warmup=2, repeats=10, device=dev)

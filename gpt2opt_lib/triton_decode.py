@@ -27,6 +27,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # the engine then keeps the inductor step
     triton = tl = None
 
@@ -67,15 +68,33 @@ if triton is not None:
         return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))          # tanh(z) = 2 sigmoid(2z) - 1
 
     @triton.jit
+    def _wait_for_inputs(PDL: tl.constexpr):
+        """Programmatic dependent launch (Hopper+): a kernel starts while its predecessor still runs and loads its
+        weights (constant: never written by a kernel); here it waits for the predecessor's outputs, and lets the
+        next kernel start loading its own weights. Everything a kernel writes, and every non-weight read, comes
+        after this call."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
     def _ln_gemv_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
                         pv_ptr, pi_ptr, K, N, n_valid, eps,
                         KP: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        GELU: tl.constexpr, ARGMAX: tl.constexpr):
+                        GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr):
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         k = tl.arange(0, KP)
         km = k < K
+        # the weights first: their loads are in flight while the row's LayerNorm is computed
+        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        lnw = tl.load(lnw_ptr + k, mask=km, other=0.0).to(tl.float32)
+        lnb = tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        _wait_for_inputs(PDL)
         if EMBED:                                                         # x = wte[tok] + wpe[pos], written once
             t = tl.load(tok_ptr)
             p = tl.load(pos_ptr)
@@ -89,13 +108,10 @@ if triton is not None:
         mean = tl.sum(x, 0) / K
         d = tl.where(km, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
-        h = d * rstd * tl.load(lnw_ptr + k, mask=km, other=0.0).to(tl.float32) + \
-            tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
-        h = h.to(w_ptr.dtype.element_ty).to(tl.float32)                   # LayerNorm output in the model dtype
-        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        h = (d * rstd * lnw + lnb).to(w_ptr.dtype.element_ty).to(tl.float32)   # LayerNorm output, model dtype
         acc = tl.sum(w.to(tl.float32) * h[None, :], 1)                    # (BLOCK_N,)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
+            acc += bias
         if GELU:
             acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
         if ARGMAX:                                                        # logits rounded as the model's matmul
@@ -109,26 +125,30 @@ if triton is not None:
             tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
-    def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """x[n] += h . W[n, :] + b[n] (in place: each program reads and writes only its own BLOCK_N entries)."""
+    def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, KP: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PDL: tl.constexpr):
+        """x[n] += h . W[n, :] + b[n] (in place: each program reads and writes only its own BLOCK_N entries).
+        The whole (BLOCK_N, K) weight tile in one load, issued before the wait."""
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            km = k < K
-            h = tl.load(h_ptr + k, mask=km, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
-        acc += tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        k = tl.arange(0, KP)
+        km = k < K
+        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        _wait_for_inputs(PDL)
+        h = tl.load(h_ptr + k, mask=km, other=0.0).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * h[None, :], 1) + bias
         acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)               # the projection in the model dtype
         x = tl.load(x_ptr + n, mask=nm, other=0.0).to(tl.float32)
         tl.store(x_ptr + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
-    def _attn_kernel(qkv_ptr, kc_ptr, vc_ptr, y_ptr, pos_ptr, L, C, scale, HS: tl.constexpr, BLOCK_L: tl.constexpr):
+    def _attn_kernel(qkv_ptr, kc_ptr, vc_ptr, y_ptr, pos_ptr, L, C, scale, HS: tl.constexpr, BLOCK_L: tl.constexpr,
+                     PDL: tl.constexpr):
         """One head: cache[pos] = new k, v; y = softmax(q K[0..pos]^T * scale) V[0..pos], online softmax in fp32."""
+        _wait_for_inputs(PDL)
         hd = tl.program_id(0)
         p = tl.load(pos_ptr)
         d = tl.arange(0, HS)
@@ -157,7 +177,8 @@ if triton is not None:
 
     @triton.jit
     def _finish_kernel(pv_ptr, pi_ptr, P, tok_ptr, pos_ptr, out_ptr, fin_ptr, eos_ptr, pad_ptr,
-                       BLOCK_P: tl.constexpr):
+                       BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+        _wait_for_inputs(PDL)
         r = tl.arange(0, BLOCK_P)
         rm = r < P
         v = tl.load(pv_ptr + r, mask=rm, other=float("-inf"))
@@ -182,20 +203,16 @@ _TUNED: dict = {}
 
 
 def _kernels(device: torch.device):
-    """The launchable kernels: autotuned over a few tile shapes on CUDA (during the engine's warm-up, before its
+    """The launchable kernels: autotuned over a few tile heights on CUDA (during the engine's warm-up, before its
     CUDA graph is captured), one fixed shape under the CPU interpreter (no timing there)."""
     if device.type != "cuda":
         return {"ln_gemv": (_ln_gemv_kernel, {"BLOCK_N": 8, "num_warps": 4}),
-                "gemv_res": (_gemv_res_kernel, {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4})}
+                "gemv_res": (_gemv_res_kernel, {"BLOCK_N": 8, "num_warps": 4})}
     if not _TUNED:
-        _TUNED["ln_gemv"] = (triton.autotune(
-            [_cfg(BLOCK_N=bn, num_warps=w) for bn, w in ((2, 2), (4, 4), (8, 4), (8, 8), (16, 8))],
-            key=["K", "N", "KP", "GELU"])(_ln_gemv_kernel), {})
-        _TUNED["gemv_res"] = (triton.autotune(      # BLOCK_K >= K: the whole row tile in one load (no loop)
-            [_cfg(BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
-             for bn, bk, w in ((2, 4096, 4), (4, 4096, 8), (4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (8, 512, 4),
-                               (16, 256, 4))],
-            key=["K", "N"], restore_value=["x_ptr"])(_gemv_res_kernel), {})
+        tiles = [_cfg(BLOCK_N=bn, num_warps=w) for bn, w in ((1, 4), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8))]
+        _TUNED["ln_gemv"] = (triton.autotune(tiles, key=["K", "N", "KP", "GELU", "PDL"])(_ln_gemv_kernel), {})
+        _TUNED["gemv_res"] = (triton.autotune(tiles, key=["K", "N", "KP", "PDL"],
+                                              restore_value=["x_ptr"])(_gemv_res_kernel), {})
     return _TUNED
 
 
@@ -224,7 +241,12 @@ class FusedDecode:
         self.pv = torch.full((self.P,), float("-inf"), dtype=torch.float32, device=device)
         self.pi = torch.zeros(self.P, dtype=torch.int32, device=device)
         self.kernels = _kernels(device)
-        self.attn_block_l, self.attn_warps = 64, 4    # cache slots per loop iteration of the attention kernel
+        self.attn_block_l, self.attn_warps = 128, 8   # cache slots per loop iteration of the attention kernel
+        # programmatic dependent launch: each kernel loads its weights while its predecessor finishes (sm90+)
+        self.pdl = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+    def _launch_opts(self) -> dict:
+        return {"PDL": self.pdl, "launch_pdl": True} if self.pdl else {"PDL": False}
 
     def _ln_gemv(self, x, lnw, lnb, dense, out, *, embed=None, gelu=False, argmax=False, n_valid=0, block_n=None):
         kern, fixed = self.kernels["ln_gemv"]
@@ -238,12 +260,13 @@ class FusedDecode:
         grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]),)
         kern[grid](x, tok, pos, wte, self.core.wpe, lnw, lnb, dense.weight,
                    dense.bias if dense.bias is not None else dense.weight, out, self.pv, self.pi,
-                   K, N, n_valid, self.core.eps, **meta, **fixed)
+                   K, N, n_valid, self.core.eps, **meta, **fixed, **self._launch_opts())
 
     def _gemv_res(self, h, dense, x):
         kern, fixed = self.kernels["gemv_res"]
         N, K = dense.weight.shape
-        kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](h, dense.weight, dense.bias, x, K, N, **fixed)
+        kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](h, dense.weight, dense.bias, x, K, N,
+                                                        KP=triton.next_power_of_2(K), **fixed, **self._launch_opts())
 
     def step(self, tok, pos, out, finished, eos, pad, ks, vs) -> None:
         """One greedy token for batch row 0: reads tok (1,), pos (1,); writes the caches' slot pos, out[0, pos+1],
@@ -254,14 +277,14 @@ class FusedDecode:
             qkv, y, h = self.qkv[: 3 * A], self.y[:A], self.h[: blk.c_fc.weight.shape[0]]
             self._ln_gemv(x, blk.ln1_w, blk.ln1_b, blk.c_attn, qkv, embed=(tok, pos) if i == 0 else None)
             _attn_kernel[(blk.n_head,)](qkv, kc, vc, y, pos, kc.shape[2], A, blk.scale, HS=blk.head_dim,
-                                        BLOCK_L=self.attn_block_l, num_warps=self.attn_warps)
+                                        BLOCK_L=self.attn_block_l, num_warps=self.attn_warps, **self._launch_opts())
             self._gemv_res(y, blk.c_proj, x)
             self._ln_gemv(x, blk.ln2_w, blk.ln2_b, blk.c_fc, h, gelu=True)
             self._gemv_res(h, blk.mlp_proj, x)
         self._ln_gemv(x, core.lnf_w, core.lnf_b, core.lm_head, x, argmax=True, n_valid=core.vocab_size,
                       block_n=HEAD_BLOCK_N)
         _finish_kernel[(1,)](self.pv, self.pi, self.P, tok, pos, out, finished.view(torch.uint8), eos, pad,
-                             BLOCK_P=triton.next_power_of_2(self.P), num_warps=8)
+                             BLOCK_P=triton.next_power_of_2(self.P), num_warps=8, **self._launch_opts())
 
 
 def _is_gelu_tanh(blk) -> bool:

@@ -143,7 +143,8 @@ def test_layer_kernels_against_torch():
     qkv = torch.randn(3 * 64, device=dev)
     pos = torch.tensor([37], device=dev)
     y = torch.empty(64, device=dev)
-    triton_decode._attn_kernel[(4,)](qkv, kc, vc, y, pos, kc.shape[2], 64, blk.scale, HS=16, BLOCK_L=32)
+    triton_decode._attn_kernel[(4,)](qkv, kc, vc, y, pos, kc.shape[2], 64, blk.scale, HS=16, BLOCK_L=32,
+                                     PDL=False)
     q, k, v = (t.view(1, 4, 1, 16) for t in qkv.split(64))
     torch.testing.assert_close(kc[:, :, 37:38], k)
     ref = F.scaled_dot_product_attention(q, kc[:, :, :38], vc[:, :, :38], scale=blk.scale)
