@@ -27,9 +27,12 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # the engine then keeps the inductor step
     triton = tl = None
+try:                 # programmatic dependent launch (triton >= 3.4); without it the kernels launch one after another
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 
 def _interpreter_numpy2_fix() -> None:
@@ -37,9 +40,9 @@ def _interpreter_numpy2_fix() -> None:
     which numpy >= 2.? refuses ("only 0-dimensional arrays can be converted"): read the one element instead."""
     from triton.runtime import interpreter as ti
 
-    if getattr(ti, "_gpt2opt_patched", False):
+    original = getattr(ti, "_patch_lang_tensor", None)
+    if original is None or getattr(ti, "_gpt2opt_patched", False):
         return
-    original = ti._patch_lang_tensor
 
     def patch(tensor, scope):
         original(tensor, scope)
@@ -243,7 +246,8 @@ class FusedDecode:
         self.kernels = _kernels(device)
         self.attn_block_l, self.attn_warps = 128, 8   # cache slots per loop iteration of the attention kernel
         # programmatic dependent launch: each kernel loads its weights while its predecessor finishes (sm90+)
-        self.pdl = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+        self.pdl = (gdc_wait is not None and device.type == "cuda"
+                    and torch.cuda.get_device_capability(device)[0] >= 9)
 
     def _launch_opts(self) -> dict:
         return {"PDL": self.pdl, "launch_pdl": True} if self.pdl else {"PDL": False}
