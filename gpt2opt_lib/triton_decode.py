@@ -150,32 +150,37 @@ if triton is not None:
     @triton.jit
     def _attn_kernel(qkv_ptr, kc_ptr, vc_ptr, y_ptr, pos_ptr, L, C, scale, HS: tl.constexpr, BLOCK_L: tl.constexpr,
                      PDL: tl.constexpr):
-        """One head: cache[pos] = new k, v; y = softmax(q K[0..pos]^T * scale) V[0..pos], online softmax in fp32."""
-        _wait_for_inputs(PDL)
+        """One head: cache[pos] = new k, v; y = softmax(q K[0..pos]^T * scale) V[0..pos], online softmax in fp32.
+        The cached slots 0..pos-1 and pos were written by earlier steps (never by the kernel just before), so the
+        first K/V tile is loaded before the wait, and each next tile while the current one is reduced."""
         hd = tl.program_id(0)
         p = tl.load(pos_ptr)
         d = tl.arange(0, HS)
+        r = tl.arange(0, BLOCK_L)
+        base = hd * L * HS
+        kt = tl.load(kc_ptr + base + r[:, None] * HS + d[None, :], mask=(r < p)[:, None], other=0.0)
+        vt = tl.load(vc_ptr + base + r[:, None] * HS + d[None, :], mask=(r < p)[:, None], other=0.0)
+        _wait_for_inputs(PDL)
         q = tl.load(qkv_ptr + hd * HS + d).to(tl.float32)
         kn = tl.load(qkv_ptr + C + hd * HS + d)
         vn = tl.load(qkv_ptr + 2 * C + hd * HS + d)
-        base = hd * L * HS
         tl.store(kc_ptr + base + p * HS + d, kn)
         tl.store(vc_ptr + base + p * HS + d, vn)
         m = tl.sum(q * kn.to(tl.float32), 0) * scale                      # the new token attends to itself
         l = m * 0.0 + 1.0
         acc = vn.to(tl.float32)
         for s0 in range(0, p, BLOCK_L):                                   # earlier slots 0 .. pos-1: the live part
-            s = s0 + tl.arange(0, BLOCK_L)
-            sm = s < p
-            kt = tl.load(kc_ptr + base + s[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0).to(tl.float32)
-            sc = tl.where(sm, tl.sum(kt * q[None, :], 1) * scale, float("-inf"))
+            sm = s0 + r < p
+            sc = tl.where(sm, tl.sum(kt.to(tl.float32) * q[None, :], 1) * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, 0))
             alpha = tl.exp(m - m_new)
             e = tl.exp(sc - m_new)
-            vt = tl.load(vc_ptr + base + s[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(e[:, None] * vt, 0)
+            acc = acc * alpha + tl.sum(e[:, None] * vt.to(tl.float32), 0)
             l = l * alpha + tl.sum(e, 0)
             m = m_new
+            nxt = s0 + BLOCK_L + r                                        # the next tile (masked off past pos)
+            kt = tl.load(kc_ptr + base + nxt[:, None] * HS + d[None, :], mask=(nxt < p)[:, None], other=0.0)
+            vt = tl.load(vc_ptr + base + nxt[:, None] * HS + d[None, :], mask=(nxt < p)[:, None], other=0.0)
         tl.store(y_ptr + hd * HS + d, (acc / l).to(y_ptr.dtype.element_ty))
 
     @triton.jit
@@ -275,6 +280,12 @@ class FusedDecode:
     def step(self, tok, pos, out, finished, eos, pad, ks, vs) -> None:
         """One greedy token for batch row 0: reads tok (1,), pos (1,); writes the caches' slot pos, out[0, pos+1],
         tok, finished and pos += 1 (the compiled step's contract, FastGPT2._Core.decode_step)."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):                          # triton launches on the current device
+                return self._step(tok, pos, out, finished, eos, pad, ks, vs)
+        return self._step(tok, pos, out, finished, eos, pad, ks, vs)
+
+    def _step(self, tok, pos, out, finished, eos, pad, ks, vs) -> None:
         core, x = self.core, self.x
         for i, (blk, kc, vc) in enumerate(zip(core.blocks, ks, vs)):
             A = blk.n_head * blk.head_dim
