@@ -173,6 +173,10 @@ class Quant(Common):
     ft_lr: float = p(2e-3, "QLoRA learning rate", gt=0)
     gradient_checkpointing: bool = p(True, "also measure QLoRA with activation checkpointing")
     loss_chunk_tokens: int = p(4096, "tokens per chunk of the memory-lean CE in the QLoRA timing (0: unchunked)", ge=0)
+    train_engine: str = p("hf", "hf (peft + bitsandbytes on transformers' GPT-2 modules) or native (the same rows "
+                          "also on model.py + lora.LoRALinear over quant.NF4Linear, beside the hf ones)",
+                          choices=("hf", "native"))
+    compile: bool = p(False, "torch.compile the native QLoRA models (CUDA; first step pays 10-60 s)")
 
 
 @dataclasses.dataclass

@@ -1,9 +1,16 @@
 """Markers: `gpu` tests need CUDA (run them on the GPU machine with `pytest -m gpu`); `slow` tests run the
 papermill integration. Tests run offline (HF_HUB_OFFLINE=1) on tiny models."""
 import os
+import shutil
 
-import pytest
-import torch
+# Triton's CPU interpreter (tests/test_triton_decode.py) must be chosen before triton is first imported, and
+# importing torch / transformers already imports it: set here, first, on machines without an NVIDIA driver only
+# (on a GPU machine the variable would send every Triton kernel, inductor's too, through the interpreter)
+if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")

@@ -163,6 +163,30 @@ def test_05_stack_row_has_the_native_qlora_step_beside_peft(run):
     assert row["train_native_trainable_params"] == row["trainable_params"]   # the same adapters
 
 
+def test_04_native_qlora_rows_beside_the_hf_ones(run):
+    """04 with `train_engine: native`: each QLoRA-table row again on model.py (LoRALinear over the frozen base or
+    over NF4Linear), the same adapters and steps, after the hf rows; NF4 shrinks the native weights as it does
+    bitsandbytes' (the same packing)."""
+    from gpt2opt_lib.steps import context
+    from gpt2opt_lib.steps import s04_quant as s4
+
+    import shutil
+    _, _, done = run
+    run_dir = done.parent / "run_04_native"                          # 01-03 of the run; 04 not yet there
+    shutil.copytree(done, run_dir, ignore=lambda d, names: [n for n in names if n in ("04_quant", "05_flash_quant")])
+    cfg = _cfg("04_quant", run_dir, loss_chunk_tokens=128, train_engine="native", ft_max_train_blocks=8)
+    rows = s4.qlora_table(context.setup(cfg, "04_quant"))
+    hf, native = rows[:3], rows[3:]
+    assert [r["config"] + " (native)" for r in hf] == [r["config"] for r in native]
+    if any("unavailable" in str(r.get("status")) for r in native):      # bitsandbytes missing: a recorded reason
+        return
+    assert all(r["status"] == "ok" and r["engine"] == "native" for r in native), native
+    assert [r["trainable_params"] for r in native] == [r["trainable_params"] for r in hf]
+    saved = lambda rs: rs[0]["weight_mb"] - rs[1]["weight_mb"]           # what NF4 saves on the linears
+    assert saved(native) > 0 and abs(saved(native) / saved(hf) - 1) < 0.1, rows
+    assert all(r["final_train_loss"] > 0 and r["test_ppl"] > 1 for r in native)
+
+
 def test_05_metric_keys_are_stable_ids(run):
     cfg, res = run[0]["05_flash_quant"]
     keys = [g["key"] for g in res["gains"]]

@@ -105,12 +105,54 @@ def qlora_table(ctx: StageContext) -> list[dict]:
             s = TrainSpec(**{**spec.__dict__, "gradient_checkpointing": ckpt})
             hist = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), s, ctx.device,
                          params=[p for p in model.parameters() if p.requires_grad], desc=name)
-            rows.append(train_row(ctx, name, model, hist, {"status": "ok", "weight_mb": Q.weight_bytes(model)["total"] / 2**20}))
+            rows.append(train_row(ctx, name, model, hist, {"status": "ok", "engine": "hf",
+                                                           "weight_mb": Q.weight_bytes(model)["total"] / 2**20}))
             del model
         except Exception as e:
             rows.append({"config": name, "status": f"{'OOM' if is_oom(e) else 'failed'}: {type(e).__name__}: {e}"[:300]})
         free_memory(ctx)
+    if c.train_engine == "native":
+        rows += [_native_row(ctx, ls, spec, name, mode, ckpt) for name, mode, ckpt in variants]
     return rows
+
+
+def _native_row(ctx: StageContext, ls: dict, spec: TrainSpec, name: str, mode: str | None, ckpt: bool) -> dict:
+    """One QLoRA-table row on the native model (model.py; lora.LoRALinear over the frozen base in the compute dtype,
+    or over quant.NF4Linear: NF4 with double quantization, dequantized in forward and again in backward), the same
+    adapters, data, lr and steps as its hf row; compiled on CUDA with `compile: true`. Failures are recorded."""
+    import torch
+
+    from .. import model as NM
+    from .. import models as M
+
+    c, name = ctx.cfg, f"{name} (native)"
+    if mode is not None:
+        ok, why = Q.bnb_status()
+        if not ok:
+            return {"config": name, "engine": "native", "status": why}
+    try:
+        dt = compute_dtype(ctx)
+        hf = M.load_model(str(merged_dir(ctx)), c.attn_implementation)
+        wrap = None if mode is None else (lambda lin: Q.NF4Linear.from_linear(lin, dt))
+        with torch.random.fork_rng(devices=[]):  # the global RNG stays where the hf rows left it
+            model = L.apply_lora_native(NM.from_hf(hf).to(ctx.device), rank=ls["rank"], alpha=ls["alpha"],
+                                        dropout=ls["dropout"], targets=ls["targets"], base_dtype=ctx.amp_dtype, wrap=wrap)
+        del hf
+        compiled = c.compile and ctx.device.type == "cuda"
+        if compiled:
+            model.compile(dynamic=False)
+        s = TrainSpec(**{**spec.__dict__, "gradient_checkpointing": ckpt})
+        hist = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), s, ctx.device,
+                     params=[p for p in model.parameters() if p.requires_grad], desc=name)
+        weight = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+                     if not t.requires_grad)
+        row = train_row(ctx, name, model, hist, {"status": "ok", "engine": "native" + (", compiled" if compiled else ""),
+                                                 "weight_mb": weight / 2**20})
+        del model
+    except Exception as e:  # noqa: BLE001 - a row's failure is a recorded outcome, the table goes on
+        row = {"config": name, "engine": "native", "status": f"{'OOM' if is_oom(e) else 'failed'}: {type(e).__name__}: {e}"[:300]}
+    free_memory(ctx)
+    return row
 
 
 def quant_results(ctx: StageContext, qrows: list, layers: dict, erows: list, qlrows: list) -> dict:
