@@ -397,11 +397,25 @@ class FastGPT2:
         return buf, self._runner(key, fn)
 
     def _decode_runner(self, B, flags):
+        fn = lambda: self._decode_fn(*self._args(B), **flags)
         if self.fused is not None and B == 1 and not flags["do_sample"]:
             tok, pos, out, finished, _, _, _, eos, pad, ks, vs = self._args(1)
-            fn = lambda: self.fused.step(tok, pos, out, finished, eos, pad, ks, vs)
-            return self._runner(("decode_fused", 1), fn)
-        fn = lambda: self._decode_fn(*self._args(B), **flags)
+            fused = self.fused
+
+            def step():
+                # a kernel that fails to compile on this GPU / triton (first call: the graph's warm-up, or the first
+                # eager step) turns the fused path off with a warning; the step is then the compiled one. Nothing
+                # is lost: the fused kernels only advance tok / pos / out in their last launch.
+                if self.fused is None:
+                    return fn()
+                try:
+                    return fused.step(tok, pos, out, finished, eos, pad, ks, vs)
+                except Exception as e:  # noqa: BLE001 - recorded in fused_off_reason, warned, then the fallback
+                    import warnings
+                    self.fused, self.fused_off_reason = None, f"failed: {type(e).__name__}: {e}"[:300]
+                    warnings.warn(f"fused decode {self.fused_off_reason}; using the compiled step")
+                    return fn()
+            return self._runner(("decode_fused", 1), step)
         return self._runner(("decode", B, *flags.values()), fn)
 
     # --- public API ------------------------------------------------------------------------------------------------

@@ -121,6 +121,22 @@ def test_unsupported_engines_say_why():
     assert q.fused is None
 
 
+def test_a_failing_kernel_falls_back_to_the_compiled_step(monkeypatch):
+    """A fused kernel that cannot compile on some GPU / triton: a warning, the reason recorded, and the same text
+    from the ordinary step (here the eager one)."""
+    fused, ref = _engines(tiny_model(seed=13))
+    ids = _prompt(5, seed=14)
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX compile failed (simulated)")
+    monkeypatch.setattr(fused.fused, "step", broken)
+    with pytest.warns(UserWarning, match="fused decode failed"):
+        out = fused.generate(ids, 8)
+    assert torch.equal(out, ref.generate(ids, 8))
+    assert fused.fused is None and "simulated" in fused.fused_off_reason
+    assert torch.equal(fused.generate(ids, 8), out)                  # and stays on the ordinary step
+
+
 def test_layer_kernels_against_torch():
     """Each kernel on its own: LayerNorm+GEMV(+GELU), GEMV+bias+residual, and cache attention, vs PyTorch."""
     dev = _device()

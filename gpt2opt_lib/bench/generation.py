@@ -95,9 +95,10 @@ def cmd_generate(args) -> dict:
                                group_size=args.group_size, use_cuda_graph=args.cuda_graph, compile=args.compile,
                                gemv=gemv, fused=fused)
                 fn = lambda: outputs.__setitem__(name, eng.generate(ids, N))
+                kpt = kernels_per_token(lambda: eng.generate(ids, N), B * N, device)   # runs it: a fallback shows
                 info = dict(eng.weight_bytes(), cuda_graph=eng.use_cuda_graph, compiled=eng.compile, gemv=eng.gemv,
                             fused_decode=eng.fused is not None and B == 1, fused_off_reason=eng.fused_off_reason,
-                            quant=eng.quant_report, **kernels_per_token(lambda: eng.generate(ids, N), B * N, device))
+                            quant=eng.quant_report, **kpt)
                 if quant is not None:
                     info.update(_quality(eng, model, ids[:4], args))
                 return fn, info
