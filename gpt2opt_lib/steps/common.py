@@ -54,6 +54,21 @@ def merged_dir(ctx: StageContext) -> Path:
     return ctx.artifact("03_lora_prune", "merged")
 
 
+def native_lora_stack(ctx: StageContext, ls: dict, nf4: bool):
+    """03's merged stack as the native model (model.py) with 03's adapters (lora.LoRALinear; `ls` = lora_setup)
+    over its frozen base: in the autocast dtype, or with `nf4` bitsandbytes NF4 with double quantization
+    (quant.NF4Linear). Built under a forked RNG, so the global RNG stays where the caller left it."""
+    from .. import model as NM
+    from .. import quant as Q
+
+    dt = compute_dtype(ctx)
+    hf = M.load_model(str(merged_dir(ctx)), ctx.cfg.attn_implementation)
+    wrap = (lambda lin: Q.NF4Linear.from_linear(lin, dt)) if nf4 else None
+    with torch.random.fork_rng(devices=[]):
+        return L.apply_lora_native(NM.from_hf(hf).to(ctx.device), rank=ls["rank"], alpha=ls["alpha"],
+                                   dropout=ls["dropout"], targets=ls["targets"], base_dtype=ctx.amp_dtype, wrap=wrap)
+
+
 def compute_dtype(ctx):
     return ctx.amp_dtype or torch.float32
 

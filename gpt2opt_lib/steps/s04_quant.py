@@ -19,6 +19,7 @@ from .common import (
     lora_setup,
     make_engine,
     merged_dir,
+    native_lora_stack,
     train_row,
 )
 from .context import StageContext, summary_table
@@ -120,34 +121,21 @@ def _native_row(ctx: StageContext, ls: dict, spec: TrainSpec, name: str, mode: s
     """One QLoRA-table row on the native model (model.py; lora.LoRALinear over the frozen base in the compute dtype,
     or over quant.NF4Linear: NF4 with double quantization, dequantized in forward and again in backward), the same
     adapters, data, lr and steps as its hf row; compiled on CUDA with `compile: true`. Failures are recorded."""
-    import torch
-
-    from .. import model as NM
-    from .. import models as M
-
     c, name = ctx.cfg, f"{name} (native)"
     if mode is not None:
         ok, why = Q.bnb_status()
         if not ok:
             return {"config": name, "engine": "native", "status": why}
     try:
-        dt = compute_dtype(ctx)
-        hf = M.load_model(str(merged_dir(ctx)), c.attn_implementation)
-        wrap = None if mode is None else (lambda lin: Q.NF4Linear.from_linear(lin, dt))
-        with torch.random.fork_rng(devices=[]):  # the global RNG stays where the hf rows left it
-            model = L.apply_lora_native(NM.from_hf(hf).to(ctx.device), rank=ls["rank"], alpha=ls["alpha"],
-                                        dropout=ls["dropout"], targets=ls["targets"], base_dtype=ctx.amp_dtype, wrap=wrap)
-        del hf
+        model = native_lora_stack(ctx, ls, nf4=mode is not None)
         compiled = c.compile and ctx.device.type == "cuda"
         if compiled:
             model.compile(dynamic=False)
         s = TrainSpec(**{**spec.__dict__, "gradient_checkpointing": ckpt})
         hist = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), s, ctx.device,
                      params=[p for p in model.parameters() if p.requires_grad], desc=name)
-        weight = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
-                     if not t.requires_grad)
         row = train_row(ctx, name, model, hist, {"status": "ok", "engine": "native" + (", compiled" if compiled else ""),
-                                                 "weight_mb": weight / 2**20})
+                                                 "weight_mb": Q.weight_bytes(model)["total"] / 2**20})
         del model
     except Exception as e:  # noqa: BLE001 - a row's failure is a recorded outcome, the table goes on
         row = {"config": name, "engine": "native", "status": f"{'OOM' if is_oom(e) else 'failed'}: {type(e).__name__}: {e}"[:300]}

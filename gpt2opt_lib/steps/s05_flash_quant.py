@@ -22,6 +22,7 @@ from .common import (
     lora_setup,
     make_engine,
     merged_dir,
+    native_lora_stack,
 )
 from .context import StageContext, summary_table
 
@@ -189,21 +190,11 @@ def _native_qlora_cost(ctx: StageContext, ls: dict, best: str) -> dict:
     """The same QLoRA step on the native model (model.py + lora.LoRALinear over quant.NF4Linear bases: NF4, double
     quant; compiled on CUDA), same adapters, pruning, lr and batches: `train_native_*` columns beside the peft +
     bitsandbytes ones of the stack row. A failure is recorded in `train_native_status`."""
-    import torch
-
-    from .. import lora as L
-    from .. import model as NM
     ok, why = Q.bnb_status()
     if not ok:
         return {"train_native_status": why}
     try:
-        dt = compute_dtype(ctx)
-        hf = M.load_model(str(merged_dir(ctx)), ctx.cfg.attn_implementation)
-        with torch.random.fork_rng(devices=[]):  # the RNG stays where the peft stack left it
-            model = L.apply_lora_native(NM.from_hf(hf).to(ctx.device), rank=ls["rank"], alpha=ls["alpha"],
-                                        dropout=ls["dropout"], targets=ls["targets"], base_dtype=ctx.amp_dtype,
-                                        wrap=lambda lin: Q.NF4Linear.from_linear(lin, dt))
-        del hf
+        model = native_lora_stack(ctx, ls, nf4=True)  # the RNG stays where the peft stack left it
         pruner = P.prune_lora(model, ls["sparsity"], ls["scope"])
         compiled = ctx.device.type == "cuda"
         if compiled:
