@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .nf4 import nf4_dequant
 from .tracking import apply_umask
 
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -170,9 +171,65 @@ _NATIVE_NAMES = {"c_attn": ("c_attn",), "c_proj": ("c_proj", "mlp_proj"), "c_fc"
 _HF_PATH = {"c_attn": "attn.c_attn", "c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
 
 
+class _FoldedLoRA(torch.autograd.Function):
+    """y = x (W + s B A)^T + b for a frozen base W and trainable A (r, in), B (out, r): LoRA without dropout, as the
+    base layer's own two GEMMs plus two skinny ones, instead of the base GEMMs plus seven adapter kernels (x A^T,
+    (x A^T) B^T, the output add; in backward g B, (g B) A, the input-gradient add, dA, dB).
+
+    forward:  [y | x A^T] = x [W + s B A ; A]^T + [b ; 0]            one GEMM, N + r outputs (x A^T kept for dB)
+    backward: [dx | s g B] = g [W + s B A | s B]                       one GEMM, K + r outputs (no weight gradient)
+              dB = s g^T (x A^T),  dA = (s g B)^T x                    the two skinny GEMMs (reductions over tokens)
+    W is the dense base weight, or dequantized from NF4 in forward and again in backward (never saved: QLoRA).
+    The adapter is folded into a 16-bit copy of W, so its contribution is rounded at the weight's precision rather
+    than at the output's (the unfolded path rounds it when adding the two 16-bit outputs); test_lora_native compares
+    both paths, and 03/04 report the trained perplexity."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, bias, scaling, meta, *wt):
+        cdt = x.dtype
+        w = _frozen_weight(meta, wt, cdt)                                  # (N, K)
+        N, r = w.shape[0], A.shape[0]
+        Ac, Bc = A.to(cdt), B.to(cdt)
+        w_cat = torch.cat([torch.addmm(w, Bc, Ac, alpha=scaling), Ac])   # (N + r, K)
+        b_cat = torch.cat([bias.to(cdt), bias.new_zeros(r, dtype=cdt)])
+        out = torch.nn.functional.linear(x, w_cat, b_cat)                # (..., N + r)
+        xa = out[..., N:]
+        ctx.save_for_backward(x, A, B, xa, *wt)
+        ctx.scaling, ctx.meta = scaling, meta
+        return out[..., :N]
+
+    @staticmethod
+    def backward(ctx, g):
+        x, A, B, xa, *wt = ctx.saved_tensors
+        s, cdt = ctx.scaling, g.dtype
+        K = x.shape[-1]
+        g2, x2, xa2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, K), xa.reshape(-1, A.shape[0])
+        Ac, Bc = A.to(cdt), B.to(cdt)
+        if ctx.needs_input_grad[0]:
+            w = _frozen_weight(ctx.meta, wt, cdt)
+            w_cat = torch.cat([torch.addmm(w, Bc, Ac, alpha=s), Bc * s], 1)   # (N, K + r)
+            gx = g2 @ w_cat
+            dx, gxa = gx[:, :K].reshape(x.shape), gx[:, K:]
+        else:                                                             # e.g. the first block: frozen inputs
+            dx, gxa = None, (g2 @ Bc) * s
+        dA = (gxa.t() @ x2).to(A.dtype)
+        dB = (g2.t() @ xa2).mul_(s).to(B.dtype)
+        return dx, dA, dB, None, None, None, *([None] * len(wt))
+
+
+def _frozen_weight(meta, wt, dtype) -> torch.Tensor:
+    """The base's (out, in) weight in `dtype`: wt = (W,) for a dense base (meta None), NF4 buffers otherwise."""
+    if meta is None:
+        return wt[0].to(dtype)
+    return nf4_dequant(*wt, meta).to(dtype)
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + B(A(dropout(x))) * alpha / r, base frozen (nn.Linear, or quant.NF4Linear for QLoRA).
-    lora_A / lora_B are bias-free nn.Linear (peft's parameter names and init: A Kaiming-uniform, B zero)."""
+    lora_A / lora_B are bias-free nn.Linear (peft's parameter names and init: A Kaiming-uniform, B zero).
+
+    Without dropout the step folds the adapter into the base GEMMs (_FoldedLoRA: same math, two GEMMs per layer
+    and direction fewer, measured in benchmarks/); `fold = False` keeps the unfolded path, which dropout needs."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float):
         super().__init__()
@@ -189,6 +246,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fold = dropout == 0
 
     @property
     def in_features(self) -> int:
@@ -199,6 +257,16 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x):
+        if self.fold and not isinstance(self.dropout, nn.Dropout):
+            if torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+            base = self.base
+            if hasattr(base, "frozen_args"):                              # NF4Linear: buffers, dequantized inside
+                meta, wt = base.frozen_args()
+            else:
+                meta, wt = None, (base.weight,)
+            bias = base.bias if base.bias is not None else x.new_zeros(self.out_features)
+            return _FoldedLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, bias, self.scaling, meta, *wt)
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     @torch.no_grad()

@@ -87,6 +87,71 @@ def test_only_adapter_gradients_and_equal_to_peft():
     assert all(q.grad is None for n, q in m.named_parameters() if not q.requires_grad)
 
 
+def _fold_pair(quant, base_dtype=None):
+    """Two copies of one native LoRA model (non-zero B), the first on the folded path, the second unfolded."""
+    wrap = None
+    if quant:
+        pytest.importorskip("bitsandbytes")
+        from gpt2opt_lib.quant import NF4Linear
+        wrap = lambda lin: NF4Linear.from_linear(lin, base_dtype or torch.float32)   # noqa: E731
+    a = native_lora(hf_tiny(), wrap=wrap, base_dtype=base_dtype).train()
+    b = copy.deepcopy(a)
+    assert all(m.fold for m in L.native_lora_modules(a).values())                  # dropout 0: folded by default
+    for m in L.native_lora_modules(b).values():
+        m.fold = False
+    return a, b
+
+
+def _loss_and_grads(m, x, autocast=False):
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        loss = distill.make_lm_loss_fn(0)(m, x)[0]
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_folded_lora_equals_unfolded_fp32(quant):
+    """_FoldedLoRA (adapter folded into the base GEMMs, custom backward) against the plain two-branch module: the
+    loss and every adapter gradient, fp32, dense and NF4 bases (the NF4 weight dequantized again in backward).
+    The first block's c_attn sees a frozen input (no input gradient: the skinny-only backward branch)."""
+    a, b = _fold_pair(quant)
+    x = ids()
+    la, ga = _loss_and_grads(a, x)
+    lb, gb = _loss_and_grads(b, x)
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+    assert len(ga) == len(gb) == 16
+    for k in gb:
+        assert gb[k].abs().max() > 0, k
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_folded_lora_bf16_autocast_close_to_unfolded():
+    """Under bf16 autocast with a bf16 base (the GPU profiles' setting) both paths round differently (the fold at
+    the weight's precision, the unfolded path at the outputs'): the loss agrees to bf16 rounding and the global
+    adapter-gradient direction agrees (cosine > 0.99)."""
+    a, b = _fold_pair(False, base_dtype=torch.bfloat16)
+    x = ids()
+    la, ga = _loss_and_grads(a, x, autocast=True)
+    lb, gb = _loss_and_grads(b, x, autocast=True)
+    assert abs(la.item() - lb.item()) < 0.02 * abs(lb.item())
+    va = torch.cat([ga[k].flatten() for k in sorted(ga)])
+    vb = torch.cat([gb[k].flatten() for k in sorted(gb)])
+    assert va.dtype == torch.float32                                                # adapters' own (fp32) grads
+    assert torch.nn.functional.cosine_similarity(va, vb, dim=0) > 0.99
+
+
+def test_folded_lora_compiles_on_cpu():
+    """The folded autograd.Function under torch.compile (what every GPU profile runs): same loss and gradients."""
+    a, b = _fold_pair(False)
+    x = ids()
+    lb, gb = _loss_and_grads(b, x)
+    a.forward = torch.compile(a.forward, backend="aot_eager")
+    la, ga = _loss_and_grads(a, x)
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+    for k in gb:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6)
+
+
 def test_bad_targets_and_rank():
     with pytest.raises(ValueError, match="targets"):
         L.apply_lora_native(N.from_hf(hf_tiny()), targets=("q_proj",))

@@ -41,7 +41,9 @@ def _train_parser(sub) -> None:
     t.add_argument("--ckpt-chunk-tokens", type=int, default=1024,
                    help="loss chunk of the memory-lean engines (fast_ckpt, qlora): smaller = less memory")
     t.add_argument("--lora-rank", type=int, default=8)
-    t.add_argument("--lora-dropout", type=float, default=0.05, help="adapter-input dropout of the LoRA engines")
+    t.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="adapter-input dropout of the LoRA engines (peft's default 0; > 0 runs the native adapters "
+                        "unfolded, as dropout needs)")
     t.add_argument("--prune-sparsity", type=float, default=0.8)
     t.add_argument("--kd-temperature", type=float, default=2.0)
     t.add_argument("--kd-alpha", type=float, default=0.5)

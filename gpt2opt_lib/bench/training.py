@@ -28,9 +28,12 @@ from .hardware import (FLOPS_FORMULA, PEAK_FLOPS, _base, _device_name, _lookup, 
 TRAIN_ENGINES = ("hf", "hf_eager", "nanogpt_ref", "fast", "fast_ckpt", "native", "kd_hf", "kd_fast", "kd_native",
                  "lora", "lora_pruned", "qlora", "lora_native", "qlora_native")
 # hf_fp32: full fine-tune without autocast (slow); qlora_native_nockpt / _budget / _lean: QLoRA's memory-speed points
-OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean")
+# lora_native_unfolded: LoRALinear.fold off (the two-branch adapter, what dropout > 0 runs): the fold's same-run A/B
+OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
+                          "lora_native_unfolded")
 COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native",
-              "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean")
+              "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
+              "lora_native_unfolded")
 # --compile auto on CUDA: each compiled model costs ~15-40 s
 AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
                  "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean")
@@ -418,11 +421,11 @@ def _eng_qlora(ctx: _TrainCtx, compiled: bool) -> dict:
 
 
 def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, budget: float | None = None,
-                     lean: bool = False) -> dict:
+                     lean: bool = False, fold: bool = True) -> dict:
     """LoRA (lora.apply_lora_native) or QLoRA (+ quant.NF4Linear bases: NF4, double quant) on the native GPT-2, the
     frozen base in the autocast dtype (no fp32 master copy of weights that never change), compiled like native."""
     from ..distill import make_lm_loss_fn
-    from ..lora import apply_lora_native
+    from ..lora import apply_lora_native, native_lora_modules
     a = ctx.args
     template = ctx.template(a.model)
     n_all, n_mm = _param_counts(template)
@@ -438,6 +441,9 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
             return NF4Linear.from_linear(lin, cdt)
     model = apply_lora_native(_native(ctx, a.model), rank=a.lora_rank, dropout=a.lora_dropout, base_dtype=ctx.amp,
                               wrap=wrap)
+    lora_layers = native_lora_modules(model).values()
+    for m in lora_layers:
+        m.fold = m.fold and fold
     if lean:
         # checkpointing with each block compiled on its own and the (eager) checkpoint around it: only the block
         # inputs are kept (a whole-model compile keeps ~1 GB more at b8 x 1024: benchmarks/memory_steps.py). No CUDA
@@ -465,6 +471,7 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
                autocast=str(ctx.amp), compiled=compiled,
                compile_scope="each block (LoRALinear inside)" if lean else "model.py GPT2 module with LoRALinear",
                gradient_checkpointing=ckpt, lora_rank=a.lora_rank, lora_dropout=a.lora_dropout, trainable_params=n_ad,
+               lora_folded=all(m.fold for m in lora_layers),
                cuda_graphs=graphs, activation_memory_budget=budget,
                total_params=n_all + n_ad, base_dtype=str(ctx.amp or torch.float32),
                base="NF4 (bitsandbytes, block 64, double quant) via quant.NF4Linear" if quant else "nn.Linear")
@@ -492,6 +499,7 @@ def _train_engine_fn(name: str):
         "qlora_native_nockpt": lambda ctx, c: _eng_lora_native(ctx, True, False, c),
         "qlora_native_budget": lambda ctx, c: _eng_lora_native(ctx, True, False, c, budget=0.1),
         "qlora_native_lean": lambda ctx, c: _eng_lora_native(ctx, True, True, c, lean=True),
+        "lora_native_unfolded": lambda ctx, c: _eng_lora_native(ctx, False, False, c, fold=False),
         "nanogpt_ref": _eng_nanogpt_ref,
         "native": _eng_native,
         "kd_native": _eng_kd_native,
