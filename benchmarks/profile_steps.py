@@ -91,12 +91,14 @@ def main_train(a):
     for name in a.engines.split(","):
         if name.startswith(("native", "lora_native", "qlora_native")):
             model = from_hf(template).to(dev).train()
-            if "lora" in name:                   # lora_native[_d0], qlora_native[_ckpt]: as bench train builds them
-                from gpt2opt_lib.lora import apply_lora_native
+            if "lora" in name:   # lora_native[_unfolded|_dropout], qlora_native[_ckpt]: as bench train builds them
+                from gpt2opt_lib.lora import apply_lora_native, native_lora_modules
                 from gpt2opt_lib.quant import NF4Linear
                 wrap = (lambda lin: NF4Linear.from_linear(lin, torch.bfloat16)) if name.startswith("q") else None
-                model = apply_lora_native(model, rank=8, dropout=0.0 if name.endswith("_d0") else 0.05,
+                model = apply_lora_native(model, rank=8, dropout=0.05 if name.endswith("_dropout") else 0.0,
                                           base_dtype=torch.bfloat16, wrap=wrap)
+                for m in native_lora_modules(model).values():
+                    m.fold = m.fold and not name.endswith("_unfolded")
                 model.gradient_checkpointing = name.endswith("_ckpt")
             model.compile(dynamic=False)
             D._COMPILED_CHUNK.clear()
