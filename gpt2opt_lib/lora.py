@@ -178,6 +178,8 @@ class _FoldedLoRA(torch.autograd.Function):
 
     forward:  [y | x A^T] = x [W + s B A ; A]^T + [b ; 0]            one GEMM, N + r outputs (x A^T kept for dB)
     backward: [dx | s g B] = g [W + s B A | s B]                       one GEMM, K + r outputs (no weight gradient)
+              (r padded with zeros to a multiple of 8: the outputs are strided views whose rows must stay 16-byte
+              aligned, or cuDNN attention rejects q/k/v cut from them)
               dB = s g^T (x A^T),  dA = (s g B)^T x                    the two skinny GEMMs (reductions over tokens)
     W is the dense base weight, or dequantized from NF4 in forward and again in backward (never saved: QLoRA).
     The adapter is folded into a 16-bit copy of W, so its contribution is rounded at the weight's precision rather
@@ -189,11 +191,12 @@ class _FoldedLoRA(torch.autograd.Function):
         cdt = x.dtype
         w = _frozen_weight(meta, wt, cdt)                                  # (N, K)
         N, r = w.shape[0], A.shape[0]
+        pad = -r % _ALIGN                                                 # rows of 16 bytes: SDPA / cuDNN take views
         Ac, Bc = A.to(cdt), B.to(cdt)
-        w_cat = torch.cat([torch.addmm(w, Bc, Ac, alpha=scaling), Ac])   # (N + r, K)
-        b_cat = torch.cat([bias.to(cdt), bias.new_zeros(r, dtype=cdt)])
-        out = torch.nn.functional.linear(x, w_cat, b_cat)                # (..., N + r)
-        xa = out[..., N:]
+        w_cat = torch.cat([torch.addmm(w, Bc, Ac, alpha=scaling), Ac, Ac.new_zeros(pad, Ac.shape[1])])
+        b_cat = torch.cat([bias.to(cdt), bias.new_zeros(r + pad, dtype=cdt)])
+        out = torch.nn.functional.linear(x, w_cat, b_cat)                # (..., N + r + pad)
+        xa = out[..., N:N + r]
         ctx.save_for_backward(x, A, B, xa, *wt)
         ctx.scaling, ctx.meta = scaling, meta
         return out[..., :N]
@@ -207,14 +210,18 @@ class _FoldedLoRA(torch.autograd.Function):
         Ac, Bc = A.to(cdt), B.to(cdt)
         if ctx.needs_input_grad[0]:
             w = _frozen_weight(ctx.meta, wt, cdt)
-            w_cat = torch.cat([torch.addmm(w, Bc, Ac, alpha=s), Bc * s], 1)   # (N, K + r)
-            gx = g2 @ w_cat
-            dx, gxa = gx[:, :K].reshape(x.shape), gx[:, K:]
+            pad = -Bc.shape[1] % _ALIGN
+            w_cat = torch.cat([torch.addmm(w, Bc, Ac, alpha=s), Bc * s, Bc.new_zeros(Bc.shape[0], pad)], 1)
+            gx = g2 @ w_cat                                               # (M, K + r + pad)
+            dx, gxa = gx[:, :K].reshape(x.shape), gx[:, K:K + A.shape[0]]
         else:                                                             # e.g. the first block: frozen inputs
             dx, gxa = None, (g2 @ Bc) * s
         dA = (gxa.t() @ x2).to(A.dtype)
         dB = (g2.t() @ xa2).mul_(s).to(B.dtype)
         return dx, dA, dB, None, None, None, *([None] * len(wt))
+
+
+_ALIGN = 8   # the folded GEMMs' extra columns are padded to a multiple of 8 (16-byte rows of the 16-bit outputs)
 
 
 def _frozen_weight(meta, wt, dtype) -> torch.Tensor:
