@@ -187,19 +187,24 @@ class _FoldedLoRA(torch.autograd.Function):
     both paths, and 03/04 report the trained perplexity."""
 
     @staticmethod
-    def forward(ctx, x, A, B, bias, scaling, meta, *wt):
+    def forward(ctx, x, A, B, bias, scaling, meta, contiguous, *wt):
         cdt = x.dtype
         w = _frozen_weight(meta, wt, cdt)                                  # (N, K)
         N, r = w.shape[0], A.shape[0]
-        pad = -r % _ALIGN                                                 # rows of 16 bytes: SDPA / cuDNN take views
         Ac, Bc = A.to(cdt), B.to(cdt)
-        w_cat = torch.cat([torch.addmm(w, Bc, Ac, alpha=scaling), Ac, Ac.new_zeros(pad, Ac.shape[1])])
-        b_cat = torch.cat([bias.to(cdt), bias.new_zeros(r + pad, dtype=cdt)])
-        out = torch.nn.functional.linear(x, w_cat, b_cat)                # (..., N + r + pad)
-        xa = out[..., N:N + r]
+        w_eff = torch.addmm(w, Bc, Ac, alpha=scaling)
+        if contiguous:   # a contiguous y (attention's q/k/v: strided views of it cost copies in SDPA's backward)
+            y = torch.nn.functional.linear(x, w_eff, bias.to(cdt))
+            xa = torch.nn.functional.linear(x, Ac)
+        else:
+            pad = -r % _ALIGN                                             # rows of 16 bytes: SDPA / cuDNN take views
+            w_cat = torch.cat([w_eff, Ac, Ac.new_zeros(pad, Ac.shape[1])])
+            b_cat = torch.cat([bias.to(cdt), bias.new_zeros(r + pad, dtype=cdt)])
+            out = torch.nn.functional.linear(x, w_cat, b_cat)            # (..., N + r + pad)
+            y, xa = out[..., :N], out[..., N:N + r]
         ctx.save_for_backward(x, A, B, xa, *wt)
         ctx.scaling, ctx.meta = scaling, meta
-        return out[..., :N]
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -218,7 +223,7 @@ class _FoldedLoRA(torch.autograd.Function):
             dx, gxa = None, (g2 @ Bc) * s
         dA = (gxa.t() @ x2).to(A.dtype)
         dB = (g2.t() @ xa2).mul_(s).to(B.dtype)
-        return dx, dA, dB, None, None, None, *([None] * len(wt))
+        return dx, dA, dB, None, None, None, None, *([None] * len(wt))
 
 
 _ALIGN = 8   # the folded GEMMs' extra columns are padded to a multiple of 8 (16-byte rows of the 16-bit outputs)
@@ -254,6 +259,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fold = dropout == 0
+        self.contiguous_out = False   # folded: x A^T from its own GEMM, y contiguous (apply_lora_native: c_attn)
 
     @property
     def in_features(self) -> int:
@@ -273,7 +279,8 @@ class LoRALinear(nn.Module):
             else:
                 meta, wt = None, (base.weight,)
             bias = base.bias if base.bias is not None else x.new_zeros(self.out_features)
-            return _FoldedLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, bias, self.scaling, meta, *wt)
+            return _FoldedLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, bias, self.scaling, meta,
+                                     self.contiguous_out, *wt)
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     @torch.no_grad()
@@ -307,7 +314,9 @@ def apply_lora_native(model: nn.Module, rank: int = 8, alpha: int = 16, dropout:
             base = getattr(blk, name)
             if wrap is not None:
                 base = wrap(base)
-            setattr(blk, name, LoRALinear(base, rank, alpha, dropout))
+            layer = LoRALinear(base, rank, alpha, dropout)
+            layer.contiguous_out = name == "c_attn"                        # q, k, v for SDPA
+            setattr(blk, name, layer)
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets)}
     return model
 

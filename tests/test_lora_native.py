@@ -240,12 +240,14 @@ def test_compiled_lora_native_on_cuda_equals_eager(quant, dtype):
     assert (flat1 - flat0).norm() <= 0.05 * flat0.norm()
 
 
+@pytest.mark.parametrize("contiguous", [False, True])
 @pytest.mark.parametrize("rank", [3, 8])
-def test_folded_lora_layer_any_rank_aligned_rows(rank):
+def test_folded_lora_layer_any_rank_aligned_rows(rank, contiguous):
     """One LoRALinear, folded vs unfolded, for a rank that needs padding (3) and one that does not (8): output,
     input gradient and adapter gradients equal; the output view's rows stay 16-byte aligned for 16-bit dtypes."""
     torch.manual_seed(0)
     a = L.LoRALinear(torch.nn.Linear(24, 40), rank, 16, 0.0)
+    a.contiguous_out = contiguous
     with torch.no_grad():
         a.lora_B.weight.normal_()
     b = copy.deepcopy(a)
@@ -256,7 +258,7 @@ def test_folded_lora_layer_any_rank_aligned_rows(rank):
     ya, yb = a(x), b(x2)
     (ya * w).sum().backward()
     (yb * w).sum().backward()
-    assert ya.stride(-2) % 8 == 0
+    assert ya.stride(-2) % 8 == 0 and ya.is_contiguous() == contiguous
     torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     for n in ("lora_A", "lora_B"):
