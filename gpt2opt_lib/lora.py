@@ -193,7 +193,8 @@ class _FoldedLoRA(torch.autograd.Function):
         N, r = w.shape[0], A.shape[0]
         Ac, Bc = A.to(cdt), B.to(cdt)
         w_eff = torch.addmm(w, Bc, Ac, alpha=scaling)
-        if contiguous:   # a contiguous y (attention's q/k/v: strided views of it cost copies in SDPA's backward)
+        if contiguous:   # y and dx contiguous: attention's q/k/v (c_attn's y) and dO (c_proj's dx) as strided views
+            #              cost an aten copy per layer in SDPA's backward (H100 profile)
             y = torch.nn.functional.linear(x, w_eff, bias.to(cdt))
             xa = torch.nn.functional.linear(x, Ac)
         else:
@@ -203,7 +204,7 @@ class _FoldedLoRA(torch.autograd.Function):
             out = torch.nn.functional.linear(x, w_cat, b_cat)            # (..., N + r + pad)
             y, xa = out[..., :N], out[..., N:N + r]
         ctx.save_for_backward(x, A, B, xa, *wt)
-        ctx.scaling, ctx.meta = scaling, meta
+        ctx.scaling, ctx.meta, ctx.contiguous = scaling, meta, contiguous
         return y
 
     @staticmethod
@@ -213,7 +214,11 @@ class _FoldedLoRA(torch.autograd.Function):
         K = x.shape[-1]
         g2, x2, xa2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, K), xa.reshape(-1, A.shape[0])
         Ac, Bc = A.to(cdt), B.to(cdt)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.contiguous:                  # dx contiguous too (c_proj: attention's dO)
+            w = _frozen_weight(ctx.meta, wt, cdt)
+            dx = (g2 @ torch.addmm(w, Bc, Ac, alpha=s)).reshape(x.shape)
+            gxa = (g2 @ Bc) * s
+        elif ctx.needs_input_grad[0]:
             w = _frozen_weight(ctx.meta, wt, cdt)
             pad = -Bc.shape[1] % _ALIGN
             w_cat = torch.cat([torch.addmm(w, Bc, Ac, alpha=s), Bc * s, Bc.new_zeros(Bc.shape[0], pad)], 1)
@@ -259,7 +264,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fold = dropout == 0
-        self.contiguous_out = False   # folded: x A^T from its own GEMM, y contiguous (apply_lora_native: c_attn)
+        self.contiguous_out = False   # folded: x A^T and g B from their own GEMMs, y and dx contiguous (c_attn, c_proj)
 
     @property
     def in_features(self) -> int:
@@ -315,7 +320,7 @@ def apply_lora_native(model: nn.Module, rank: int = 8, alpha: int = 16, dropout:
             if wrap is not None:
                 base = wrap(base)
             layer = LoRALinear(base, rank, alpha, dropout)
-            layer.contiguous_out = name == "c_attn"                        # q, k, v for SDPA
+            layer.contiguous_out = name in ("c_attn", "c_proj")            # next to SDPA: q, k, v and dO
             setattr(blk, name, layer)
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets)}
     return model
