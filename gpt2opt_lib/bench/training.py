@@ -36,7 +36,7 @@ COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "n
               "lora_native_unfolded")
 # --compile auto on CUDA: each compiled model costs ~15-40 s
 AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
-                 "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean")
+                 "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean", "lora_native_unfolded")
 
 
 @dataclasses.dataclass
