@@ -28,10 +28,8 @@ def build(name, template, dev, chunk_tokens, ckpt_chunk_tokens, compiled=True):
     model = from_hf(template).to(dev).train()
     ckpt = name.startswith("qlora") and not name.endswith("_nockpt")
     if "lora" in name:
-        from gpt2opt_lib.quant import NF4Linear
-        wrap = (lambda lin: NF4Linear.from_linear(lin, torch.bfloat16)) if name.startswith("qlora") else None
         model = apply_lora_native(model, rank=8, dropout=0.0 if "_d0" in name else 0.05, base_dtype=torch.bfloat16,
-                                  wrap=wrap)
+                                  nf4=name.startswith("qlora"))
     model.gradient_checkpointing = ckpt
     if compiled and ckpt:        # as bench train's qlora_native_lean: blocks compiled one by one, checkpoint around
         for blk in model.h:

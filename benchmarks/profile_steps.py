@@ -93,10 +93,8 @@ def main_train(a):
             model = from_hf(template).to(dev).train()
             if "lora" in name:   # lora_native[_unfolded|_dropout], qlora_native[_ckpt]: as bench train builds them
                 from gpt2opt_lib.lora import apply_lora_native, native_lora_modules
-                from gpt2opt_lib.quant import NF4Linear
-                wrap = (lambda lin: NF4Linear.from_linear(lin, torch.bfloat16)) if name.startswith("q") else None
                 model = apply_lora_native(model, rank=8, dropout=0.05 if name.endswith("_dropout") else 0.0,
-                                          base_dtype=torch.bfloat16, wrap=wrap)
+                                          base_dtype=torch.bfloat16, nf4=name.startswith("q"))
                 for m in native_lora_modules(model).values():
                     m.fold = m.fold and not name.endswith("_unfolded")
                 model.gradient_checkpointing = name.endswith("_ckpt")

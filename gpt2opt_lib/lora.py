@@ -301,11 +301,17 @@ class LoRALinear(nn.Module):
 
 def apply_lora_native(model: nn.Module, rank: int = 8, alpha: int = 16, dropout: float = 0.05,
                       targets: Sequence[str] = DEFAULT_TARGETS, base_dtype: torch.dtype | None = None,
-                      wrap=None) -> nn.Module:
+                      wrap=None, nf4: bool = False) -> nn.Module:
     """LoRA on a model.py GPT2 in place: every target linear becomes a LoRALinear, everything else is frozen.
     targets: HF names as for apply_lora ("c_proj" covers both output projections). base_dtype: cast the frozen
     weights (the whole base: embeddings, norms, linears) to it, e.g. bf16 under bf16 autocast: no fp32 master copy
-    of weights that never change. wrap: fn(nn.Linear) -> frozen module replacing the base (QLoRA: NF4Linear)."""
+    of weights that never change. nf4: QLoRA, each target's base stored as nf4.NF4Linear (computing in the base's
+    dtype after the cast). wrap: any other fn(nn.Linear) -> frozen module replacing the base."""
+    if nf4:
+        if wrap is not None:
+            raise ValueError("apply_lora_native: give nf4=True or wrap, not both")
+        from .nf4 import NF4Linear
+        wrap = lambda lin: NF4Linear.from_linear(lin, lin.weight.dtype)  # noqa: E731
     unknown = [t for t in targets if t not in _NATIVE_NAMES]
     if unknown or not targets:
         raise ValueError(f"native LoRA targets must be among {sorted(_NATIVE_NAMES)}, got {list(targets)}")

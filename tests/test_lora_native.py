@@ -263,3 +263,20 @@ def test_folded_lora_layer_any_rank_aligned_rows(rank, contiguous):
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     for n in ("lora_A", "lora_B"):
         torch.testing.assert_close(getattr(a, n).weight.grad, getattr(b, n).weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_apply_lora_native_nf4_shorthand():
+    """nf4=True: every target's base is an NF4Linear computing in the base's dtype (fp32 here, bf16 after a bf16
+    base_dtype cast), the same logits as the explicit wrap; nf4 and wrap together is an error."""
+    pytest.importorskip("bitsandbytes")
+    from gpt2opt_lib.nf4 import NF4Linear
+    a = L.apply_lora_native(N.from_hf(hf_tiny()), rank=4, dropout=0.0, nf4=True).eval()
+    b = L.apply_lora_native(N.from_hf(hf_tiny()), rank=4, dropout=0.0,
+                            wrap=lambda lin: NF4Linear.from_linear(lin, torch.float32)).eval()
+    bases = [m.base for m in L.native_lora_modules(a).values()]
+    assert len(bases) == 8 and all(isinstance(q, NF4Linear) and q.compute_dtype == torch.float32 for q in bases)
+    torch.testing.assert_close(a(ids()).logits, b(ids()).logits, rtol=0, atol=0)
+    c = L.apply_lora_native(N.from_hf(hf_tiny()), rank=4, dropout=0.0, nf4=True, base_dtype=torch.bfloat16)
+    assert all(m.base.compute_dtype == torch.bfloat16 for m in L.native_lora_modules(c).values())
+    with pytest.raises(ValueError, match="not both"):
+        L.apply_lora_native(N.from_hf(hf_tiny()), nf4=True, wrap=lambda lin: lin)

@@ -429,18 +429,14 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
     a = ctx.args
     template = ctx.template(a.model)
     n_all, n_mm = _param_counts(template)
-    wrap = None
     if quant:
-        from ..quant import NF4Linear, bnb_status
+        from ..quant import bnb_status
         ok, reason = bnb_status()
         if not ok:
             return {"error": f"skipped: {reason}", "skipped": True}
-        cdt = ctx.amp if ctx.amp in (torch.bfloat16, torch.float16) else torch.float32
-
-        def wrap(lin):
-            return NF4Linear.from_linear(lin, cdt)
+    # the frozen base in the autocast dtype (fp32 without autocast); NF4 computes in it
     model = apply_lora_native(_native(ctx, a.model), rank=a.lora_rank, dropout=a.lora_dropout, base_dtype=ctx.amp,
-                              wrap=wrap)
+                              nf4=quant)
     lora_layers = native_lora_modules(model).values()
     for m in lora_layers:
         m.fold = m.fold and fold

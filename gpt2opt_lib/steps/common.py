@@ -59,14 +59,11 @@ def native_lora_stack(ctx: StageContext, ls: dict, nf4: bool):
     over its frozen base: in the autocast dtype, or with `nf4` bitsandbytes NF4 with double quantization
     (quant.NF4Linear). Built under a forked RNG, so the global RNG stays where the caller left it."""
     from .. import model as NM
-    from .. import quant as Q
 
-    dt = compute_dtype(ctx)
     hf = M.load_model(str(merged_dir(ctx)), ctx.cfg.attn_implementation)
-    wrap = (lambda lin: Q.NF4Linear.from_linear(lin, dt)) if nf4 else None
     with torch.random.fork_rng(devices=[]):
         return L.apply_lora_native(NM.from_hf(hf).to(ctx.device), rank=ls["rank"], alpha=ls["alpha"],
-                                   dropout=ls["dropout"], targets=ls["targets"], base_dtype=ctx.amp_dtype, wrap=wrap)
+                                   dropout=ls["dropout"], targets=ls["targets"], base_dtype=ctx.amp_dtype, nf4=nf4)
 
 
 def compute_dtype(ctx):
