@@ -131,7 +131,8 @@ class Compare(Common):
 class LoraPrune(Common):
     lora_rank: int = p(8, "LoRA rank r; adds r*(in+out) parameters per adapted Conv1D", ge=1)
     lora_alpha: int = p(16, "LoRA scaling numerator (scale: alpha / r)", gt=0)
-    lora_dropout: float = p(0.05, "dropout on the LoRA branch input", ge=0, lt=1)
+    lora_dropout: float = p(0.05, "dropout on the LoRA branch input (0: native adapters fold into the base GEMMs)",
+                            ge=0, lt=1)
     lora_targets: list = p(["c_attn", "c_proj", "c_fc"], "GPT-2 Conv1D modules to adapt (c_attn only: the seed 0.24 pct)",
                            choices=LORA_TARGETS, nonempty=True, unique=True)
     prune_sparsity: float = p(0.8, "share of adapter weights zeroed by L1 magnitude (seed: 0.8)", ge=0, lt=1)
