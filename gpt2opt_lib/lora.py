@@ -181,7 +181,10 @@ class _FoldedLoRA(torch.autograd.Function):
               (r padded with zeros to a multiple of 8: the outputs are strided views whose rows must stay 16-byte
               aligned, or cuDNN attention rejects q/k/v cut from them)
               dB = s g^T (x A^T),  dA = (s g B)^T x                    the two skinny GEMMs (reductions over tokens)
-    W is the dense base weight, or dequantized from NF4 in forward and again in backward (never saved: QLoRA).
+    W is the dense base weight, or dequantized from NF4 in forward and again in backward (QLoRA). Eagerly the
+    folded weight never outlives either pass; under torch.compile the partitioner builds backward's [W + s B A | s B]
+    in the forward (it depends on no gradient, and matmul outputs are not recomputed) and keeps it: ~2 bytes per
+    frozen weight between the passes (170 MB for gpt2; read in inductor's output code on a CPU).
     The adapter is folded into a 16-bit copy of W, so its contribution is rounded at the weight's precision rather
     than at the output's (the unfolded path rounds it when adding the two 16-bit outputs); test_lora_native compares
     both paths, and 03/04 report the trained perplexity."""
