@@ -192,10 +192,9 @@ class _FoldedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, bias, scaling, meta, contiguous, *wt):
         cdt = x.dtype
-        w = _frozen_weight(meta, wt, cdt)                                  # (N, K)
-        N, r = w.shape[0], A.shape[0]
         Ac, Bc = A.to(cdt), B.to(cdt)
-        w_eff = torch.addmm(w, Bc, Ac, alpha=scaling)
+        w_eff = _folded_weight(meta, wt, Ac, Bc, scaling)                 # (N, K)
+        N, r = w_eff.shape[0], A.shape[0]
         if contiguous:   # y and dx contiguous: attention's q/k/v (c_attn's y) and dO (c_proj's dx) as strided views
             #              cost an aten copy per layer in SDPA's backward (H100 profile)
             y = torch.nn.functional.linear(x, w_eff, bias.to(cdt))
@@ -217,16 +216,14 @@ class _FoldedLoRA(torch.autograd.Function):
         K = x.shape[-1]
         g2, x2, xa2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, K), xa.reshape(-1, A.shape[0])
         Ac, Bc = A.to(cdt), B.to(cdt)
-        if ctx.needs_input_grad[0] and ctx.contiguous:                  # dx contiguous too (c_proj: attention's dO)
-            w = _frozen_weight(ctx.meta, wt, cdt)
-            dx = (g2 @ torch.addmm(w, Bc, Ac, alpha=s)).reshape(x.shape)
-            gxa = (g2 @ Bc) * s
-        elif ctx.needs_input_grad[0]:
-            w = _frozen_weight(ctx.meta, wt, cdt)
-            pad = -Bc.shape[1] % _ALIGN
-            w_cat = torch.cat([torch.addmm(w, Bc, Ac, alpha=s), Bc * s, Bc.new_zeros(Bc.shape[0], pad)], 1)
-            gx = g2 @ w_cat                                               # (M, K + r + pad)
-            dx, gxa = gx[:, :K].reshape(x.shape), gx[:, K:K + A.shape[0]]
+        if ctx.needs_input_grad[0]:
+            w_eff = _folded_weight(ctx.meta, wt, Ac, Bc, s)
+            if ctx.contiguous:                                            # dx contiguous too (c_proj: attention's dO)
+                dx, gxa = (g2 @ w_eff).reshape(x.shape), (g2 @ Bc) * s
+            else:
+                pad = -Bc.shape[1] % _ALIGN
+                gx = g2 @ torch.cat([w_eff, Bc * s, Bc.new_zeros(Bc.shape[0], pad)], 1)   # (M, K + r + pad)
+                dx, gxa = gx[:, :K].reshape(x.shape), gx[:, K:K + A.shape[0]]
         else:                                                             # e.g. the first block: frozen inputs
             dx, gxa = None, (g2 @ Bc) * s
         dA = (gxa.t() @ x2).to(A.dtype)
@@ -237,11 +234,10 @@ class _FoldedLoRA(torch.autograd.Function):
 _ALIGN = 8   # the folded GEMMs' extra columns are padded to a multiple of 8 (16-byte rows of the 16-bit outputs)
 
 
-def _frozen_weight(meta, wt, dtype) -> torch.Tensor:
-    """The base's (out, in) weight in `dtype`: wt = (W,) for a dense base (meta None), NF4 buffers otherwise."""
-    if meta is None:
-        return wt[0].to(dtype)
-    return nf4_dequant(*wt, meta).to(dtype)
+def _folded_weight(meta, wt, A, B, scaling) -> torch.Tensor:
+    """W + scaling B A, (out, in), in A's dtype: wt = (W,) for a dense base (meta None), NF4 buffers otherwise."""
+    w = wt[0] if meta is None else nf4_dequant(*wt, meta)
+    return torch.addmm(w.to(A.dtype), B, A, alpha=scaling)
 
 
 class LoRALinear(nn.Module):
