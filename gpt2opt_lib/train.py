@@ -265,6 +265,7 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
     hist["summary"] = {
         "steps": step, "tokens_per_step": tokens_per_step * W,  # global: world x micro-batch x accum x T
         "time_per_step_s": t_step, "time_per_step_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "time_per_step_median_s": statistics.median(times),  # robust to a few slow steps (the mean is not)
         "tokens_per_s": tokens_per_step * W / t_step,  # the whole job (= per GPU on one process)
         "tokens_per_s_total": tokens_per_step * W / t_step, "tokens_per_s_per_gpu": tokens_per_step / t_step,
         "world_size": W, "parallel": (spec.parallel if W > 1 else "none"),

@@ -181,6 +181,7 @@ def train_row(ctx: StageContext, name: str, model, hist: dict, extra: dict | Non
     val = ctx.perplexity(model, "test")
     return {"config": name, "trainable_params": trainable, "trainable_pct": 100 * share, "total_params": total,
             "time_per_step_ms": s["time_per_step_s"] * 1e3, "time_per_step_std_ms": s["time_per_step_std_s"] * 1e3,
+            "time_per_step_median_ms": s["time_per_step_median_s"] * 1e3,
             "tokens_per_s": s["tokens_per_s"], "samples_per_s": s["samples_per_s"], "peak_mem_mb": s["peak_mem_mb"],
             "final_train_loss": s["final_loss"], "test_ppl": val["ppl"], **(extra or {})}
 
