@@ -40,6 +40,19 @@ def classify(name: str) -> str:
     return "other"
 
 
+def origins_of(e, origins, depth: int = 4):
+    """Credit each kernel a CPU op launched to the op and its callers (names with input shapes), so a kernel
+    like aten's direct_copy says which op asked for the copy."""
+    chain, p = [], e
+    while p is not None and len(chain) < depth:
+        if not p.name.startswith(("cuda", "cu")):
+            shapes = [list(x) for x in (p.input_shapes or []) if x][:3]
+            chain.append(f"{p.name}{shapes if shapes else ''}")
+        p = p.cpu_parent
+    for k in e.kernels:
+        origins[k.name][" <- ".join(chain)] += 1
+
+
 def run(name, step, n_warm, n_prof, n_time):
     for _ in range(n_warm):
         step()
@@ -52,15 +65,18 @@ def run(name, step, n_warm, n_prof, n_time):
     torch.cuda.synchronize()
     times = [ev[i].elapsed_time(ev[i + 1]) for i in range(n_time)]
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(n_prof):
             step()
         torch.cuda.synchronize()
     per_kernel = defaultdict(lambda: [0.0, 0])
+    origins = defaultdict(lambda: defaultdict(int))   # kernel -> the CPU ops that launched it (innermost first)
     for e in prof.events():
         if e.device_type.name == "CUDA":
             per_kernel[e.name][0] += e.device_time / n_prof / 1e3      # ms per step
             per_kernel[e.name][1] += 1
+        elif e.kernels:
+            origins_of(e, origins)
     by_class = defaultdict(float)
     for k, (ms, _) in per_kernel.items():
         by_class[classify(k)] += ms
@@ -69,13 +85,16 @@ def run(name, step, n_warm, n_prof, n_time):
            "gpu_kernel_ms_per_step": sum(v[0] for v in per_kernel.values()),
            "kernels_per_step": sum(v[1] for v in per_kernel.values()) / n_prof,
            "by_class_ms": dict(by_class),
-           "top_kernels": [{"name": k[:160], "ms_per_step": v[0], "calls_per_step": v[1] / n_prof} for k, v in top]}
+           "top_kernels": [{"name": k[:160], "ms_per_step": v[0], "calls_per_step": v[1] / n_prof,
+                            "launched_by": sorted(origins[k], key=lambda c: -origins[k][c])[:2]} for k, v in top]}
     print(f"\n== {name}: step {rec['step_ms_mean']:.2f} ms, GPU kernels {rec['gpu_kernel_ms_per_step']:.2f} ms "
           f"({rec['kernels_per_step']:.0f} kernels)", flush=True)
     for cls, ms in sorted(by_class.items(), key=lambda kv: -kv[1]):
         print(f"   {cls:14s} {ms:8.2f} ms")
     for t in rec["top_kernels"][:15]:
         print(f"   {t['ms_per_step']:7.2f} ms  x{t['calls_per_step']:5.0f}  {t['name'][:110]}")
+        if t["launched_by"] and not t["name"].startswith("triton"):
+            print(f"              launched by: {t['launched_by'][0][:300]}")
     return rec
 
 
