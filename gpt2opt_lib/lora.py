@@ -190,13 +190,12 @@ class _FoldedLoRA(torch.autograd.Function):
     both paths, and 03/04 report the trained perplexity."""
 
     @staticmethod
-    def forward(ctx, x, A, B, bias, scaling, meta, contiguous, *wt):
+    def forward(ctx, x, A, B, bias, scaling, meta, contiguous_y, contiguous_dx, *wt):
         cdt = x.dtype
         Ac, Bc = A.to(cdt), B.to(cdt)
         w_eff = _folded_weight(meta, wt, Ac, Bc, scaling)                 # (N, K)
         N, r = w_eff.shape[0], A.shape[0]
-        if contiguous:   # y and dx contiguous: attention's q/k/v (c_attn's y) and dO (c_proj's dx) as strided views
-            #              cost an aten copy per layer in SDPA's backward (H100 profile)
+        if contiguous_y:  # y contiguous, x A^T from its own skinny GEMM: see LoRALinear.contiguous_y
             y = torch.nn.functional.linear(x, w_eff, bias.to(cdt))
             xa = torch.nn.functional.linear(x, Ac)
         else:
@@ -206,7 +205,7 @@ class _FoldedLoRA(torch.autograd.Function):
             out = torch.nn.functional.linear(x, w_cat, b_cat)            # (..., N + r + pad)
             y, xa = out[..., :N], out[..., N:N + r]
         ctx.save_for_backward(x, A, B, xa, *wt)
-        ctx.scaling, ctx.meta, ctx.contiguous = scaling, meta, contiguous
+        ctx.scaling, ctx.meta, ctx.contiguous_dx = scaling, meta, contiguous_dx
         return y
 
     @staticmethod
@@ -218,7 +217,7 @@ class _FoldedLoRA(torch.autograd.Function):
         Ac, Bc = A.to(cdt), B.to(cdt)
         if ctx.needs_input_grad[0]:
             w_eff = _folded_weight(ctx.meta, wt, Ac, Bc, s)
-            if ctx.contiguous:                                            # dx contiguous too (c_proj: attention's dO)
+            if ctx.contiguous_dx:                                         # dx contiguous (c_proj: attention's dO)
                 dx, gxa = (g2 @ w_eff).reshape(x.shape), (g2 @ Bc) * s
             else:
                 pad = -Bc.shape[1] % _ALIGN
@@ -228,7 +227,7 @@ class _FoldedLoRA(torch.autograd.Function):
             dx, gxa = None, (g2 @ Bc) * s
         dA = (gxa.t() @ x2).to(A.dtype)
         dB = (g2.t() @ xa2).mul_(s).to(B.dtype)
-        return dx, dA, dB, None, None, None, None, *([None] * len(wt))
+        return dx, dA, dB, None, None, None, None, None, *([None] * len(wt))
 
 
 _ALIGN = 8   # the folded GEMMs' extra columns are padded to a multiple of 8 (16-byte rows of the 16-bit outputs)
@@ -263,7 +262,13 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fold = dropout == 0
-        self.contiguous_out = False   # folded: x A^T and g B from their own GEMMs, y and dx contiguous (c_attn, c_proj)
+        # folded, where the wide output's layout matters: x A^T (forward) / g B (backward) from their own skinny
+        # GEMMs, so y / dx come out contiguous instead of as views of [y | x A^T] / [dx | s g B]. apply_lora_native
+        # sets them: next to SDPA (c_attn's y is q/k/v, c_proj's dx is dO: strided views cost an aten copy per
+        # layer in cuDNN attention's backward) and for c_fc's y (inductor pads the stride of outputs wider than
+        # 1024 columns, and addmm into a padded output cannot use cuBLASLt's bias epilogue: it first copies the
+        # broadcast bias into the whole (tokens, 3080) output, 42 us per layer on an H100; profile_steps names it)
+        self.contiguous_y = self.contiguous_dx = False
 
     @property
     def in_features(self) -> int:
@@ -284,7 +289,7 @@ class LoRALinear(nn.Module):
                 meta, wt = None, (base.weight,)
             bias = base.bias if base.bias is not None else x.new_zeros(self.out_features)
             return _FoldedLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, bias, self.scaling, meta,
-                                     self.contiguous_out, *wt)
+                                     self.contiguous_y, self.contiguous_dx, *wt)
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     @torch.no_grad()
@@ -325,7 +330,8 @@ def apply_lora_native(model: nn.Module, rank: int = 8, alpha: int = 16, dropout:
             if wrap is not None:
                 base = wrap(base)
             layer = LoRALinear(base, rank, alpha, dropout)
-            layer.contiguous_out = name in ("c_attn", "c_proj")            # next to SDPA: q, k, v and dO
+            layer.contiguous_y = name in ("c_attn", "c_proj", "c_fc")      # see LoRALinear.__init__
+            layer.contiguous_dx = name in ("c_attn", "c_proj")
             setattr(blk, name, layer)
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets)}
     return model

@@ -240,14 +240,15 @@ def test_compiled_lora_native_on_cuda_equals_eager(quant, dtype):
     assert (flat1 - flat0).norm() <= 0.05 * flat0.norm()
 
 
-@pytest.mark.parametrize("contiguous", [False, True])
+@pytest.mark.parametrize("contiguous_y,contiguous_dx", [(False, False), (True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("rank", [3, 8])
-def test_folded_lora_layer_any_rank_aligned_rows(rank, contiguous):
-    """One LoRALinear, folded vs unfolded, for a rank that needs padding (3) and one that does not (8): output,
-    input gradient and adapter gradients equal; the output view's rows stay 16-byte aligned for 16-bit dtypes."""
+def test_folded_lora_layer_any_rank_aligned_rows(rank, contiguous_y, contiguous_dx):
+    """One LoRALinear, folded vs unfolded, for a rank that needs padding (3) and one that does not (8), with y and
+    dx as views of the wide GEMMs' outputs or contiguous: output, input gradient and adapter gradients equal; the
+    views' rows stay 16-byte aligned for 16-bit dtypes."""
     torch.manual_seed(0)
     a = L.LoRALinear(torch.nn.Linear(24, 40), rank, 16, 0.0)
-    a.contiguous_out = contiguous
+    a.contiguous_y, a.contiguous_dx = contiguous_y, contiguous_dx
     with torch.no_grad():
         a.lora_B.weight.normal_()
     b = copy.deepcopy(a)
@@ -255,14 +256,26 @@ def test_folded_lora_layer_any_rank_aligned_rows(rank, contiguous):
     x = torch.randn(2, 5, 24, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     w = torch.randn(40)
+    seen = []
+    x.register_hook(lambda g: seen.append(g))                              # dx as the layer returned it
     ya, yb = a(x), b(x2)
     (ya * w).sum().backward()
     (yb * w).sum().backward()
-    assert ya.stride(-2) % 8 == 0 and ya.is_contiguous() == contiguous
+    assert ya.stride(-2) % 8 == 0 and ya.is_contiguous() == contiguous_y
+    assert seen[0].stride(-2) % 8 == 0 and seen[0].is_contiguous() == contiguous_dx
     torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     for n in ("lora_A", "lora_B"):
         torch.testing.assert_close(getattr(a, n).weight.grad, getattr(b, n).weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_apply_lora_native_contiguous_outputs():
+    """Where apply_lora_native asks for contiguous outputs: y for c_attn (q/k/v), c_proj and c_fc (a wide output),
+    dx for c_attn and c_proj (attention's dO); mlp_proj keeps both as views of the wide GEMMs."""
+    m = L.apply_lora_native(N.from_hf(hf_tiny()), rank=4, dropout=0.0)
+    got = {n: (getattr(m.h[0], n).contiguous_y, getattr(m.h[0], n).contiguous_dx)
+           for n in ("c_attn", "c_proj", "c_fc", "mlp_proj")}
+    assert got == {"c_attn": (True, True), "c_proj": (True, True), "c_fc": (True, False), "mlp_proj": (False, False)}
 
 
 def test_apply_lora_native_nf4_shorthand():
