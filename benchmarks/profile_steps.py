@@ -73,6 +73,8 @@ def run(name, step, n_warm, n_prof, n_time):
     origins = defaultdict(lambda: defaultdict(int))   # kernel -> the CPU ops that launched it (innermost first)
     for e in prof.events():
         if e.device_type.name == "CUDA":
+            if getattr(e, "is_user_annotation", False) or e.name.startswith("## "):
+                continue   # GPU-side ranges (compiled graphs, optimizer.step) span kernels: not kernels themselves
             per_kernel[e.name][0] += e.device_time / n_prof / 1e3      # ms per step
             per_kernel[e.name][1] += 1
         elif e.kernels:
