@@ -74,6 +74,7 @@ _ACTS = {
 
 class _Block(nn.Module):
     math_attn = False    # gemv decode: attention over the cache as plain reductions (fused by inductor), not SDPA
+    triton_attn = False  # uniform-batch decode: triton_decode.decode_attention over the live slots (a custom op)
 
     def __init__(self, hf_block: nn.Module, cfg, layer_idx: int, dtype, device):
         super().__init__()
@@ -121,13 +122,17 @@ class _Block(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         return self._out(x, y)
 
-    def forward_decode(self, x, kc, vc, pos, mask):
+    def forward_decode(self, x, kc, vc, pos, mask, live: bool = False):
         """x (B, S, C) with S new tokens (S = 1: a decode step); pos (S,) long on device, their cache slots;
-        mask (1, 1, S, L) bool, True = attend (query i: slots <= pos[i])."""
+        mask (1, 1, S, L) bool, True = attend (query i: slots <= pos[i]). live: every row attends to exactly slots
+        0..pos (a uniform batch's decode step), which the Triton decode attention reads without a mask."""
         q, k, v = self._qkv(x)                                          # (B, nh, S, hs)
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v)
-        if self.math_attn:   # a few queries against L cached keys: reductions inductor fuses (mask, softmax, PV)
+        if self.triton_attn and live and x.shape[1] == 1:
+            from .triton_decode import decode_attention
+            y = decode_attention(q, kc, vc, pos, self.scale)            # (B, nh, 1, hs)
+        elif self.math_attn:   # a few queries against L cached keys: reductions inductor fuses (mask, softmax, PV)
             att = (q.unsqueeze(-2).float() * kc.unsqueeze(-3).float()).sum(-1) * self.scale    # (B, nh, S, L)
             att = att.masked_fill(~mask, float("-inf")).softmax(-1)
             y = (att.unsqueeze(-1) * vc.unsqueeze(-3).float()).sum(-2).to(q.dtype)            # (B, nh, S, hs)
@@ -178,6 +183,13 @@ class _Core(nn.Module):
             elif isinstance(m, _Block):
                 m.math_attn = on
 
+    def use_triton_attention(self, on: bool) -> None:
+        """Uniform-batch decode steps attend through triton_decode.decode_attention (one program per row and head,
+        the live slots only, each K/V byte read once) instead of SDPA / inductor's reductions."""
+        for m in self.modules():
+            if isinstance(m, _Block):
+                m.triton_attn = on
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         h = F.layer_norm(x, (x.shape[-1],), self.lnf_w, self.lnf_b, self.eps)
         return self.lm_head(h)[..., : self.vocab_size]                  # (..., V) model dtype
@@ -196,7 +208,7 @@ class _Core(nn.Module):
         L = ks[0].shape[2]
         mask = (torch.arange(L, device=pos.device) <= pos).view(1, 1, 1, L)
         for blk, kc, vc in zip(self.blocks, ks, vs):
-            x = blk.forward_decode(x, kc, vc, pos, mask)
+            x = blk.forward_decode(x, kc, vc, pos, mask, live=True)
         return self.logits(x[:, 0]).float()
 
     def span_logits(self, toks: torch.Tensor, pos: torch.Tensor, ks, vs) -> torch.Tensor:
@@ -299,7 +311,7 @@ class FastGPT2:
                  dtype: torch.dtype | None = None, use_cuda_graph: bool | str = "auto",
                  compile: bool | str = "auto", weight_quant: str | None = None, group_size: int = 128,
                  quant_backend: str = "auto", device: torch.device | str | None = None, gemv: bool = True,
-                 fused: bool | str = "auto"):
+                 fused: bool | str = "auto", decode_attn: str = "auto"):
         """model: HF GPT2LMHeadModel (or PEFT-wrapped); weights are copied, the model is not modified.
 
         max_seq_len: KV-cache length (prompt + new tokens), default and cap n_positions.
@@ -313,6 +325,10 @@ class FastGPT2:
         instead of ~11; other batch sizes and sampling keep the compiled step). "auto" = on where the engine
         compiles and graphs on CUDA, triton is importable and the weights are 16/32-bit (`fused_off_reason` says
         why not otherwise); True insists (a ValueError names what is missing); False = the inductor step only.
+        decode_attn: the attention of the compiled step's uniform-batch decode (batch > 1, or batch 1 off the fused
+        path): "triton" (triton_decode.decode_attention, a custom op inside the compiled graph), "inductor" (SDPA,
+        or inductor's reductions under gemv), "auto" = triton where the step is compiled on CUDA with triton
+        importable and power-of-two head sizes. Ragged batches and speculative verification keep the masked path.
         """
         model = _as_plain_gpt2(model)
         p = next(model.parameters())
@@ -337,10 +353,26 @@ class FastGPT2:
             self._alloc_state()
         self.gemv = bool(gemv) and self.compile
         self.core.use_gemv_decode(self.gemv)
+        self.decode_attn = self._decode_attn(decode_attn)
+        self.core.use_triton_attention(self.decode_attn == "triton")
         self._decode_fn = compile_step(self.core.decode_step, self.gemv) if self.compile else self.core.decode_step
         self.fused, self.fused_off_reason = self._fused_decode(fused)
         self._graphs: dict = {}
         self._pool = None
+
+    def _decode_attn(self, choice: str) -> str:
+        if choice not in ("auto", "triton", "inductor"):
+            raise ValueError(f"decode_attn must be 'auto', 'triton' or 'inductor', got {choice!r}")
+        if choice == "inductor":
+            return choice
+        from . import triton_decode
+        pow2 = all(b.head_dim & (b.head_dim - 1) == 0 for b in self.core.blocks)
+        ok = triton_decode.decode_attention is not None and triton_decode.available(self.device) and pow2
+        if choice == "triton":
+            if not ok:
+                raise ValueError("decode_attn='triton' needs triton on this device and power-of-two head sizes")
+            return choice
+        return "triton" if ok and self.compile and self.device.type == "cuda" else "inductor"
 
     def _fused_decode(self, fused):
         if fused is False or (fused == "auto" and not (self.compile and self.use_cuda_graph)):

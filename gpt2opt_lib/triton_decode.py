@@ -207,6 +207,64 @@ if triton is not None:
         tl.store(pos_ptr, p + 1)
 
 
+    @triton.jit
+    def _batch_attn_kernel(q_ptr, kc_ptr, vc_ptr, y_ptr, pos_ptr, H, L, sq_b, sq_h, scale, HS: tl.constexpr,
+                           BLOCK_L: tl.constexpr):
+        """One (row, head) of a uniform batch's decode step (every row at the same position `pos`, the step has
+        already written slot pos): y = softmax(q K[0..pos]^T * scale) V[0..pos], online softmax in fp32, over the
+        live slots only (read on the device), each K/V byte read once."""
+        pid = tl.program_id(0)
+        b = pid // H
+        hd = pid % H
+        p = tl.load(pos_ptr) + 1                                          # live slots 0 .. pos
+        d = tl.arange(0, HS)
+        r = tl.arange(0, BLOCK_L)
+        base = pid.to(tl.int64) * L * HS                                  # the cache is (B, H, L, HS), contiguous
+        q = tl.load(q_ptr + b * sq_b + hd * sq_h + d).to(tl.float32)
+        m = tl.sum(q, 0) * 0.0 - float("inf")
+        l = tl.sum(q, 0) * 0.0
+        acc = q * 0.0
+        for s0 in range(0, p, BLOCK_L):
+            sl = s0 + r
+            sm = sl < p
+            kt = tl.load(kc_ptr + base + sl[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0)
+            vt = tl.load(vc_ptr + base + sl[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0)
+            sc = tl.where(sm, tl.sum(kt.to(tl.float32) * q[None, :], 1) * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 0))
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(sc - m_new)
+            acc = acc * alpha + tl.sum(e[:, None] * vt.to(tl.float32), 0)
+            l = l * alpha + tl.sum(e, 0)
+            m = m_new
+        tl.store(y_ptr + pid * HS + d, (acc / l).to(y_ptr.dtype.element_ty))
+
+
+BATCH_ATTN_BLOCK_L = 64   # cache slots per loop iteration of the batched decode attention
+
+
+def _decode_attention_impl(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    B, H, S, HS = q.shape
+    if S != 1 or not (kc.is_contiguous() and vc.is_contiguous()) or q.stride(-1) != 1:
+        raise ValueError(f"decode_attention: one query per row and contiguous caches (q {tuple(q.shape)})")
+    y = torch.empty((B, H, 1, HS), dtype=q.dtype, device=q.device)
+    launch = _LAUNCH(_batch_attn_kernel)
+    launch[(B * H,)](q, kc, vc, y, pos, H, kc.shape[2], q.stride(0), q.stride(1), scale, HS=HS,
+                     BLOCK_L=BATCH_ATTN_BLOCK_L, num_warps=4)
+    return y
+
+
+decode_attention = None   # gpt2opt::decode_attention, a custom op torch.compile keeps in its graph (CUDA graphs too)
+_LAUNCH = lambda kernel: kernel
+if triton is not None:
+    try:
+        from torch.library import triton_op, wrap_triton
+        _LAUNCH = wrap_triton
+        decode_attention = triton_op("gpt2opt::decode_attention", mutates_args={})(_decode_attention_impl)
+    except (ImportError, RuntimeError):   # an older torch: the plain function (eager only)
+        decode_attention = _decode_attention_impl
+
+
 def _cfg(**kw):
     warps = kw.pop("num_warps")
     return triton.Config(kw, num_warps=warps)

@@ -188,3 +188,58 @@ def test_gpu_graph_engine_fused_equals_inductor(dtype):
     else:
         assert torch.equal(a[:, :14], b[:, :14]) and (a == b).float().mean() > 0.9
     assert torch.equal(fused.generate(ids, 40), a)
+
+
+@pytest.mark.parametrize("pos", [0, 5, 70])   # 70: the loop crosses its 64-slot tiles
+def test_batched_decode_attention_against_sdpa(pos):
+    """triton_decode.decode_attention, one query per row and head over slots 0..pos of a (B, H, L, HS) cache,
+    against SDPA with the same mask; q as the strided view of a fused qkv row that the engine passes."""
+    dev = _device()
+    g = torch.Generator().manual_seed(pos)
+    B, H, L, HS = 3, 4, 80, 16
+    kc, vc = (torch.randn(B, H, L, HS, generator=g).to(dev) for _ in range(2))
+    q = torch.randn(B, 1, 3 * H * HS, generator=g).to(dev)[..., : H * HS].view(B, 1, H, HS).transpose(1, 2)
+    p = torch.tensor([pos], device=dev)
+    y = triton_decode.decode_attention(q, kc, vc, p, 0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kc, vc, scale=0.3,
+                                                           attn_mask=(torch.arange(L, device=dev) <= pos).view(1, 1, 1, L))
+    assert y.shape == (B, H, 1, HS)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    kc[:, :, pos + 1:] = float("nan")                # slots past pos are never read
+    assert torch.isfinite(triton_decode.decode_attention(q, kc, vc, p, 0.3)).all()
+
+
+def test_batched_engine_with_triton_attention_equals_inductor_attention():
+    """Batch 3 (the compiled step's uniform decode, not the fused batch-1 path), greedy: the engine attending
+    through decode_attention writes the same tokens and caches as the one attending through SDPA."""
+    model = tiny_model(seed=21).to(_device())
+    kw = dict(max_batch_size=3, max_seq_len=90, dtype=torch.float32, use_cuda_graph=False, compile=False, fused=False)
+    tri, ref = FastGPT2(model, decode_attn="triton", **kw), FastGPT2(model, decode_attn="inductor", **kw)
+    assert (tri.decode_attn, ref.decode_attn) == ("triton", "inductor")
+    assert all(b.triton_attn for b in tri.core.blocks) and not any(b.triton_attn for b in ref.core.blocks)
+    ids = _prompt(9, seed=22, B=3)
+    a, b = tri.generate(ids, 70), ref.generate(ids, 70)  # positions past 64: two tiles
+    assert torch.equal(a, b), (a, b)
+    for kt, kr in zip(tri.ks + tri.vs, ref.ks + ref.vs):
+        torch.testing.assert_close(kt[:, :, :78], kr[:, :, :78], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="decode_attn"):
+        FastGPT2(model, decode_attn="flash", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_graph_engine_batched_triton_attention_equals_inductor(dtype):
+    """The default CUDA engine at batch 4 (compiled, graphed) attends through the decode_attention custom op:
+    same tokens as the inductor attention (fp32 exactly; fp16 the first tokens and > 90 %)."""
+    model = tiny_model(seed=23).to("cuda")
+    ids = _prompt(9, seed=24, B=4)
+    tri = FastGPT2(model, max_batch_size=4, max_seq_len=80, dtype=dtype)
+    ref = FastGPT2(model, max_batch_size=4, max_seq_len=80, dtype=dtype, decode_attn="inductor")
+    assert tri.decode_attn == "triton" and tri.use_cuda_graph and tri.compile
+    a, b = tri.generate(ids, 60), ref.generate(ids, 60)
+    if dtype == torch.float32:
+        assert torch.equal(a, b)
+    else:
+        assert torch.equal(a[:, :14], b[:, :14]) and (a == b).float().mean() > 0.9
+    assert torch.equal(tri.generate(ids, 60), a)

@@ -82,21 +82,25 @@ def cmd_generate(args) -> dict:
         elif name.startswith("fast"):
             # *_inductor: the compiled inductor step only, without the fused Triton batch-1 kernels (A/B of
             # FastGPT2's fused switch); *_nogemv: that step without its GEMV path either (A/B of the gemv switch)
-            gemv = not name.endswith("_nogemv")
-            fused = "auto" if gemv and not name.endswith("_inductor") else False
-            base = name.removesuffix("_nogemv").removesuffix("_inductor")
+            # *_mathattn: the compiled step's decode attention as SDPA / inductor reductions, not the Triton kernel
+            attn = "inductor" if name.endswith("_mathattn") else "auto"
+            stem = name.removesuffix("_mathattn")
+            gemv = not stem.endswith("_nogemv")
+            fused = "auto" if gemv and not stem.endswith("_inductor") else False
+            base = stem.removesuffix("_nogemv").removesuffix("_inductor")
             quant = {"fast": None, "fast_int8": "int8", "fast_int4": "int4"}.get(base, "?")
             if quant == "?":
                 results[name] = {"error": f"unknown engine {name!r}"}
                 continue
 
-            def make(quant=quant, name=name, gemv=gemv, fused=fused):
+            def make(quant=quant, name=name, gemv=gemv, fused=fused, attn=attn):
                 eng = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, weight_quant=quant,
                                group_size=args.group_size, use_cuda_graph=args.cuda_graph, compile=args.compile,
-                               gemv=gemv, fused=fused)
+                               gemv=gemv, fused=fused, decode_attn=attn)
                 fn = lambda: outputs.__setitem__(name, eng.generate(ids, N))
                 kpt = kernels_per_token(lambda: eng.generate(ids, N), B * N, device)   # runs it: a fallback shows
                 info = dict(eng.weight_bytes(), cuda_graph=eng.use_cuda_graph, compiled=eng.compile, gemv=eng.gemv,
+                            decode_attn=eng.decode_attn,
                             fused_decode=eng.fused is not None and B == 1, fused_off_reason=eng.fused_off_reason,
                             quant=eng.quant_report, **kpt)
                 if quant is not None:
