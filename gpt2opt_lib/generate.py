@@ -325,10 +325,13 @@ class FastGPT2:
         instead of ~11; other batch sizes and sampling keep the compiled step). "auto" = on where the engine
         compiles and graphs on CUDA, triton is importable and the weights are 16/32-bit (`fused_off_reason` says
         why not otherwise); True insists (a ValueError names what is missing); False = the inductor step only.
-        decode_attn: the attention of the compiled step's uniform-batch decode (batch > 1, or batch 1 off the fused
-        path): "triton" (triton_decode.decode_attention, a custom op inside the compiled graph), "inductor" (SDPA,
-        or inductor's reductions under gemv), "auto" = triton where the step is compiled on CUDA with triton
-        importable and power-of-two head sizes. Ragged batches and speculative verification keep the masked path.
+        decode_attn: the attention of the uniform-batch decode step (batch > 1, or batch 1 off the fused path):
+        "inductor" (SDPA, or inductor's reductions under gemv; what "auto" picks) or "triton"
+        (triton_decode.decode_attention, a custom op: one program per row and head over the live slots).
+        "triton" is experimental: correct eagerly (tests, Triton's CPU interpreter), but at 89c12cb inductor failed
+        to compile the kernel inside the compiled step on an H100 (benchmarks/results/
+        h100_generate_gpt2_bs32_triton_attn_ab.json), so "auto" does not pick it yet. Ragged batches and
+        speculative verification keep the masked path.
         """
         model = _as_plain_gpt2(model)
         p = next(model.parameters())
@@ -372,7 +375,7 @@ class FastGPT2:
             if not ok:
                 raise ValueError("decode_attn='triton' needs triton on this device and power-of-two head sizes")
             return choice
-        return "triton" if ok and self.compile and self.device.type == "cuda" else "inductor"
+        return "inductor"   # "triton" only when asked for, until it compiles inside the CUDA step (see __init__)
 
     def _fused_decode(self, fused):
         if fused is False or (fused == "auto" and not (self.compile and self.use_cuda_graph)):

@@ -126,3 +126,13 @@ def test_corpus_prompts_are_text_windows():
     assert torch.equal(ids.flatten(), data.token_stream(tok, splits["test"][:64])[:16].long())
     rnd = _prompts(argparse.Namespace(prompts="random", seed=0), 50257, 2, 8)
     assert rnd.shape == (2, 8) and not torch.equal(rnd, ids)
+
+
+def test_a_long_engine_error_keeps_its_start_and_its_end():
+    """A compiler's exception names the failing line at its end: the result file keeps both ends of it."""
+    from gpt2opt_lib.bench.common import error_text
+    msg = "Traceback start\n" + "x" * 5000 + "\nSyntaxError: the real cause"
+    text = error_text(RuntimeError(msg))
+    assert text.startswith("RuntimeError: Traceback start") and text.endswith("SyntaxError: the real cause")
+    assert len(text) <= 300 + 1500 + len(" [...] ")
+    assert error_text(ValueError("short")) == "ValueError: short"

@@ -228,14 +228,16 @@ def test_batched_engine_with_triton_attention_equals_inductor_attention():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.xfail(reason="at 89c12cb inductor failed to compile the decode_attention kernel inside the CUDA step "
+                          "(H100, gpu_tests_2026-11-26_batched_attn.txt): why 'auto' does not pick it", strict=False)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gpu_graph_engine_batched_triton_attention_equals_inductor(dtype):
-    """The default CUDA engine at batch 4 (compiled, graphed) attends through the decode_attention custom op:
-    same tokens as the inductor attention (fp32 exactly; fp16 the first tokens and > 90 %)."""
+    """A CUDA engine at batch 4 (compiled, graphed) attending through the decode_attention custom op: same tokens
+    as the inductor attention (fp32 exactly; fp16 the first tokens and > 90 %)."""
     model = tiny_model(seed=23).to("cuda")
     ids = _prompt(9, seed=24, B=4)
-    tri = FastGPT2(model, max_batch_size=4, max_seq_len=80, dtype=dtype)
-    ref = FastGPT2(model, max_batch_size=4, max_seq_len=80, dtype=dtype, decode_attn="inductor")
+    tri = FastGPT2(model, max_batch_size=4, max_seq_len=80, dtype=dtype, decode_attn="triton")
+    ref = FastGPT2(model, max_batch_size=4, max_seq_len=80, dtype=dtype)
     assert tri.decode_attn == "triton" and tri.use_cuda_graph and tri.compile
     a, b = tri.generate(ids, 60), ref.generate(ids, 60)
     if dtype == torch.float32:

@@ -32,6 +32,13 @@ def _free(device):
     reset_peak(device)  # gc + the CUDA cache emptied (timing.reset_peak), between engines
 
 
+def error_text(e: BaseException, head: int = 300, tail: int = 1500) -> str:
+    """'Type: message' for a result file: long messages keep their start and their end (a compiler's traceback
+    names the failing line last; the first few hundred characters alone lost it)."""
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= head + tail else f"{text[:head]} [...] {text[-tail:]}"
+
+
 def _run_engine(name, make_fn, device, args, results, extra=None):
     """make_fn() -> (fn, info dict); time fn; store figures or the error. Never raises."""
     t0 = time.perf_counter()
@@ -43,7 +50,7 @@ def _run_engine(name, make_fn, device, args, results, extra=None):
         if extra:
             rec.update(extra(rec))
     except Exception as e:  # noqa: BLE001 - recorded, not raised: one engine's failure must not end the run
-        rec = {"error": f"{type(e).__name__}: {e}"[:500], "oom": is_oom(e)}
+        rec = {"error": error_text(e), "oom": is_oom(e)}
     rec["setup_and_run_s"] = time.perf_counter() - t0
     results[name] = rec
     _free(device)

@@ -10,7 +10,7 @@ import torch
 from .. import env as envmod
 from ..generate import FastGPT2, hf_generate
 from ..timing import is_oom, rate
-from .common import _free, _model_bytes, _report, _run_engine, build_model
+from .common import _free, _model_bytes, _report, _run_engine, build_model, error_text
 from .hardware import DTYPES, PEAK_BANDWIDTH, _device_name, _lookup
 
 def _prompts(args, vocab_size: int, B: int, T: int) -> torch.Tensor:
@@ -82,9 +82,9 @@ def cmd_generate(args) -> dict:
         elif name.startswith("fast"):
             # *_inductor: the compiled inductor step only, without the fused Triton batch-1 kernels (A/B of
             # FastGPT2's fused switch); *_nogemv: that step without its GEMV path either (A/B of the gemv switch)
-            # *_mathattn: the compiled step's decode attention as SDPA / inductor reductions, not the Triton kernel
-            attn = "inductor" if name.endswith("_mathattn") else "auto"
-            stem = name.removesuffix("_mathattn")
+            # *_tattn: the decode step attends through the Triton custom op (FastGPT2 decode_attn="triton")
+            attn = "triton" if name.endswith("_tattn") else "auto"
+            stem = name.removesuffix("_tattn")
             gemv = not stem.endswith("_nogemv")
             fused = "auto" if gemv and not stem.endswith("_inductor") else False
             base = stem.removesuffix("_nogemv").removesuffix("_inductor")
@@ -147,7 +147,7 @@ def _speculative(args, model, ids, dtype, device) -> dict:
               f"{rec['acceptance_rate'] if rec['acceptance_rate'] is not None else float('nan'):.2f}, "
               f"token-identical: {rec['token_identical']}", flush=True)
     except Exception as e:  # noqa: BLE001 - recorded, the rest of the report stands
-        rec = {"draft": args.draft, "error": f"{type(e).__name__}: {e}"[:500], "oom": is_oom(e)}
+        rec = {"draft": args.draft, "error": error_text(e), "oom": is_oom(e)}
         print(f"  speculative: {rec['error'][:200]}", flush=True)
     rec["setup_and_run_s"] = time.perf_counter() - t0
     _free(device)
