@@ -198,6 +198,9 @@ class FlashQuant(Common):
                                choices=ENGINE_QUANTS)
     loss_chunk_tokens: int = p(4096, "tokens per chunk of the memory-lean CE in the training measurements "
                                      "(0: unchunked)", ge=0)
+    train_engine: str = p("hf", "the stack's QLoRA step in the gains table: hf (peft + bitsandbytes on transformers' "
+                          "GPT-2 modules) or native (model.py + LoRALinear + NF4Linear; both are measured)",
+                          choices=("hf", "native"))
 
 
 # which earlier stages' artifacts each stage reads from the run directory: the one graph run_all and the

@@ -240,3 +240,24 @@ def test_03_native_engine_trains_what_peft_trains(run):
     assert r_n["adapter_sparsity"] == pytest.approx(r_hf["adapter_sparsity"])
     assert r_n["test_ppl"] == pytest.approx(r_hf["test_ppl"], rel=1e-3)
     assert f_n["test_ppl"] == pytest.approx(f_hf["test_ppl"], rel=1e-3)
+
+
+def test_05_gains_take_the_training_step_the_profile_names():
+    """gains_table by hand: baseline full FT 40 ms at 8,000 MB; the stack's peft QLoRA step 30 ms at 4,000 MB, its
+    native step 20 ms at 2,000 MB. hf -> -25 % / -50 %; native -> -50 % / -75 %; native unavailable -> peft's
+    columns, saying why."""
+    from gpt2opt_lib.steps import s05_flash_quant as s5
+    base = {"train_time_per_step_ms": 40.0, "train_peak_mem_mb": 8000.0, "test_ppl": 100.0}
+    row = {"config": "stack", "key": "stack", "test_ppl": 110.0, "train_time_per_step_ms": 30.0,
+           "train_peak_mem_mb": 4000.0, "train_native_time_per_step_ms": 20.0, "train_native_peak_mem_mb": 2000.0,
+           "train_native_engine": "model.py + LoRALinear + NF4Linear, compiled"}
+    hf, = s5.gains_table(base, [row])
+    assert (hf["training_step_time_change_pct"], hf["training_vram_change_pct"]) == (-25.0, -50.0)
+    assert hf["training_engine"] == "peft + bitsandbytes" and hf["perplexity_change_pct"] == pytest.approx(10.0)
+    nat, = s5.gains_table(base, [row], train_engine="native")
+    assert (nat["training_step_time_change_pct"], nat["training_vram_change_pct"]) == (-50.0, -75.0)
+    assert nat["training_engine"].startswith("model.py")
+    failed = {k: v for k, v in row.items() if not k.startswith("train_native")}
+    failed["train_native_status"] = "unavailable: bitsandbytes is not installed"
+    fb, = s5.gains_table(base, [failed], train_engine="native")
+    assert fb["training_step_time_change_pct"] == -25.0 and "bitsandbytes is not installed" in fb["training_engine"]

@@ -227,30 +227,50 @@ def gains_caption(ctx: StageContext, baseline: dict) -> str:
             f"parameters), {str(compute_dtype(ctx)).replace('torch.', '')} weights, eager attention; training cost: "
             f"full fine-tuning with AdamW at batch {c.train_batch_size} x {c.block_size}. Stack: the 01 distilled "
             f"student + 03's LoRA (merged) with {lora_setup(ctx)['sparsity']:.0%} pruned adapters, NF4 double-quant weights and "
-            f"the fastest attention; training cost: QLoRA on it. Quality: test perplexity of each model on the same "
+            f"the fastest attention; training cost: QLoRA on it ({_ENGINE_WORDS[c.train_engine]}; the row's "
+            f"'training_engine' says which step was used). Quality: test perplexity of each model on the same "
             f"tokens (strided, max_length={c.ppl_max_length}, stride={c.ppl_stride}); 'vs 16-bit stack' compares "
             f"the stack with the same merged model before quantization (04's 16-bit row): what quantization and "
             f"the attention backend cost, like with like. Baseline and stack measured in this run on "
             f"{ctx.stamp.get('device_name')}.")
 
 
-def gains_table(baseline: dict, stacks: list[dict], stack_16bit_ppl: float | None = None) -> list[dict]:
+_ENGINE_WORDS = {"hf": "peft + bitsandbytes on transformers' modules",
+                 "native": "model.py + LoRALinear + NF4Linear, the suite's native training path"}
+
+
+def _training_columns(s: dict, train_engine: str) -> tuple[dict, str]:
+    """The stack row's training figures for the gains table: peft's columns, or (train_engine native) the native
+    step measured beside them; when that step failed or was unavailable, peft's, saying why."""
+    peft = {k: s.get(f"train_{k}") for k in ("time_per_step_ms", "peak_mem_mb")}
+    if train_engine != "native":
+        return peft, "peft + bitsandbytes"
+    if s.get("train_native_time_per_step_ms") is None:
+        return peft, f"peft + bitsandbytes (native step: {s.get('train_native_status', 'not measured')})"
+    return ({k: s.get(f"train_native_{k}") for k in ("time_per_step_ms", "peak_mem_mb")},
+            s.get("train_native_engine", "native"))
+
+
+def gains_table(baseline: dict, stacks: list[dict], stack_16bit_ppl: float | None = None,
+                train_engine: str = "hf") -> list[dict]:
     """The seed's terms, from numbers measured in this run: % change of memory/latency/ppl, x of throughput.
-    `stack_16bit_ppl`: the merged stack before quantization (04), the like-with-like quality reference."""
+    `stack_16bit_ppl`: the merged stack before quantization (04), the like-with-like quality reference.
+    `train_engine`: which of the stack's two QLoRA steps the training columns take (05's parameter)."""
     out = []
     for s in stacks:
         if "test_ppl" not in s:
             continue
+        tr, engine = _training_columns(s, train_engine)
         out.append({
-            "stack": s["config"], "key": s["key"],
-            "training_vram_change_pct": _pct(s.get("train_peak_mem_mb"), baseline.get("train_peak_mem_mb")),
+            "stack": s["config"], "key": s["key"], "training_engine": engine,
+            "training_vram_change_pct": _pct(tr["peak_mem_mb"], baseline.get("train_peak_mem_mb")),
             "inference_vram_change_pct": _pct(s.get("forward_peak_mem_mb"), baseline.get("forward_peak_mem_mb")),
             "weight_memory_change_pct": _pct(s.get("weight_mb"), baseline.get("weight_mb")),
             "forward_throughput_x": _x(s.get("forward_tokens_per_s"), baseline.get("forward_tokens_per_s")),
             "generation_throughput_x": _x(s.get("gen_tokens_per_s"), baseline.get("gen_tokens_per_s")),
             "forward_latency_change_pct": _pct(s.get("forward_latency_ms"), baseline.get("forward_latency_ms")),
             "generation_latency_change_pct": _pct(s.get("gen_latency_ms"), baseline.get("gen_latency_ms")),
-            "training_step_time_change_pct": _pct(s.get("train_time_per_step_ms"), baseline.get("train_time_per_step_ms")),
+            "training_step_time_change_pct": _pct(tr["time_per_step_ms"], baseline.get("train_time_per_step_ms")),
             "perplexity_baseline": baseline["test_ppl"], "perplexity_stack": s["test_ppl"],
             "perplexity_change_pct": _pct(s["test_ppl"], baseline["test_ppl"]),
             "perplexity_16bit_stack": stack_16bit_ppl,
