@@ -333,6 +333,8 @@ class FastGPT2:
         h100_generate_gpt2_bs32_triton_attn_ab.json), so "auto" does not pick it yet. Ragged batches and
         speculative verification keep the masked path.
         """
+        if decode_attn not in ("auto", "triton", "inductor"):
+            raise ValueError(f"decode_attn must be 'auto', 'triton' or 'inductor', got {decode_attn!r}")
         model = _as_plain_gpt2(model)
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -364,18 +366,13 @@ class FastGPT2:
         self._pool = None
 
     def _decode_attn(self, choice: str) -> str:
-        if choice not in ("auto", "triton", "inductor"):
-            raise ValueError(f"decode_attn must be 'auto', 'triton' or 'inductor', got {choice!r}")
-        if choice == "inductor":
-            return choice
+        if choice != "triton":      # "auto": inductor, until the Triton op compiles inside the CUDA step (__init__)
+            return "inductor"
         from . import triton_decode
         pow2 = all(b.head_dim & (b.head_dim - 1) == 0 for b in self.core.blocks)
-        ok = triton_decode.decode_attention is not None and triton_decode.available(self.device) and pow2
-        if choice == "triton":
-            if not ok:
-                raise ValueError("decode_attn='triton' needs triton on this device and power-of-two head sizes")
-            return choice
-        return "inductor"   # "triton" only when asked for, until it compiles inside the CUDA step (see __init__)
+        if triton_decode.decode_attention is None or not triton_decode.available(self.device) or not pow2:
+            raise ValueError("decode_attn='triton' needs triton on this device and power-of-two head sizes")
+        return choice
 
     def _fused_decode(self, fused):
         if fused is False or (fused == "auto" and not (self.compile and self.use_cuda_graph)):

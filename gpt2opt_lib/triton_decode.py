@@ -22,6 +22,10 @@ tokens/s against 2,647-2,696 for the inductor step in the same runs (benchmarks/
 Batch 1, greedy, 16-/32-bit weights (FastGPT2 picks this path for exactly those steps; others keep the compiled
 inductor step). The kernels run on CUDA, inside the engine's CUDA graph, and on CPU under TRITON_INTERPRET=1,
 where the tests compare them with the engine's eager step. Weights are read in their (N, K) nn.Linear layout.
+
+Also here, for the compiled step at batch > 1: `decode_attention`, a uniform batch's decode attention (one program
+per row and head, online softmax over the live slots, each K/V byte read once) as a torch.library.triton_op, so
+torch.compile keeps it inside the step's graph. Opt-in (FastGPT2 decode_attn="triton"): see FastGPT2's docstring.
 """
 from __future__ import annotations
 
