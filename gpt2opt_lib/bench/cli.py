@@ -61,7 +61,9 @@ def _common(p):
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compile, graph capture, autotune)")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engines", default=None, help="explicit comma list of engines (overrides --quant defaults)")
+    p.add_argument("--engines", default=None, help="explicit comma list of engines (overrides --quant defaults); "
+                   "generate: hf, hf_static, hf_nf4, fast[_int8|_int4] with optional suffixes _inductor (no fused "
+                   "batch-1 kernels), _nogemv, _tattn (the Triton decode attention, experimental)")
     p.add_argument("--no-compile", dest="compile", action="store_false", default="auto")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default="auto")
 
