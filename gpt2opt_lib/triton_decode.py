@@ -157,6 +157,16 @@ if triton is not None:
         tl.store(x_ptr + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
+    def _online_softmax_tile(q, kt, vt, sm, scale, m, l, acc):
+        """One tile of cache slots (kt, vt: (BLOCK_L, HS), sm: which slots are live) folded into the running
+        max m, denominator l and weighted sum acc of an online softmax, in fp32."""
+        sc = tl.where(sm, tl.sum(kt.to(tl.float32) * q[None, :], 1) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, 0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(sc - m_new)
+        return m_new, l * alpha + tl.sum(e, 0), acc * alpha + tl.sum(e[:, None] * vt.to(tl.float32), 0)
+
+    @triton.jit
     def _attn_kernel(qkv_ptr, kc_ptr, vc_ptr, y_ptr, pos_ptr, L, C, scale, HS: tl.constexpr, BLOCK_L: tl.constexpr,
                      PDL: tl.constexpr):
         """One head: cache[pos] = new k, v; y = softmax(q K[0..pos]^T * scale) V[0..pos], online softmax in fp32.
@@ -180,13 +190,7 @@ if triton is not None:
         acc = vn.to(tl.float32)
         for s0 in range(0, p, BLOCK_L):                                   # earlier slots 0 .. pos-1: the live part
             sm = s0 + r < p
-            sc = tl.where(sm, tl.sum(kt.to(tl.float32) * q[None, :], 1) * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, 0))
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(sc - m_new)
-            acc = acc * alpha + tl.sum(e[:, None] * vt.to(tl.float32), 0)
-            l = l * alpha + tl.sum(e, 0)
-            m = m_new
+            m, l, acc = _online_softmax_tile(q, kt, vt, sm, scale, m, l, acc)
             nxt = s0 + BLOCK_L + r                                        # the next tile (masked off past pos)
             kt = tl.load(kc_ptr + base + nxt[:, None] * HS + d[None, :], mask=(nxt < p)[:, None], other=0.0)
             vt = tl.load(vc_ptr + base + nxt[:, None] * HS + d[None, :], mask=(nxt < p)[:, None], other=0.0)
@@ -233,13 +237,7 @@ if triton is not None:
             sm = sl < p
             kt = tl.load(kc_ptr + base + sl[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0)
             vt = tl.load(vc_ptr + base + sl[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0)
-            sc = tl.where(sm, tl.sum(kt.to(tl.float32) * q[None, :], 1) * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, 0))
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(sc - m_new)
-            acc = acc * alpha + tl.sum(e[:, None] * vt.to(tl.float32), 0)
-            l = l * alpha + tl.sum(e, 0)
-            m = m_new
+            m, l, acc = _online_softmax_tile(q, kt, vt, sm, scale, m, l, acc)
         tl.store(y_ptr + pid * HS + d, (acc / l).to(y_ptr.dtype.element_ty))
 
 
@@ -252,21 +250,15 @@ def _decode_attention_impl(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, 
     if S != 1 or not (kc.is_contiguous() and vc.is_contiguous()) or q.stride(-1) != 1:
         raise ValueError(f"decode_attention: one query per row and contiguous caches (q {tuple(q.shape)})")
     y = torch.empty((B, H, 1, HS), dtype=q.dtype, device=q.device)
-    launch = _LAUNCH(_batch_attn_kernel)
-    launch[(B * H,)](q, kc, vc, y, pos, H, kc.shape[2], q.stride(0), q.stride(1), scale, HS=HS,
+    wrap_triton(_batch_attn_kernel)[(B * H,)](q, kc, vc, y, pos, H, kc.shape[2], q.stride(0), q.stride(1), scale, HS=HS,
                      BLOCK_L=BATCH_ATTN_BLOCK_L, num_warps=4)
     return y
 
 
 decode_attention = None   # gpt2opt::decode_attention, a custom op torch.compile keeps in its graph (CUDA graphs too)
-_LAUNCH = lambda kernel: kernel
 if triton is not None:
-    try:
-        from torch.library import triton_op, wrap_triton
-        _LAUNCH = wrap_triton
-        decode_attention = triton_op("gpt2opt::decode_attention", mutates_args={})(_decode_attention_impl)
-    except (ImportError, RuntimeError):   # an older torch: the plain function (eager only)
-        decode_attention = _decode_attention_impl
+    from torch.library import triton_op, wrap_triton
+    decode_attention = triton_op("gpt2opt::decode_attention", mutates_args={})(_decode_attention_impl)
 
 
 def _cfg(**kw):
