@@ -228,7 +228,10 @@ if triton is not None:
         d = tl.arange(0, HS)
         r = tl.arange(0, BLOCK_L)
         base = pid.to(tl.int64) * L * HS                                  # the cache is (B, H, L, HS), contiguous
-        q = tl.load(q_ptr + b * sq_b + hd * sq_h + d).to(tl.float32)
+        # the scale folded into q, in fp32: inductor passes a Python float argument as fp64, which would turn the
+        # scores (and the loop-carried max) into fp64 ("Loop-carried variable m has initial type fp32 but is
+        # re-assigned to fp64", H100, torch 2.11's Triton 3.6)
+        q = (tl.load(q_ptr + b * sq_b + hd * sq_h + d).to(tl.float32) * scale).to(tl.float32)
         m = tl.sum(q, 0) * 0.0 - float("inf")
         l = tl.sum(q, 0) * 0.0
         acc = q * 0.0
@@ -237,7 +240,7 @@ if triton is not None:
             sm = sl < p
             kt = tl.load(kc_ptr + base + sl[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0)
             vt = tl.load(vc_ptr + base + sl[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0)
-            m, l, acc = _online_softmax_tile(q, kt, vt, sm, scale, m, l, acc)
+            m, l, acc = _online_softmax_tile(q, kt, vt, sm, 1.0, m, l, acc)
         tl.store(y_ptr + pid * HS + d, (acc / l).to(y_ptr.dtype.element_ty))
 
 
