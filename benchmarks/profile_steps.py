@@ -4,6 +4,7 @@ train  (issue 12): the native engine (model.py + the fused chunked loss, compile
        `bench train --engines native` runs it) and nanogpt_ref, same batch.
 decode (issue 13): one FastGPT2 decode step (compiled, CUDA graph off so kernels are seen one by one) per engine
        variant, plus the graphed tokens/s of each.
+decode_attn: the batched Triton decode attention alone over its tile / warp configurations, against SDPA.
 Prints the step time (CUDA events), GPU kernel time per step by class and the top kernels; writes --json.
 Usage (CUDA):  python benchmarks/profile_steps.py train --batch-size 8 --json OUT.json
                python benchmarks/profile_steps.py decode --model random:gpt2 --json OUT.json
@@ -156,6 +157,60 @@ def main_train(a):
     return out
 
 
+def main_decode_attn(a):
+    """triton_decode.decode_attention alone over its tile / warp configurations, against SDPA with the live-slot
+    mask, at the batch's decode shapes: B rows, the model's heads, a cache of prompt + new slots, the live length at
+    the first, middle and last new token. Time per call: 200 back-to-back launches between two CUDA events (after
+    20 warm-up), 5 repeats, mean +- std (a kernel of a few us: one synchronised call would time the launch)."""
+    import statistics
+
+    from gpt2opt_lib import triton_decode as td
+    dev = torch.device("cuda")
+    cfg = build_model(a.model, attn_implementation="sdpa", seed=0).config
+    B, H, HS, L = a.batch_size, cfg.n_head, cfg.n_embd // cfg.n_head, a.prompt_len + a.new_tokens
+    g = torch.Generator(device=dev).manual_seed(0)
+    kc, vc = (torch.randn(B, H, L, HS, device=dev, dtype=torch.float16, generator=g) for _ in range(2))
+    q = torch.randn(B, H, 1, HS, device=dev, dtype=torch.float16, generator=g)
+
+    def per_call_us(fn, n=200):
+        for _ in range(20):
+            fn()
+        ts = []
+        for _ in range(5):
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            for _ in range(n):
+                fn()
+            t1.record()
+            torch.cuda.synchronize()
+            ts.append(t0.elapsed_time(t1) * 1e3 / n)
+        return statistics.fmean(ts), statistics.stdev(ts)
+
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model, "batch": B,
+           "heads": H, "head_dim": HS, "cache_slots": L, "git_sha": envmod.git_sha(), "us": {}}
+    for pos in (a.prompt_len, a.prompt_len + a.new_tokens // 2, L - 1):
+        p = torch.tensor([pos], device=dev)
+        mask = (torch.arange(L, device=dev) <= pos).view(1, 1, 1, L)
+
+        def sdpa():
+            return torch.nn.functional.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=HS ** -0.5)
+        ref = sdpa()
+        row = {"sdpa_masked": per_call_us(sdpa)}
+        for bl in (16, 32, 64, 128):
+            for w in (1, 2, 4, 8):
+                td.BATCH_ATTN_BLOCK_L, td.BATCH_ATTN_WARPS = bl, w
+                y = td.decode_attention(q, kc, vc, p, HS ** -0.5)
+                row[f"l{bl}_w{w}"] = (*per_call_us(lambda: td.decode_attention(q, kc, vc, p, HS ** -0.5)),
+                                      (y.float() - ref.float()).abs().max().item())
+        out["us"][f"pos{pos}"] = row
+        best = min((k for k in row if k.startswith("l")), key=lambda k: row[k][0])
+        print(f"pos {pos}: sdpa {row['sdpa_masked'][0]:.1f} us, l64_w4 {row['l64_w4'][0]:.1f} us, best {best} "
+              f"{row[best][0]:.1f} us (max err {row[best][2]:.1e})", flush=True)
+    out["columns"] = "sdpa_masked: (mean us, std us); lN_wM: (mean us, std us, max abs error vs SDPA)"
+    td.BATCH_ATTN_BLOCK_L, td.BATCH_ATTN_WARPS = 64, 4
+    return out
+
+
 def main_decode(a):
     """Each variant: FastGPT2 built twice from the same weights, graphed (tokens/s, as bench generate times it) and
     compiled without graphs (one profiled generate: kernels one by one, per generated token)."""
@@ -173,7 +228,13 @@ def main_decode(a):
                 # the fused Triton batch-1 step (triton_decode.py); _lN: its attention tile of N cache slots
                 "fast_fused": dict(fused=True), "fast_fused_l32": dict(fused=True, attn=(32, 4)),
                 "fast_fused_l64": dict(fused=True, attn=(64, 4)),
-                "fast_fused_nopdl": dict(fused=True, pdl=False)}   # without programmatic dependent launch
+                "fast_fused_nopdl": dict(fused=True, pdl=False),   # without programmatic dependent launch
+                # batch > 1: the Triton decode attention (triton_decode.decode_attention) instead of inductor's;
+                # _lN_wM: its tile of N cache slots and M warps per (row, head) program (default l64_w4)
+                "fast_tattn": dict(gemv=False, decode_attn="triton"), "fast_gemv_tattn": dict(gemv=True, decode_attn="triton")}
+    for bl in (16, 32, 64, 128):
+        for w in (1, 2, 4, 8):
+            variants[f"fast_gemv_tattn_l{bl}_w{w}"] = dict(gemv=True, decode_attn="triton", tattn=(bl, w))
     for kw in variants.values():
         kw.setdefault("fused", False)            # the inductor variants stay inductor (fused is on by default)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model, "batch": B,
@@ -188,6 +249,9 @@ def main_decode(a):
             opts.__enter__()
             kw = dict(kw)
             attn, pdl = kw.pop("attn", None), kw.pop("pdl", None)
+            if "decode_attn" in kw:
+                from gpt2opt_lib import triton_decode as td
+                td.BATCH_ATTN_BLOCK_L, td.BATCH_ATTN_WARPS = kw.pop("tattn", (64, 4))
 
             def engine(**more):
                 e = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, **kw, **more)
@@ -230,7 +294,7 @@ def main_decode(a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["train", "decode"])
+    ap.add_argument("mode", choices=["train", "decode", "decode_attn"])
     ap.add_argument("--model", default=None, help="default random:gpt2")
     ap.add_argument("--batch-size", type=int, default=None, help="default 8 (train), 1 (decode)")
     ap.add_argument("--seq-len", type=int, default=1024)
@@ -245,6 +309,9 @@ def main():
         a.batch_size = a.batch_size or 8
         a.engines = a.engines or "native,native_eager_loss,nanogpt_ref"
         out = main_train(a)
+    elif a.mode == "decode_attn":
+        a.batch_size = a.batch_size or 32
+        out = main_decode_attn(a)
     else:
         a.batch_size = a.batch_size or 1
         a.engines = a.engines or "fast,fast_gemv,fast_int4,fast_int4_gemv"
