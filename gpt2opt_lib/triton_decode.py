@@ -245,7 +245,8 @@ if triton is not None:
 
 
 BATCH_ATTN_BLOCK_L = 64   # cache slots per loop iteration of the batched decode attention
-BATCH_ATTN_WARPS = 4      # warps per (row, head) program (benchmarks/profile_steps.py decode sweeps both)
+BATCH_ATTN_WARPS = 4      # warps per (row, head) program
+BATCH_ATTN_STAGES = 3     # software-pipelining stages of the tile loop (benchmarks/profile_steps.py decode_attn sweeps all three)
 
 
 def _decode_attention_impl(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
@@ -255,7 +256,8 @@ def _decode_attention_impl(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, 
         raise ValueError(f"decode_attention: one query per row and contiguous caches (q {tuple(q.shape)})")
     y = torch.empty((B, H, 1, HS), dtype=q.dtype, device=q.device)
     wrap_triton(_batch_attn_kernel)[(B * H,)](q, kc, vc, y, pos, H, kc.shape[2], q.stride(0), q.stride(1), scale, HS=HS,
-                     BLOCK_L=BATCH_ATTN_BLOCK_L, num_warps=BATCH_ATTN_WARPS)
+                     BLOCK_L=BATCH_ATTN_BLOCK_L, num_warps=BATCH_ATTN_WARPS,
+                     num_stages=BATCH_ATTN_STAGES)
     return y
 
 
