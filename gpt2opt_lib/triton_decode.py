@@ -244,9 +244,14 @@ if triton is not None:
         tl.store(y_ptr + pid * HS + d, (acc / l).to(y_ptr.dtype.element_ty))
 
 
-BATCH_ATTN_BLOCK_L = 64   # cache slots per loop iteration of the batched decode attention
-BATCH_ATTN_WARPS = 4      # warps per (row, head) program
-BATCH_ATTN_STAGES = 3     # software-pipelining stages of the tile loop (benchmarks/profile_steps.py decode_attn sweeps all three)
+# The batched decode attention's launch configuration: cache slots per loop iteration, warps per (row, head)
+# program, software-pipelining stages of the tile loop. From the H100 sweep (benchmarks/profile_steps.py
+# decode_attn, benchmarks/results/h100_decode_attn_sweep_gpt2_bs32.json: gpt2, batch 32, 160-slot cache, GPU time
+# per call in a CUDA graph): one warp per program is fastest at every live length, 3.1 / 4.8 / 6.4 us at 33 / 97 /
+# 160 live slots (the last ~2.5 TB/s of K/V) against 4.1 / 6.4 / 8.6 us for 4 warps and 14-15 us for masked SDPA.
+BATCH_ATTN_BLOCK_L = 64
+BATCH_ATTN_WARPS = 1
+BATCH_ATTN_STAGES = 2
 
 
 def _decode_attention_impl(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
