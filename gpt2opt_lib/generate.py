@@ -127,12 +127,12 @@ class _Block(nn.Module):
         mask (1, 1, S, L) bool, True = attend (query i: slots <= pos[i]). live: every row attends to exactly slots
         0..pos (a uniform batch's decode step), which the Triton decode attention reads without a mask."""
         q, k, v = self._qkv(x)                                          # (B, nh, S, hs)
+        if self.triton_attn and live and x.shape[1] == 1:               # writes slot pos itself, then attends
+            from .triton_decode import decode_attention_write_kv
+            return self._out(x, decode_attention_write_kv(q, k, v, kc, vc, pos, self.scale))   # y (B, nh, 1, hs)
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v)
-        if self.triton_attn and live and x.shape[1] == 1:
-            from .triton_decode import decode_attention
-            y = decode_attention(q, kc, vc, pos, self.scale)            # (B, nh, 1, hs)
-        elif self.math_attn:   # a few queries against L cached keys: reductions inductor fuses (mask, softmax, PV)
+        if self.math_attn:   # a few queries against L cached keys: reductions inductor fuses (mask, softmax, PV)
             att = (q.unsqueeze(-2).float() * kc.unsqueeze(-3).float()).sum(-1) * self.scale    # (B, nh, S, L)
             att = att.masked_fill(~mask, float("-inf")).softmax(-1)
             y = (att.unsqueeze(-1) * vc.unsqueeze(-3).float()).sum(-2).to(q.dtype)            # (B, nh, S, hs)

@@ -216,28 +216,41 @@ if triton is not None:
 
 
     @triton.jit
-    def _batch_attn_kernel(q_ptr, kc_ptr, vc_ptr, y_ptr, pos_ptr, H, L, sq_b, sq_h, scale, HS: tl.constexpr,
-                           BLOCK_L: tl.constexpr):
-        """One (row, head) of a uniform batch's decode step (every row at the same position `pos`, the step has
-        already written slot pos): y = softmax(q K[0..pos]^T * scale) V[0..pos], online softmax in fp32, over the
-        live slots only (read on the device), each K/V byte read once."""
+    def _batch_attn_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, y_ptr, pos_ptr, H, L, s_b, s_h, scale,
+                           HS: tl.constexpr, BLOCK_L: tl.constexpr, WRITE_KV: tl.constexpr):
+        """One (row, head) of a uniform batch's decode step, every row at the same position `pos`:
+        y = softmax(q K[0..pos]^T * scale) V[0..pos], online softmax in fp32 over the live slots only (read on the
+        device), each K/V byte read once. WRITE_KV: the step's new k, v (strided like q) are written to slot pos
+        here (no cache-write kernel before it) and attended from registers, the loop reading slots 0..pos-1 only;
+        otherwise the caller wrote slot pos and the loop reads 0..pos."""
         pid = tl.program_id(0)
         b = pid // H
         hd = pid % H
-        p = tl.load(pos_ptr) + 1                                          # live slots 0 .. pos
+        p = tl.load(pos_ptr)
         d = tl.arange(0, HS)
         r = tl.arange(0, BLOCK_L)
         base = pid.to(tl.int64) * L * HS                                  # the cache is (B, H, L, HS), contiguous
         # the scale folded into q, in fp32: inductor passes a Python float argument as fp64, which would turn the
         # scores (and the loop-carried max) into fp64 ("Loop-carried variable m has initial type fp32 but is
         # re-assigned to fp64", H100, torch 2.11's Triton 3.6)
-        q = (tl.load(q_ptr + b * sq_b + hd * sq_h + d).to(tl.float32) * scale).to(tl.float32)
-        m = tl.sum(q, 0) * 0.0 - float("inf")
-        l = tl.sum(q, 0) * 0.0
-        acc = q * 0.0
-        for s0 in range(0, p, BLOCK_L):
+        q = (tl.load(q_ptr + b * s_b + hd * s_h + d).to(tl.float32) * scale).to(tl.float32)
+        if WRITE_KV:
+            kn = tl.load(k_ptr + b * s_b + hd * s_h + d)
+            vn = tl.load(v_ptr + b * s_b + hd * s_h + d)
+            tl.store(kc_ptr + base + p * HS + d, kn)
+            tl.store(vc_ptr + base + p * HS + d, vn)
+            m = tl.sum(q * kn.to(tl.float32), 0)                          # the new token attends to itself
+            l = m * 0.0 + 1.0
+            acc = vn.to(tl.float32)
+            live = p                                                      # cached slots 0 .. pos-1
+        else:
+            m = tl.sum(q, 0) * 0.0 - float("inf")
+            l = tl.sum(q, 0) * 0.0
+            acc = q * 0.0
+            live = p + 1                                                  # slots 0 .. pos
+        for s0 in range(0, live, BLOCK_L):
             sl = s0 + r
-            sm = sl < p
+            sm = sl < live
             kt = tl.load(kc_ptr + base + sl[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0)
             vt = tl.load(vc_ptr + base + sl[:, None] * HS + d[None, :], mask=sm[:, None], other=0.0)
             m, l, acc = _online_softmax_tile(q, kt, vt, sm, 1.0, m, l, acc)
@@ -254,22 +267,39 @@ BATCH_ATTN_WARPS = 1
 BATCH_ATTN_STAGES = 2
 
 
-def _decode_attention_impl(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+def _launch_batch_attn(q, k, v, kc, vc, pos, scale, write_kv: bool) -> torch.Tensor:
     B, H, S, HS = q.shape
-    if S != 1 or not (kc.is_contiguous() and vc.is_contiguous()) or q.stride(-1) != 1:
-        raise ValueError(f"decode_attention: one query per row and contiguous caches (q {tuple(q.shape)})")
+    if S != 1 or not (kc.is_contiguous() and vc.is_contiguous()) or q.stride(-1) != 1 or \
+            (write_kv and not (k.stride() == q.stride() == v.stride())):
+        raise ValueError(f"decode_attention: one query per row, contiguous caches, k / v strided like q "
+                         f"(q {tuple(q.shape)})")
     y = torch.empty((B, H, 1, HS), dtype=q.dtype, device=q.device)
-    wrap_triton(_batch_attn_kernel)[(B * H,)](q, kc, vc, y, pos, H, kc.shape[2], q.stride(0), q.stride(1), scale, HS=HS,
-                     BLOCK_L=BATCH_ATTN_BLOCK_L, num_warps=BATCH_ATTN_WARPS,
-                     num_stages=BATCH_ATTN_STAGES)
+    wrap_triton(_batch_attn_kernel)[(B * H,)](q, k, v, kc, vc, y, pos, H, kc.shape[2], q.stride(0), q.stride(1),
+                                              scale, HS=HS, BLOCK_L=BATCH_ATTN_BLOCK_L, WRITE_KV=write_kv,
+                                              num_warps=BATCH_ATTN_WARPS, num_stages=BATCH_ATTN_STAGES)
     return y
 
 
-decode_attention = None   # gpt2opt::decode_attention, a custom op torch.compile keeps in its graph (CUDA graphs too)
+def _decode_attention_impl(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """q (B, H, 1, HS) over the caches' slots 0..pos (pos (1,) long, slot pos already written)."""
+    return _launch_batch_attn(q, q, q, kc, vc, pos, scale, False)
+
+
+def _decode_attention_write_kv_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor,
+                                    vc: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """As decode_attention, and writes the step's k, v (B, H, 1, HS) into slot pos of kc, vc first (in place)."""
+    return _launch_batch_attn(q, k, v, kc, vc, pos, scale, True)
+
+
+# custom ops torch.compile keeps in its graph (CUDA graphs too): gpt2opt::decode_attention (the caller wrote slot
+# pos) and gpt2opt::decode_attention_write_kv (writes it: one kernel per layer fewer, what FastGPT2 uses)
+decode_attention = decode_attention_write_kv = None
 if triton is not None:
     from torch.library import triton_op, wrap_triton
     decode_attention = triton_op("gpt2opt::decode_attention", mutates_args={})(_decode_attention_impl)
+    decode_attention_write_kv = triton_op("gpt2opt::decode_attention_write_kv",
+                                          mutates_args={"kc", "vc"})(_decode_attention_write_kv_impl)
 
 
 def _cfg(**kw):

@@ -212,6 +212,29 @@ def test_batched_decode_attention_against_sdpa(pos):
     assert torch.isfinite(triton_decode.decode_attention(q, kc, vc, p, 0.3)).all()
 
 
+@pytest.mark.parametrize("pos", [0, 64, 70])   # 64: the cached slots fill exactly one tile
+def test_batched_decode_attention_writing_the_new_kv(pos):
+    """decode_attention_write_kv: slot pos of both caches gets the step's k, v (strided views of a fused qkv row, as
+    the engine passes them), every other slot is untouched, and y equals SDPA over the updated caches."""
+    dev = _device()
+    g = torch.Generator().manual_seed(100 + pos)
+    B, H, L, HS = 3, 4, 80, 16
+    kc, vc = (torch.randn(B, H, L, HS, generator=g).to(dev) for _ in range(2))
+    qkv = torch.randn(B, 1, 3 * H * HS, generator=g).to(dev)
+    q, k, v = (t.view(B, 1, H, HS).transpose(1, 2) for t in qkv.split(H * HS, dim=-1))
+    kc[:, :, pos + 1:] = float("nan")                # slots past pos are never read
+    kc0, vc0 = kc.clone(), vc.clone()
+    p = torch.tensor([pos], device=dev)
+    y = triton_decode.decode_attention_write_kv(q, k, v, kc, vc, p, 0.3)
+    assert torch.equal(kc[:, :, pos], k[:, :, 0]) and torch.equal(vc[:, :, pos], v[:, :, 0])
+    others = torch.arange(L, device=dev) != pos
+    assert torch.equal(kc[:, :, others].nan_to_num(7.0), kc0[:, :, others].nan_to_num(7.0))
+    assert torch.equal(vc[:, :, others], vc0[:, :, others])
+    live = (torch.arange(L, device=dev) <= pos).view(1, 1, 1, L)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kc.nan_to_num(0.0), vc, scale=0.3, attn_mask=live)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_batched_engine_with_triton_attention_equals_inductor_attention():
     """Batch 3 (the compiled step's uniform decode, not the fused batch-1 path), greedy: the engine attending
     through decode_attention writes the same tokens and caches as the one attending through SDPA."""
@@ -243,17 +266,19 @@ def test_batched_attention_kernel_compiles_with_inductors_fp64_float_argument():
         except ImportError:
             sys.exit(77)
         from gpt2opt_lib import triton_decode
-        sig = {"q_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16", "y_ptr": "*fp16", "pos_ptr": "*i64",
-               "H": "i32", "L": "i32", "sq_b": "i32", "sq_h": "i32", "scale": "fp64", "HS": "constexpr",
-               "BLOCK_L": "constexpr"}
-        src = ASTSource(fn=triton_decode._batch_attn_kernel, signature=sig, constexprs={"HS": 64, "BLOCK_L": 64})
-        try:
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-        except RuntimeError as e:            # no ptxas here: the front end's type check above it still ran
-            if "ptxas" in str(e).lower():
-                sys.exit(77)
-            raise
-        assert kernel.asm.get("ttir")
+        sig = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
+               "y_ptr": "*fp16", "pos_ptr": "*i64", "H": "i32", "L": "i32", "s_b": "i32", "s_h": "i32",
+               "scale": "fp64", "HS": "constexpr", "BLOCK_L": "constexpr", "WRITE_KV": "constexpr"}
+        for write_kv in (False, True):
+            src = ASTSource(fn=triton_decode._batch_attn_kernel, signature=sig,
+                            constexprs={"HS": 64, "BLOCK_L": 64, "WRITE_KV": write_kv})
+            try:
+                kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+            except RuntimeError as e:        # no ptxas here: the front end's type check above it still ran
+                if "ptxas" in str(e).lower():
+                    sys.exit(77)
+                raise
+            assert kernel.asm.get("ttir")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
