@@ -74,7 +74,7 @@ _ACTS = {
 
 class _Block(nn.Module):
     math_attn = False    # gemv decode: attention over the cache as plain reductions (fused by inductor), not SDPA
-    triton_attn = False  # uniform-batch decode: triton_decode.decode_attention over the live slots (a custom op)
+    triton_attn = False  # uniform-batch decode: triton_decode.decode_attention_write_kv (a custom op)
 
     def __init__(self, hf_block: nn.Module, cfg, layer_idx: int, dtype, device):
         super().__init__()
@@ -184,8 +184,9 @@ class _Core(nn.Module):
                 m.math_attn = on
 
     def use_triton_attention(self, on: bool) -> None:
-        """Uniform-batch decode steps attend through triton_decode.decode_attention (one program per row and head,
-        the live slots only, each K/V byte read once) instead of SDPA / inductor's reductions."""
+        """Uniform-batch decode steps write their K/V and attend through triton_decode.decode_attention_write_kv (one
+        program per row and head, the live slots only, each K/V byte read once) instead of SDPA / inductor's
+        reductions."""
         for m in self.modules():
             if isinstance(m, _Block):
                 m.triton_attn = on
@@ -326,12 +327,13 @@ class FastGPT2:
         compiles and graphs on CUDA, triton is importable and the weights are 16/32-bit (`fused_off_reason` says
         why not otherwise); True insists (a ValueError names what is missing); False = the inductor step only.
         decode_attn: the attention of the uniform-batch decode step (batch > 1, or batch 1 off the fused path):
-        "inductor" (SDPA, or inductor's reductions under gemv; what "auto" picks) or "triton"
-        (triton_decode.decode_attention, a custom op: one program per row and head over the live slots).
-        "triton" is experimental: correct eagerly (tests, Triton's CPU interpreter), but at 89c12cb inductor failed
-        to compile the kernel inside the compiled step on an H100 (benchmarks/results/
-        h100_generate_gpt2_bs32_triton_attn_ab.json), so "auto" does not pick it yet. Ragged batches and
-        speculative verification keep the masked path.
+        "triton" (triton_decode.decode_attention_write_kv, a custom op kept inside the compiled step and its CUDA
+        graph: one program per row and head writes the step's K/V and attends over the live slots only) or
+        "inductor" (SDPA over the whole static cache with a mask, or inductor's reductions under gemv). "auto" =
+        "triton" where the engine compiles on CUDA with triton importable and power-of-two head sizes, else
+        "inductor". gpt2 fp16 batch 32 on one H100: 62,247 tokens/s against 50,468 for inductor's attention, same
+        run (benchmarks/results/h100_generate_gpt2_bs32_tattn_write_kv.json). Ragged batches and speculative
+        verification keep the masked path.
         """
         if decode_attn not in ("auto", "triton", "inductor"):
             raise ValueError(f"decode_attn must be 'auto', 'triton' or 'inductor', got {decode_attn!r}")
@@ -366,13 +368,15 @@ class FastGPT2:
         self._pool = None
 
     def _decode_attn(self, choice: str) -> str:
-        if choice != "triton":      # "auto": inductor, until the Triton op compiles inside the CUDA step (__init__)
-            return "inductor"
+        if choice == "inductor" or (choice == "auto" and not (self.compile and self.device.type == "cuda")):
+            return "inductor"       # (decided before importing the kernels: CPU engines never load triton here)
         from . import triton_decode
         pow2 = all(b.head_dim & (b.head_dim - 1) == 0 for b in self.core.blocks)
-        if triton_decode.decode_attention is None or not triton_decode.available(self.device) or not pow2:
+        if triton_decode.decode_attention_write_kv is None or not triton_decode.available(self.device) or not pow2:
+            if choice == "auto":
+                return "inductor"
             raise ValueError("decode_attn='triton' needs triton on this device and power-of-two head sizes")
-        return choice
+        return "triton"
 
     def _fused_decode(self, fused):
         if fused is False or (fused == "auto" and not (self.compile and self.use_cuda_graph)):

@@ -4,6 +4,12 @@ What it does per optimizer step: `grad_accum` micro-batches under autocast (bf16
 T4-class GPUs, fp32 on CPU), fused AdamW on CUDA, gradient clipping, a linear-warm-up + cosine schedule, and an
 optional `after_step` hook (e.g. re-applying pruning masks). No host syncs inside the step: losses stay on the
 device and step times are CUDA events read once per epoch.
+
+`TrainSpec.cuda_graph`: after `cuda_graph_warmup` eager steps (compile, autotuning, the optimizer state), the whole
+optimizer step (forward, loss, backward, clipping, AdamW with a device-side learning rate) is captured once in one
+CUDA graph and replayed for every later batch: no per-kernel launch cost, and one private memory pool instead of
+the caching allocator's (or cudagraph trees') per-graph pools. CUDA, one rank, grad_accum 1, no fp16 loss scaling;
+otherwise, or if the capture fails, the step runs eagerly and the history says why (`cuda_graph_off_reason`).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import dataclasses
 import math
 import statistics
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -37,6 +44,8 @@ class TrainSpec:
     gradient_checkpointing: bool = False
     seed: int = 0
     parallel: str = "ddp"              # under a process group of more than one rank: "ddp" or "fsdp" (FSDP2)
+    cuda_graph: bool = False           # the whole step as one CUDA graph after warm-up (see the module docstring)
+    cuda_graph_warmup: int = 3         # eager steps before the capture (compile, autotuning, optimizer state)
 
 
 class StepTimer:
@@ -66,7 +75,10 @@ class StepTimer:
         return out
 
 
-def make_optimizer(params, spec: TrainSpec, device: torch.device):
+def make_optimizer(params, spec: TrainSpec, device: torch.device, capturable: bool = False):
+    """AdamW (fused on CUDA). capturable: its step may be captured in a CUDA graph (step counts and the learning
+    rate live on the device; the schedule writes the rate in place, `initial_lr` stays a float so computing it
+    never syncs)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
@@ -74,7 +86,48 @@ def make_optimizer(params, spec: TrainSpec, device: torch.device):
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
+    if capturable:
+        groups = [dict(g, lr=torch.tensor(spec.lr, dtype=torch.float32, device=device), initial_lr=spec.lr)
+                  for g in groups]
+        return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), fused=True, capturable=True)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), fused=fused or None)
+
+
+def graph_step_blocker(spec: TrainSpec, device: torch.device, world: int, scaler) -> str | None:
+    """Why `spec.cuda_graph` cannot hold here (None: it can)."""
+    if device.type != "cuda":
+        return "CUDA only"
+    if world > 1:
+        return "one rank only (DDP / FSDP communicate inside the step)"
+    if spec.grad_accum != 1:
+        return f"grad_accum 1 only (got {spec.grad_accum})"
+    if scaler is not None:
+        return "fp16 loss scaling reads its scale on the host (use bf16)"
+    return None
+
+
+class _GraphStep:
+    """One optimizer step captured in a CUDA graph: a static input batch, the captured loss and parts (overwritten
+    by each replay; the caller clones them)."""
+
+    def __init__(self, model, loss_fn, mb, params, opt, spec: TrainSpec, amp_dtype, device: torch.device):
+        self.ids = mb.to(device).clone()
+        opt.zero_grad(set_to_none=True)                 # the captured backward allocates them in the graph's pool
+        torch.cuda.synchronize(device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss, parts = loss_fn(model, self.ids)
+            loss.backward()
+            if spec.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+            opt.step()
+        self.loss, self.parts = loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+    def __call__(self, mb):
+        self.ids.copy_(mb, non_blocking=True)
+        self.graph.replay()
+        return self.loss.clone(), {k: v.clone() for k, v in self.parts.items()}
 
 
 def lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:
@@ -96,6 +149,9 @@ def check_spec(spec: TrainSpec, blocks: torch.Tensor) -> None:
             raise ValueError(f"TrainSpec.{name}={getattr(spec, name)!r} must be >= 0")
     if not spec.lr > 0:
         raise ValueError(f"TrainSpec.lr={spec.lr!r} must be > 0")
+    if not isinstance(spec.cuda_graph_warmup, int) or spec.cuda_graph_warmup < 1:
+        raise ValueError(f"TrainSpec.cuda_graph_warmup={spec.cuda_graph_warmup!r} must be an integer >= 1 (the "
+                         f"first step compiles and builds the optimizer state: it cannot be captured)")
     if spec.weight_decay < 0 or (spec.grad_clip or 0) < 0:
         raise ValueError(f"TrainSpec.weight_decay={spec.weight_decay!r} and grad_clip={spec.grad_clip!r} must be >= 0")
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[1] < 2:
@@ -155,7 +211,9 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
         work = model
         runner = D.wrap_model(D.LossModule(model, loss_fn), "ddp", device)  # broadcasts rank 0's weights
         params = list(params if params is not None else model.parameters())
-    opt = make_optimizer(params, spec, device)
+    graph_off = graph_step_blocker(spec, device, W, scaler) if spec.cuda_graph else "off"
+    opt = make_optimizer(params, spec, device, capturable=graph_off is None)
+    graph_step = None
     steps_per_epoch = len(epoch_batches(blocks, gspec, 0)) // spec.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size*grad_accum={spec.batch_size * spec.grad_accum} exceeds the train blocks")
@@ -175,8 +233,28 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
         losses, parts_acc = [], {}
         timer.mark()
         for i in range(0, len(batches), spec.grad_accum):
-            step_loss = torch.zeros((), device=device)
             group = batches[i: i + spec.grad_accum]
+            if graph_off is None and step >= spec.cuda_graph_warmup and graph_step is None:
+                try:
+                    graph_step = _GraphStep(work, loss_fn, group[0], params, opt, spec, amp_dtype, device)
+                except Exception as e:  # noqa: BLE001 - a step that cannot be captured still trains, eagerly
+                    torch.cuda.synchronize(device)
+                    graph_off = f"capture failed: {type(e).__name__}: {e}"[:300]
+                    warnings.warn(f"{desc}: CUDA graph of the step off ({graph_off}); training eagerly")
+                    opt.zero_grad(set_to_none=True)
+            if graph_step is not None:
+                step_loss, parts = graph_step(group[0])
+                for k, v in parts.items():
+                    parts_acc.setdefault(k, []).append(v)
+                sched.step()
+                if after_step is not None:
+                    after_step()
+                losses.append(step_loss)
+                timer.mark()
+                step += 1
+                bar.update(1)
+                continue
+            step_loss = torch.zeros((), device=device)
             for j, mb in enumerate(group):
                 if device.type == "cuda" and j == 0:
                     # a model compiled with CUDA graphs may reuse its output buffers from here on: once per optimizer
@@ -274,5 +352,6 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
         "train_state_mb_per_rank": state_bytes / 2**20,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad) if fsdp
         else sum(p.numel() for p in params if p.requires_grad),
+        "cuda_graph": graph_step is not None, "cuda_graph_off_reason": None if graph_step is not None else graph_off,
     }
     return hist

@@ -264,8 +264,13 @@ def test_train_bench_on_gpu(tmp_path):
     out = tmp_path / "g.json"
     rep = bench.main(["train", "--model", "random:tiny", "--teacher", "random:tiny-teacher", "--dtype", "bf16",
                       "--batch-size", "4", "--seq-len", "64", "--steps", "3", "--warmup", "2",
-                      "--engines", "hf,fast,kd_hf,kd_fast,qlora,nanogpt_ref,native,kd_native", "--json", str(out)])
+                      "--engines", "hf,fast,kd_hf,kd_fast,qlora,nanogpt_ref,native,kd_native,native_sg,qlora_native_sg",
+                      "--json", str(out)])
     e = rep["engines"]
+    for name in ("native_sg", "qlora_native_sg"):   # the whole step captured in one CUDA graph, compiled inside
+        assert e[name]["cuda_graphs"] == "whole step (train.TrainSpec.cuda_graph)", e[name]
+        assert e[name]["compiled"] and "compile_error" not in e[name] and e[name]["peak_mem_mb"] > 0
+    assert e["native_sg"]["first_loss"] == pytest.approx(e["native"]["first_loss"], rel=1e-3)
     for name in ("hf", "fast", "kd_hf", "kd_fast", "nanogpt_ref", "native", "kd_native"):
         assert "error" not in e[name], e[name]
         assert e[name]["peak_mem_mb"] > 0 and e[name]["mfu"] > 0 and e[name]["mem_vs_hf"] > 0
@@ -285,7 +290,7 @@ def test_qlora_native_variants_same_start_and_records(tmp_path, one_thread):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "q.json"
     bench.main(TINY + ["--dtype", "fp32", "--engines", "qlora_native,qlora_native_lean,qlora_native_budget,"
-                       "qlora_native_nockpt", "--json", str(out)])
+                       "qlora_native_nockpt,qlora_native_sg", "--json", str(out)])
     e = json.loads(out.read_text())["engines"]
     first = {k: v["first_loss"] for k, v in e.items()}
     assert len(set(round(x, 5) for x in first.values())) == 1, first
@@ -295,6 +300,7 @@ def test_qlora_native_variants_same_start_and_records(tmp_path, one_thread):
     assert e["qlora_native_budget"]["activation_memory_budget"] == 0.1
     assert e["qlora_native_budget"]["loss"] == e["qlora_native"]["loss"] == "distill.make_lm_loss_fn(chunk_tokens=1024)"
     assert all(v["cuda_graphs"] is False for v in e.values())                # CPU: no graphs
+    assert e["qlora_native_sg"]["gradient_checkpointing"] and e["qlora_native_sg"]["cuda_graph_off_reason"] == "CUDA only"
 
 
 def test_reserved_peak_replaces_allocated_under_cuda_graphs(monkeypatch):

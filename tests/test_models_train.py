@@ -143,7 +143,7 @@ def test_scratch_teacher_stops_early_and_keeps_its_best_epoch(tmp_path, engine):
 
 
 @pytest.mark.parametrize("field,value", [("batch_size", 0), ("batch_size", -2), ("grad_accum", 0), ("epochs", 0),
-                                         ("lr", 0.0), ("warmup_steps", -1)])
+                                         ("lr", 0.0), ("warmup_steps", -1), ("cuda_graph_warmup", 0)])
 def test_train_rejects_bad_spec_naming_the_field(field, value):
     import dataclasses as dc
 
@@ -235,3 +235,63 @@ def test_hub_id_without_network_fails_fast_with_one_clear_error(monkeypatch, tmp
     with pytest.raises(FileNotFoundError, match="hub is unreachable"):
         models.load_model("gpt2opt-test/no-such-model")
     assert time.perf_counter() - t0 < 10
+
+
+def test_cuda_graph_step_says_why_it_is_off():
+    """TrainSpec.cuda_graph where it cannot hold: the step runs eagerly and the summary names the reason."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    spec = train.TrainSpec(cuda_graph=True)
+    assert train.graph_step_blocker(spec, cpu, 1, None) == "CUDA only"
+    assert "one rank" in train.graph_step_blocker(spec, gpu, 2, None)
+    assert "grad_accum" in train.graph_step_blocker(train.TrainSpec(grad_accum=2), gpu, 1, None)
+    assert "loss scaling" in train.graph_step_blocker(spec, gpu, 1, object())
+    assert train.graph_step_blocker(spec, gpu, 1, None) is None
+    m = models.build_model("random:tiny", seed=0)
+    spec = train.TrainSpec(epochs=1, batch_size=2, precision="fp32", cuda_graph=True)
+    h = train.train(m, torch.randint(0, 99, (6, 8)), distill.make_lm_loss_fn(0), spec, cpu, progress=False)
+    assert h["summary"]["cuda_graph"] is False and h["summary"]["cuda_graph_off_reason"] == "CUDA only"
+    h = train.train(m, torch.randint(0, 99, (6, 8)), distill.make_lm_loss_fn(0), train.TrainSpec(
+        epochs=1, batch_size=2, precision="fp32"), cpu, progress=False)
+    assert h["summary"]["cuda_graph_off_reason"] == "off"
+
+
+def test_capturable_optimizer_keeps_the_schedule_on_the_device():
+    """The graphed step's AdamW reads its learning rate from a device tensor that the schedule writes in place
+    (a float would be frozen into the graph at capture); initial_lr stays a float (no sync to compute the rate)."""
+    m = models.build_model("random:tiny", seed=0)
+    spec = train.TrainSpec(lr=2e-3, warmup_steps=4)
+    opt = train.make_optimizer(m.parameters(), spec, torch.device("cpu"), capturable=True)
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert all(isinstance(t, torch.Tensor) for t in lrs) and all(g["initial_lr"] == 2e-3 for g in opt.param_groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.lr_lambda(100, 4))
+    for k in range(3):   # warm-up: (k + 1) / 4 of lr after step k, in the same tensors
+        assert all(g["lr"] is t for g, t in zip(opt.param_groups, lrs))
+        assert lrs[0].item() == pytest.approx(2e-3 * (k + 1) / 4)
+        sched.step()
+    assert isinstance(opt.param_groups[0]["initial_lr"], float)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_gpu_cuda_graph_step_trains_as_the_eager_step(ckpt):
+    """Same model, data and schedule: the graphed step (captured after 2 eager steps, 6 replays over 2 epochs, with
+    and without activation checkpointing) gives the eager loop's losses and weights, fp32, no dropout."""
+    from gpt2opt_lib import model as NM
+
+    blocks = torch.randint(0, 99, (16, 32), generator=torch.Generator().manual_seed(0))
+    out = []
+    for graph in (False, True):
+        hf = models.build_model("random:custom:n_layer=2,n_embd=64,n_head=4", seed=0)
+        hf.config.resid_pdrop = hf.config.embd_pdrop = hf.config.attn_pdrop = 0.0
+        m = NM.from_hf(hf).cuda()
+        spec = train.TrainSpec(epochs=2, batch_size=4, lr=3e-3, warmup_steps=3, precision="fp32",
+                               cuda_graph=graph, cuda_graph_warmup=2, gradient_checkpointing=ckpt)
+        h = train.train(m, blocks, distill.make_lm_loss_fn(64), spec, torch.device("cuda"), progress=False)
+        assert h["summary"]["cuda_graph"] is graph, h["summary"]["cuda_graph_off_reason"]
+        out.append((h["step_loss"], [p.detach().clone() for p in m.parameters()]))
+    (l0, w0), (l1, w1) = out
+    assert len(l0) == len(l1) == 8 and l1[-1] < l1[0]
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-4, atol=1e-5)
+    for a, b in zip(w0, w1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

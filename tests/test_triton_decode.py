@@ -250,6 +250,7 @@ def test_batched_engine_with_triton_attention_equals_inductor_attention():
         torch.testing.assert_close(kt[:, :, :78], kr[:, :, :78], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="decode_attn"):
         FastGPT2(model, decode_attn="flash", **kw)
+    assert FastGPT2(model, **kw).decode_attn == "inductor"   # "auto" off CUDA / uncompiled: no Triton op
 
 
 def test_batched_attention_kernel_compiles_with_inductors_fp64_float_argument():
@@ -296,8 +297,9 @@ def test_gpu_graph_engine_batched_triton_attention_equals_inductor(dtype):
     model = tiny_model(seed=23).to("cuda")
     ids = _prompt(9, seed=24, B=4)
     tri = FastGPT2(model, max_batch_size=4, max_seq_len=80, dtype=dtype, decode_attn="triton")
-    ref = FastGPT2(model, max_batch_size=4, max_seq_len=80, dtype=dtype)
-    assert tri.decode_attn == "triton" and tri.use_cuda_graph and tri.compile
+    ref = FastGPT2(model, max_batch_size=4, max_seq_len=80, dtype=dtype, decode_attn="inductor")
+    assert tri.decode_attn == "triton" and tri.use_cuda_graph and tri.compile and ref.decode_attn == "inductor"
+    assert FastGPT2(model, max_batch_size=4, max_seq_len=80, dtype=dtype).decode_attn == "triton"   # "auto" on CUDA
     a, b = tri.generate(ids, 60), ref.generate(ids, 60)
     if dtype == torch.float32:
         assert torch.equal(a, b)

@@ -63,7 +63,8 @@ def _common(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engines", default=None, help="explicit comma list of engines (overrides --quant defaults); "
                    "generate: hf, hf_static, hf_nf4, fast[_int8|_int4] with optional suffixes _inductor (no fused "
-                   "batch-1 kernels), _nogemv, _tattn (the Triton decode attention, experimental)")
+                   "batch-1 kernels), _nogemv, _tattn / _iattn (batch > 1 attention: the Triton decode "
+                   "kernel, the CUDA default / inductor's)")
     p.add_argument("--no-compile", dest="compile", action="store_false", default="auto")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default="auto")
 

@@ -82,9 +82,10 @@ def cmd_generate(args) -> dict:
         elif name.startswith("fast"):
             # *_inductor: the compiled inductor step only, without the fused Triton batch-1 kernels (A/B of
             # FastGPT2's fused switch); *_nogemv: that step without its GEMV path either (A/B of the gemv switch)
-            # *_tattn: the decode step attends through the Triton custom op (FastGPT2 decode_attn="triton")
-            attn = "triton" if name.endswith("_tattn") else "auto"
-            stem = name.removesuffix("_tattn")
+            # *_tattn / *_iattn: the uniform-batch decode step attends through the Triton custom op / inductor's
+            # attention (FastGPT2 decode_attn="triton" / "inductor"; "auto", the default, picks triton on CUDA)
+            attn = {"_tattn": "triton", "_iattn": "inductor"}.get(name[-6:], "auto")
+            stem = name.removesuffix("_tattn").removesuffix("_iattn")
             gemv = not stem.endswith("_nogemv")
             fused = "auto" if gemv and not stem.endswith("_inductor") else False
             base = stem.removesuffix("_nogemv").removesuffix("_inductor")

@@ -29,14 +29,18 @@ TRAIN_ENGINES = ("hf", "hf_eager", "nanogpt_ref", "fast", "fast_ckpt", "native",
                  "lora", "lora_pruned", "qlora", "lora_native", "qlora_native")
 # hf_fp32: full fine-tune without autocast (slow); qlora_native_nockpt / _budget / _lean: QLoRA's memory-speed points
 # lora_native_unfolded: LoRALinear.fold off (the two-branch adapter, what dropout > 0 runs): the fold's same-run A/B
+# *_sg: the same engine with the whole optimizer step captured in one CUDA graph (train.TrainSpec.cuda_graph; the
+# model compiled without inductor's cudagraph trees): the same-run A/B of the two ways to graph a step
+STEP_GRAPH_ENGINES = ("native_sg", "kd_native_sg", "lora_native_sg", "qlora_native_sg", "qlora_native_nockpt_sg")
 OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
-                          "lora_native_unfolded")
+                          "lora_native_unfolded") + STEP_GRAPH_ENGINES
 COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native",
               "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
-              "lora_native_unfolded")
+              "lora_native_unfolded") + STEP_GRAPH_ENGINES
 # --compile auto on CUDA: each compiled model costs ~15-40 s
 AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
-                 "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean", "lora_native_unfolded")
+                 "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean", "lora_native_unfolded") + \
+    STEP_GRAPH_ENGINES
 
 
 @dataclasses.dataclass
@@ -49,6 +53,8 @@ class _TrainCtx:
     compiled: set                    # engines that get torch.compile
     peak_flops: float | None
     templates: dict = dataclasses.field(default_factory=dict)
+    step_graph: bool = False         # the engine running now captures its whole step (the *_sg engines)
+    last_step_graph: tuple = (False, None)   # (captured, why not) of the last train.train run
 
     def template(self, spec: str):
         """fp32 CPU model with the suite's init for `spec`, built once; engines deep-copy it (same start weights)."""
@@ -204,7 +210,9 @@ def _sdpa_wrap(ctx, loss_fn):
 def _run_fast(ctx: _TrainCtx, model, loss_fn, *, params=None, after_step=None, ckpt=False) -> dict:
     """train.train for --warmup + --steps steps; peak memory restarts after the warm-up steps."""
     from ..train import train
-    spec = dataclasses.replace(ctx.spec, gradient_checkpointing=ckpt)
+    # a step graph is captured on the last warm-up step, so every measured step replays it
+    spec = dataclasses.replace(ctx.spec, gradient_checkpointing=ckpt, cuda_graph=ctx.step_graph,
+                               cuda_graph_warmup=max(1, ctx.args.warmup - 1))
     done = [0]
 
     def hook():
@@ -215,6 +223,7 @@ def _run_fast(ctx: _TrainCtx, model, loss_fn, *, params=None, after_step=None, c
             _reset_peak_stats(ctx.device)
     hist = train(model, ctx.blocks, _sdpa_wrap(ctx, loss_fn), spec, ctx.device, params=params, after_step=hook,
                  progress=False, desc="bench")
+    ctx.last_step_graph = (hist["summary"]["cuda_graph"], hist["summary"]["cuda_graph_off_reason"])
     return {"times": hist["step_time_s"], "losses": hist["step_loss"], "peak": hist["summary"]["peak_mem_mb"],
             "trainable_params": hist["summary"]["trainable_params"]}
 
@@ -231,7 +240,7 @@ def _compile(module, ctx: _TrainCtx, on: bool, graphs: bool = False) -> bool:
 
 def _graphs(ctx: _TrainCtx, compiled: bool) -> bool:
     """CUDA graphs for the native-model engines: compiled, on CUDA, unless --no-cuda-graphs."""
-    return compiled and ctx.device.type == "cuda" and getattr(ctx.args, "cuda_graphs", True)
+    return compiled and ctx.device.type == "cuda" and getattr(ctx.args, "cuda_graphs", True) and not ctx.step_graph
 
 
 def _eng_fast(ctx: _TrainCtx, name: str, compiled: bool) -> dict:
@@ -500,7 +509,25 @@ def _train_engine_fn(name: str):
         "native": _eng_native,
         "kd_native": _eng_kd_native,
     }
+    if name in STEP_GRAPH_ENGINES:
+        return _with_step_graph(table[name.removesuffix("_sg")])
     return table.get(name)
+
+
+def _with_step_graph(fn):
+    """fn's engine with train.TrainSpec.cuda_graph (compiled without cudagraph trees; the step captured on the last
+    warm-up step). Its peak memory is the reserved one, as for cudagraph trees."""
+    def run(ctx: _TrainCtx, compiled: bool) -> dict:
+        ctx.step_graph, ctx.last_step_graph = True, (False, None)
+        try:
+            rec = fn(ctx, compiled)
+        finally:
+            ctx.step_graph = False
+        captured, why_not = ctx.last_step_graph
+        rec.update(cuda_graphs="whole step (train.TrainSpec.cuda_graph)" if captured else False,
+                   cuda_graph_off_reason=why_not)
+        return rec
+    return run
 
 
 def _error_record(e: BaseException) -> dict:
