@@ -161,6 +161,8 @@ class _FusedChunkedKD(torch.autograd.Function):
                     ce_sum += ce_c
                     kd_sum += kd_c
                 except Exception as e:  # noqa: BLE001 - a compiler failure costs speed, never the run
+                    if hs.is_cuda and torch.cuda.is_current_stream_capturing():
+                        raise     # inside a CUDA graph capture the error has already broken the capture
                     _COMPILED_CHUNK[:] = [None]
                     fused = None
                     warnings.warn(f"fused loss: torch.compile of the chunk failed, running it eagerly: {e}"[:400])

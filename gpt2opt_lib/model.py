@@ -97,9 +97,12 @@ class GPT2(nn.Module):
         if T > self.wpe.num_embeddings:
             raise ValueError(f"sequence length {T} > n_positions {self.wpe.num_embeddings}")
         x = self.drop(self.wte(input_ids) + self.wpe.weight[:T])
+        # the recompute replays the forward's dropout masks only if the RNG state is saved, which reads it on the
+        # host: not done without dropout (so a checkpointed step without dropout can be captured in a CUDA graph)
+        keep_rng = any(blk.attn_pdrop > 0 or blk.resid_drop.p > 0 for blk in self.h)
         for blk in self.h:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, preserve_rng_state=keep_rng)
             else:
                 x = blk(x)
         return self.ln_f(x)

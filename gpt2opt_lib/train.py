@@ -9,7 +9,8 @@ device and step times are CUDA events read once per epoch.
 optimizer step (forward, loss, backward, clipping, AdamW with a device-side learning rate) is captured once in one
 CUDA graph and replayed for every later batch: no per-kernel launch cost, and one private memory pool instead of
 the caching allocator's (or cudagraph trees') per-graph pools. CUDA, one rank, grad_accum 1, no fp16 loss scaling;
-otherwise, or if the capture fails, the step runs eagerly and the history says why (`cuda_graph_off_reason`).
+otherwise the step runs eagerly and the history says why (`cuda_graph_off_reason`); a step that cannot be
+captured (an op that syncs with the host, e.g. checkpointing with dropout > 0) is a RuntimeError naming it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import dataclasses
 import math
 import statistics
 import time
-import warnings
 from typing import Callable
 
 import torch
@@ -237,11 +237,12 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
             if graph_off is None and step >= spec.cuda_graph_warmup and graph_step is None:
                 try:
                     graph_step = _GraphStep(work, loss_fn, group[0], params, opt, spec, amp_dtype, device)
-                except Exception as e:  # noqa: BLE001 - a step that cannot be captured still trains, eagerly
-                    torch.cuda.synchronize(device)
-                    graph_off = f"capture failed: {type(e).__name__}: {e}"[:300]
-                    warnings.warn(f"{desc}: CUDA graph of the step off ({graph_off}); training eagerly")
-                    opt.zero_grad(set_to_none=True)
+                except Exception as e:
+                    # no eager fallback: a failed capture leaves the CUDA RNG in capture mode for this process
+                    raise RuntimeError(f"{desc}: TrainSpec.cuda_graph: the step could not be captured in a CUDA "
+                                       f"graph ({type(e).__name__}: {str(e)[:300]}); train with cuda_graph=False "
+                                       f"(known: activation checkpointing with dropout > 0 reads the RNG state "
+                                       f"on the host)") from e
             if graph_step is not None:
                 step_loss, parts = graph_step(group[0])
                 for k, v in parts.items():
