@@ -274,6 +274,9 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
                 step_loss += loss.detach()
                 for k, v in parts.items():
                     parts_acc.setdefault(k, []).append(v.detach())
+                # no reference to this step's autograd graph may outlive it: its AccumulateGrad nodes would keep
+                # the default stream, which breaks a later CUDA graph capture of the step (TrainSpec.cuda_graph)
+                del loss, parts
             if scaler:
                 scaler.unscale_(opt)
             if spec.grad_clip:
