@@ -26,6 +26,31 @@ import torch.nn.functional as F
 
 VOCAB_MULTIPLE = 64
 
+# what "save_attention" checkpointing keeps of a block: the attention kernels' outputs (output, log-sum-exp, ...),
+# so backward recomputes the block's matmuls and elementwise ops but not attention (the FlashAttention recipe)
+_ATTENTION_OPS = tuple(getattr(torch.ops.aten, n).default for n in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, n))
+
+
+def _save_attention_policy(ctx, op, *args, **kwargs):
+    """Selective activation checkpointing: save the attention outputs (and random ops' outputs, so dropout
+    masks are not redrawn); recompute everything else, matmuls included. MUST_RECOMPUTE also holds under
+    torch.compile, whose partitioner otherwise keeps every matmul output of a checkpointed block."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    if op in _ATTENTION_OPS or torch.Tag.nondeterministic_seeded in op.tags:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _save_attention_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    return create_selective_checkpoint_contexts(_save_attention_policy)
+
+
+CHECKPOINT_POLICIES = ("full", "save_attention")
+
 
 class Block(nn.Module):
     def __init__(self, n_embd: int, n_head: int, head_dim: int, n_inner: int, eps: float, act, scale: float,
@@ -90,6 +115,7 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(C, eps=c.layer_norm_epsilon)
         self.lm_head = _Head(self)
         self.gradient_checkpointing = False
+        self.checkpoint_policy = "full"   # or "save_attention" (CHECKPOINT_POLICIES; gradient_checkpointing_enable)
         self.transformer = _Transformer(self)                           # HF-like hidden-state access
 
     def hidden(self, input_ids):                                        # (B, T) -> (B, T, C) after ln_f
@@ -100,9 +126,10 @@ class GPT2(nn.Module):
         # the recompute replays the forward's dropout masks only if the RNG state is saved, which reads it on the
         # host: not done without dropout (so a checkpointed step without dropout can be captured in a CUDA graph)
         keep_rng = any(blk.attn_pdrop > 0 or blk.resid_drop.p > 0 for blk in self.h)
+        kw = {"context_fn": _save_attention_context} if self.checkpoint_policy == "save_attention" else {}
         for blk in self.h:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, preserve_rng_state=keep_rng)
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, preserve_rng_state=keep_rng, **kw)
             else:
                 x = blk(x)
         return self.ln_f(x)
@@ -114,7 +141,13 @@ class GPT2(nn.Module):
         h = self.hidden(input_ids)
         return h if hidden_only else SimpleNamespace(logits=h @ self.lm_head.weight.t())
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, policy: str | None = None):
+        """Per-block activation checkpointing. policy: "full" (keep each block's input only) or "save_attention"
+        (also keep the attention outputs: backward skips recomputing attention); None keeps the current one."""
+        if policy is not None:
+            if policy not in CHECKPOINT_POLICIES:
+                raise ValueError(f"checkpoint policy must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
+            self.checkpoint_policy = policy
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self):

@@ -31,16 +31,19 @@ TRAIN_ENGINES = ("hf", "hf_eager", "nanogpt_ref", "fast", "fast_ckpt", "native",
 # lora_native_unfolded: LoRALinear.fold off (the two-branch adapter, what dropout > 0 runs): the fold's same-run A/B
 # *_sg: the same engine with the whole optimizer step captured in one CUDA graph (train.TrainSpec.cuda_graph; the
 # model compiled without inductor's cudagraph trees): the same-run A/B of the two ways to graph a step
-STEP_GRAPH_ENGINES = ("native_sg", "kd_native_sg", "lora_native_sg", "qlora_native_sg", "qlora_native_nockpt_sg")
+STEP_GRAPH_ENGINES = ("native_sg", "kd_native_sg", "lora_native_sg", "qlora_native_sg", "qlora_native_nockpt_sg",
+                      "qlora_native_sac_sg")
+# qlora_native_sac: checkpointed with the "save_attention" policy (model.CHECKPOINT_POLICIES): matmuls recomputed,
+# attention kept, also inside the compiled graph
 OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
-                          "lora_native_unfolded") + STEP_GRAPH_ENGINES
+                          "lora_native_unfolded", "qlora_native_sac") + STEP_GRAPH_ENGINES
 COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native",
               "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
-              "lora_native_unfolded") + STEP_GRAPH_ENGINES
+              "lora_native_unfolded", "qlora_native_sac") + STEP_GRAPH_ENGINES
 # --compile auto on CUDA: each compiled model costs ~15-40 s
 AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
-                 "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean", "lora_native_unfolded") + \
-    STEP_GRAPH_ENGINES
+                 "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean", "lora_native_unfolded",
+                 "qlora_native_sac") + STEP_GRAPH_ENGINES
 
 
 @dataclasses.dataclass
@@ -430,7 +433,7 @@ def _eng_qlora(ctx: _TrainCtx, compiled: bool) -> dict:
 
 
 def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, budget: float | None = None,
-                     lean: bool = False, fold: bool = True) -> dict:
+                     lean: bool = False, fold: bool = True, policy: str = "full") -> dict:
     """LoRA (lora.apply_lora_native) or QLoRA (+ quant.NF4Linear bases: NF4, double quant) on the native GPT-2, the
     frozen base in the autocast dtype (no fp32 master copy of weights that never change), compiled like native."""
     from ..distill import make_lm_loss_fn
@@ -449,6 +452,7 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
     lora_layers = native_lora_modules(model).values()
     for m in lora_layers:
         m.fold = m.fold and fold
+    model.checkpoint_policy = policy          # with ckpt: "full" or "save_attention" (model.CHECKPOINT_POLICIES)
     if lean:
         # checkpointing with each block compiled on its own and the (eager) checkpoint around it: only the block
         # inputs are kept (a whole-model compile keeps ~1 GB more at b8 x 1024: benchmarks/memory_steps.py). No CUDA
@@ -475,7 +479,8 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
     rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={chunk})", optimizer="train.train AdamW (fused on CUDA)",
                autocast=str(ctx.amp), compiled=compiled,
                compile_scope="each block (LoRALinear inside)" if lean else "model.py GPT2 module with LoRALinear",
-               gradient_checkpointing=ckpt, lora_rank=a.lora_rank, lora_dropout=a.lora_dropout, trainable_params=n_ad,
+               gradient_checkpointing=ckpt, checkpoint_policy=policy if ckpt else None,
+               lora_rank=a.lora_rank, lora_dropout=a.lora_dropout, trainable_params=n_ad,
                lora_folded=all(m.fold for m in lora_layers),
                cuda_graphs=graphs, activation_memory_budget=budget,
                total_params=n_all + n_ad, base_dtype=str(ctx.amp or torch.float32),
@@ -504,6 +509,7 @@ def _train_engine_fn(name: str):
         "qlora_native_nockpt": lambda ctx, c: _eng_lora_native(ctx, True, False, c),
         "qlora_native_budget": lambda ctx, c: _eng_lora_native(ctx, True, False, c, budget=0.1),
         "qlora_native_lean": lambda ctx, c: _eng_lora_native(ctx, True, True, c, lean=True),
+        "qlora_native_sac": lambda ctx, c: _eng_lora_native(ctx, True, True, c, policy="save_attention"),
         "lora_native_unfolded": lambda ctx, c: _eng_lora_native(ctx, False, False, c, fold=False),
         "nanogpt_ref": _eng_nanogpt_ref,
         "native": _eng_native,
