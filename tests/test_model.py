@@ -155,8 +155,7 @@ def _saved_activation_shapes(out, module):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_save_attention_checkpointing_matches_and_keeps_attention(compiled):
     """policy "save_attention": the same loss and gradients as no checkpointing, eager and compiled; compiled, the
-    graph keeps each block's input and attention output for backward, and no matmul output (the partitioner keeps
-    those of a plainly checkpointed block on CUDA)."""
+    graph keeps each block's input and attention output for backward, and no matmul output."""
     x = ids(B=2, T=32)
     loss_fn = distill.make_lm_loss_fn(0)
     ref = N.from_hf(hf_tiny()).train()
