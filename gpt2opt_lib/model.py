@@ -35,12 +35,16 @@ _ATTENTION_OPS = tuple(getattr(torch.ops.aten, n).default for n in (
 
 
 def _save_attention_policy(ctx, op, *args, **kwargs):
-    """Selective activation checkpointing: save the attention outputs (and random ops' outputs, so dropout
-    masks are not redrawn); recompute everything else, matmuls included. MUST_RECOMPUTE also holds under
-    torch.compile, whose partitioner otherwise keeps every matmul output of a checkpointed block."""
+    """Selective activation checkpointing: save the attention outputs, recompute everything else, matmuls included
+    (MUST_RECOMPUTE also binds torch.compile's partitioner). Random ops (dropout) are left to recompute: eagerly the
+    checkpoint restores the RNG state first, compiled the masks come again from the saved seeds, so both passes
+    draw the same masks (tests/test_model.py); saving them instead failed eagerly ("Tensor cached during selective
+    activation checkpoint has been mutated": dropout fills its mask in place)."""
     from torch.utils.checkpoint import CheckpointPolicy
-    if op in _ATTENTION_OPS or torch.Tag.nondeterministic_seeded in op.tags:
+    if op in _ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
+    if torch.Tag.nondeterministic_seeded in op.tags:
+        return CheckpointPolicy.PREFER_RECOMPUTE
     return CheckpointPolicy.MUST_RECOMPUTE
 
 

@@ -177,3 +177,25 @@ def test_save_attention_checkpointing_matches_and_keeps_attention(compiled):
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m.h[0].c_attn.weight.grad, ref.h[0].c_attn.weight.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(m.wte.weight.grad, ref.wte.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_save_attention_checkpointing_replays_the_dropout_masks(compiled):
+    """With dropout, the recompute must draw the forward's masks again: same seed, same loss and gradients as the
+    step without checkpointing, eager (RNG state restored) and compiled (masks from the saved seeds)."""
+    x = ids(B=2, T=32)
+    out = []
+    for ckpt in (False, True):
+        m = N.from_hf(hf_tiny(resid_pdrop=0.3, embd_pdrop=0.3)).train()
+        if ckpt:
+            m.gradient_checkpointing_enable(policy="save_attention")
+        if compiled:
+            m.compile(dynamic=False)
+        torch.manual_seed(5)
+        loss = distill.make_lm_loss_fn(0)(m, x)[0]
+        loss.backward()
+        out.append((loss.detach(), m.h[0].c_fc.weight.grad.clone(), m.wte.weight.grad.clone()))
+    (l0, g0, e0), (l1, g1, e1) = out
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-7)
