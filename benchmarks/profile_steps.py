@@ -242,14 +242,17 @@ def main_decode(a):
                 "fast_fused": dict(fused=True), "fast_fused_l32": dict(fused=True, attn=(32, 4)),
                 "fast_fused_l64": dict(fused=True, attn=(64, 4)),
                 "fast_fused_nopdl": dict(fused=True, pdl=False),   # without programmatic dependent launch
-                # batch > 1: the Triton decode attention (triton_decode.decode_attention) instead of inductor's;
-                # _lN_wM: its tile of N cache slots and M warps per (row, head) program (default l64_w4)
+                # batch > 1: the Triton decode attention (triton_decode.decode_attention_write_kv) instead of inductor's;
+                # _lN_wM: its tile of N cache slots and M warps per (row, head) program (default: triton_decode's)
                 "fast_tattn": dict(gemv=False, decode_attn="triton"), "fast_gemv_tattn": dict(gemv=True, decode_attn="triton")}
     for bl in (16, 32, 64, 128):
         for w in (1, 2, 4, 8):
             variants[f"fast_gemv_tattn_l{bl}_w{w}"] = dict(gemv=True, decode_attn="triton", tattn=(bl, w))
+    from gpt2opt_lib import triton_decode as td
+    attn_default = (td.BATCH_ATTN_BLOCK_L, td.BATCH_ATTN_WARPS)
     for kw in variants.values():
         kw.setdefault("fused", False)            # the inductor variants stay inductor (fused is on by default)
+        kw.setdefault("decode_attn", "inductor")  # and attend through inductor (the Triton attention only in *_tattn*)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": a.model, "batch": B,
            "prompt_len": T, "new_tokens": N, "git_sha": envmod.git_sha(), "engines": {}}
     ref = None
@@ -262,9 +265,8 @@ def main_decode(a):
             opts.__enter__()
             kw = dict(kw)
             attn, pdl = kw.pop("attn", None), kw.pop("pdl", None)
-            if "decode_attn" in kw:
-                from gpt2opt_lib import triton_decode as td
-                td.BATCH_ATTN_BLOCK_L, td.BATCH_ATTN_WARPS = kw.pop("tattn", (64, 4))
+            if kw["decode_attn"] == "triton":     # its launch configuration: the module default or the variant's
+                td.BATCH_ATTN_BLOCK_L, td.BATCH_ATTN_WARPS = kw.pop("tattn", attn_default)
 
             def engine(**more):
                 e = FastGPT2(model, max_batch_size=B, max_seq_len=T + N, **kw, **more)
