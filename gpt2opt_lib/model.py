@@ -127,15 +127,14 @@ class GPT2(nn.Module):
         if T > self.wpe.num_embeddings:
             raise ValueError(f"sequence length {T} > n_positions {self.wpe.num_embeddings}")
         x = self.drop(self.wte(input_ids) + self.wpe.weight[:T])
-        # the recompute replays the forward's dropout masks only if the RNG state is saved, which reads it on the
-        # host: not done without dropout (so a checkpointed step without dropout can be captured in a CUDA graph)
-        keep_rng = any(blk.attn_pdrop > 0 or blk.resid_drop.p > 0 for blk in self.h)
-        kw = {"context_fn": _save_attention_context} if self.checkpoint_policy == "save_attention" else {}
+        ckpt = self.gradient_checkpointing and self.training
+        if ckpt:
+            # the recompute replays the forward's dropout masks only if the RNG state is saved, which reads it on
+            # the host: not done without dropout (so a checkpointed step without dropout can be CUDA-graphed)
+            kw = {"context_fn": _save_attention_context} if self.checkpoint_policy == "save_attention" else {}
+            kw["preserve_rng_state"] = any(blk.attn_pdrop > 0 or blk.resid_drop.p > 0 for blk in self.h)
         for blk in self.h:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, preserve_rng_state=keep_rng, **kw)
-            else:
-                x = blk(x)
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, **kw) if ckpt else blk(x)
         return self.ln_f(x)
 
     def forward(self, input_ids, hidden_only: bool = False):

@@ -243,54 +243,50 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
                                        f"graph ({type(e).__name__}: {str(e)[:300]}); train with cuda_graph=False "
                                        f"(known: activation checkpointing with dropout > 0 reads the RNG state "
                                        f"on the host)") from e
-            if graph_step is not None:
+            if graph_step is not None:                  # one replay: forward, backward, clipping, AdamW
                 step_loss, parts = graph_step(group[0])
                 for k, v in parts.items():
                     parts_acc.setdefault(k, []).append(v)
-                sched.step()
-                if after_step is not None:
-                    after_step()
-                losses.append(step_loss)
-                timer.mark()
-                step += 1
-                bar.update(1)
-                continue
-            step_loss = torch.zeros((), device=device)
-            for j, mb in enumerate(group):
-                if device.type == "cuda" and j == 0:
-                    # a model compiled with CUDA graphs may reuse its output buffers from here on: once per optimizer
-                    # step, not per micro-batch (accumulated gradients may still alias the previous one's outputs)
-                    torch.compiler.cudagraph_mark_step_begin()
-                mb = mb.to(device, non_blocking=True)
-                last = j == len(group) - 1
-                # DDP: gradients are all-reduced on the last micro-batch of the step only
-                sync = runner.no_sync() if (runner is not None and not fsdp and not last) else contextlib.nullcontext()
-                if fsdp:
-                    runner.set_requires_gradient_sync(last)
-                with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, parts = runner(mb) if runner is not None else loss_fn(model, mb)
-                loss = loss / spec.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.detach()
-                for k, v in parts.items():
-                    parts_acc.setdefault(k, []).append(v.detach())
-                # no reference to this step's autograd graph may outlive it: its AccumulateGrad nodes would keep
-                # the default stream, which breaks a later CUDA graph capture of the step (TrainSpec.cuda_graph)
-                del loss, parts
-            if scaler:
-                scaler.unscale_(opt)
-            if spec.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
             else:
-                opt.step()
-            if step == 0:  # the training state this rank holds: weights, gradients, optimizer moments (shards)
-                state_bytes = D.local_bytes(list(params) + [p.grad for p in params] +
-                                            [v for st in opt.state.values() for v in st.values()
-                                             if torch.is_tensor(v) and v.dim() > 0])
-            opt.zero_grad(set_to_none=True)
+                step_loss = torch.zeros((), device=device)
+                for j, mb in enumerate(group):
+                    if device.type == "cuda" and j == 0:
+                        # a model compiled with CUDA graphs may reuse its output buffers from here on: once per
+                        # optimizer step, not per micro-batch (accumulated gradients may still alias the previous
+                        # one's outputs)
+                        torch.compiler.cudagraph_mark_step_begin()
+                    mb = mb.to(device, non_blocking=True)
+                    last = j == len(group) - 1
+                    # DDP: gradients are all-reduced on the last micro-batch of the step only
+                    sync = (runner.no_sync() if (runner is not None and not fsdp and not last)
+                            else contextlib.nullcontext())
+                    if fsdp:
+                        runner.set_requires_gradient_sync(last)
+                    with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                              enabled=amp_dtype is not None):
+                        loss, parts = runner(mb) if runner is not None else loss_fn(model, mb)
+                    loss = loss / spec.grad_accum
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    step_loss += loss.detach()
+                    for k, v in parts.items():
+                        parts_acc.setdefault(k, []).append(v.detach())
+                    # no reference to this step's autograd graph may outlive it: its AccumulateGrad nodes would
+                    # keep the default stream, which breaks a later CUDA graph capture (TrainSpec.cuda_graph)
+                    del loss, parts
+                if scaler:
+                    scaler.unscale_(opt)
+                if spec.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                if step == 0:  # the training state this rank holds: weights, gradients, optimizer moments
+                    state_bytes = D.local_bytes(list(params) + [p.grad for p in params] +
+                                                [v for st in opt.state.values() for v in st.values()
+                                                 if torch.is_tensor(v) and v.dim() > 0])
+                opt.zero_grad(set_to_none=True)
             sched.step()
             if after_step is not None:
                 after_step()

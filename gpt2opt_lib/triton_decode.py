@@ -23,9 +23,10 @@ Batch 1, greedy, 16-/32-bit weights (FastGPT2 picks this path for exactly those 
 inductor step). The kernels run on CUDA, inside the engine's CUDA graph, and on CPU under TRITON_INTERPRET=1,
 where the tests compare them with the engine's eager step. Weights are read in their (N, K) nn.Linear layout.
 
-Also here, for the compiled step at batch > 1: `decode_attention`, a uniform batch's decode attention (one program
-per row and head, online softmax over the live slots, each K/V byte read once) as a torch.library.triton_op, so
-torch.compile keeps it inside the step's graph. Opt-in (FastGPT2 decode_attn="triton"): see FastGPT2's docstring.
+Also here, for the compiled step at batch > 1: a uniform batch's decode attention (one program per row and head,
+online softmax over the live slots, each K/V byte read once) as torch.library.triton_ops, so torch.compile keeps
+it inside the step's graph: `decode_attention_write_kv` (also writes the step's K/V into the cache: what FastGPT2
+uses on CUDA by default, decode_attn="auto"; see its docstring) and `decode_attention` (the caller wrote them).
 """
 from __future__ import annotations
 

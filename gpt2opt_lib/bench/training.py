@@ -21,7 +21,7 @@ import torch
 
 from .. import env as envmod
 from ..timing import is_oom
-from .common import _free, _report, print_train_table
+from .common import _free, _report, error_text, print_train_table
 from .hardware import (FLOPS_FORMULA, PEAK_FLOPS, _base, _device_name, _lookup, _param_counts,
                        train_flops_per_token)
 
@@ -537,7 +537,7 @@ def _with_step_graph(fn):
 
 
 def _error_record(e: BaseException) -> dict:
-    return {"error": f"{type(e).__name__}: {e}"[:500], "oom": is_oom(e)}
+    return {"error": error_text(e), "oom": is_oom(e)}
 
 
 def _cleanup(ctx: _TrainCtx, compiled: bool) -> None:
