@@ -24,14 +24,18 @@ from gpt2opt_lib.models import build_model  # noqa: E402
 MB = 2**20
 
 
-def build(name, template, dev, chunk_tokens, ckpt_chunk_tokens, compiled=True):
+def build(name, template, dev, chunk_tokens, ckpt_chunk_tokens, compiled=True, lora_dropout=0.0):
+    """Engines as bench train names them: native, lora_native, qlora_native (plain checkpointing), qlora_native_sac
+    (save_attention checkpointing), qlora_native_nockpt, all compiled whole; qlora_native_lean: each block compiled
+    inside an eager checkpoint."""
     model = from_hf(template).to(dev).train()
-    ckpt = name.startswith("qlora") and not name.endswith("_nockpt")
+    ckpt = name.startswith("qlora") and "_nockpt" not in name
     if "lora" in name:
-        model = apply_lora_native(model, rank=8, dropout=0.0 if "_d0" in name else 0.05, base_dtype=torch.bfloat16,
+        model = apply_lora_native(model, rank=8, dropout=lora_dropout, base_dtype=torch.bfloat16,
                                   nf4=name.startswith("qlora"))
     model.gradient_checkpointing = ckpt
-    if compiled and ckpt:        # as bench train's qlora_native_lean: blocks compiled one by one, checkpoint around
+    model.checkpoint_policy = "save_attention" if "_sac" in name else "full"
+    if compiled and name.endswith("_lean"):   # blocks compiled one by one, the checkpoint around them
         for blk in model.h:
             blk.compile(dynamic=False)
     elif compiled:
@@ -41,7 +45,8 @@ def build(name, template, dev, chunk_tokens, ckpt_chunk_tokens, compiled=True):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--engines", default="native,lora_native,qlora_native,qlora_native_d0")
+    ap.add_argument("--engines", default="native,lora_native,qlora_native,qlora_native_sac")
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="as bench train's default")
     ap.add_argument("--model", default="random:gpt2")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
@@ -61,10 +66,11 @@ def main():
         gc.collect()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
-        model, chunk, ckpt = build(name, template, dev, a.chunk_tokens, a.ckpt_chunk_tokens, a.compile)
+        model, chunk, ckpt = build(name, template, dev, a.chunk_tokens, a.ckpt_chunk_tokens, a.compile, a.lora_dropout)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-        rec = {"gradient_checkpointing": ckpt, "loss_chunk_tokens": chunk,
+        rec = {"gradient_checkpointing": ckpt, "checkpoint_policy": model.checkpoint_policy if ckpt else None,
+               "loss_chunk_tokens": chunk,
                "weights_mb": sum(t.numel() * t.element_size() for t in list(model.parameters()) +
                                  list(model.buffers())) / MB,
                "trainable_params": sum(p.numel() for p in params)}
