@@ -113,13 +113,14 @@ def main_train(a):
     for name in a.engines.split(","):
         if name.startswith(("native", "lora_native", "qlora_native")):
             model = from_hf(template).to(dev).train()
-            if "lora" in name:   # lora_native[_unfolded|_dropout], qlora_native[_ckpt]: as bench train builds them
+            if "lora" in name:   # lora_native[_unfolded|_dropout], qlora_native[_ckpt|_sac]: as bench train builds them
                 from gpt2opt_lib.lora import apply_lora_native, native_lora_modules
                 model = apply_lora_native(model, rank=8, dropout=0.05 if name.endswith("_dropout") else 0.0,
                                           base_dtype=torch.bfloat16, nf4=name.startswith("q"))
                 for m in native_lora_modules(model).values():
                     m.fold = m.fold and not name.endswith("_unfolded")
-                model.gradient_checkpointing = name.endswith("_ckpt")
+                model.gradient_checkpointing = name.endswith(("_ckpt", "_sac"))
+                model.checkpoint_policy = "save_attention" if name.endswith("_sac") else "full"
             model.compile(dynamic=False)
             D._COMPILED_CHUNK.clear()
             if name == "native_eager_loss":
