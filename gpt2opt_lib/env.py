@@ -160,6 +160,7 @@ def env_stamp(profile: str | None = None, seed: int | None = None) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "capabilities": caps.as_dict(),
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
+        "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),   # e.g. expandable_segments: peak memory
     }
     for pkg in ("transformers", "peft", "bitsandbytes", "datasets", "papermill", "flash-attn", "wandb"):
         stamp[pkg.replace("-", "_")] = _version(pkg)

@@ -34,6 +34,10 @@ _ATTENTION_OPS = tuple(getattr(torch.ops.aten, n).default for n in (
     if hasattr(torch.ops.aten, n))
 
 
+# ops whose outputs "save_attention" checkpointing saves besides attention's (lora registers its folded GEMM)
+SAVED_OPS: list = []
+
+
 def _save_attention_policy(ctx, op, *args, **kwargs):
     """Selective activation checkpointing: save the attention outputs, recompute everything else, matmuls included
     (MUST_RECOMPUTE also binds torch.compile's partitioner). Random ops (dropout) are left to recompute: eagerly the
@@ -41,7 +45,7 @@ def _save_attention_policy(ctx, op, *args, **kwargs):
     draw the same masks (tests/test_model.py); saving them instead failed eagerly ("Tensor cached during selective
     activation checkpoint has been mutated": dropout fills its mask in place)."""
     from torch.utils.checkpoint import CheckpointPolicy
-    if op in _ATTENTION_OPS:
+    if op in _ATTENTION_OPS or op in SAVED_OPS:
         return CheckpointPolicy.MUST_SAVE
     if torch.Tag.nondeterministic_seeded in op.tags:
         return CheckpointPolicy.PREFER_RECOMPUTE

@@ -155,6 +155,28 @@ def test_pure_chunk_function_equals_inplace_one(with_teacher, vocab):
     assert ce.item() == pytest.approx(ce_hand.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_chunk_gradient_written_over_the_logits(with_teacher, compiled):
+    """chunk_loss_grad_ (what CUDA compiles) leaves chunk_loss_grad's gradient in the logits' own buffer and
+    returns its sums; compiled (inductor, here on the CPU) the write into the input that the reductions also read
+    must not change a value (16-bit logits, the padded vocabulary, masked rows)."""
+    torch.manual_seed(0)
+    c, V, vocab = 8, 72, 67
+    s = (torch.randn(c, V) * 3).bfloat16()
+    t = (torch.randn(c, V) * 3).bfloat16() if with_teacher else None
+    yc, vc = torch.randint(0, vocab, (c,)), (torch.arange(c) % 3 != 1)[:, None]
+    n = vc.sum().float()
+    a = (0.4, 0.6) if with_teacher else (1.0, 0.0)
+    ce, kd, g = distill.chunk_loss_grad(s, t, yc, vc, n, *a, 2.0, vocab)
+    fn = torch.compile(distill.chunk_loss_grad_, dynamic=False) if compiled else distill.chunk_loss_grad_
+    s2 = s.clone()
+    ce2, kd2 = fn(s2, t, yc, vc, n, *a, 2.0, vocab)
+    assert ce2.item() == pytest.approx(ce.item(), rel=1e-5) and kd2.item() == pytest.approx(kd.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(s2, g, rtol=0, atol=0) if not compiled else torch.testing.assert_close(s2, g)
+    assert torch.all(s2[:, vocab:] == 0) and torch.all(s2[~vc[:, 0]] == 0)
+
+
 @pytest.mark.gpu
 def test_chunked_kd_on_cuda_compiled_equals_reference():
     """On CUDA the chunk runs compiled (chunk_loss_grad under torch.compile): values and gradients equal the

@@ -293,3 +293,47 @@ def test_apply_lora_native_nf4_shorthand():
     assert all(m.base.compute_dtype == torch.bfloat16 for m in L.native_lora_modules(c).values())
     with pytest.raises(ValueError, match="not both"):
         L.apply_lora_native(N.from_hf(hf_tiny()), nf4=True, wrap=lambda lin: lin)
+
+
+def _backward_graph_ops(m, x):
+    """Compile m's forward with AOTAutograd and the partitioner inductor uses (min-cut, which obeys selective
+    checkpointing), run one step, and return the backward graph's (op, output shape) pairs."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = []
+
+    def bw(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=bw,
+                           partition_fn=min_cut_rematerialization_partition)
+    m.forward = torch.compile(m.forward, backend=backend, dynamic=False)
+    loss = distill.make_lm_loss_fn(0)(m, x)[0]
+    loss.backward()
+    return [(n.target, tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) else None)
+            for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_save_attention_keeps_the_folded_adapter_output(keep, monkeypatch):
+    """mlp_proj's fold makes [y | x A^T] in one GEMM (64 + 8 columns here, with its bias: addmm) and backward needs
+    only x A^T: "save_attention" checkpointing saves that (lora.folded_linear, in model.SAVED_OPS), so the backward
+    graph does not run the wide GEMM again; as plain ops (monkeypatched) it does, once per block. Gradients equal
+    the eager step's."""
+    if not keep:   # the wide GEMM as plain ops: the partitioner recomputes it
+        monkeypatch.setattr(L, "folded_linear", lambda x, w, b, n, r: (lambda o: (o[..., :n], o[..., n:n + r]))(
+            torch.nn.functional.linear(x, w, b)))
+    x = ids()
+    ref = native_lora(hf_tiny(), rank=8).train()
+    _, g_ref = _loss_and_grads(ref, x)
+    m = native_lora(hf_tiny(), rank=8).train()
+    m.gradient_checkpointing_enable(policy="save_attention")
+    ops = _backward_graph_ops(m, x)
+    tokens = x.numel()
+    wide = ops.count((torch.ops.aten.addmm.default, (tokens, 64 + 8))) + sum(t == torch.ops.gpt2opt.folded_linear.default
+                                                                    for t, _ in ops)
+    assert wide == (0 if keep else CFG["n_layer"]), ops
+    assert ops.count((torch.ops.aten.addmm.default, (tokens, 256))) == CFG["n_layer"], ops   # c_fc: recomputed
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-4, atol=1e-6)
