@@ -120,6 +120,20 @@ def _compiled_chunk(device=None):
     return _COMPILED_CHUNK[0]
 
 
+def _padded_head(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (V, E) head as (V + pad, E) rows in `dtype`, pad up to a multiple of HEAD_ROW_MULTIPLE. A head that is the
+    first V rows of a larger contiguous matrix (model.py's tied embedding, padded to a multiple of 64) is used in
+    place: its padding rows' logits are masked out of the softmax and get no gradient, so whatever they hold
+    changes nothing (finite values: model.py keeps them 0) and no (V + pad, E) copy is made (77 MB for gpt2 in bf16);
+    otherwise zeros are padded on."""
+    V, rows = w.shape[0], w.shape[0] + (-w.shape[0]) % HEAD_ROW_MULTIPLE
+    base = w._base
+    if (base is not None and base.dim() == 2 and base.is_contiguous() and base.shape[0] >= rows
+            and base.shape[1] == w.shape[1] and w.data_ptr() == base.data_ptr() and w.stride() == base.stride()):
+        return base[:rows].to(dtype)
+    return F.pad(w.to(dtype), (0, 0, 0, rows - V))
+
+
 class _FusedChunkedKD(torch.autograd.Function):
     """Loss and its gradients in one chunked pass (the fused-linear-cross-entropy idea, with a KD term).
 
@@ -148,9 +162,8 @@ class _FusedChunkedKD(torch.autograd.Function):
         # the head padded to a multiple of 64 rows (zeros; their columns masked out of the softmax): a (c, 50257)
         # logits matrix has an odd row stride, which sends cuBLAS to unaligned (align1) kernels, ~4x slower here
         V = ws.shape[0]
-        pad = (-V) % HEAD_ROW_MULTIPLE
-        w = F.pad(ws.to(mm_dtype), (0, 0, 0, pad))
-        wt = F.pad(wt.to(mm_dtype), (0, 0, 0, pad)) if wt is not None else None
+        w = _padded_head(ws, mm_dtype)
+        wt = _padded_head(wt, mm_dtype) if wt is not None else None
         grad_hs = torch.empty_like(hs)
         # a frozen head (LoRA, QLoRA: the tied embedding is not trained) needs no (V, E) weight gradient: that
         # GEMM is as large as the logits' own and is skipped

@@ -253,3 +253,27 @@ def test_fused_loss_frozen_head_skips_weight_gradient():
     assert w1 is not None and w2 is None
     torch.testing.assert_close(l2, l1)
     torch.testing.assert_close(g2, g1)
+
+
+def test_fused_loss_uses_a_padded_parent_head_in_place():
+    """A head that is the first V rows of a contiguous padded matrix (model.py's tied embedding) is multiplied in
+    place, no padded copy; whatever finite values its padding rows hold, the loss and gradients are those of the
+    plain (V, E) head (padding columns are masked out of the softmax)."""
+    torch.manual_seed(0)
+    V, E = 37, 8
+    parent = torch.randn(64, E)                      # 37 real rows + 27 of junk up to the next multiple of 64
+    head = parent[:V]
+    assert distill._padded_head(head, torch.float32).data_ptr() == parent.data_ptr()
+    assert distill._padded_head(head.clone(), torch.float32).shape == (64, E)      # a plain head: zeros padded on
+    hs = torch.randn(2, 9, E, requires_grad=True)
+    y = torch.randint(0, V, (2, 9))
+    ws = parent.clone().requires_grad_(True)
+    got, _ = distill.kd_loss_chunked(hs, ws[:V], y, chunk_tokens=5)
+    g_got = torch.autograd.grad(got, (hs, ws))
+    plain = parent[:V].clone().requires_grad_(True)
+    ref, _ = distill.kd_loss_chunked(hs, plain, y, chunk_tokens=5)
+    g_ref = torch.autograd.grad(ref, (hs, plain))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(g_got[0], g_ref[0])
+    torch.testing.assert_close(g_got[1][:V], g_ref[1])
+    assert torch.all(g_got[1][V:] == 0)
