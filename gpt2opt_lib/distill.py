@@ -70,16 +70,6 @@ def chunk_loss_grad(s, t, yc, vc, n, a_ce: float, a_kd: float, temperature: floa
     return ce, kd, (g * vc / n).to(s.dtype)
 
 
-def chunk_loss_grad_(s, t, yc, vc, n, a_ce: float, a_kd: float, temperature: float, vocab: int | None = None):
-    """chunk_loss_grad with the gradient written over the logits s: returns (ce_sum, kd_sum), s holds g after.
-    What CUDA compiles: inductor writes g straight into s's buffer (read in its output code on a CPU: no (c, Vp)
-    buffer of its own), so a chunk holds one (c, Vp) 16-bit matrix instead of two (206 MB fewer at 1,024 tokens
-    of gpt2's padded vocabulary)."""
-    ce, kd, g = chunk_loss_grad(s, t, yc, vc, n, a_ce, a_kd, temperature, vocab)
-    s.copy_(g)
-    return ce, kd
-
-
 def _chunk_grad_inplace(s, t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum, vocab: int | None = None):
     """chunk_loss_grad eagerly with in-place ops (CPU, or CUDA without compile): one fp32 (c, Vp) buffer reused,
     the sums accumulated into ce_sum / kd_sum. Returns g in s's dtype."""
@@ -107,7 +97,7 @@ _COMPILED_CHUNK = []
 
 
 def _compiled_chunk(device=None):
-    """chunk_loss_grad_ under torch.compile for a CUDA device (built once; None on other devices, with
+    """chunk_loss_grad under torch.compile for a CUDA device (built once; None on other devices, with
     GPT2OPT_COMPILE_LOSS=0, or after it failed once).
     Inductor fuses the upcast, both log-softmaxes, the gather, the one-hot and the scaling into a few passes over
     the (c, V) logits instead of ~10 eager ones."""
@@ -116,7 +106,7 @@ def _compiled_chunk(device=None):
         return None
     if not _COMPILED_CHUNK:
         ok = os.environ.get("GPT2OPT_COMPILE_LOSS", "1") != "0"
-        _COMPILED_CHUNK.append(torch.compile(chunk_loss_grad_, dynamic=False) if ok else None)
+        _COMPILED_CHUNK.append(torch.compile(chunk_loss_grad, dynamic=False) if ok else None)
     return _COMPILED_CHUNK[0]
 
 
@@ -132,6 +122,22 @@ def _padded_head(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             and base.shape[1] == w.shape[1] and w.data_ptr() == base.data_ptr() and w.stride() == base.stride()):
         return base[:rows].to(dtype)
     return F.pad(w.to(dtype), (0, 0, 0, rows - V))
+
+
+_TRITON_CE = [None]   # False after the Triton CE kernel failed once (then the compiled chunk runs)
+
+
+def _triton_ce_ok() -> bool:
+    import os
+    if os.environ.get("GPT2OPT_TRITON_CE", "1") == "0":
+        return False
+    from .triton_loss import triton
+    return triton is not None
+
+
+def _triton_ce_grad(s, yc, vc, n, a_ce, vocab):
+    from .triton_loss import ce_grad_
+    return ce_grad_(s, yc, vc, n, a_ce, vocab)
 
 
 class _FusedChunkedKD(torch.autograd.Function):
@@ -174,14 +180,24 @@ class _FusedChunkedKD(torch.autograd.Function):
         has_t = ht is not None
         a_ce, a_kd = ((1 - alpha), alpha) if has_t else (1.0, 0.0)
         fused = _compiled_chunk(hs.device)
+        # CUDA, no teacher: the CE gradient is written over the logits by one Triton kernel (triton_loss)
+        in_place = not has_t and hs.is_cuda and _TRITON_CE[0] is not False and _triton_ce_ok()
         for i in range(0, hs.shape[0], chunk):
             h = hs[i: i + chunk].to(mm_dtype)
             yc, vc = y[i: i + chunk], valid[i: i + chunk, None]              # (c,), (c, 1)
             t = (ht[i: i + chunk].to(mm_dtype) @ wt.t()) if has_t else None  # (c, V) teacher logits
-            if fused is not None:   # CUDA: one compiled kernel chain per chunk (no fp32 (c, V) temporaries)
+            if in_place:
                 try:
                     g = h @ w.t()                                            # logits, then their gradient
-                    ce_c, kd_c = fused(g, t, yc, vc, n, a_ce, a_kd, float(temperature), V)
+                    ce_sum += _triton_ce_grad(g, yc, vc, n, a_ce, V)
+                except Exception as e:  # noqa: BLE001 - a kernel failure costs speed, never the run
+                    if torch.cuda.is_current_stream_capturing():
+                        raise
+                    _TRITON_CE[0] = in_place = False
+                    warnings.warn(f"fused loss: the Triton CE kernel failed, using the compiled chunk: {e}"[:400])
+            if fused is not None and not in_place:   # CUDA: one compiled kernel chain per chunk (no fp32 temporaries)
+                try:
+                    ce_c, kd_c, g = fused(h @ w.t(), t, yc, vc, n, a_ce, a_kd, float(temperature), V)
                     ce_sum += ce_c
                     kd_sum += kd_c
                 except Exception as e:  # noqa: BLE001 - a compiler failure costs speed, never the run
@@ -190,7 +206,7 @@ class _FusedChunkedKD(torch.autograd.Function):
                     _COMPILED_CHUNK[:] = [None]
                     fused = None
                     warnings.warn(f"fused loss: torch.compile of the chunk failed, running it eagerly: {e}"[:400])
-            if fused is None:
+            if fused is None and not in_place:
                 g = _chunk_grad_inplace(h @ w.t(), t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum, V)
             grad_hs[i: i + chunk] = g @ w
             if need_w:                                                       # 16-bit matmul, fp32 sum

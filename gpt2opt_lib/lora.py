@@ -191,7 +191,7 @@ class _FoldedLoRA(torch.autograd.Function):
     both paths, and 03/04 report the trained perplexity."""
 
     @staticmethod
-    def forward(ctx, x, A, B, bias, scaling, meta, contiguous_y, contiguous_dx, *wt):
+    def forward(ctx, x, A, B, bias, scaling, meta, contiguous_y, contiguous_dx, keep_xa, *wt):
         cdt = x.dtype
         Ac, Bc = A.to(cdt), B.to(cdt)
         w_eff = _folded_weight(meta, wt, Ac, Bc, scaling)                 # (N, K)
@@ -203,7 +203,11 @@ class _FoldedLoRA(torch.autograd.Function):
             pad = -r % _ALIGN                                             # rows of 16 bytes: SDPA / cuDNN take views
             w_cat = torch.cat([w_eff, Ac, Ac.new_zeros(pad, Ac.shape[1])])
             b_cat = torch.cat([bias.to(cdt), bias.new_zeros(r + pad, dtype=cdt)])
-            y, xa = folded_linear(x, w_cat, b_cat, N, r)                  # one (..., N + r + pad) GEMM
+            if keep_xa:     # save_attention checkpointing: one op, whose x A^T the policy saves
+                y, xa = folded_linear(x, w_cat, b_cat, N, r)
+            else:           # plain ops: inductor fuses around them (the custom op cost ~0.3 ms a step otherwise)
+                out = torch.nn.functional.linear(x, w_cat, b_cat)        # (..., N + r + pad)
+                y, xa = out[..., :N], out[..., N:N + r]
         ctx.save_for_backward(x, A, B, xa, *wt)
         ctx.scaling, ctx.meta, ctx.contiguous_dx = scaling, meta, contiguous_dx
         return y
@@ -227,7 +231,7 @@ class _FoldedLoRA(torch.autograd.Function):
             dx, gxa = None, (g2 @ Bc) * s
         dA = (gxa.t() @ x2).to(A.dtype)
         dB = (g2.t() @ xa2).mul_(s).to(B.dtype)
-        return dx, dA, dB, None, None, None, None, None, *([None] * len(wt))
+        return dx, dA, dB, None, None, None, None, None, None, *([None] * len(wt))
 
 
 @torch.library.custom_op("gpt2opt::folded_linear", mutates_args=())
@@ -237,7 +241,8 @@ def folded_linear(x: torch.Tensor, w_cat: torch.Tensor, b_cat: torch.Tensor, n: 
     r-column copy. One op, so that "save_attention" checkpointing (model.SAVED_OPS) saves x A^T, all that backward
     needs of it, instead of recomputing the wide GEMM (measured: that recompute was ~0.7 ms of a 19.5 ms QLoRA
     step on an H100). A copy made after the GEMM would not do: the compiled partitioner only saves values that the
-    forward itself needs, and y is one. Backward also holds r columns instead of the whole output."""
+    forward itself needs, and y is one. Used only under that policy (LoRALinear.save_adapter_out): elsewhere the
+    opaque op kept inductor from fusing around it (~0.3 ms a LoRA step)."""
     out = torch.nn.functional.linear(x, w_cat, b_cat)
     return out[..., :n], out[..., n:n + r].clone(memory_format=torch.contiguous_format)
 
@@ -289,6 +294,9 @@ class LoRALinear(nn.Module):
         # 1024 columns, and addmm into a padded output cannot use cuBLASLt's bias epilogue: it first copies the
         # broadcast bias into the whole (tokens, 3080) output, 42 us per layer on an H100; profile_steps names it)
         self.contiguous_y = self.contiguous_dx = False
+        # under "save_attention" checkpointing (set by model.GPT2.checkpoint_policy): the wide folded GEMM is one
+        # op (folded_linear) whose x A^T columns the policy saves, so backward does not recompute the GEMM for them
+        self.save_adapter_out = False
 
     @property
     def in_features(self) -> int:
@@ -309,7 +317,7 @@ class LoRALinear(nn.Module):
                 meta, wt = None, (base.weight,)
             bias = base.bias if base.bias is not None else x.new_zeros(self.out_features)
             return _FoldedLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, bias, self.scaling, meta,
-                                     self.contiguous_y, self.contiguous_dx, *wt)
+                                     self.contiguous_y, self.contiguous_dx, self.save_adapter_out, *wt)
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     @torch.no_grad()
@@ -352,6 +360,7 @@ def apply_lora_native(model: nn.Module, rank: int = 8, alpha: int = 16, dropout:
             layer = LoRALinear(base, rank, alpha, dropout)
             layer.contiguous_y = name in ("c_attn", "c_proj", "c_fc")      # see LoRALinear.__init__
             layer.contiguous_dx = name in ("c_attn", "c_proj")
+            layer.save_adapter_out = getattr(model, "checkpoint_policy", "full") == "save_attention"
             setattr(blk, name, layer)
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets)}
     return model

@@ -148,12 +148,24 @@ class GPT2(nn.Module):
         h = self.hidden(input_ids)
         return h if hidden_only else SimpleNamespace(logits=h @ self.lm_head.weight.t())
 
+    @property
+    def checkpoint_policy(self) -> str:
+        return self._checkpoint_policy
+
+    @checkpoint_policy.setter
+    def checkpoint_policy(self, policy: str) -> None:
+        """Also tells the modules that save something for it (LoRALinear's `save_adapter_out`) whether to."""
+        if policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"checkpoint policy must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
+        self._checkpoint_policy = policy
+        for m in self.modules():
+            if hasattr(m, "save_adapter_out"):
+                m.save_adapter_out = policy == "save_attention"
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, policy: str | None = None):
         """Per-block activation checkpointing. policy: "full" (keep each block's input only) or "save_attention"
         (also keep the attention outputs: backward skips recomputing attention); None keeps the current one."""
         if policy is not None:
-            if policy not in CHECKPOINT_POLICIES:
-                raise ValueError(f"checkpoint policy must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
             self.checkpoint_policy = policy
         self.gradient_checkpointing = True
 

@@ -327,7 +327,9 @@ def test_save_attention_keeps_the_folded_adapter_output(keep, monkeypatch):
     ref = native_lora(hf_tiny(), rank=8).train()
     _, g_ref = _loss_and_grads(ref, x)
     m = native_lora(hf_tiny(), rank=8).train()
-    m.gradient_checkpointing_enable(policy="save_attention")
+    assert not any(mod.save_adapter_out for mod in L.native_lora_modules(m).values())
+    m.gradient_checkpointing_enable(policy="save_attention")     # sets it on every LoRALinear
+    assert all(mod.save_adapter_out for mod in L.native_lora_modules(m).values())
     ops = _backward_graph_ops(m, x)
     tokens = x.numel()
     wide = ops.count((torch.ops.aten.addmm.default, (tokens, 64 + 8))) + sum(t == torch.ops.gpt2opt.folded_linear.default
