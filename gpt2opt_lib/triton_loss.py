@@ -17,9 +17,10 @@ import torch
 from .triton_decode import available, tl, triton
 
 BLOCK = 2048
-_NEG = -3.0e38     # finite "minus infinity" for masked lanes: exp(_NEG - m) is 0 and never NaN
 
 if triton is not None:
+    _NEG = tl.constexpr(-3.0e38)   # finite "minus infinity" for masked lanes: exp(_NEG - m) is 0, never NaN
+
     @triton.jit
     def _ce_grad_kernel(s_ptr, y_ptr, v_ptr, n_ptr, ce_ptr, stride, V, Vp, a_ce, BLOCK: tl.constexpr):
         row = tl.program_id(0)
