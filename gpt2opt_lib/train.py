@@ -106,6 +106,23 @@ def graph_step_blocker(spec: TrainSpec, device: torch.device, world: int, scaler
     return None
 
 
+def clip_gradients(params, opt, max_norm: float, fold: bool) -> None:
+    """Clip the gradients' total norm to max_norm. fold (a fused AdamW, no loss scaler, one process or DDP): the
+    factor goes to the optimizer as its grad_scale (the fused kernel divides each gradient by it as it reads it,
+    the hook torch's GradScaler uses), instead of a separate pass multiplying every gradient in place: the same
+    update without one read and write of all gradients. Otherwise torch.nn.utils.clip_grad_norm_."""
+    if not fold:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); dividing by its inverse is the same factor
+    opt.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
+
+
+def _folds_clip(opt, scaler, fsdp: bool) -> bool:
+    return scaler is None and not fsdp and all(g.get("fused") for g in opt.param_groups)
+
+
 class _GraphStep:
     """One optimizer step captured in a CUDA graph: a static input batch, the captured loss and parts (overwritten
     by each replay; the caller clones them)."""
@@ -120,7 +137,7 @@ class _GraphStep:
                 loss, parts = loss_fn(model, self.ids)
             loss.backward()
             if spec.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+                clip_gradients(params, opt, spec.grad_clip, _folds_clip(opt, None, False))
             opt.step()
         self.loss, self.parts = loss.detach(), {k: v.detach() for k, v in parts.items()}
 
@@ -276,7 +293,7 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
                 if scaler:
                     scaler.unscale_(opt)
                 if spec.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+                    clip_gradients(params, opt, spec.grad_clip, _folds_clip(opt, scaler, fsdp))
                 if scaler:
                     scaler.step(opt)
                     scaler.update()

@@ -295,3 +295,26 @@ def test_gpu_cuda_graph_step_trains_as_the_eager_step(ckpt):
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-4, atol=1e-5)
     for a, b in zip(w0, w1):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 100.0])
+def test_clip_folded_into_fused_adamw_equals_clip_then_step(max_norm):
+    """clip_gradients(fold=True) hands the clip factor to the fused AdamW as its grad_scale: after a step the
+    weights equal clip_grad_norm_ + the same optimizer's step (clipping active, and a norm below the limit). A large
+    eps makes the update depend on the gradients' scale (Adam's is otherwise nearly scale-free): an ignored factor
+    moves the weights by ~1e-2 here."""
+    out = []
+    for fold in (False, True):
+        torch.manual_seed(0)
+        w = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+        for p, g in zip(w, (torch.randn(7, 5), torch.randn(5))):
+            p.grad = g.clone()
+        opt = torch.optim.AdamW(w, lr=0.1, betas=(0.9, 0.95), eps=0.5, weight_decay=0.01, fused=True)
+        for _ in range(2):
+            for p in w:
+                p.grad.mul_(1.5)
+            train.clip_gradients(w, opt, max_norm, fold)
+            opt.step()
+        out.append([p.detach().clone() for p in w])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
