@@ -106,6 +106,7 @@ class Distill(Common):
     kd_chunk_tokens: int = p(512, "tokens per chunk of the memory-lean KD loss (0: unchunked reference)", ge=0)
     max_train_blocks: int = p(192, "cap on train blocks per epoch (0: all)", ge=0)
     compile: bool = p(False, "torch.compile the student and teacher (CUDA; first step pays 10-60 s)")
+    cuda_graph: bool = p(False, "capture each optimizer step whole in one CUDA graph after 3 eager steps (CUDA, one process, no grad accumulation, no fp16 loss scaling; otherwise eager, the reason in the training rows)")
     no_teacher_baseline: bool = p(True, "also train the same student without the teacher (what KD buys)")
     seeds: list = p([1234], "a distilled and a no-teacher student per seed; two or more give a spread", ge=0,
                     nonempty=True, unique=True)
@@ -152,6 +153,7 @@ class LoraPrune(Common):
     train_engine: str = p("hf", "hf (peft on transformers' GPT-2 modules) or native (model.py + lora.LoRALinear; "
                           "the adapters copied back into the peft model after)", choices=("hf", "native"))
     compile: bool = p(False, "torch.compile the fine-tuned model (CUDA; first step pays 10-60 s)")
+    cuda_graph: bool = p(False, "capture each optimizer step whole in one CUDA graph after 3 eager steps (CUDA, one process, no grad accumulation, no fp16 loss scaling; otherwise eager, the reason in the training rows)")
     calib_blocks: int = p(8, "calibration blocks for Wanda activation norms", ge=1)
     nproc: int = p(1, "processes for each fine-tuning run: above 1, torchrun data-parallel (DDP, one per GPU)", ge=1)
 

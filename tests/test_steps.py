@@ -55,7 +55,7 @@ def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("steps") / "run"
     out, spies = {}, {}
     try:
-        cfg = _cfg("01_distill", run_dir)
+        cfg = _cfg("01_distill", run_dir, cuda_graph=True)     # on a CPU: eager, the reason recorded
         ctx = context.setup(cfg, "01_distill")
         teacher, t_info = s1.get_teacher(ctx)
         runs = s1.train_students(ctx, teacher)
@@ -67,7 +67,8 @@ def run(tmp_path_factory):
         out["02_compare"] = (cfg, s2.compare_results(ctx, s2.quality(ctx, roles), s2.speed(ctx, roles),
                                                      s2.sweep(ctx, roles), s2.speculative(ctx, roles)))
 
-        cfg = _cfg("03_lora_prune", run_dir, ft_warmup_steps=3, ft_lr=4e-3, full_ft_lr=7e-4, loss_chunk_tokens=256)
+        cfg = _cfg("03_lora_prune", run_dir, ft_warmup_steps=3, ft_lr=4e-3, full_ft_lr=7e-4, loss_chunk_tokens=256,
+                   cuda_graph=True)
         ctx = context.setup(cfg, "03_lora_prune")
         spies["03_lora_prune"] = _Spy(s3, mp)
         full = s3.full_finetune(ctx)
@@ -127,9 +128,19 @@ def test_03_rows_are_typed_not_found_by_their_labels(run):
     assert res["metrics"]["pruned_lora_test_ppl"] == res["training"][2]["test_ppl"]  # the distilled student's
 
 
+def test_01_cuda_graph_knob_is_recorded(run):
+    """01's cuda_graph reaches every student's training; on a CPU it cannot hold, and each seed row says why."""
+    cfg, res = run[0]["01_distill"]
+    assert cfg.cuda_graph is True and res["seed_runs"]
+    assert all(r["cuda_graph"] is False and r["cuda_graph_off_reason"] == "CUDA only" for r in res["seed_runs"])
+
+
 def test_03_knobs_reach_its_training(run):
-    cfg, _ = run[0]["03_lora_prune"]
+    cfg, res = run[0]["03_lora_prune"]
     spy = run[1]["03_lora_prune"]
+    assert [s.cuda_graph for _, s in spy.calls] == [True] * 4
+    # asked for, not possible on a CPU: every training row says so
+    assert all(r["cuda_graph"] is False and "CUDA" in r["cuda_graph_off_reason"] for r in res["training"])
     assert [s.warmup_steps for _, s in spy.calls] == [cfg.ft_warmup_steps] * 4
     assert [s.lr for _, s in spy.calls] == [cfg.full_ft_lr] + [cfg.ft_lr] * 3
     assert spy.chunks == [cfg.loss_chunk_tokens] * 4

@@ -183,7 +183,9 @@ def train_row(ctx: StageContext, name: str, model, hist: dict, extra: dict | Non
             "time_per_step_ms": s["time_per_step_s"] * 1e3, "time_per_step_std_ms": s["time_per_step_std_s"] * 1e3,
             "time_per_step_median_ms": s["time_per_step_median_s"] * 1e3,
             "tokens_per_s": s["tokens_per_s"], "samples_per_s": s["samples_per_s"], "peak_mem_mb": s["peak_mem_mb"],
-            "final_train_loss": s["final_loss"], "test_ppl": val["ppl"], **(extra or {})}
+            "final_train_loss": s["final_loss"], "test_ppl": val["ppl"],
+            "cuda_graph": s.get("cuda_graph", False), "cuda_graph_off_reason": s.get("cuda_graph_off_reason"),
+            **(extra or {})}
 
 
 def lora_setup(ctx: StageContext) -> dict:

@@ -22,7 +22,7 @@ from .context import StageContext, summary_table
 def _spec(cfg, **kw) -> TrainSpec:
     base = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
                 weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, max_train_blocks=cfg.max_train_blocks,
-                precision=cfg.precision, seed=cfg.seed, parallel=cfg.parallel)
+                precision=cfg.precision, seed=cfg.seed, parallel=cfg.parallel, cuda_graph=cfg.cuda_graph)
     base.update(kw)
     return TrainSpec(**base)
 
@@ -191,7 +191,9 @@ def seed_table(runs: dict) -> list[dict]:
              "final_train_loss": h["summary"]["final_loss"], "world_size": h["summary"].get("world_size", 1),
              "tokens_per_s": h["summary"]["tokens_per_s"],
              "tokens_per_s_per_gpu": h["summary"].get("tokens_per_s_per_gpu", h["summary"]["tokens_per_s"]),
-             "time_per_step_ms": h["summary"]["time_per_step_s"] * 1e3, "peak_mem_mb": h["summary"]["peak_mem_mb"]}
+             "time_per_step_ms": h["summary"]["time_per_step_s"] * 1e3, "peak_mem_mb": h["summary"]["peak_mem_mb"],
+             "cuda_graph": h["summary"].get("cuda_graph", False),
+             "cuda_graph_off_reason": h["summary"].get("cuda_graph_off_reason")}
             for arm, hs in runs.items() for h in hs]
 
 

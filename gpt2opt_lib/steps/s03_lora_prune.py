@@ -20,7 +20,8 @@ from .context import StageContext, summary_table
 
 def _ft_spec(cfg, lr: float) -> TrainSpec:
     return TrainSpec(epochs=cfg.ft_epochs, batch_size=cfg.ft_batch_size, lr=lr, warmup_steps=cfg.ft_warmup_steps, weight_decay=0.0,
-                     max_train_blocks=cfg.ft_max_train_blocks, precision=cfg.precision, seed=cfg.seed)
+                     max_train_blocks=cfg.ft_max_train_blocks, precision=cfg.precision, seed=cfg.seed,
+                     cuda_graph=cfg.cuda_graph)
 
 
 def full_finetune(ctx: StageContext, which: str = "student_distilled") -> dict:
