@@ -129,7 +129,8 @@ def test_scratch_teacher_stops_early_and_keeps_its_best_epoch(tmp_path, engine):
     cfg = SimpleNamespace(teacher="scratch:custom:n_layer=2,n_embd=32,n_head=2", attn_implementation="sdpa", seed=0,
                           block_size=8, teacher_max_epochs=6, teacher_patience=2, teacher_lr=1e-2, kd_chunk_tokens=0,
                           epochs=1, batch_size=2, grad_accum=1, lr=1e-3, weight_decay=0.0, warmup_steps=1,
-                          max_train_blocks=0, precision="fp32", compile=False, train_engine=engine, parallel="ddp")
+                          max_train_blocks=0, precision="fp32", compile=False, train_engine=engine, parallel="ddp",
+                          cuda_graph=False)
     ctx = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), tok=[0] * 200, tracker=None, stage_dir=tmp_path,
                           blocks=lambda split: torch.randint(0, 200, (4, 8), generator=torch.Generator().manual_seed(0)),
                           perplexity=perplexity)
