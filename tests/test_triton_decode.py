@@ -2,9 +2,6 @@
 Triton's interpreter (TRITON_INTERPRET=1, which conftest.py sets before anything imports triton); the same tests run
 on CUDA, with the graphed engine under -m gpu."""
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -258,34 +255,12 @@ def test_batched_attention_kernel_compiles_with_inductors_fp64_float_argument():
     loop-carried softmax state fp32 then (at 89c12cb it did not: "Loop-carried variable m has initial type fp32 but
     is re-assigned to fp64", the H100 compile failure). Compiled for sm90 in a subprocess without the interpreter
     (that conftest.py turns on here), no GPU needed; skipped where this Triton has no such compile API or ptxas."""
-    code = textwrap.dedent("""
-        import sys
-        try:
-            from triton.backends.compiler import GPUTarget
-            from triton.compiler import ASTSource
-            import triton
-        except ImportError:
-            sys.exit(77)
-        from gpt2opt_lib import triton_decode
-        sig = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
-               "y_ptr": "*fp16", "pos_ptr": "*i64", "H": "i32", "L": "i32", "s_b": "i32", "s_h": "i32",
-               "scale": "fp64", "HS": "constexpr", "BLOCK_L": "constexpr", "WRITE_KV": "constexpr"}
-        for write_kv in (False, True):
-            src = ASTSource(fn=triton_decode._batch_attn_kernel, signature=sig,
-                            constexprs={"HS": 64, "BLOCK_L": 64, "WRITE_KV": write_kv})
-            try:
-                kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-            except RuntimeError as e:        # no ptxas here: the front end's type check above it still ran
-                if "ptxas" in str(e).lower():
-                    sys.exit(77)
-                raise
-            assert kernel.asm.get("ttir")
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    if r.returncode == 77:
-        pytest.skip("no Triton compile API / ptxas for sm90 here")
-    assert r.returncode == 0, r.stderr[-2000:]
+    from sm90_compile import compile_for_sm90
+    compile_for_sm90("triton_decode", "_batch_attn_kernel",
+                     {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
+                      "y_ptr": "*fp16", "pos_ptr": "*i64", "H": "i32", "L": "i32", "s_b": "i32", "s_h": "i32",
+                      "scale": "fp64", "HS": "constexpr", "BLOCK_L": "constexpr", "WRITE_KV": "constexpr"},
+                     [{"HS": 64, "BLOCK_L": 64, "WRITE_KV": w} for w in (False, True)])
 
 
 @pytest.mark.gpu
