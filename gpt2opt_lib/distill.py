@@ -127,17 +127,14 @@ def _padded_head(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _TRITON_CE = [None]   # False after the Triton CE kernel failed once (then the compiled chunk runs)
 
 
-def _triton_ce_ok() -> bool:
+def _triton_ce(device: torch.device):
+    """triton_loss.ce_grad_ where it runs: CUDA with triton, not after a failure, not with GPT2OPT_TRITON_CE=0 (the
+    compiled chunk instead); else None."""
     import os
-    if os.environ.get("GPT2OPT_TRITON_CE", "1") == "0":
-        return False
-    from .triton_loss import triton
-    return triton is not None
-
-
-def _triton_ce_grad(s, yc, vc, n, a_ce, vocab):
-    from .triton_loss import ce_grad_
-    return ce_grad_(s, yc, vc, n, a_ce, vocab)
+    if device.type != "cuda" or _TRITON_CE[0] is False or os.environ.get("GPT2OPT_TRITON_CE", "1") == "0":
+        return None
+    from . import triton_loss
+    return triton_loss.ce_grad_ if triton_loss.available(device) else None
 
 
 class _FusedChunkedKD(torch.autograd.Function):
@@ -181,7 +178,8 @@ class _FusedChunkedKD(torch.autograd.Function):
         a_ce, a_kd = ((1 - alpha), alpha) if has_t else (1.0, 0.0)
         fused = _compiled_chunk(hs.device)
         # CUDA, no teacher: the CE gradient is written over the logits by one Triton kernel (triton_loss)
-        in_place = not has_t and hs.is_cuda and _TRITON_CE[0] is not False and _triton_ce_ok()
+        ce_grad_ = None if has_t else _triton_ce(hs.device)
+        in_place = ce_grad_ is not None
         for i in range(0, hs.shape[0], chunk):
             h = hs[i: i + chunk].to(mm_dtype)
             yc, vc = y[i: i + chunk], valid[i: i + chunk, None]              # (c,), (c, 1)
@@ -189,7 +187,7 @@ class _FusedChunkedKD(torch.autograd.Function):
             if in_place:
                 try:
                     g = h @ w.t()                                            # logits, then their gradient
-                    ce_sum += _triton_ce_grad(g, yc, vc, n, a_ce, V)
+                    ce_sum += ce_grad_(g, yc, vc, n, a_ce, V)
                 except Exception as e:  # noqa: BLE001 - a kernel failure costs speed, never the run
                     if torch.cuda.is_current_stream_capturing():
                         raise
