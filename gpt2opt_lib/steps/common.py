@@ -175,6 +175,11 @@ def generate_bench(ctx: StageContext, model, batch_size: int, prompt_len: int, n
             "peak_mem_mb": t.peak_mem_mb}
 
 
+def step_graph_fields(summary: dict) -> dict:
+    """Whether a training run's step was one CUDA graph (TrainSpec.cuda_graph), and why not: for its table row."""
+    return {"cuda_graph": summary.get("cuda_graph", False), "cuda_graph_off_reason": summary.get("cuda_graph_off_reason")}
+
+
 def train_row(ctx: StageContext, name: str, model, hist: dict, extra: dict | None = None) -> dict:
     s = hist["summary"]
     trainable, total, share = L.trainable_parameters(model)
@@ -183,9 +188,7 @@ def train_row(ctx: StageContext, name: str, model, hist: dict, extra: dict | Non
             "time_per_step_ms": s["time_per_step_s"] * 1e3, "time_per_step_std_ms": s["time_per_step_std_s"] * 1e3,
             "time_per_step_median_ms": s["time_per_step_median_s"] * 1e3,
             "tokens_per_s": s["tokens_per_s"], "samples_per_s": s["samples_per_s"], "peak_mem_mb": s["peak_mem_mb"],
-            "final_train_loss": s["final_loss"], "test_ppl": val["ppl"],
-            "cuda_graph": s.get("cuda_graph", False), "cuda_graph_off_reason": s.get("cuda_graph_off_reason"),
-            **(extra or {})}
+            "final_train_loss": s["final_loss"], "test_ppl": val["ppl"], **step_graph_fields(s), **(extra or {})}
 
 
 def lora_setup(ctx: StageContext) -> dict:

@@ -13,7 +13,7 @@ from .. import models as M
 from .. import parallel as D
 from ..distill import make_kd_loss_fn, make_lm_loss_fn
 from ..train import TrainSpec, train
-from .common import maybe_compile, training_engine
+from .common import maybe_compile, step_graph_fields, training_engine
 from .context import StageContext, summary_table
 
 # ------------------------------------------------------------------------------------------------ 01_distill
@@ -192,8 +192,7 @@ def seed_table(runs: dict) -> list[dict]:
              "tokens_per_s": h["summary"]["tokens_per_s"],
              "tokens_per_s_per_gpu": h["summary"].get("tokens_per_s_per_gpu", h["summary"]["tokens_per_s"]),
              "time_per_step_ms": h["summary"]["time_per_step_s"] * 1e3, "peak_mem_mb": h["summary"]["peak_mem_mb"],
-             "cuda_graph": h["summary"].get("cuda_graph", False),
-             "cuda_graph_off_reason": h["summary"].get("cuda_graph_off_reason")}
+             **step_graph_fields(h["summary"])}
             for arm, hs in runs.items() for h in hs]
 
 
