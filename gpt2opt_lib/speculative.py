@@ -16,8 +16,16 @@ One iteration, with the sequence x_0 .. x_{n-1} known and both caches valid for 
 Every token is the target's argmax given the accepted prefix, so the output is token-identical to the target's
 greedy decoding whatever the draft proposes (the draft only changes the speed). Positions, the sequence buffer and
 the acceptance all live on the device; the host reads one number (n) per iteration to decide when to stop. On CUDA
-the whole iteration (k draft steps, the verify step, the acceptance) is one CUDA graph (optionally torch.compiled
-first), and the prefill one graph per prompt length; on CPU the same functions run eagerly.
+the whole iteration (k draft steps, the verify step, the acceptance) is one CUDA graph, and the prefill one graph
+per prompt length; on CPU the same functions run eagerly.
+
+Two implementations of the round. `fused` (the default wherever both engines decode through triton_decode's fused
+kernels): the draft steps and the verify step are `FusedDecode.span` calls, the kernels of the engines' own decode
+step run over 2, 1, .., 1 and k + 1 rows, and one Triton kernel does the acceptance and the next round's positions
+(triton_decode.spec_book): 5 kernels per layer and step, each weight read once per step, and every verified row is
+bit for bit the target's own decode step, so the output equals the target engine's in any dtype. Otherwise the
+round is the PyTorch function below (`_iteration`, torch.compiled on CUDA): the verify step attends through a mask
+over the whole cache, and in 16-bit its rounding differs from the one-row step's.
 
 Batch size 1 only. `measure_speculative` times it against the target's own engine (and HF assisted generation).
 """
@@ -33,12 +41,16 @@ from .timing import measure, rate
 
 class SpeculativeDecoder:
     def __init__(self, target: FastGPT2, draft: FastGPT2, k: int = 4, use_cuda_graph: bool | str = "auto",
-                 compile: bool | str = "auto"):
+                 compile: bool | str = "auto", fused: bool | str = "auto"):
         """target, draft: FastGPT2 engines on the same device with the same vocabulary (any dtype / weight quant).
 
         k: draft tokens per target step (>= 1). use_cuda_graph / compile: "auto" = on for CUDA (compile only if
-        both engines compile), off on CPU. The engines' KV caches are reused (their own `generate` still works; it
-        and this decoder overwrite each other's cache contents, never both at once)."""
+        both engines compile), off on CPU. fused: the round on the engines' fused Triton kernels (see the module
+        docstring); "auto" = where both engines have them (`engine.fused`), graphs are on and k + 1 <= 16 rows
+        (`fused_off_reason` says why not); True insists (also eagerly, e.g. under Triton's CPU interpreter); False
+        = the PyTorch round. compile applies to the PyTorch round only. The engines' KV caches are reused (their
+        own `generate` still works; it and this decoder overwrite each other's cache contents, never both at
+        once)."""
         for name, eng in (("target", target), ("draft", draft)):
             if not isinstance(eng, FastGPT2):
                 raise TypeError(f"{name} must be a FastGPT2 engine, got {type(eng).__name__}")
@@ -64,11 +76,39 @@ class SpeculativeDecoder:
         self._span = torch.arange(k + 1, device=dev)                            # 0 .. k
         self._caches = ([c[:1] for c in target.ks], [c[:1] for c in target.vs],
                         [c[:1] for c in draft.ks], [c[:1] for c in draft.vs])
-        self._iter_fn = compile_step(self._iteration, target.gemv) if self.compile else self._iteration
+        self.fused, self.fused_off_reason = self._fused_choice(fused)
+        if self.fused:
+            self.compile = False                                        # nothing of the fused round is compiled
+            self._vt = torch.zeros(k + 1, dtype=torch.long, device=dev)   # (x_{n-1}, d_1 .. d_k): the verify span
+            self._g = torch.zeros(k + 1, dtype=torch.long, device=dev)    # the target's argmax per verified row
+            self._dtok = torch.zeros(2, dtype=torch.long, device=dev)     # (x_{n-2}, x_{n-1}): the draft's 2-row step
+            self._dpos = torch.zeros(k, dtype=torch.long, device=dev)     # the draft steps' first slots
+            self._vpos = torch.zeros(1, dtype=torch.long, device=dev)     # the verify step's first slot
+        self._iter_fn = self._fused_iteration if self.fused else (
+            compile_step(self._iteration, target.gemv) if self.compile else self._iteration)
         self.compile_error: str | None = None
         self._graphs: dict = {}
         self._ids: dict = {}
         self._pool = None
+
+    def _fused_choice(self, fused) -> tuple[bool, str | None]:
+        if fused is False:
+            return False, "off"
+        from . import triton_decode
+        reason = None
+        if self.target.fused is None or self.draft.fused is None:
+            reason = "an engine has no fused decode kernels (" + "; ".join(
+                f"{n}: {e.fused_off_reason}" for n, e in (("target", self.target), ("draft", self.draft))
+                if e.fused is None) + ")"
+        elif self.k + 1 > triton_decode.SPAN_MAX_ROWS:
+            reason = f"k + 1 = {self.k + 1} rows is more than a fused step holds ({triton_decode.SPAN_MAX_ROWS})"
+        elif fused == "auto" and not self.use_cuda_graph:
+            reason = "no CUDA graphs"
+        if reason is None:
+            return True, None
+        if fused is True:
+            raise ValueError(f"fused=True: {reason}")
+        return False, reason
 
     # --- the two device steps: every input and output is a static tensor -----------------------------------------
 
@@ -81,6 +121,22 @@ class SpeculativeDecoder:
         seq[:, :T].copy_(ids)
         seq[:, T].copy_(nxt)
         n.fill_(T + 1)
+        if self.fused:
+            self._book(n, seq, accept=False)
+
+    def _book(self, n, seq, accept: bool):
+        from .triton_decode import spec_book
+        spec_book(n, seq, self._vt, self._g, self._dtok, self._dpos, self._vpos, self.k, accept)
+
+    def _fused_iteration(self, n, seq, tks, tvs, dks, dvs):
+        """The round of `_iteration` on the fused kernels; its inputs (vt[0], dtok, dpos, vpos) were set by the
+        previous spec_book (the prefill's or the last round's)."""
+        dr, tg, vt, k = self.draft.fused, self.target.fused, self._vt, self.k
+        dr.span(self._dtok, self._dpos[:1], vt[1:2], dks, dvs, skip=1)     # (x_{n-2}, x_{n-1}) -> d_1
+        for i in range(1, k):                                             # d_i at slot n-1+i -> d_{i+1}
+            dr.span(vt[i:i + 1], self._dpos[i:i + 1], vt[i + 1:i + 2], dks, dvs)
+        tg.span(vt, self._vpos, self._g, tks, tvs)                        # (x_{n-1}, d_1 .. d_k) -> g_0 .. g_k
+        self._book(n, seq, accept=True)
 
     def _iteration(self, n, seq, tks, tvs, dks, dvs):
         """One draft-k / verify-once round; advances n by (accepted + 1). Needs n >= 2."""
@@ -117,6 +173,8 @@ class SpeculativeDecoder:
         if need_iteration:
             def reset():                                                # n = 2: slots <= k + 1, inside any cache
                 self._n.fill_(2)                                        # that passes the length check
+                if self.fused:
+                    self._book(self._n, self._seq[:1], accept=False)
             try:
                 step = self._capture("iteration", lambda: self._iter_fn(*args), reset)
             except Exception as e:  # noqa: BLE001 - torch.compile failing in the warm-up: graph the eager round
@@ -262,7 +320,8 @@ def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new
     engines["speculative"] = timed("speculative", lambda: spec.generate(ids, N))
     out, stats = outs.pop("speculative")
     engines["speculative"].update(stats, cuda_graph=spec.use_cuda_graph, compiled=spec.compile,
-                                 compile_error=spec.compile_error)
+                                 compile_error=spec.compile_error, fused=spec.fused,
+                                 fused_off_reason=spec.fused_off_reason)
     ref = outs["fast"]
     token_identical = bool(out.shape == ref.shape and torch.equal(out, ref))
     engines["speculative"]["token_identical"] = token_identical

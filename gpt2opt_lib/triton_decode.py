@@ -94,7 +94,11 @@ if triton is not None:
     def _ln_gemv_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
                         pv_ptr, pi_ptr, K, N, n_valid, eps,
                         KP: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr):
+                        GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr, M: tl.constexpr = 1):
+        """M rows (x (M, K) -> out (M, N)) against one weight tile loaded once; every row runs exactly the code of
+        the one-row case, so a row's result is bit for bit what a one-row launch of the same tile gives (the
+        speculative verify step equals the decode steps it replaces). EMBED: row m is token tok[m] at position
+        pos + m."""
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
@@ -108,40 +112,41 @@ if triton is not None:
         if HAS_BIAS:
             bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
-        if EMBED:                                                         # x = wte[tok] + wpe[pos], written once
-            t = tl.load(tok_ptr)
-            p = tl.load(pos_ptr)
-            x = tl.load(wte_ptr + t * K + k, mask=km, other=0.0).to(tl.float32) + \
-                tl.load(wpe_ptr + p * K + k, mask=km, other=0.0).to(tl.float32)
-            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)               # the residual stream's own rounding
-            if pid == 0:
-                tl.store(x_ptr + k, x.to(x_ptr.dtype.element_ty), mask=km)
-        else:
-            x = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
-        mean = tl.sum(x, 0) / K
-        d = tl.where(km, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
-        h = (d * rstd * lnw + lnb).to(w_ptr.dtype.element_ty).to(tl.float32)   # LayerNorm output, model dtype
-        acc = tl.sum(w.to(tl.float32) * h[None, :], 1)                    # (BLOCK_N,)
-        if HAS_BIAS:
-            acc += bias
-        if GELU:
-            acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
-        if ARGMAX:                                                        # logits rounded as the model's matmul
-            acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-            acc = tl.where(n < n_valid, acc, float("-inf"))
-            m = tl.max(acc, 0)
-            i = tl.min(tl.where(acc == m, n, 2147483647), 0)              # lowest index among the maxima
-            tl.store(pv_ptr + pid, m)
-            tl.store(pi_ptr + pid, i)
-        else:
-            tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
+        for row in tl.static_range(M):
+            if EMBED:                                                     # x = wte[tok] + wpe[pos], written once
+                t = tl.load(tok_ptr + row)
+                p = tl.load(pos_ptr) + row
+                x = tl.load(wte_ptr + t * K + k, mask=km, other=0.0).to(tl.float32) + \
+                    tl.load(wpe_ptr + p * K + k, mask=km, other=0.0).to(tl.float32)
+                x = x.to(x_ptr.dtype.element_ty).to(tl.float32)           # the residual stream's own rounding
+                if pid == 0:
+                    tl.store(x_ptr + row * K + k, x.to(x_ptr.dtype.element_ty), mask=km)
+            else:
+                x = tl.load(x_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
+            mean = tl.sum(x, 0) / K
+            d = tl.where(km, x - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
+            h = (d * rstd * lnw + lnb).to(w_ptr.dtype.element_ty).to(tl.float32)   # LayerNorm output, model dtype
+            acc = tl.sum(w.to(tl.float32) * h[None, :], 1)                # (BLOCK_N,)
+            if HAS_BIAS:
+                acc += bias
+            if GELU:
+                acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
+            if ARGMAX:                                                    # logits rounded as the model's matmul
+                acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+                acc = tl.where(n < n_valid, acc, float("-inf"))
+                mx = tl.max(acc, 0)
+                i = tl.min(tl.where(acc == mx, n, 2147483647), 0)         # lowest index among the maxima
+                tl.store(pv_ptr + row * tl.num_programs(0) + pid, mx)
+                tl.store(pi_ptr + row * tl.num_programs(0) + pid, i)
+            else:
+                tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
     def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, KP: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PDL: tl.constexpr):
-        """x[n] += h . W[n, :] + b[n] (in place: each program reads and writes only its own BLOCK_N entries).
-        The whole (BLOCK_N, K) weight tile in one load, issued before the wait."""
+                         PDL: tl.constexpr, M: tl.constexpr = 1):
+        """x[m, n] += h[m] . W[n, :] + b[n] for M rows (in place: each program reads and writes only its own
+        BLOCK_N columns). The whole (BLOCK_N, K) weight tile in one load, issued before the wait."""
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
@@ -151,11 +156,12 @@ if triton is not None:
                     eviction_policy="evict_first")
         bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
-        h = tl.load(h_ptr + k, mask=km, other=0.0).to(tl.float32)
-        acc = tl.sum(w.to(tl.float32) * h[None, :], 1) + bias
-        acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)               # the projection in the model dtype
-        x = tl.load(x_ptr + n, mask=nm, other=0.0).to(tl.float32)
-        tl.store(x_ptr + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
+        for row in tl.static_range(M):
+            h = tl.load(h_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
+            acc = tl.sum(w.to(tl.float32) * h[None, :], 1) + bias
+            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)           # the projection in the model dtype
+            x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
+            tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
     def _online_softmax_tile(q, kt, vt, sm, scale, m, l, acc):
@@ -168,34 +174,51 @@ if triton is not None:
         return m_new, l * alpha + tl.sum(e, 0), acc * alpha + tl.sum(e[:, None] * vt.to(tl.float32), 0)
 
     @triton.jit
+    def _span_tile(kt, vt, qkv_ptr, sl, p0, p, C, hd, HS: tl.constexpr, d):
+        """Slots p0 .. p-1 of a tile (sl: its slot numbers) taken from the step's own rows of qkv (row sl - p0)
+        instead of the cache: the values the cache will hold, written by this launch's other programs."""
+        sp = (sl >= p0) & (sl < p)
+        row = qkv_ptr + (sl - p0)[:, None] * 3 * C + hd * HS + d[None, :]
+        kt = tl.where(sp[:, None], tl.load(row + C, mask=sp[:, None], other=0.0), kt)
+        vt = tl.where(sp[:, None], tl.load(row + 2 * C, mask=sp[:, None], other=0.0), vt)
+        return kt, vt
+
+    @triton.jit
     def _attn_kernel(qkv_ptr, kc_ptr, vc_ptr, y_ptr, pos_ptr, L, C, scale, HS: tl.constexpr, BLOCK_L: tl.constexpr,
                      PDL: tl.constexpr):
-        """One head: cache[pos] = new k, v; y = softmax(q K[0..pos]^T * scale) V[0..pos], online softmax in fp32.
-        The cached slots 0..pos-1 and pos were written by earlier steps (never by the kernel just before), so the
-        first K/V tile is loaded before the wait, and each next tile while the current one is reduced."""
+        """One head (program axis 0) of one row (axis 1) m, the token at slot p = pos + m: cache[p] = its k, v;
+        y = softmax(q K[0..p]^T * scale) V[0..p], online softmax in fp32. Slots below pos were written by earlier
+        steps (never by the kernel just before), so the first K/V tile is loaded before the wait, and each next
+        tile while the current one is reduced; slots pos .. p-1 (the rows before m of a multi-row step) are read
+        from qkv, in the same order, so row m gives bit for bit what a one-row step at slot p gives."""
         hd = tl.program_id(0)
-        p = tl.load(pos_ptr)
+        m_row = tl.program_id(1)
+        p0 = tl.load(pos_ptr)
+        p = p0 + m_row
         d = tl.arange(0, HS)
         r = tl.arange(0, BLOCK_L)
         base = hd * L * HS
-        kt = tl.load(kc_ptr + base + r[:, None] * HS + d[None, :], mask=(r < p)[:, None], other=0.0)
-        vt = tl.load(vc_ptr + base + r[:, None] * HS + d[None, :], mask=(r < p)[:, None], other=0.0)
+        kt = tl.load(kc_ptr + base + r[:, None] * HS + d[None, :], mask=(r < p0)[:, None], other=0.0)
+        vt = tl.load(vc_ptr + base + r[:, None] * HS + d[None, :], mask=(r < p0)[:, None], other=0.0)
         _wait_for_inputs(PDL)
-        q = tl.load(qkv_ptr + hd * HS + d).to(tl.float32)
-        kn = tl.load(qkv_ptr + C + hd * HS + d)
-        vn = tl.load(qkv_ptr + 2 * C + hd * HS + d)
+        row = qkv_ptr + m_row * 3 * C
+        q = tl.load(row + hd * HS + d).to(tl.float32)
+        kn = tl.load(row + C + hd * HS + d)
+        vn = tl.load(row + 2 * C + hd * HS + d)
         tl.store(kc_ptr + base + p * HS + d, kn)
         tl.store(vc_ptr + base + p * HS + d, vn)
+        kt, vt = _span_tile(kt, vt, qkv_ptr, r, p0, p, C, hd, HS, d)
         m = tl.sum(q * kn.to(tl.float32), 0) * scale                      # the new token attends to itself
         l = m * 0.0 + 1.0
         acc = vn.to(tl.float32)
-        for s0 in range(0, p, BLOCK_L):                                   # earlier slots 0 .. pos-1: the live part
+        for s0 in range(0, p, BLOCK_L):                                   # earlier slots 0 .. p-1: the live part
             sm = s0 + r < p
             m, l, acc = _online_softmax_tile(q, kt, vt, sm, scale, m, l, acc)
-            nxt = s0 + BLOCK_L + r                                        # the next tile (masked off past pos)
-            kt = tl.load(kc_ptr + base + nxt[:, None] * HS + d[None, :], mask=(nxt < p)[:, None], other=0.0)
-            vt = tl.load(vc_ptr + base + nxt[:, None] * HS + d[None, :], mask=(nxt < p)[:, None], other=0.0)
-        tl.store(y_ptr + hd * HS + d, (acc / l).to(y_ptr.dtype.element_ty))
+            nxt = s0 + BLOCK_L + r                                        # the next tile (masked off past p)
+            kt = tl.load(kc_ptr + base + nxt[:, None] * HS + d[None, :], mask=(nxt < p0)[:, None], other=0.0)
+            vt = tl.load(vc_ptr + base + nxt[:, None] * HS + d[None, :], mask=(nxt < p0)[:, None], other=0.0)
+            kt, vt = _span_tile(kt, vt, qkv_ptr, nxt, p0, p, C, hd, HS, d)
+        tl.store(y_ptr + m_row * C + hd * HS + d, (acc / l).to(y_ptr.dtype.element_ty))
 
     @triton.jit
     def _finish_kernel(pv_ptr, pi_ptr, P, tok_ptr, pos_ptr, out_ptr, fin_ptr, eos_ptr, pad_ptr,
@@ -214,6 +237,53 @@ if triton is not None:
         tl.store(tok_ptr, nxt)
         tl.store(fin_ptr, fin.to(tl.uint8))
         tl.store(pos_ptr, p + 1)
+
+
+    @triton.jit
+    def _argmax_rows_kernel(pv_ptr, pi_ptr, P, dst_ptr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+        """Row m (program m) of a multi-row step: the argmax over the head's partials, as _finish_kernel, to dst[m]."""
+        _wait_for_inputs(PDL)
+        m_row = tl.program_id(0)
+        r = tl.arange(0, BLOCK_P)
+        rm = r < P
+        v = tl.load(pv_ptr + m_row * P + r, mask=rm, other=float("-inf"))
+        i = tl.load(pi_ptr + m_row * P + r, mask=rm, other=2147483647)
+        tl.store(dst_ptr + m_row, tl.min(tl.where(v == tl.max(v, 0), i, 2147483647), 0).to(tl.int64))
+
+    @triton.jit
+    def _spec_book_kernel(n_ptr, seq_ptr, vt_ptr, g_ptr, dtok_ptr, dpos_ptr, vpos_ptr,
+                          K: tl.constexpr, KP: tl.constexpr, ACCEPT: tl.constexpr):
+        """Speculative decoding's bookkeeping, one program. ACCEPT: vt = (x_{n-1}, d_1 .. d_K) were verified into
+        g = (g_0 .. g_K); a = the longest prefix with d_{j+1} == g_j; seq[n .. n+a] = g_0 .. g_a; n += a + 1. Then
+        (always) the next round's inputs from n: dtok = (x_{n-2}, x_{n-1}), dpos = (n-2, n, n+1, .., n+K-2),
+        vt[0] = x_{n-1}, vpos = n-1. Every load comes before the barrier, every store after it."""
+        j = tl.arange(0, KP)
+        n = tl.load(n_ptr)
+        if ACCEPT:
+            d = tl.load(vt_ptr + 1 + j, mask=j < K, other=-1)
+            g = tl.load(g_ptr + j, mask=j <= K, other=-2)
+            x_prev = tl.load(vt_ptr)                                       # x_{n-1}, the round's first token
+            a = tl.min(tl.where((d != g) & (j < K), j, K), 0)
+            last = tl.sum(tl.where(j == a, g, 0), 0)                       # g_a: the new x_{n'-1}
+            before = tl.where(a > 0, tl.sum(tl.where(j == a - 1, g, 0), 0), x_prev)
+            tl.debug_barrier()
+            tl.store(seq_ptr + n + j, g, mask=j <= a)
+            n = n + a + 1
+            tl.store(n_ptr, n)
+        else:
+            last = tl.load(seq_ptr + n - 1)
+            before = tl.load(seq_ptr + n - 2)
+            tl.debug_barrier()
+        tl.store(vt_ptr, last)
+        tl.store(dtok_ptr, before)
+        tl.store(dtok_ptr + 1, last)
+        tl.store(vpos_ptr, n - 1)
+        tl.store(dpos_ptr + j, tl.where(j == 0, n - 2, n - 1 + j), mask=j < K)
+
+    def spec_book(n, seq, vt, g, dtok, dpos, vpos, k: int, accept: bool) -> None:
+        """Launch _spec_book_kernel (see there) on the current device."""
+        _spec_book_kernel[(1,)](n, seq, vt, g, dtok, dpos, vpos, K=k, KP=triton.next_power_of_2(k + 1),
+                                ACCEPT=accept, num_warps=1)
 
 
     @triton.jit
@@ -328,8 +398,13 @@ def _kernels(device: torch.device):
 HEAD_BLOCK_N = 8   # the head's tile is fixed (not tuned): the finish kernel reduces exactly cdiv(Vpad, 8) partials
 
 
+SPAN_MAX_ROWS = 16  # rows a multi-row step (FusedDecode.span) holds scratch for: speculative k + 1 <= 16
+
+
 class FusedDecode:
-    """The fused batch-1 greedy decode step of one FastGPT2 engine: static scratch buffers and the launch list."""
+    """The fused greedy decode step of one FastGPT2 engine (batch row 0): static scratch buffers and the launch list.
+    `step` is one token (the engine's decode step); `span` runs up to SPAN_MAX_ROWS consecutive tokens through the
+    same kernels in one pass over the weights (speculative decoding's draft and verify steps)."""
 
     def __init__(self, core, device: torch.device):
         if triton is None:
@@ -341,14 +416,15 @@ class FusedDecode:
         self.core, self.device = core, device
         width = max(blk.c_fc.weight.shape[0] for blk in blocks)
         attn = max(blk.n_head * blk.head_dim for blk in blocks)
-        self.x = torch.zeros(C, dtype=dt, device=device)
-        self.qkv = torch.zeros(3 * attn, dtype=dt, device=device)
-        self.y = torch.zeros(attn, dtype=dt, device=device)
-        self.h = torch.zeros(width, dtype=dt, device=device)
+        R = SPAN_MAX_ROWS   # flat buffers: an M-row step views the first M * width entries as (M, width)
+        self.x = torch.zeros(R * C, dtype=dt, device=device)
+        self.qkv = torch.zeros(R * 3 * attn, dtype=dt, device=device)
+        self.y = torch.zeros(R * attn, dtype=dt, device=device)
+        self.h = torch.zeros(R * width, dtype=dt, device=device)
         Vpad = core.lm_head.weight.shape[0]
         self.P = triton.cdiv(Vpad, HEAD_BLOCK_N)
-        self.pv = torch.full((self.P,), float("-inf"), dtype=torch.float32, device=device)
-        self.pi = torch.zeros(self.P, dtype=torch.int32, device=device)
+        self.pv = torch.full((R * self.P,), float("-inf"), dtype=torch.float32, device=device)
+        self.pi = torch.zeros(R * self.P, dtype=torch.int32, device=device)
         self.kernels = _kernels(device)
         self.attn_block_l, self.attn_warps = 128, 8   # cache slots per loop iteration of the attention kernel
         # programmatic dependent launch: each kernel loads its weights while its predecessor finishes (sm90+)
@@ -358,13 +434,14 @@ class FusedDecode:
     def _launch_opts(self) -> dict:
         return {"PDL": self.pdl, "launch_pdl": True} if self.pdl else {"PDL": False}
 
-    def _ln_gemv(self, x, lnw, lnb, dense, out, *, embed=None, gelu=False, argmax=False, n_valid=0, block_n=None):
+    def _ln_gemv(self, x, lnw, lnb, dense, out, M, *, embed=None, gelu=False, argmax=False, n_valid=0,
+                 block_n=None):
         kern, fixed = self.kernels["ln_gemv"]
         N, K = dense.weight.shape
         tok, pos = embed if embed is not None else (x, x)
         wte = self.core.wte.weight if embed is not None else x
         meta = dict(KP=triton.next_power_of_2(K), EMBED=embed is not None, HAS_BIAS=dense.bias is not None,
-                    GELU=gelu, ARGMAX=argmax)
+                    GELU=gelu, ARGMAX=argmax, M=M)
         if block_n is not None:                                           # the head: a fixed tile
             kern, fixed = _ln_gemv_kernel, {"BLOCK_N": block_n, "num_warps": 4}
         grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]),)
@@ -372,35 +449,64 @@ class FusedDecode:
                    dense.bias if dense.bias is not None else dense.weight, out, self.pv, self.pi,
                    K, N, n_valid, self.core.eps, **meta, **fixed, **self._launch_opts())
 
-    def _gemv_res(self, h, dense, x):
+    def _gemv_res(self, h, dense, x, M):
         kern, fixed = self.kernels["gemv_res"]
         N, K = dense.weight.shape
-        kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](h, dense.weight, dense.bias, x, K, N,
+        kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](h, dense.weight, dense.bias, x, K, N, M=M,
                                                         KP=triton.next_power_of_2(K), **fixed, **self._launch_opts())
+
+    def _on_device(self, fn, *args):
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):                          # triton launches on the current device
+                return fn(*args)
+        return fn(*args)
 
     def step(self, tok, pos, out, finished, eos, pad, ks, vs) -> None:
         """One greedy token for batch row 0: reads tok (1,), pos (1,); writes the caches' slot pos, out[0, pos+1],
         tok, finished and pos += 1 (the compiled step's contract, FastGPT2._Core.decode_step)."""
-        if self.device.type == "cuda":
-            with torch.cuda.device(self.device):                          # triton launches on the current device
-                return self._step(tok, pos, out, finished, eos, pad, ks, vs)
-        return self._step(tok, pos, out, finished, eos, pad, ks, vs)
+        return self._on_device(self._step, tok, pos, out, finished, eos, pad, ks, vs)
+
+    def span(self, toks, pos, dst, ks, vs, skip: int = 0) -> None:
+        """M = len(toks) consecutive tokens of batch row 0 in one step: toks (M,) long at cache slots pos .. pos+M-1
+        (pos (1,) long, on the device) are written into the caches (slots from pos on are overwritten, the ones
+        below are read), and the greedy next token after row m goes to dst[m - skip] for m >= skip. Row m's
+        result is bit for bit that of a one-token step at slot pos + m (`step`), any dtype."""
+        M = toks.shape[0]
+        if not 1 <= M <= SPAN_MAX_ROWS or not 0 <= skip < M or dst.shape[0] != M - skip:
+            raise ValueError(f"span: 1 <= {M} tokens <= {SPAN_MAX_ROWS}, 0 <= skip {skip} < M, dst of M - skip rows")
+        return self._on_device(self._span, toks, pos, dst, ks, vs, skip)
+
+    def _layers(self, tok, pos, M, ks, vs):
+        core, C = self.core, self.core.wpe.shape[1]
+        x = self.x[: M * C]
+        for i, (blk, kc, vc) in enumerate(zip(core.blocks, ks, vs)):
+            A, W = blk.n_head * blk.head_dim, blk.c_fc.weight.shape[0]
+            qkv, y, h = self.qkv[: M * 3 * A], self.y[: M * A], self.h[: M * W]
+            self._ln_gemv(x, blk.ln1_w, blk.ln1_b, blk.c_attn, qkv, M, embed=(tok, pos) if i == 0 else None)
+            _attn_kernel[(blk.n_head, M)](qkv, kc, vc, y, pos, kc.shape[2], A, blk.scale, HS=blk.head_dim,
+                                          BLOCK_L=self.attn_block_l, num_warps=self.attn_warps,
+                                          **self._launch_opts())
+            self._gemv_res(y, blk.c_proj, x, M)
+            self._ln_gemv(x, blk.ln2_w, blk.ln2_b, blk.c_fc, h, M, gelu=True)
+            self._gemv_res(h, blk.mlp_proj, x, M)
+        return x
+
+    def _head(self, x, M):
+        core = self.core
+        self._ln_gemv(x, core.lnf_w, core.lnf_b, core.lm_head, x, M, argmax=True, n_valid=core.vocab_size,
+                      block_n=HEAD_BLOCK_N)
 
     def _step(self, tok, pos, out, finished, eos, pad, ks, vs) -> None:
-        core, x = self.core, self.x
-        for i, (blk, kc, vc) in enumerate(zip(core.blocks, ks, vs)):
-            A = blk.n_head * blk.head_dim
-            qkv, y, h = self.qkv[: 3 * A], self.y[:A], self.h[: blk.c_fc.weight.shape[0]]
-            self._ln_gemv(x, blk.ln1_w, blk.ln1_b, blk.c_attn, qkv, embed=(tok, pos) if i == 0 else None)
-            _attn_kernel[(blk.n_head,)](qkv, kc, vc, y, pos, kc.shape[2], A, blk.scale, HS=blk.head_dim,
-                                        BLOCK_L=self.attn_block_l, num_warps=self.attn_warps, **self._launch_opts())
-            self._gemv_res(y, blk.c_proj, x)
-            self._ln_gemv(x, blk.ln2_w, blk.ln2_b, blk.c_fc, h, gelu=True)
-            self._gemv_res(h, blk.mlp_proj, x)
-        self._ln_gemv(x, core.lnf_w, core.lnf_b, core.lm_head, x, argmax=True, n_valid=core.vocab_size,
-                      block_n=HEAD_BLOCK_N)
+        self._head(self._layers(tok, pos, 1, ks, vs), 1)
         _finish_kernel[(1,)](self.pv, self.pi, self.P, tok, pos, out, finished.view(torch.uint8), eos, pad,
                              BLOCK_P=triton.next_power_of_2(self.P), num_warps=8, **self._launch_opts())
+
+    def _span(self, toks, pos, dst, ks, vs, skip) -> None:
+        M, C = toks.shape[0], self.core.wpe.shape[1]
+        x = self._layers(toks, pos, M, ks, vs)
+        self._head(x[skip * C:], M - skip)                                # no head for rows nobody reads
+        _argmax_rows_kernel[(M - skip,)](self.pv, self.pi, self.P, dst, BLOCK_P=triton.next_power_of_2(self.P),
+                                         num_warps=8, **self._launch_opts())
 
 
 def _is_gelu_tanh(blk) -> bool:

@@ -249,6 +249,41 @@ def test_bad_inputs(target_model, target):
         SpeculativeDecoder(target, draft, use_cuda_graph=True)
 
 
+def _triton_runs_here():
+    from gpt2opt_lib import triton_decode
+    return triton_decode.triton is not None and triton_decode.available(
+        torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@pytest.mark.skipif(not _triton_runs_here(), reason="triton cannot run here (CPU needs TRITON_INTERPRET=1)")
+def test_fused_round_equals_the_pytorch_round(target_model):
+    """The round on the fused kernels (FusedDecode.span + spec_book), eagerly (Triton's interpreter on CPU): the
+    target's tokens and the PyTorch round's stats, for a close and an unrelated draft."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kw = dict(max_seq_len=40, use_cuda_graph=False, compile=False, device=dev)
+    target = FastGPT2(target_model, fused=True, **kw)
+    ids, n = prompt(1).to(dev), 10
+    ref = target.generate(ids, n)
+    for draft_model, k in ((perturbed(target_model), 3), (tiny_model(5), 2)):
+        draft = FastGPT2(draft_model, fused=True, **kw)
+        fused = SpeculativeDecoder(target, draft, k=k, fused=True)
+        plain = SpeculativeDecoder(target, draft, k=k, fused=False)
+        assert fused.fused and fused.fused_off_reason is None and not plain.fused
+        a, sa = fused.generate(ids, n)
+        b, sb = plain.generate(ids, n)
+        assert torch.equal(a, ref) and torch.equal(b, ref), k
+        assert sa == sb, (sa, sb)
+    # where the fused round cannot run, "auto" says why and True refuses
+    off = FastGPT2(target_model, fused=False, **kw)
+    spec = SpeculativeDecoder(off, draft, k=2)
+    assert not spec.fused and "target: off" in spec.fused_off_reason
+    with pytest.raises(ValueError, match="fused=True: an engine has no fused"):
+        SpeculativeDecoder(off, draft, k=2, fused=True)
+    with pytest.raises(ValueError, match="fused=True: k \\+ 1 = 17 rows"):
+        SpeculativeDecoder(target, draft, k=16, fused=True)
+    assert SpeculativeDecoder(target, draft, k=2).fused_off_reason == "no CUDA graphs"
+
+
 def test_measure_speculative_cpu(target_model):
     res = measure_speculative(target_model, perturbed(target_model), prompt(1), 16, k=3, device="cpu",
                               warmup=0, repeats=2)
@@ -266,27 +301,50 @@ def test_measure_speculative_cpu(target_model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("compile", [False, True])
-def test_gpu_graphs_match_target_engine(compile):
-    """fp32 on CUDA: the graph-captured (optionally compiled) round gives the target engine's tokens."""
+@pytest.mark.parametrize("round_", ["fused", "compiled", "eager-graph"])
+def test_gpu_graphs_match_target_engine(round_):
+    """fp32 on CUDA: the graph-captured round (fused kernels, or the PyTorch round compiled or not) gives the target
+    engine's tokens."""
     model = tiny_model(0).cuda()
     target = FastGPT2(model, max_seq_len=64)
+    assert target.fused is not None, target.fused_off_reason
     for draft_model, k in ((model, 4), (perturbed(model), 3), (tiny_model(5), 2)):
         draft = FastGPT2(draft_model.cuda(), max_seq_len=64)
-        spec = SpeculativeDecoder(target, draft, k=k, compile=compile)
-        eager = SpeculativeDecoder(target, draft, k=k, use_cuda_graph=False, compile=False)
-        assert spec.use_cuda_graph
-        assert spec.compile == compile, spec.compile_error   # no silent fallback from torch.compile
+        spec = SpeculativeDecoder(target, draft, k=k, compile=round_ == "compiled", fused=round_ == "fused")
+        eager = SpeculativeDecoder(target, draft, k=k, use_cuda_graph=False, compile=False, fused=round_ == "fused")
+        assert spec.use_cuda_graph and spec.fused == (round_ == "fused")
+        assert spec.compile == (round_ == "compiled"), spec.compile_error   # no silent fallback from torch.compile
         for s in (1, 2):
             ids = prompt(s).cuda()
             ref = target.generate(ids, NEW)
             a, sa = spec.generate(ids, NEW)
             b, sb = eager.generate(ids, NEW)
             assert torch.equal(a, ref) and torch.equal(b, ref), (k, s)
-            if not compile:                      # the same kernels replayed: the same proposals, the same stats
+            if round_ != "compiled":             # the same kernels replayed: the same proposals, the same stats
                 assert sa == sb
             if draft_model is model:
                 assert sa["acceptance_rate"] == 1.0
         for T in (3, 8):                         # a second prompt length: another prefill graph, same round graph
             ids = prompt(3, T=T).cuda()
             assert torch.equal(spec.generate(ids, 10)[0], target.generate(ids, 10))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fused_round_token_identical_in_16_bit(dtype):
+    """16-bit: every verified row is bit for bit the target's own decode step, so the output equals the target
+    engine's even where near-ties would flip between differently rounded kernels (200 tokens, 3 prompts, a
+    gpt2-width model)."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=4, n_embd=768, n_head=12, vocab_size=50257, n_positions=512)
+    model = transformers.GPT2LMHeadModel(cfg).eval().cuda()
+    draft_model = layers_dropped(model, [0, 3])
+    target = FastGPT2(model, max_seq_len=300, dtype=dtype)
+    spec = SpeculativeDecoder(target, FastGPT2(draft_model, max_seq_len=300, dtype=dtype), k=3)
+    assert spec.fused, spec.fused_off_reason
+    for s in (1, 2, 3):
+        ids = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(s)).cuda()
+        out, st = spec.generate(ids, 200)
+        assert torch.equal(out, target.generate(ids, 200)), s
+        assert st["verify_steps"] < 200

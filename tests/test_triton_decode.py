@@ -145,15 +145,16 @@ def test_layer_kernels_against_torch():
     f, blk = eng.fused, eng.core.blocks[0]
     F = torch.nn.functional
     x = torch.randn(64, device=dev)
-    f.x.copy_(x)
-    f._ln_gemv(f.x, blk.ln2_w, blk.ln2_b, blk.c_fc, f.h, gelu=True)
+    fx, fh = f.x[:64], f.h[:256]
+    fx.copy_(x)
+    f._ln_gemv(fx, blk.ln2_w, blk.ln2_b, blk.c_fc, fh, 1, gelu=True)
     want = F.gelu(F.linear(F.layer_norm(x, (64,), blk.ln2_w, blk.ln2_b, blk.eps), blk.c_fc.weight, blk.c_fc.bias),
                   approximate="tanh")
-    torch.testing.assert_close(f.h, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fh, want, atol=1e-4, rtol=1e-4)
     h = torch.randn(256, device=dev)
-    f.h.copy_(h)
-    f._gemv_res(f.h, blk.mlp_proj, f.x)
-    torch.testing.assert_close(f.x, x + F.linear(h, blk.mlp_proj.weight, blk.mlp_proj.bias), atol=1e-4, rtol=1e-4)
+    fh.copy_(h)
+    f._gemv_res(fh, blk.mlp_proj, fx, 1)
+    torch.testing.assert_close(fx, x + F.linear(h, blk.mlp_proj.weight, blk.mlp_proj.bias), atol=1e-4, rtol=1e-4)
     # attention at pos = 37 over a cache with 37 filled slots
     kc, vc = eng.ks[0][:1], eng.vs[0][:1]
     kc[:, :, :37].normal_()
@@ -281,3 +282,45 @@ def test_gpu_graph_engine_batched_triton_attention_equals_inductor(dtype):
     else:
         assert torch.equal(a[:, :14], b[:, :14]) and (a == b).float().mean() > 0.9
     assert torch.equal(tri.generate(ids, 60), a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_span_rows_equal_one_row_steps_bit_for_bit(dtype):
+    """FusedDecode.span (speculative decoding's draft and verify steps): M tokens in one pass give, row for row, the
+    same bits as M one-token steps (hidden state, K/V cache, argmax), and a one-row span the same token as `step`."""
+    dev = _device()
+    model = tiny_model(seed=21, n_layer=2).to(dev)
+    eng = FastGPT2(model, fused=True, use_cuda_graph=False, compile=False, max_seq_len=80, dtype=dtype)
+    f, C, T, M = eng.fused, 64, 35, 5                 # T = 35: the rows' attention crosses a 32-slot tile
+    ks, vs = [c[:1] for c in eng.ks], [c[:1] for c in eng.vs]
+    with torch.no_grad():
+        eng.core.forward_full(_prompt(T, seed=22), ks, vs)
+    saved = [c.clone() for c in ks + vs]
+    toks = _prompt(M, seed=23)[0]
+    pos = torch.tensor([T], device=dev)
+    dst = torch.full((M - 1,), -1, dtype=torch.long, device=dev)
+    f.span(toks, pos, dst, ks, vs, skip=1)
+    x_span, after_span = f.x[: M * C].clone().view(M, C), [c.clone() for c in ks + vs]
+    for c, s in zip(ks + vs, saved):
+        c.copy_(s)
+    rows, one = [], torch.zeros(1, dtype=torch.long, device=dev)
+    for m in range(M):
+        f.span(toks[m:m + 1], pos + m, one, ks, vs)
+        rows.append((f.x[:C].clone(), int(one)))
+    for m in range(M):
+        assert torch.equal(x_span[m], rows[m][0]), m
+    assert dst.tolist() == [r[1] for r in rows[1:]]
+    for a, b in zip(after_span, ks + vs):
+        assert torch.equal(a[:, :, : T + M], b[:, :, : T + M])
+    # the engine's own decode step after the same prefix gives the last row's token
+    for c, s in zip(ks + vs, saved):
+        c.copy_(s)
+    for m in range(M - 1):
+        f.span(toks[m:m + 1], pos + m, one, ks, vs)
+    tok, p = toks[M - 1:].clone(), pos + M - 1
+    out = torch.zeros(1, 100, dtype=torch.long, device=dev)
+    fin = torch.zeros(1, dtype=torch.bool, device=dev)
+    f.step(tok, p, out, fin, torch.tensor(-1, device=dev), torch.tensor(0, device=dev), ks, vs)
+    assert int(tok) == rows[-1][1] and int(p) == T + M
+    with pytest.raises(ValueError, match="span"):
+        f.span(toks, pos, dst[:1], ks, vs, skip=1)

@@ -56,9 +56,10 @@ def speed(ctx: StageContext, roles: dict) -> dict:
 def speculative(ctx: StageContext, roles: dict) -> dict | None:
     """The pair 01 trained, used as speculative decoding needs it: the distilled student drafts spec_k tokens, the
     teacher verifies them in one step (greedy, batch 1), against the teacher's own fast engine and HF assisted
-    generation with the same draft, in this run. In fp32 the output must be the teacher's greedy output token for
-    token; in 16-bit the verify and decode kernels round differently, so the record says how many new tokens agree
-    before the first near-tie flips (`same_prefix_tokens`). None when spec_k is 0."""
+    generation with the same draft, in this run. On the fused round (`fused`, CUDA) or in fp32 the output must be
+    the teacher's greedy output token for token; the PyTorch round in 16-bit rounds its verify step differently from
+    the decode step, so the record says how many new tokens agree before the first near-tie flips
+    (`same_prefix_tokens`). None when spec_k is 0."""
     from ..speculative import measure_speculative
 
     c = ctx.cfg
@@ -74,6 +75,7 @@ def speculative(ctx: StageContext, roles: dict) -> dict | None:
                                                       "peak_mem_mb", "token_identical", "acceptance_rate", "error")}}
             for name, r in rec["engines"].items()]
     return {"status": "ok", "pair": "teacher verifies, distilled student drafts", "table": rows,
+            "fused": rec["engines"]["speculative"]["fused"],
             **{k: rec[k] for k in ("k", "prompt_len", "new_tokens", "speedup", "speedup_vs_hf", "acceptance_rate",
                                    "tokens_per_target_step", "token_identical", "same_prefix_tokens", "dtype")}}
 
