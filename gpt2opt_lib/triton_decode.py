@@ -94,12 +94,14 @@ if triton is not None:
     def _ln_gemv_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
                         pv_ptr, pi_ptr, K, N, n_valid, eps,
                         KP: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr, M: tl.constexpr = 1):
-        """M rows (x (M, K) -> out (M, N)) against one weight tile loaded once; every row runs exactly the code of
-        the one-row case, so a row's result is bit for bit what a one-row launch of the same tile gives (the
-        speculative verify step equals the decode steps it replaces). EMBED: row m is token tok[m] at position
-        pos + m."""
-        pid = tl.program_id(0)
+                        GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr):
+        """Row `row` (program axis 0) of x (M, K) against weight tile `pid` (axis 1) -> out (M, N). Each program
+        runs the one-row code on its own row, so a row's result is bit for bit that of a one-row launch (the
+        speculative verify step equals the decode steps it replaces); the M programs of a tile are neighbours in
+        launch order, so its weights come from HBM once and from L2 for the other rows. EMBED: row m is token
+        tok[m] at position pos + m."""
+        row = tl.program_id(0)
+        pid = tl.program_id(1)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         k = tl.arange(0, KP)
@@ -112,42 +114,43 @@ if triton is not None:
         if HAS_BIAS:
             bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
-        for row in tl.static_range(M):
-            if EMBED:                                                     # x = wte[tok] + wpe[pos], written once
-                t = tl.load(tok_ptr + row)
-                p = tl.load(pos_ptr) + row
-                x = tl.load(wte_ptr + t * K + k, mask=km, other=0.0).to(tl.float32) + \
-                    tl.load(wpe_ptr + p * K + k, mask=km, other=0.0).to(tl.float32)
-                x = x.to(x_ptr.dtype.element_ty).to(tl.float32)           # the residual stream's own rounding
-                if pid == 0:
-                    tl.store(x_ptr + row * K + k, x.to(x_ptr.dtype.element_ty), mask=km)
-            else:
-                x = tl.load(x_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
-            mean = tl.sum(x, 0) / K
-            d = tl.where(km, x - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
-            h = (d * rstd * lnw + lnb).to(w_ptr.dtype.element_ty).to(tl.float32)   # LayerNorm output, model dtype
-            acc = tl.sum(w.to(tl.float32) * h[None, :], 1)                # (BLOCK_N,)
-            if HAS_BIAS:
-                acc += bias
-            if GELU:
-                acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
-            if ARGMAX:                                                    # logits rounded as the model's matmul
-                acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-                acc = tl.where(n < n_valid, acc, float("-inf"))
-                mx = tl.max(acc, 0)
-                i = tl.min(tl.where(acc == mx, n, 2147483647), 0)         # lowest index among the maxima
-                tl.store(pv_ptr + row * tl.num_programs(0) + pid, mx)
-                tl.store(pi_ptr + row * tl.num_programs(0) + pid, i)
-            else:
-                tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
+        if EMBED:                                                         # x = wte[tok] + wpe[pos], written once
+            t = tl.load(tok_ptr + row)
+            p = tl.load(pos_ptr) + row
+            x = tl.load(wte_ptr + t * K + k, mask=km, other=0.0).to(tl.float32) + \
+                tl.load(wpe_ptr + p * K + k, mask=km, other=0.0).to(tl.float32)
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)               # the residual stream's own rounding
+            if pid == 0:
+                tl.store(x_ptr + row * K + k, x.to(x_ptr.dtype.element_ty), mask=km)
+        else:
+            x = tl.load(x_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 0) / K
+        d = tl.where(km, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
+        h = (d * rstd * lnw + lnb).to(w_ptr.dtype.element_ty).to(tl.float32)   # LayerNorm output, model dtype
+        acc = tl.sum(w.to(tl.float32) * h[None, :], 1)                    # (BLOCK_N,)
+        if HAS_BIAS:
+            acc += bias
+        if GELU:
+            acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
+        if ARGMAX:                                                        # logits rounded as the model's matmul
+            acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+            acc = tl.where(n < n_valid, acc, float("-inf"))
+            m = tl.max(acc, 0)
+            i = tl.min(tl.where(acc == m, n, 2147483647), 0)              # lowest index among the maxima
+            tl.store(pv_ptr + row * tl.num_programs(1) + pid, m)
+            tl.store(pi_ptr + row * tl.num_programs(1) + pid, i)
+        else:
+            tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
     def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, KP: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PDL: tl.constexpr, M: tl.constexpr = 1):
-        """x[m, n] += h[m] . W[n, :] + b[n] for M rows (in place: each program reads and writes only its own
-        BLOCK_N columns). The whole (BLOCK_N, K) weight tile in one load, issued before the wait."""
-        pid = tl.program_id(0)
+                         PDL: tl.constexpr):
+        """x[row, n] += h[row] . W[n, :] + b[n] for row `row` (program axis 0) and the BLOCK_N columns of tile axis
+        1 (in place: each program reads and writes only its own entries). The whole (BLOCK_N, K) weight tile in
+        one load, issued before the wait."""
+        row = tl.program_id(0)
+        pid = tl.program_id(1)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         k = tl.arange(0, KP)
@@ -156,12 +159,11 @@ if triton is not None:
                     eviction_policy="evict_first")
         bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
-        for row in tl.static_range(M):
-            h = tl.load(h_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
-            acc = tl.sum(w.to(tl.float32) * h[None, :], 1) + bias
-            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)           # the projection in the model dtype
-            x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
-            tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
+        h = tl.load(h_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * h[None, :], 1) + bias
+        acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)               # the projection in the model dtype
+        x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
+        tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
     def _online_softmax_tile(q, kt, vt, sm, scale, m, l, acc):
@@ -441,10 +443,10 @@ class FusedDecode:
         tok, pos = embed if embed is not None else (x, x)
         wte = self.core.wte.weight if embed is not None else x
         meta = dict(KP=triton.next_power_of_2(K), EMBED=embed is not None, HAS_BIAS=dense.bias is not None,
-                    GELU=gelu, ARGMAX=argmax, M=M)
+                    GELU=gelu, ARGMAX=argmax)
         if block_n is not None:                                           # the head: a fixed tile
             kern, fixed = _ln_gemv_kernel, {"BLOCK_N": block_n, "num_warps": 4}
-        grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]),)
+        grid = lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))
         kern[grid](x, tok, pos, wte, self.core.wpe, lnw, lnb, dense.weight,
                    dense.bias if dense.bias is not None else dense.weight, out, self.pv, self.pi,
                    K, N, n_valid, self.core.eps, **meta, **fixed, **self._launch_opts())
@@ -452,8 +454,8 @@ class FusedDecode:
     def _gemv_res(self, h, dense, x, M):
         kern, fixed = self.kernels["gemv_res"]
         N, K = dense.weight.shape
-        kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](h, dense.weight, dense.bias, x, K, N, M=M,
-                                                        KP=triton.next_power_of_2(K), **fixed, **self._launch_opts())
+        kern[lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))](h, dense.weight, dense.bias, x, K, N,
+                                                          KP=triton.next_power_of_2(K), **fixed, **self._launch_opts())
 
     def _on_device(self, fn, *args):
         if self.device.type == "cuda":
