@@ -91,10 +91,22 @@ if triton is not None:
             gdc_launch_dependents()
 
     @triton.jit
+    def _weight_tile(w_ptr, n, k, nm, km, K, EVICT_FIRST: tl.constexpr):
+        """The (BLOCK_N, KP) weight tile. One row reads it once: evict it from L2 first. Several rows (one program
+        each) read it at about the same time: let it stay for the others (the cache policy only; the values are
+        the same)."""
+        if EVICT_FIRST:
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        return w
+
+    @triton.jit
     def _ln_gemv_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
                         pv_ptr, pi_ptr, K, N, n_valid, eps,
                         KP: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr):
+                        GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr, EVICT_FIRST: tl.constexpr = True):
         """Row `row` (program axis 0) of x (M, K) against weight tile `pid` (axis 1) -> out (M, N). Each program
         runs the one-row code on its own row, so a row's result is bit for bit that of a one-row launch (the
         speculative verify step equals the decode steps it replaces); the M programs of a tile are neighbours in
@@ -107,8 +119,7 @@ if triton is not None:
         k = tl.arange(0, KP)
         km = k < K
         # the weights first: their loads are in flight while the row's LayerNorm is computed
-        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0,
-                    eviction_policy="evict_first")
+        w = _weight_tile(w_ptr, n, k, nm, km, K, EVICT_FIRST)
         lnw = tl.load(lnw_ptr + k, mask=km, other=0.0).to(tl.float32)
         lnb = tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -145,7 +156,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, KP: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PDL: tl.constexpr):
+                         PDL: tl.constexpr, EVICT_FIRST: tl.constexpr = True):
         """x[row, n] += h[row] . W[n, :] + b[n] for row `row` (program axis 0) and the BLOCK_N columns of tile axis
         1 (in place: each program reads and writes only its own entries). The whole (BLOCK_N, K) weight tile in
         one load, issued before the wait."""
@@ -155,8 +166,7 @@ if triton is not None:
         nm = n < N
         k = tl.arange(0, KP)
         km = k < K
-        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0,
-                    eviction_policy="evict_first")
+        w = _weight_tile(w_ptr, n, k, nm, km, K, EVICT_FIRST)
         bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
         h = tl.load(h_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
@@ -429,6 +439,7 @@ class FusedDecode:
         self.pi = torch.zeros(R * self.P, dtype=torch.int32, device=device)
         self.kernels = _kernels(device)
         self.attn_block_l, self.attn_warps = 128, 8   # cache slots per loop iteration of the attention kernel
+        self.span_evict_first = False   # multi-row steps keep weight tiles in L2 for the tile's other rows
         # programmatic dependent launch: each kernel loads its weights while its predecessor finishes (sm90+)
         self.pdl = (gdc_wait is not None and device.type == "cuda"
                     and torch.cuda.get_device_capability(device)[0] >= 9)
@@ -443,7 +454,7 @@ class FusedDecode:
         tok, pos = embed if embed is not None else (x, x)
         wte = self.core.wte.weight if embed is not None else x
         meta = dict(KP=triton.next_power_of_2(K), EMBED=embed is not None, HAS_BIAS=dense.bias is not None,
-                    GELU=gelu, ARGMAX=argmax)
+                    GELU=gelu, ARGMAX=argmax, EVICT_FIRST=M == 1 or self.span_evict_first)
         if block_n is not None:                                           # the head: a fixed tile
             kern, fixed = _ln_gemv_kernel, {"BLOCK_N": block_n, "num_warps": 4}
         grid = lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))
@@ -455,7 +466,9 @@ class FusedDecode:
         kern, fixed = self.kernels["gemv_res"]
         N, K = dense.weight.shape
         kern[lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))](h, dense.weight, dense.bias, x, K, N,
-                                                          KP=triton.next_power_of_2(K), **fixed, **self._launch_opts())
+                                                          KP=triton.next_power_of_2(K),
+                                                          EVICT_FIRST=M == 1 or self.span_evict_first,
+                                                          **fixed, **self._launch_opts())
 
     def _on_device(self, fn, *args):
         if self.device.type == "cuda":

@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""GPU time of one fused multi-row step (triton_decode.FusedDecode.span: speculative decoding's verify step) for M
+rows, against the one-token decode step of the same engine, each replayed in a CUDA graph (weights do not change
+the cost: random-weight architectures). Where a speculative round's time goes: k draft steps of one row and one
+verify step of k + 1 rows.
+
+    python benchmarks/span_cost.py --model random:gpt2-medium --rows 1,2,3,5,8 --json span.json
+
+`--evict both` also times the multi-row steps with the weight tiles marked evict-first (the one-row policy)."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpt2opt_lib import env as envmod  # noqa: E402
+from gpt2opt_lib.bench.common import build_model  # noqa: E402
+from gpt2opt_lib.generate import FastGPT2  # noqa: E402
+
+
+def _graph_time(fn, replays: int, repeats: int) -> dict:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(replays):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / replays)               # us per call
+    t = torch.tensor(times)
+    return {"us_mean": t.mean().item(), "us_std": t.std().item(), "replays": replays, "repeats": repeats}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="random:gpt2-medium")
+    ap.add_argument("--rows", default="1,2,3,5,8")
+    ap.add_argument("--pos", type=int, default=96, help="cache slots before the step (the prompt + tokens so far)")
+    ap.add_argument("--evict", default="keep", choices=["keep", "both"])
+    ap.add_argument("--replays", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    rows = [int(r) for r in a.rows.split(",")]
+    if not torch.cuda.is_available():
+        raise SystemExit("span_cost: needs a CUDA GPU")
+    dev = torch.device("cuda")
+    model = build_model(a.model, torch.bfloat16, dev, seed=0)
+    eng = FastGPT2(model, max_seq_len=a.pos + max(rows) + 8, dtype=torch.bfloat16)
+    f = eng.fused
+    if f is None:
+        raise SystemExit(f"span_cost: no fused kernels: {eng.fused_off_reason}")
+    ks, vs = [c[:1] for c in eng.ks], [c[:1] for c in eng.vs]
+    toks = torch.randint(0, eng.core.vocab_size, (max(rows),), device=dev)
+    pos = torch.tensor([a.pos], device=dev)
+    dst = torch.zeros(max(rows), dtype=torch.long, device=dev)
+    tok, p = toks[:1].clone(), pos.clone()
+    out = torch.zeros(1, eng.cache_len + 1, dtype=torch.long, device=dev)
+    fin = torch.zeros(1, dtype=torch.bool, device=dev)
+    eos, pad = torch.tensor(-1, device=dev), torch.tensor(0, device=dev)
+
+    def step():                                                         # the engine's decode step, at slot pos
+        p.copy_(pos)
+        f.step(tok, p, out, fin, eos, pad, ks, vs)
+    res = {"decode_step": _graph_time(step, a.replays, a.repeats)}
+    for evict in (["keep", "evict_first"] if a.evict == "both" else ["keep"]):
+        f.span_evict_first = evict == "evict_first"
+        for m in rows:
+            res[f"span_{m}_{evict}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
+                                                   a.replays, a.repeats)
+    base = res["decode_step"]["us_mean"]
+    for name, r in res.items():
+        r["vs_decode_step"] = r["us_mean"] / base
+        print(f"{name:>22}: {r['us_mean']:8.1f} +- {r['us_std']:.1f} us  (x{r['vs_decode_step']:.2f} a decode step)")
+    report = {"model": a.model, "dtype": "bf16", "pos": a.pos, "device": torch.cuda.get_device_name(dev),
+              "git_sha": envmod.git_sha(), "argv": sys.argv[1:], "env": envmod.env_stamp(), "results": res}
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()
