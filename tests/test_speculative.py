@@ -260,9 +260,9 @@ def test_fused_round_equals_the_pytorch_round(target_model):
     """The round on the fused kernels (FusedDecode.span + spec_book), eagerly (Triton's interpreter on CPU): the
     target's tokens and the PyTorch round's stats, for a close and an unrelated draft."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kw = dict(max_seq_len=40, use_cuda_graph=False, compile=False, device=dev)
+    kw = dict(max_seq_len=32, use_cuda_graph=False, compile=False, device=dev)
     target = FastGPT2(target_model, fused=True, **kw)
-    ids, n = prompt(1).to(dev), 10
+    ids, n = prompt(1).to(dev), 8
     ref = target.generate(ids, n)
     for draft_model, k in ((perturbed(target_model), 3), (tiny_model(5), 2)):
         draft = FastGPT2(draft_model, fused=True, **kw)
