@@ -6,7 +6,8 @@ verify step of k + 1 rows.
 
     python benchmarks/span_cost.py --model random:gpt2-medium --rows 1,2,3,5,8 --json span.json
 
-`--evict both` also times the multi-row steps with the weight tiles marked evict-first (the one-row policy)."""
+`--evict both` also times the multi-row steps with the weight tiles marked evict-first (the one-row policy).
+`--by-kernel` adds, per row count, the GPU time of each kernel (torch.profiler over eager launches, no graph)."""
 import argparse
 import json
 import sys
@@ -53,6 +54,7 @@ def main(argv=None):
     ap.add_argument("--evict", default="keep", choices=["keep", "both"])
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--by-kernel", action="store_true", help="GPU time per kernel and row count (profiler)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     rows = [int(r) for r in a.rows.split(",")]
@@ -82,12 +84,31 @@ def main(argv=None):
         for m in rows:
             res[f"span_{m}_{evict}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
                                                    a.replays, a.repeats)
+    f.span_evict_first = False
+    by_kernel = {}
+    if a.by_kernel:
+        from torch.profiler import ProfilerActivity, profile
+        for m in rows:
+            f.span(toks[:m], pos, dst[:m], ks, vs)                      # warm (compiled, tuned)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(a.replays):
+                    f.span(toks[:m], pos, dst[:m], ks, vs)
+                torch.cuda.synchronize()
+            per = {}
+            for ev in prof.key_averages():
+                t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+                if t and ev.key.startswith("_"):                        # the Triton kernels (_ln_gemv_kernel, ...)
+                    per[ev.key] = {"us_per_step": t / a.replays, "launches_per_step": ev.count / a.replays}
+            by_kernel[f"span_{m}"] = per
+            print(f"span_{m}: " + ", ".join(f"{k} {v['us_per_step']:.0f} us" for k, v in sorted(per.items())))
     base = res["decode_step"]["us_mean"]
     for name, r in res.items():
         r["vs_decode_step"] = r["us_mean"] / base
         print(f"{name:>22}: {r['us_mean']:8.1f} +- {r['us_std']:.1f} us  (x{r['vs_decode_step']:.2f} a decode step)")
     report = {"model": a.model, "dtype": "bf16", "pos": a.pos, "device": torch.cuda.get_device_name(dev),
-              "git_sha": envmod.git_sha(), "argv": sys.argv[1:], "env": envmod.env_stamp(), "results": res}
+              "git_sha": envmod.git_sha(), "argv": sys.argv[1:], "env": envmod.env_stamp(), "results": res,
+              "by_kernel": by_kernel}
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(report, indent=2, default=str))
