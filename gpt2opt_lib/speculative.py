@@ -15,9 +15,10 @@ One iteration, with the sequence x_0 .. x_{n-1} known and both caches valid for 
 
 Every token is the target's argmax given the accepted prefix, so the output is token-identical to the target's
 greedy decoding whatever the draft proposes (the draft only changes the speed). Positions, the sequence buffer and
-the acceptance all live on the device; the host reads one number (n) per iteration to decide when to stop. On CUDA
-the whole iteration (k draft steps, the verify step, the acceptance) is one CUDA graph, and the prefill one graph
-per prompt length; on CPU the same functions run eagerly.
+the acceptance all live on the device; the host reads one number (n) per 1-8 iterations to decide when to stop
+(as many as cannot overshoot the requested length even if every draft token is accepted). On CUDA those
+iterations (k draft steps, the verify step, the acceptance, each) are one CUDA graph, and the prefill one graph per
+prompt length; on CPU the same functions run eagerly.
 
 Two implementations of the round. `fused` (the default wherever both engines decode through triton_decode's fused
 kernels): the draft steps and the verify step are `FusedDecode.span` calls, the kernels of the engines' own decode
@@ -37,6 +38,10 @@ import torch
 
 from .generate import FastGPT2, capture_graph, compile_step, hf_generate
 from .timing import measure, rate
+
+
+# rounds per host sync (one CUDA graph each): the largest that cannot overshoot the requested length is used
+ROUNDS_PER_SYNC = (8, 4, 2, 1)
 
 
 class SpeculativeDecoder:
@@ -164,30 +169,40 @@ class SpeculativeDecoder:
             self._graphs[key], self._pool = capture_graph(fn, reset, self._pool)
         return self._graphs[key].replay
 
-    def _runners(self, T: int, need_iteration: bool):
+    def _runners(self, T: int):
+        """(prompt buffer, prefill(), rounds(R)): rounds(R) runs R rounds, on CUDA as one graph replay per R."""
         args = (self._n, self._seq, *self._caches)
         if not self.use_cuda_graph:
             buf = torch.zeros(1, T, dtype=torch.long, device=self.device)
-            return buf, (lambda: self._prefill(buf, *args)), (lambda: self._iter_fn(*args))
-        step = None
-        if need_iteration:
-            def reset():                                                # n = 2: slots <= k + 1, inside any cache
-                self._n.fill_(2)                                        # that passes the length check
-                if self.fused:
-                    self._book(self._n, self._seq[:1], accept=False)
-            try:
-                step = self._capture("iteration", lambda: self._iter_fn(*args), reset)
-            except Exception as e:  # noqa: BLE001 - torch.compile failing in the warm-up: graph the eager round
-                if not self.compile or "iteration" in self._graphs:
-                    raise
-                warnings.warn(f"speculative: torch.compile of the round failed, capturing it eagerly: {e}"[:500])
-                torch.cuda.synchronize()
-                self.compile, self.compile_error, self._iter_fn = False, f"{type(e).__name__}: {e}"[:500], \
-                    self._iteration
-                step = self._capture("iteration", lambda: self._iter_fn(*args), reset)
+
+            def eager_rounds(R):
+                for _ in range(R):
+                    self._iter_fn(*args)
+            return buf, (lambda: self._prefill(buf, *args)), eager_rounds
+
+        def reset():                                                    # n = 2: slots <= 2 + R (k + 1), inside the
+            self._n.fill_(2)                                            # caches whenever R rounds fit the request
+            if self.fused:
+                self._book(self._n, self._seq[:1], accept=False)
+
+        def rounds(R):
+            key = ("iteration", R)
+            if key not in self._graphs:
+                fn = lambda: [self._iter_fn(*args) for _ in range(R)]
+                try:
+                    self._capture(key, fn, reset)
+                except Exception as e:  # noqa: BLE001 - torch.compile failing in the warm-up: graph the eager round
+                    if not self.compile or any(k[0] == "iteration" for k in self._graphs):
+                        raise
+                    warnings.warn(f"speculative: torch.compile of the round failed, capturing it eagerly: {e}"[:500])
+                    torch.cuda.synchronize()
+                    self.compile, self.compile_error, self._iter_fn = False, f"{type(e).__name__}: {e}"[:500], \
+                        self._iteration
+                    self._capture(key, fn, reset)
+            self._graphs[key].replay()
         buf = self._ids.setdefault(T, torch.zeros(1, T, dtype=torch.long, device=self.device))
         prefill = self._capture(("prefill", T), lambda: self._prefill(buf, *args), lambda: None)
-        return buf, prefill, step
+        return buf, prefill, rounds
 
     # --- public API -----------------------------------------------------------------------------------------------
 
@@ -217,10 +232,11 @@ class SpeculativeDecoder:
         draft_forward_passes (the prefill + k per round); proposed (k per round) and accepted draft tokens, counted
         over every round (the last round's tokens past max_new_tokens included); acceptance_rate = accepted /
         proposed (None without a round); tokens_per_target_step = new_tokens / target_forward_passes (1.0 for
-        plain decoding); mean_accepted_per_verify."""
+        plain decoding); mean_accepted_per_verify. With eos_token_id, rounds run in the same host sync as the round
+        that met it are counted too (they are run)."""
         self._check(input_ids, max_new_tokens)
         T, N, k = input_ids.shape[1], max_new_tokens, self.k
-        buf, prefill, step = self._runners(T, need_iteration=N > 1)
+        buf, prefill, run_rounds = self._runners(T)
         buf.copy_(input_ids.to(self.device))
         prefill()
         n_host, rounds, accepted = T + 1, 0, 0
@@ -228,10 +244,13 @@ class SpeculativeDecoder:
         if eos_token_id is not None and int(self._seq[0, T]) == eos_token_id:
             end = T + 1
         while end is None and n_host - T < N:
-            step()
-            n_new = int(self._n)                                        # the one host sync per round
-            accepted += n_new - n_host - 1
-            rounds += 1
+            # R rounds at once where even R fully accepted rounds stay short of the end: each of them is a round
+            # the one-at-a-time loop would run too (same output, same stats), with one host sync for all R
+            R = next(r for r in ROUNDS_PER_SYNC if r == 1 or r * (k + 1) <= T + N - n_host)
+            run_rounds(R)
+            n_new = int(self._n)                                        # the one host sync per R rounds
+            accepted += n_new - n_host - R
+            rounds += R
             if eos_token_id is not None:
                 new = self._seq[0, n_host: min(n_new, T + N)].tolist()
                 if eos_token_id in new:
