@@ -169,8 +169,10 @@ class SpeculativeDecoder:
             self._graphs[key], self._pool = capture_graph(fn, reset, self._pool)
         return self._graphs[key].replay
 
-    def _runners(self, T: int):
-        """(prompt buffer, prefill(), rounds(R)): rounds(R) runs R rounds, on CUDA as one graph replay per R."""
+    def _runners(self, T: int, N: int):
+        """(prompt buffer, prefill(), rounds(R)): rounds(R) runs R rounds, on CUDA as one graph replay per R. Every
+        graph a request of N new tokens may replay is captured here, before the prefill: a capture's warm-up runs
+        write the caches and the sequence."""
         args = (self._n, self._seq, *self._caches)
         if not self.use_cuda_graph:
             buf = torch.zeros(1, T, dtype=torch.long, device=self.device)
@@ -185,7 +187,7 @@ class SpeculativeDecoder:
             if self.fused:
                 self._book(self._n, self._seq[:1], accept=False)
 
-        def rounds(R):
+        def rounds(R):                                                  # the replay of R rounds (captured once)
             key = ("iteration", R)
             if key not in self._graphs:
                 fn = lambda: [self._iter_fn(*args) for _ in range(R)]
@@ -199,10 +201,13 @@ class SpeculativeDecoder:
                     self.compile, self.compile_error, self._iter_fn = False, f"{type(e).__name__}: {e}"[:500], \
                         self._iteration
                     self._capture(key, fn, reset)
-            self._graphs[key].replay()
+            return self._graphs[key].replay
+        for R in ROUNDS_PER_SYNC:                                       # the loop's R: R (k + 1) <= N - 1, or 1
+            if N > 1 and (R == 1 or R * (self.k + 1) <= N - 1):
+                rounds(R)
         buf = self._ids.setdefault(T, torch.zeros(1, T, dtype=torch.long, device=self.device))
         prefill = self._capture(("prefill", T), lambda: self._prefill(buf, *args), lambda: None)
-        return buf, prefill, rounds
+        return buf, prefill, lambda R: rounds(R)()
 
     # --- public API -----------------------------------------------------------------------------------------------
 
@@ -236,7 +241,7 @@ class SpeculativeDecoder:
         that met it are counted too (they are run)."""
         self._check(input_ids, max_new_tokens)
         T, N, k = input_ids.shape[1], max_new_tokens, self.k
-        buf, prefill, run_rounds = self._runners(T)
+        buf, prefill, run_rounds = self._runners(T, N)
         buf.copy_(input_ids.to(self.device))
         prefill()
         n_host, rounds, accepted = T + 1, 0, 0

@@ -249,6 +249,30 @@ def test_bad_inputs(target_model, target):
         SpeculativeDecoder(target, draft, use_cuda_graph=True)
 
 
+def test_round_graphs_are_captured_before_the_prefill(target_model, target, refs, monkeypatch):
+    """A capture runs its function on the live buffers (warm-up): every round graph a request may replay (1, 2, 4 or 8
+    rounds per host sync) must exist before the prefill, or the first generation is overwritten. On CPU the capture
+    is emulated (warm-ups as capture_graph runs them; the replay is the function)."""
+    import gpt2opt_lib.speculative as S
+
+    def capture(fn, reset, pool=None):
+        for _ in range(3):
+            reset()
+            fn()
+        reset()
+        return type("Replay", (), {"replay": staticmethod(fn)})(), pool
+    monkeypatch.setattr(S, "capture_graph", capture)
+    spec = SpeculativeDecoder(target, FastGPT2(perturbed(target_model), max_seq_len=64), k=2)
+    spec.use_cuda_graph = True                  # the graph path's bookkeeping, without CUDA
+    plain = SpeculativeDecoder(target, FastGPT2(perturbed(target_model), max_seq_len=64), k=2)
+    for s, (ids, ref) in refs.items():
+        out, st = spec.generate(ids, NEW)
+        assert torch.equal(out, ref), s         # the first call included
+        assert st == plain.generate(ids, NEW)[1]   # batching rounds per sync changes no count
+    # NEW = 24, k = 2: R rounds are batched while 3 R <= 23 tokens are left: R = 4, 2, 1 (8 would overshoot)
+    assert sorted(k[1] for k in spec._graphs if k[0] == "iteration") == [1, 2, 4]
+
+
 def _triton_runs_here():
     from gpt2opt_lib import triton_decode
     return triton_decode.triton is not None and triton_decode.available(
