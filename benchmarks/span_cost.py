@@ -18,20 +18,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpt2opt_lib import env as envmod  # noqa: E402
 from gpt2opt_lib.bench.common import build_model  # noqa: E402
-from gpt2opt_lib.generate import FastGPT2  # noqa: E402
+from gpt2opt_lib.generate import FastGPT2, capture_graph  # noqa: E402
 
 
 def _graph_time(fn, replays: int, repeats: int) -> dict:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(replays):
-            fn()
+    g, _ = capture_graph(lambda: [fn() for _ in range(replays)], lambda: None)   # warmed up, then `replays` calls
     g.replay()
     torch.cuda.synchronize()
     times = []

@@ -44,6 +44,12 @@ from .timing import measure, rate
 ROUNDS_PER_SYNC = (8, 4, 2, 1)
 
 
+def rounds_per_sync(left: int, k: int) -> int:
+    """Rounds to run before the host next reads n, with `left` tokens still to generate: the most whose every round
+    is one the one-at-a-time loop would run too (R (k + 1) <= left even if all is accepted), at least 1."""
+    return next(r for r in ROUNDS_PER_SYNC if r == 1 or r * (k + 1) <= left)
+
+
 class SpeculativeDecoder:
     def __init__(self, target: FastGPT2, draft: FastGPT2, k: int = 4, use_cuda_graph: bool | str = "auto",
                  compile: bool | str = "auto", fused: bool | str = "auto"):
@@ -202,9 +208,10 @@ class SpeculativeDecoder:
                         self._iteration
                     self._capture(key, fn, reset)
             return self._graphs[key].replay
-        for R in ROUNDS_PER_SYNC:                                       # the loop's R: R (k + 1) <= N - 1, or 1
-            if N > 1 and (R == 1 or R * (self.k + 1) <= N - 1):
-                rounds(R)
+        if N > 1:                                                       # the loop's R: at most that of N - 1 left
+            for R in ROUNDS_PER_SYNC:
+                if R <= rounds_per_sync(N - 1, self.k):
+                    rounds(R)
         buf = self._ids.setdefault(T, torch.zeros(1, T, dtype=torch.long, device=self.device))
         prefill = self._capture(("prefill", T), lambda: self._prefill(buf, *args), lambda: None)
         return buf, prefill, lambda R: rounds(R)()
@@ -251,7 +258,7 @@ class SpeculativeDecoder:
         while end is None and n_host - T < N:
             # R rounds at once where even R fully accepted rounds stay short of the end: each of them is a round
             # the one-at-a-time loop would run too (same output, same stats), with one host sync for all R
-            R = next(r for r in ROUNDS_PER_SYNC if r == 1 or r * (k + 1) <= T + N - n_host)
+            R = rounds_per_sync(T + N - n_host, k)
             run_rounds(R)
             n_new = int(self._n)                                        # the one host sync per R rounds
             accepted += n_new - n_host - R

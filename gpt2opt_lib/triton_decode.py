@@ -233,14 +233,20 @@ if triton is not None:
         tl.store(y_ptr + m_row * C + hd * HS + d, (acc / l).to(y_ptr.dtype.element_ty))
 
     @triton.jit
-    def _finish_kernel(pv_ptr, pi_ptr, P, tok_ptr, pos_ptr, out_ptr, fin_ptr, eos_ptr, pad_ptr,
-                       BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-        _wait_for_inputs(PDL)
+    def _argmax_of_partials(pv_ptr, pi_ptr, P, BLOCK_P: tl.constexpr):
+        """The argmax over the head's P per-tile (max, argmax) partials: the lowest index among the maxima, as
+        torch.argmax. int64."""
         r = tl.arange(0, BLOCK_P)
         rm = r < P
         v = tl.load(pv_ptr + r, mask=rm, other=float("-inf"))
         i = tl.load(pi_ptr + r, mask=rm, other=2147483647)
-        nxt = tl.min(tl.where(v == tl.max(v, 0), i, 2147483647), 0).to(tl.int64)
+        return tl.min(tl.where(v == tl.max(v, 0), i, 2147483647), 0).to(tl.int64)
+
+    @triton.jit
+    def _finish_kernel(pv_ptr, pi_ptr, P, tok_ptr, pos_ptr, out_ptr, fin_ptr, eos_ptr, pad_ptr,
+                       BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+        _wait_for_inputs(PDL)
+        nxt = _argmax_of_partials(pv_ptr, pi_ptr, P, BLOCK_P)
         fin = tl.load(fin_ptr) != 0
         nxt = tl.where(fin, tl.load(pad_ptr), nxt)                        # finished rows keep emitting pad
         fin = fin | (nxt == tl.load(eos_ptr))
@@ -256,11 +262,7 @@ if triton is not None:
         """Row m (program m) of a multi-row step: the argmax over the head's partials, as _finish_kernel, to dst[m]."""
         _wait_for_inputs(PDL)
         m_row = tl.program_id(0)
-        r = tl.arange(0, BLOCK_P)
-        rm = r < P
-        v = tl.load(pv_ptr + m_row * P + r, mask=rm, other=float("-inf"))
-        i = tl.load(pi_ptr + m_row * P + r, mask=rm, other=2147483647)
-        tl.store(dst_ptr + m_row, tl.min(tl.where(v == tl.max(v, 0), i, 2147483647), 0).to(tl.int64))
+        tl.store(dst_ptr + m_row, _argmax_of_partials(pv_ptr + m_row * P, pi_ptr + m_row * P, P, BLOCK_P))
 
     @triton.jit
     def _spec_book_kernel(n_ptr, seq_ptr, vt_ptr, g_ptr, dtok_ptr, dpos_ptr, vpos_ptr,

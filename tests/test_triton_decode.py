@@ -264,6 +264,24 @@ def test_batched_attention_kernel_compiles_with_inductors_fp64_float_argument():
                      [{"HS": 64, "BLOCK_L": 64, "WRITE_KV": w} for w in (False, True)])
 
 
+def test_argmax_and_speculative_bookkeeping_kernels_compile_for_sm90():
+    """The decode step's finish kernel, the multi-row argmax (both through _argmax_of_partials) and speculative
+    decoding's bookkeeping kernel (a barrier, scalar selects), compiled for sm90 as the GPU would, no GPU needed."""
+    from sm90_compile import compile_for_sm90
+    partials = {"pv_ptr": "*fp32", "pi_ptr": "*i32", "P": "i32"}
+    compile_for_sm90("triton_decode", "_finish_kernel",
+                     {**partials, "tok_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": "*i64", "fin_ptr": "*u8",
+                      "eos_ptr": "*i64", "pad_ptr": "*i64", "BLOCK_P": "constexpr", "PDL": "constexpr"},
+                     [{"BLOCK_P": 8192, "PDL": False}])
+    compile_for_sm90("triton_decode", "_argmax_rows_kernel",
+                     {**partials, "dst_ptr": "*i64", "BLOCK_P": "constexpr", "PDL": "constexpr"},
+                     [{"BLOCK_P": 8192, "PDL": False}])
+    compile_for_sm90("triton_decode", "_spec_book_kernel",
+                     {**{f"{b}_ptr": "*i64" for b in ("n", "seq", "vt", "g", "dtok", "dpos", "vpos")},
+                      "K": "constexpr", "KP": "constexpr", "ACCEPT": "constexpr"},
+                     [{"K": 3, "KP": 4, "ACCEPT": a} for a in (False, True)])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
