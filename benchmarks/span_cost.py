@@ -6,7 +6,8 @@ verify step of k + 1 rows.
 
     python benchmarks/span_cost.py --model random:gpt2-medium --rows 1,2,3,5,8 --json span.json
 
-`--evict both` also times the multi-row steps with the weight tiles marked evict-first (the one-row policy).
+`--layout both` also times the multi-row steps with their rows apart (one program per row and weight tile, the
+tile re-read from L2 per row) besides together (the default: one program per tile runs every row), in the same run.
 `--by-kernel` adds, per row count, the GPU time of each kernel (torch.profiler over eager launches, no graph)."""
 import argparse
 import json
@@ -42,7 +43,8 @@ def main(argv=None):
     ap.add_argument("--model", default="random:gpt2-medium")
     ap.add_argument("--rows", default="1,2,3,5,8")
     ap.add_argument("--pos", type=int, default=96, help="cache slots before the step (the prompt + tokens so far)")
-    ap.add_argument("--evict", default="keep", choices=["keep", "both"])
+    ap.add_argument("--layout", default="together", choices=["together", "apart", "both"],
+                    help="a multi-row step's rows per program (FusedDecode.span_rows)")
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--by-kernel", action="store_true", help="GPU time per kernel and row count (profiler)")
@@ -70,15 +72,16 @@ def main(argv=None):
         p.copy_(pos)
         f.step(tok, p, out, fin, eos, pad, ks, vs)
     res = {"decode_step": _graph_time(step, a.replays, a.repeats)}
-    for evict in (["keep", "evict_first"] if a.evict == "both" else ["keep"]):
-        f.span_evict_first = evict == "evict_first"
+    layouts = ["together", "apart"] if a.layout == "both" else [a.layout]
+    for layout in layouts:
+        f.span_rows = layout
         for m in rows:
-            res[f"span_{m}_{evict}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
-                                                   a.replays, a.repeats)
-    f.span_evict_first = False
+            res[f"span_{m}_{layout}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
+                                                    a.replays, a.repeats)
     by_kernel = {}
-    if a.by_kernel:
+    for layout in layouts if a.by_kernel else []:
         from torch.profiler import ProfilerActivity, profile
+        f.span_rows = layout
         for m in rows:
             f.span(toks[:m], pos, dst[:m], ks, vs)                      # warm (compiled, tuned)
             torch.cuda.synchronize()
@@ -91,8 +94,9 @@ def main(argv=None):
                 t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
                 if t and ev.key.startswith("_"):                        # the Triton kernels (_ln_gemv_kernel, ...)
                     per[ev.key] = {"us_per_step": t / a.replays, "launches_per_step": ev.count / a.replays}
-            by_kernel[f"span_{m}"] = per
-            print(f"span_{m}: " + ", ".join(f"{k} {v['us_per_step']:.0f} us" for k, v in sorted(per.items())))
+            by_kernel[f"span_{m}_{layout}"] = per
+            print(f"span_{m}_{layout}: " + ", ".join(f"{k} {v['us_per_step']:.0f} us" for k, v in sorted(per.items())))
+    f.span_rows = "together"
     base = res["decode_step"]["us_mean"]
     for name, r in res.items():
         r["vs_decode_step"] = r["us_mean"] / base

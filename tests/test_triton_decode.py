@@ -282,6 +282,25 @@ def test_argmax_and_speculative_bookkeeping_kernels_compile_for_sm90():
                      [{"K": 3, "KP": 4, "ACCEPT": a} for a in (False, True)])
 
 
+def test_multi_row_layer_kernels_compile_for_sm90():
+    """The LayerNorm+GEMV and GEMV+residual kernels with several rows per program (a speculative verify step: the
+    weight tile loaded once, the one-row code unrolled per row), compiled for sm90 as the GPU would."""
+    from sm90_compile import compile_for_sm90
+    bf = "*bf16"
+    compile_for_sm90("triton_decode", "_ln_gemv_kernel",
+                     {"x_ptr": bf, "tok_ptr": "*i64", "pos_ptr": "*i64", "wte_ptr": bf, "wpe_ptr": bf, "lnw_ptr": bf,
+                      "lnb_ptr": bf, "w_ptr": bf, "b_ptr": bf, "out_ptr": bf, "pv_ptr": "*fp32", "pi_ptr": "*i32",
+                      "K": "i32", "N": "i32", "n_valid": "i32", "eps": "fp32", "KP": "constexpr",
+                      "BLOCK_N": "constexpr", "EMBED": "constexpr", "HAS_BIAS": "constexpr", "GELU": "constexpr",
+                      "ARGMAX": "constexpr", "PDL": "constexpr", "ROWS": "constexpr"},
+                     [{"KP": 1024, "BLOCK_N": 4, "EMBED": e, "HAS_BIAS": True, "GELU": gl, "ARGMAX": am, "PDL": False,
+                       "ROWS": 3} for e, gl, am in ((True, False, False), (False, True, False), (False, False, True))])
+    compile_for_sm90("triton_decode", "_gemv_res_kernel",
+                     {"h_ptr": bf, "w_ptr": bf, "b_ptr": bf, "x_ptr": bf, "K": "i32", "N": "i32", "KP": "constexpr",
+                      "BLOCK_N": "constexpr", "PDL": "constexpr", "ROWS": "constexpr"},
+                     [{"KP": 4096, "BLOCK_N": 2, "PDL": False, "ROWS": 4}])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -302,14 +321,17 @@ def test_gpu_graph_engine_batched_triton_attention_equals_inductor(dtype):
     assert torch.equal(tri.generate(ids, 60), a)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_span_rows_equal_one_row_steps_bit_for_bit(dtype):
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "together"), (torch.float16, "together"),
+                                          (torch.float16, "apart")])
+def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, layout):
     """FusedDecode.span (speculative decoding's draft and verify steps): M tokens in one pass give, row for row, the
-    same bits as M one-token steps (hidden state, K/V cache, argmax), and a one-row span the same token as `step`."""
+    same bits as M one-token steps (hidden state, K/V cache, argmax), and a one-row span the same token as `step`;
+    with the rows in one program per weight tile (together) or one program each (apart)."""
     dev = _device()
     model = tiny_model(seed=21, n_layer=2).to(dev)
     eng = FastGPT2(model, fused=True, use_cuda_graph=False, compile=False, max_seq_len=80, dtype=dtype)
     f, C, T, M = eng.fused, 64, 35, 5                 # T = 35: the rows' attention crosses a 32-slot tile
+    f.span_rows = layout
     ks, vs = [c[:1] for c in eng.ks], [c[:1] for c in eng.vs]
     with torch.no_grad():
         eng.core.forward_full(_prompt(T, seed=22), ks, vs)
@@ -342,3 +364,6 @@ def test_span_rows_equal_one_row_steps_bit_for_bit(dtype):
     assert int(tok) == rows[-1][1] and int(p) == T + M
     with pytest.raises(ValueError, match="span"):
         f.span(toks, pos, dst[:1], ks, vs, skip=1)
+    f.span_rows = "rows"
+    with pytest.raises(ValueError, match="span_rows"):
+        f.span(toks, pos, dst, ks, vs, skip=1)
