@@ -8,6 +8,8 @@ verify step of k + 1 rows.
 
 `--layout both` times the multi-row steps with their rows apart (the default: one program per row and weight tile,
 the tile re-read from L2 per row) and together (one program per tile runs every row), in the same run.
+`--configs 1x4,8x4,...` also times the decode step and every span with ONE fixed tile config (BLOCK_N x warps) for
+all layer kernels instead of the autotuned ones: which tile suits the one-row step and which the multi-row steps.
 `--by-kernel` adds, per row count, the GPU time of each kernel (torch.profiler over eager launches, no graph)."""
 import argparse
 import json
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpt2opt_lib import env as envmod  # noqa: E402
 from gpt2opt_lib.bench.common import build_model  # noqa: E402
 from gpt2opt_lib.generate import FastGPT2, capture_graph  # noqa: E402
+from gpt2opt_lib.triton_decode import _gemv_res_kernel, _ln_gemv_kernel  # noqa: E402
 
 
 def _graph_time(fn, replays: int, repeats: int) -> dict:
@@ -45,6 +48,7 @@ def main(argv=None):
     ap.add_argument("--pos", type=int, default=96, help="cache slots before the step (the prompt + tokens so far)")
     ap.add_argument("--layout", default="apart", choices=["together", "apart", "both"],
                     help="a multi-row step's rows per program (FusedDecode.span_rows)")
+    ap.add_argument("--configs", default="", help="fixed tile configs to sweep, BLOCK_N x warps: 1x4,8x4")
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--by-kernel", action="store_true", help="GPU time per kernel and row count (profiler)")
@@ -78,6 +82,18 @@ def main(argv=None):
         for m in rows:
             res[f"span_{m}_{layout}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
                                                     a.replays, a.repeats)
+    tuned = f.kernels
+    for cfg in [c for c in a.configs.split(",") if c]:
+        bn, w = (int(v) for v in cfg.split("x"))
+        fixed = {"BLOCK_N": bn, "num_warps": w}
+        f.kernels = {"ln_gemv": (_ln_gemv_kernel, fixed), "gemv_res": (_gemv_res_kernel, fixed)}
+        res[f"decode_step_{cfg}"] = _graph_time(step, a.replays, a.repeats)
+        for layout in layouts:
+            f.span_rows = layout
+            for m in rows:
+                res[f"span_{m}_{layout}_{cfg}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
+                                                              a.replays, a.repeats)
+    f.kernels = tuned
     by_kernel = {}
     for layout in layouts if a.by_kernel else []:
         from torch.profiler import ProfilerActivity, profile
