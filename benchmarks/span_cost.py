@@ -117,7 +117,10 @@ def main(argv=None):
     for name, r in res.items():
         r["vs_decode_step"] = r["us_mean"] / base
         print(f"{name:>22}: {r['us_mean']:8.1f} +- {r['us_std']:.1f} us  (x{r['vs_decode_step']:.2f} a decode step)")
-    report = {"model": a.model, "dtype": "bf16", "pos": a.pos, "device": torch.cuda.get_device_name(dev),
+    autotuned = {name: {str(key): str(cfg) for key, cfg in getattr(kern, "cache", {}).items()}
+                 for name, (kern, _) in tuned.items()}
+    print("autotuned tile configs:", json.dumps(autotuned))
+    report = {"autotuned": autotuned, "model": a.model, "dtype": "bf16", "pos": a.pos, "device": torch.cuda.get_device_name(dev),
               "git_sha": envmod.git_sha(), "argv": sys.argv[1:], "env": envmod.env_stamp(), "results": res,
               "by_kernel": by_kernel}
     if a.json:
