@@ -8,6 +8,8 @@ verify step of k + 1 rows.
 
 `--layout both` times the multi-row steps with their rows apart (the default: one program per row and weight tile,
 the tile re-read from L2 per row) and together (one program per tile runs every row), in the same run.
+`--gemm gemv,mma` also times the tensor-core kernels (FusedDecode(gemm="mma"): one program per weight tile for all
+rows) on the same engine and caches: decode_step_mma and span_<M>_mma, each also against its own decode step.
 `--configs 1x4,8x4,...` also times the decode step and every span with ONE fixed tile config (BLOCK_N x warps) for
 all layer kernels instead of the autotuned ones: which tile suits the one-row step and which the multi-row steps.
 `--by-kernel` adds, per row count, the GPU time of each kernel (torch.profiler over eager launches, no graph)."""
@@ -48,6 +50,7 @@ def main(argv=None):
     ap.add_argument("--pos", type=int, default=96, help="cache slots before the step (the prompt + tokens so far)")
     ap.add_argument("--layout", default="apart", choices=["together", "apart", "both"],
                     help="a multi-row step's rows per program (FusedDecode.span_rows)")
+    ap.add_argument("--gemm", default="gemv", help="kernel kinds to time, comma-separated: gemv,mma")
     ap.add_argument("--configs", default="", help="fixed tile configs to sweep, BLOCK_N x warps: 1x4,8x4")
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=10)
@@ -82,6 +85,19 @@ def main(argv=None):
         for m in rows:
             res[f"span_{m}_{layout}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
                                                     a.replays, a.repeats)
+    for gemm in [g for g in a.gemm.split(",") if g != "gemv"]:
+        from gpt2opt_lib.triton_decode import FusedDecode
+        fg = FusedDecode(eng.core, dev, gemm)
+
+        def step_g(fg=fg):
+            p.copy_(pos)
+            fg.step(tok, p, out, fin, eos, pad, ks, vs)
+        res[f"decode_step_{gemm}"] = _graph_time(step_g, a.replays, a.repeats)
+        for m in rows:
+            res[f"span_{m}_{gemm}"] = _graph_time(lambda m=m, fg=fg: fg.span(toks[:m], pos, dst[:m], ks, vs),
+                                                  a.replays, a.repeats)
+            res[f"span_{m}_{gemm}"]["vs_own_decode_step"] = (res[f"span_{m}_{gemm}"]["us_mean"]
+                                                             / res[f"decode_step_{gemm}"]["us_mean"])
     tuned = f.kernels
     for cfg in [c for c in a.configs.split(",") if c]:
         bn, w = (int(v) for v in cfg.split("x"))
@@ -116,7 +132,9 @@ def main(argv=None):
     base = res["decode_step"]["us_mean"]
     for name, r in res.items():
         r["vs_decode_step"] = r["us_mean"] / base
-        print(f"{name:>22}: {r['us_mean']:8.1f} +- {r['us_std']:.1f} us  (x{r['vs_decode_step']:.2f} a decode step)")
+        own = f", x{r['vs_own_decode_step']:.2f} its own" if "vs_own_decode_step" in r else ""
+        print(f"{name:>22}: {r['us_mean']:8.1f} +- {r['us_std']:.1f} us  (x{r['vs_decode_step']:.2f} a decode step"
+              f"{own})")
     autotuned = {name: {str(key): str(cfg) for key, cfg in getattr(kern, "cache", {}).items()}
                  for name, (kern, _) in tuned.items()}
     print("autotuned tile configs:", json.dumps(autotuned))

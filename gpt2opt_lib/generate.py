@@ -312,7 +312,7 @@ class FastGPT2:
                  dtype: torch.dtype | None = None, use_cuda_graph: bool | str = "auto",
                  compile: bool | str = "auto", weight_quant: str | None = None, group_size: int = 128,
                  quant_backend: str = "auto", device: torch.device | str | None = None, gemv: bool = True,
-                 fused: bool | str = "auto", decode_attn: str = "auto"):
+                 fused: bool | str = "auto", decode_attn: str = "auto", fused_gemm: str = "gemv"):
         """model: HF GPT2LMHeadModel (or PEFT-wrapped); weights are copied, the model is not modified.
 
         max_seq_len: KV-cache length (prompt + new tokens), default and cap n_positions.
@@ -326,6 +326,10 @@ class FastGPT2:
         instead of ~11; other batch sizes and sampling keep the compiled step). "auto" = on where the engine
         compiles and graphs on CUDA, triton is importable and the weights are 16/32-bit (`fused_off_reason` says
         why not otherwise); True insists (a ValueError names what is missing); False = the inductor step only.
+        fused_gemm: the fused path's matrix kernels, "gemv" (CUDA cores, one program per row and weight tile) or
+        "mma" (tensor cores, one program per weight tile for all rows of a step, padded to 16: speculative
+        decoding's multi-row verify step reads each weight once). Each gives, row for row, the same bits for a
+        one-row step and a multi-row step; the two kinds differ from each other in rounding.
         decode_attn: the attention of the uniform-batch decode step (batch > 1, or batch 1 off the fused path):
         "triton" (triton_decode.decode_attention_write_kv, a custom op kept inside the compiled step and its CUDA
         graph: one program per row and head writes the step's K/V and attends over the live slots only) or
@@ -363,7 +367,9 @@ class FastGPT2:
         self.decode_attn = self._decode_attn(decode_attn)
         self.core.use_triton_attention(self.decode_attn == "triton")
         self._decode_fn = compile_step(self.core.decode_step, self.gemv) if self.compile else self.core.decode_step
-        self.fused, self.fused_off_reason = self._fused_decode(fused)
+        if fused_gemm not in ("gemv", "mma"):
+            raise ValueError(f"fused_gemm must be 'gemv' or 'mma', not {fused_gemm!r}")
+        self.fused, self.fused_off_reason = self._fused_decode(fused, fused_gemm)
         self._graphs: dict = {}
         self._pool = None
 
@@ -378,7 +384,7 @@ class FastGPT2:
             raise ValueError("decode_attn='triton' needs triton on this device and power-of-two head sizes")
         return "triton"
 
-    def _fused_decode(self, fused):
+    def _fused_decode(self, fused, gemm: str):
         if fused is False or (fused == "auto" and not (self.compile and self.use_cuda_graph)):
             return None, "off" if fused is False else "not compiled with CUDA graphs"
         from . import triton_decode
@@ -386,7 +392,7 @@ class FastGPT2:
             f"triton is not importable or cannot run on {self.device.type}"
         reason = reason or triton_decode.supports(self.core)
         if reason is None:
-            return triton_decode.FusedDecode(self.core, self.device), None
+            return triton_decode.FusedDecode(self.core, self.device, gemm), None
         if fused is True:
             raise ValueError(f"fused=True: {reason}")
         return None, reason

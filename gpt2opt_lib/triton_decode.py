@@ -174,6 +174,124 @@ if triton is not None:
             tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
+    def _mm_dot(a, w, IEEE: tl.constexpr):
+        """(BLOCK_M, BLOCK_K) x (BLOCK_N, BLOCK_K)^T on the tensor cores, fp32 accumulate (fp32 inputs: exact
+        products, no TF32)."""
+        if IEEE:
+            return tl.dot(a, tl.trans(w), input_precision="ieee")
+        return tl.dot(a, tl.trans(w))
+
+    @triton.jit(do_not_specialize=["M"])
+    def _ln_mm_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
+                      pv_ptr, pi_ptr, M, K, N, n_valid, eps,
+                      KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EMBED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ARGMAX: tl.constexpr,
+                      PDL: tl.constexpr):
+        """The tensor-core form of _ln_gemv_kernel: rows 0 .. M-1 of x (padded to BLOCK_M) LayerNorm'd, against
+        weight tile `pid` (BLOCK_N columns), K in BLOCK_K chunks through tl.dot. A row's result does not depend on
+        the other rows or on M (the same binary, the same instruction sequence: M is not specialised), so a
+        one-row decode step and an M-row verify step give the same bits by construction, while the weight tile is
+        read once for all rows. EMBED: row m is token tok[m] at position pos + m (the first layer)."""
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        rm = tl.arange(0, BLOCK_M)
+        rmask = rm < M
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        _wait_for_inputs(PDL)
+        if EMBED:          # x = wte[tok] + wpe[pos], written once (every program gathers its own copy below)
+            if pid == 0:
+                for k0 in range(0, KP, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    e = _x_chunk(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, k, k < K, K, EMBED)
+                    tl.store(x_ptr + rm[:, None] * K + k[None, :], e.to(x_ptr.dtype.element_ty),
+                             mask=rmask[:, None] & (k < K)[None, :])
+        mean, rstd = _row_stats(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, K, eps, KP, BLOCK_K,
+                                      EMBED)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, KP, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            km = k < K
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            x = _x_chunk(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, k, km, K, EMBED)
+            lnw = tl.load(lnw_ptr + k, mask=km, other=0.0).to(tl.float32)
+            lnb = tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
+            h = tl.where(km[None, :], (x - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :], 0.0)
+            acc += _mm_dot(h.to(w_ptr.dtype.element_ty), w, w_ptr.dtype.element_ty == tl.float32)
+        if HAS_BIAS:
+            acc += bias[None, :]
+        if GELU:
+            acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
+        if ARGMAX:                                                        # logits rounded as the model's matmul
+            acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+            acc = tl.where((n < n_valid)[None, :], acc, float("-inf"))
+            m = tl.max(acc, 1)
+            i = tl.min(tl.where(acc == m[:, None], n[None, :], 2147483647), 1)   # lowest index among the maxima
+            tl.store(pv_ptr + rm * tl.num_programs(0) + pid, m, mask=rmask)
+            tl.store(pi_ptr + rm * tl.num_programs(0) + pid, i, mask=rmask)
+        else:
+            tl.store(out_ptr + rm[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & nm[None, :])
+
+    @triton.jit
+    def _x_chunk(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, k, km, K, EMBED: tl.constexpr):
+        """Columns k of rows rm of the residual stream, fp32, in its own rounding; EMBED: wte[tok] + wpe[pos]
+        computed here (every program), not read back from x (which program 0 writes in the same launch)."""
+        msk = rmask[:, None] & km[None, :]
+        if EMBED:
+            t = tl.load(tok_ptr + rm, mask=rmask, other=0)
+            p = tl.load(pos_ptr) + rm
+            e = tl.load(wte_ptr + t[:, None] * K + k[None, :], mask=msk, other=0.0).to(tl.float32) + \
+                tl.load(wpe_ptr + p[:, None] * K + k[None, :], mask=msk, other=0.0).to(tl.float32)
+            return e.to(x_ptr.dtype.element_ty).to(tl.float32)
+        return tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=msk, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _row_stats(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, K, eps, KP: tl.constexpr,
+                         BLOCK_K: tl.constexpr, EMBED: tl.constexpr):
+        """LayerNorm statistics (mean, rstd) of rows rm (fp32, two passes over BLOCK_K-wide chunks)."""
+        s = tl.zeros([rm.shape[0]], dtype=tl.float32)
+        for k0 in range(0, KP, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            s += tl.sum(_x_chunk(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, k, k < K, K, EMBED), 1)
+        mean = s / K
+        v = tl.zeros([rm.shape[0]], dtype=tl.float32)
+        for k0 in range(0, KP, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            km = k < K
+            x = _x_chunk(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, k, km, K, EMBED)
+            d = tl.where(rmask[:, None] & km[None, :], x - mean[:, None], 0.0)
+            v += tl.sum(d * d, 1)
+        return mean, 1.0 / tl.sqrt(v / K + eps)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _mm_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, M, K, N, KP: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """The tensor-core form of _gemv_res_kernel: x[m, n] += h[m] . W[n, :] + b[n] for rows 0 .. M-1 (padded to
+        BLOCK_M) and the BLOCK_N columns of tile `pid`; rows independent of each other and of M (_ln_mm_kernel)."""
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        rm = tl.arange(0, BLOCK_M)
+        rmask = rm < M
+        bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        _wait_for_inputs(PDL)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, KP, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            km = k < K
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            h = tl.load(h_ptr + rm[:, None] * K + k[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+            acc += _mm_dot(h, w, w_ptr.dtype.element_ty == tl.float32)
+        acc = (acc + bias[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)   # the projection in the model dtype
+        msk = rmask[:, None] & nm[None, :]
+        x = tl.load(x_ptr + rm[:, None] * N + n[None, :], mask=msk, other=0.0).to(tl.float32)
+        tl.store(x_ptr + rm[:, None] * N + n[None, :], (x + acc).to(x_ptr.dtype.element_ty), mask=msk)
+
+    @triton.jit
     def _online_softmax_tile(q, kt, vt, sm, scale, m, l, acc):
         """One tile of cache slots (kt, vt: (BLOCK_L, HS), sm: which slots are live) folded into the running
         max m, denominator l and weighted sum acc of an online softmax, in fp32."""
@@ -394,20 +512,31 @@ _TUNED: dict = {}
 
 
 def _kernels(device: torch.device):
-    """The launchable kernels: autotuned over a few tile heights on CUDA (during the engine's warm-up, before its
-    CUDA graph is captured), one fixed shape under the CPU interpreter (no timing there)."""
+    """The launchable kernels: autotuned over a few tile shapes on CUDA (during the engine's warm-up, before its
+    CUDA graph is captured; the key holds the weight shape, never the row count, so a one-row step and a multi-row
+    step run the same tile config), one fixed shape under the CPU interpreter (no timing there)."""
     if device.type != "cuda":
         return {"ln_gemv": (_ln_gemv_kernel, {"BLOCK_N": 8, "num_warps": 4}),
-                "gemv_res": (_gemv_res_kernel, {"BLOCK_N": 8, "num_warps": 4})}
+                "gemv_res": (_gemv_res_kernel, {"BLOCK_N": 8, "num_warps": 4}),
+                "ln_mm": (_ln_mm_kernel, {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4}),
+                "mm_res": (_mm_res_kernel, {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4})}
     if not _TUNED:
         tiles = [_cfg(BLOCK_N=bn, num_warps=w) for bn, w in ((1, 4), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8))]
         _TUNED["ln_gemv"] = (triton.autotune(tiles, key=["K", "N", "KP", "GELU", "PDL"])(_ln_gemv_kernel), {})
         _TUNED["gemv_res"] = (triton.autotune(tiles, key=["K", "N", "KP", "PDL"],
                                               restore_value=["x_ptr"])(_gemv_res_kernel), {})
+        mm = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st)
+              for bn, bk, st in ((16, 64, 4), (16, 128, 3), (16, 256, 3), (32, 64, 4), (32, 128, 3), (32, 256, 2),
+                                 (64, 128, 3))]
+        _TUNED["ln_mm"] = (triton.autotune(mm, key=["K", "N", "KP", "GELU", "PDL"])(_ln_mm_kernel), {})
+        _TUNED["mm_res"] = (triton.autotune(mm, key=["K", "N", "KP", "PDL"], restore_value=["x_ptr"])(_mm_res_kernel),
+                            {})
     return _TUNED
 
 
-HEAD_BLOCK_N = 8   # the head's tile is fixed (not tuned): the finish kernel reduces exactly cdiv(Vpad, 8) partials
+HEAD_BLOCK_N = {"gemv": 8, "mma": 16}   # the head's tile is fixed (not tuned): the finish kernel reduces exactly
+#                                        cdiv(Vpad, HEAD_BLOCK_N) partials
+MM_ROWS = 16        # the tensor-core kernels' row block: every step (1 .. SPAN_MAX_ROWS rows) is padded to it
 
 
 SPAN_MAX_ROWS = 16  # rows a multi-row step (FusedDecode.span) holds scratch for: speculative k + 1 <= 16
@@ -418,7 +547,9 @@ class FusedDecode:
     `step` is one token (the engine's decode step); `span` runs up to SPAN_MAX_ROWS consecutive tokens through the
     same kernels in one pass over the weights (speculative decoding's draft and verify steps)."""
 
-    def __init__(self, core, device: torch.device):
+    def __init__(self, core, device: torch.device, gemm: str = "gemv"):
+        if gemm not in HEAD_BLOCK_N:
+            raise ValueError(f"fused decode: gemm must be one of {sorted(HEAD_BLOCK_N)}, not {gemm!r}")
         if triton is None:
             raise RuntimeError("the fused decode kernels need triton")
         reason = supports(core)
@@ -434,7 +565,10 @@ class FusedDecode:
         self.y = torch.zeros(R * attn, dtype=dt, device=device)
         self.h = torch.zeros(R * width, dtype=dt, device=device)
         Vpad = core.lm_head.weight.shape[0]
-        self.P = triton.cdiv(Vpad, HEAD_BLOCK_N)
+        # "gemv": CUDA-core GEMV kernels, one program per row and weight tile; "mma": tensor-core kernels, one
+        # program per weight tile for all rows (padded to MM_ROWS): a multi-row step reads each weight once
+        self.gemm = gemm
+        self.P = triton.cdiv(Vpad, HEAD_BLOCK_N[gemm])
         self.pv = torch.full((R * self.P,), float("-inf"), dtype=torch.float32, device=device)
         self.pi = torch.zeros(R * self.P, dtype=torch.int32, device=device)
         self.kernels = _kernels(device)
@@ -451,8 +585,6 @@ class FusedDecode:
     def _rows(self, M: int) -> int:
         """Rows per program of an M-row launch (span_rows). The tile config (BLOCK_N, warps) is tuned once per
         weight shape, not per row count, so every row runs the same code as a one-row step."""
-        if self.span_rows not in ("together", "apart"):
-            raise ValueError(f"span_rows must be 'together' or 'apart', not {self.span_rows!r}")
         return M if self.span_rows == "together" else 1
 
     def _launch_opts(self) -> dict:
@@ -460,10 +592,20 @@ class FusedDecode:
 
     def _ln_gemv(self, x, lnw, lnb, dense, out, M, *, embed=None, gelu=False, argmax=False, n_valid=0,
                  block_n=None):
-        kern, fixed = self.kernels["ln_gemv"]
         N, K = dense.weight.shape
         tok, pos = embed if embed is not None else (x, x)
         wte = self.core.wte.weight if embed is not None else x
+        if self.gemm == "mma":
+            kern, fixed = self.kernels["ln_mm"]
+            if block_n is not None:                                       # the head: a fixed tile
+                kern, fixed = _ln_mm_kernel, {"BLOCK_N": block_n, "BLOCK_K": 128, "num_warps": 4}
+            kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](
+                x, tok, pos, wte, self.core.wpe, lnw, lnb, dense.weight,
+                dense.bias if dense.bias is not None else dense.weight, out, self.pv, self.pi, M, K, N, n_valid,
+                self.core.eps, KP=triton.next_power_of_2(K), BLOCK_M=MM_ROWS, EMBED=embed is not None,
+                HAS_BIAS=dense.bias is not None, GELU=gelu, ARGMAX=argmax, **fixed, **self._launch_opts())
+            return
+        kern, fixed = self.kernels["ln_gemv"]
         meta = dict(KP=triton.next_power_of_2(K), EMBED=embed is not None, HAS_BIAS=dense.bias is not None,
                     GELU=gelu, ARGMAX=argmax, ROWS=self._rows(M))
         if block_n is not None:                                           # the head: a fixed tile
@@ -474,8 +616,14 @@ class FusedDecode:
                    K, N, n_valid, self.core.eps, **meta, **fixed, **self._launch_opts())
 
     def _gemv_res(self, h, dense, x, M):
-        kern, fixed = self.kernels["gemv_res"]
         N, K = dense.weight.shape
+        if self.gemm == "mma":
+            kern, fixed = self.kernels["mm_res"]
+            kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](h, dense.weight, dense.bias, x, M, K, N,
+                                                             KP=triton.next_power_of_2(K), BLOCK_M=MM_ROWS,
+                                                             **fixed, **self._launch_opts())
+            return
+        kern, fixed = self.kernels["gemv_res"]
         kern[lambda m: (M // m["ROWS"], triton.cdiv(N, m["BLOCK_N"]))](h, dense.weight, dense.bias, x, K, N,
                                                                        KP=triton.next_power_of_2(K),
                                                                        ROWS=self._rows(M), **fixed,
@@ -500,6 +648,8 @@ class FusedDecode:
         M = toks.shape[0]
         if not 1 <= M <= SPAN_MAX_ROWS or not 0 <= skip < M or dst.shape[0] != M - skip:
             raise ValueError(f"span: 1 <= {M} tokens <= {SPAN_MAX_ROWS}, 0 <= skip {skip} < M, dst of M - skip rows")
+        if self.span_rows not in ("together", "apart"):
+            raise ValueError(f"span_rows must be 'together' or 'apart', not {self.span_rows!r}")
         return self._on_device(self._span, toks, pos, dst, ks, vs, skip)
 
     def _layers(self, tok, pos, M, ks, vs):
@@ -520,7 +670,7 @@ class FusedDecode:
     def _head(self, x, M):
         core = self.core
         self._ln_gemv(x, core.lnf_w, core.lnf_b, core.lm_head, x, M, argmax=True, n_valid=core.vocab_size,
-                      block_n=HEAD_BLOCK_N)
+                      block_n=HEAD_BLOCK_N[self.gemm])
 
     def _step(self, tok, pos, out, finished, eos, pad, ks, vs) -> None:
         self._head(self._layers(tok, pos, 1, ks, vs), 1)

@@ -48,9 +48,9 @@ def _prompt(T=7, seed=1, B=1):
     return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed)).to(_device())
 
 
-@pytest.mark.parametrize("T", [1, 40])   # 40: the attention loop crosses its 32-slot tiles
-def test_greedy_tokens_and_cache_equal_the_eager_step(T):
-    fused, ref = _engines(tiny_model())
+@pytest.mark.parametrize("T,gemm", [(1, "gemv"), (40, "gemv"), (40, "mma")])   # 40: the attention loop crosses
+def test_greedy_tokens_and_cache_equal_the_eager_step(T, gemm):                # its 32-slot tiles
+    fused, ref = _engines(tiny_model(), fused_gemm=gemm)
     assert fused.fused is not None and ref.fused is None
     ids = _prompt(T)
     a, b = fused.generate(ids, 16), ref.generate(ids, 16)
@@ -321,16 +321,19 @@ def test_gpu_graph_engine_batched_triton_attention_equals_inductor(dtype):
     assert torch.equal(tri.generate(ids, 60), a)
 
 
-@pytest.mark.parametrize("dtype,layout", [(torch.float32, "together"), (torch.float16, "together"),
-                                          (torch.float16, "apart")])
-def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, layout):
+@pytest.mark.parametrize("dtype,layout,gemm", [(torch.float32, "together", "gemv"), (torch.float16, "together", "gemv"),
+                                               (torch.float16, "apart", "gemv"), (torch.float32, "apart", "mma"),
+                                               (torch.float16, "apart", "mma")])
+def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, layout, gemm):
     """FusedDecode.span (speculative decoding's draft and verify steps): M tokens in one pass give, row for row, the
     same bits as M one-token steps (hidden state, K/V cache, argmax), and a one-row span the same token as `step`;
     with the rows in one program per weight tile (together) or one program each (apart)."""
     dev = _device()
     model = tiny_model(seed=21, n_layer=2).to(dev)
-    eng = FastGPT2(model, fused=True, use_cuda_graph=False, compile=False, max_seq_len=80, dtype=dtype)
+    eng = FastGPT2(model, fused=True, use_cuda_graph=False, compile=False, max_seq_len=80, dtype=dtype,
+                   fused_gemm=gemm)
     f, C, T, M = eng.fused, 64, 35, 5                 # T = 35: the rows' attention crosses a 32-slot tile
+    assert f.gemm == gemm
     f.span_rows = layout
     ks, vs = [c[:1] for c in eng.ks], [c[:1] for c in eng.vs]
     with torch.no_grad():
