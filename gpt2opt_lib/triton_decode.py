@@ -174,12 +174,6 @@ if triton is not None:
             tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
-    def _w_chunk(w_ptr, n, nm, k, K):
-        """Columns k of weight rows n, (BLOCK_N, BLOCK_K), read once per step: evict first."""
-        return tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & (k < K)[None, :], other=0.0,
-                       eviction_policy="evict_first")
-
-    @triton.jit
     def _mm_dot(a, w, IEEE: tl.constexpr):
         """(BLOCK_M, BLOCK_K) x (BLOCK_N, BLOCK_K)^T on the tensor cores, fp32 accumulate (fp32 inputs: exact
         products, no TF32)."""
@@ -205,7 +199,6 @@ if triton is not None:
         rmask = rm < M
         if HAS_BIAS:
             bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
-        w = _w_chunk(w_ptr, n, nm, tl.arange(0, BLOCK_K), K)             # in flight across the wait (PDL)
         _wait_for_inputs(PDL)
         if EMBED:          # x = wte[tok] + wpe[pos], written once (every program gathers its own copy below)
             if pid == 0:
@@ -220,13 +213,13 @@ if triton is not None:
         for k0 in range(0, KP, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km = k < K
-            w_next = _w_chunk(w_ptr, n, nm, k + BLOCK_K, K)               # the next chunk (masked off past K)
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0,
+                        eviction_policy="evict_first")
             x = _x_chunk(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, k, km, K, EMBED)
             lnw = tl.load(lnw_ptr + k, mask=km, other=0.0).to(tl.float32)
             lnb = tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
             h = tl.where(km[None, :], (x - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :], 0.0)
             acc += _mm_dot(h.to(w_ptr.dtype.element_ty), w, w_ptr.dtype.element_ty == tl.float32)
-            w = w_next
         if HAS_BIAS:
             acc += bias[None, :]
         if GELU:
@@ -284,16 +277,15 @@ if triton is not None:
         rm = tl.arange(0, BLOCK_M)
         rmask = rm < M
         bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
-        w = _w_chunk(w_ptr, n, nm, tl.arange(0, BLOCK_K), K)             # in flight across the wait (PDL)
         _wait_for_inputs(PDL)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, KP, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km = k < K
-            w_next = _w_chunk(w_ptr, n, nm, k + BLOCK_K, K)
+            w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0,
+                        eviction_policy="evict_first")
             h = tl.load(h_ptr + rm[:, None] * K + k[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
             acc += _mm_dot(h, w, w_ptr.dtype.element_ty == tl.float32)
-            w = w_next
         acc = (acc + bias[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)   # the projection in the model dtype
         msk = rmask[:, None] & nm[None, :]
         x = tl.load(x_ptr + rm[:, None] * N + n[None, :], mask=msk, other=0.0).to(tl.float32)
@@ -533,9 +525,9 @@ def _kernels(device: torch.device):
         _TUNED["ln_gemv"] = (triton.autotune(tiles, key=["K", "N", "KP", "GELU", "PDL"])(_ln_gemv_kernel), {})
         _TUNED["gemv_res"] = (triton.autotune(tiles, key=["K", "N", "KP", "PDL"],
                                               restore_value=["x_ptr"])(_gemv_res_kernel), {})
-        mm = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1)   # prefetched by hand
-              for bn, bk, w in ((16, 256, 4), (16, 512, 4), (16, 1024, 4), (16, 512, 8), (16, 1024, 8),
-                                (32, 256, 4), (32, 512, 8))]
+        mm = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st)
+              for bn, bk, st in ((16, 64, 4), (16, 128, 3), (16, 256, 3), (32, 64, 4), (32, 128, 3), (32, 256, 2),
+                                 (64, 128, 3))]
         _TUNED["ln_mm"] = (triton.autotune(mm, key=["K", "N", "KP", "GELU", "PDL"])(_ln_mm_kernel), {})
         _TUNED["mm_res"] = (triton.autotune(mm, key=["K", "N", "KP", "PDL"], restore_value=["x_ptr"])(_mm_res_kernel),
                             {})
