@@ -23,6 +23,15 @@ Batch 1, greedy, 16-/32-bit weights (FastGPT2 picks this path for exactly those 
 inductor step). The kernels run on CUDA, inside the engine's CUDA graph, and on CPU under TRITON_INTERPRET=1,
 where the tests compare them with the engine's eager step. Weights are read in their (N, K) nn.Linear layout.
 
+Multi-row steps (`FusedDecode.span`, speculative decoding's draft and verify steps) run each row through the same
+code as a one-row step, so every row is bit for bit a decode step. With the default CUDA-core kernels an extra row
+costs ~0.25-0.3 of a decode step (gpt2-medium on an H100: x1.56 for 3 rows), in LayerNorm and reductions, not in
+weight reads: one program per weight tile for all rows ("together") measured no cheaper than one per row
+("apart", the default). The tensor-core kernels (`gemm="mma"`, FastGPT2(fused_gemm="mma"): rows padded to 16, one
+tl.dot per weight chunk) make rows nearly free (8 rows x1.05-1.29 of their own one-row step) but stream weights
+far slower at one row (x2.3-2.8 the CUDA-core step on an H200): opt-in, for work on the verify step
+(benchmarks/results/*span_cost*.json).
+
 Also here, for the compiled step at batch > 1: a uniform batch's decode attention (one program per row and head,
 online softmax over the live slots, each K/V byte read once) as torch.library.triton_ops, so torch.compile keeps
 it inside the step's graph: `decode_attention_write_kv` (also writes the step's K/V into the cache: what FastGPT2

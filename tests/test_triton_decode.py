@@ -110,6 +110,14 @@ def test_half_precision_matches_within_rounding():
         torch.testing.assert_close(kf[0, :, :n].float(), kr[0, :, :n].float(), atol=3e-2, rtol=3e-2)
 
 
+def test_fused_gemm_is_checked_up_front():
+    with pytest.raises(ValueError, match="fused_gemm"):
+        FastGPT2(tiny_model(), fused=False, use_cuda_graph=False, compile=False, fused_gemm="wmma")
+    with pytest.raises(ValueError, match="gemm"):
+        triton_decode.FusedDecode(FastGPT2(tiny_model(), fused=False, use_cuda_graph=False, compile=False).core,
+                                  torch.device("cpu"), "wmma")
+
+
 def test_unsupported_engines_say_why():
     model = tiny_model(activation_function="relu")
     with pytest.raises(ValueError, match="tanh GELU"):
@@ -284,7 +292,8 @@ def test_argmax_and_speculative_bookkeeping_kernels_compile_for_sm90():
 
 def test_multi_row_layer_kernels_compile_for_sm90():
     """The LayerNorm+GEMV and GEMV+residual kernels with several rows per program (a speculative verify step: the
-    weight tile loaded once, the one-row code unrolled per row), compiled for sm90 as the GPU would."""
+    weight tile loaded once, the one-row code unrolled per row), and their tensor-core forms, compiled for sm90 as
+    the GPU would."""
     from sm90_compile import compile_for_sm90
     bf = "*bf16"
     compile_for_sm90("triton_decode", "_ln_gemv_kernel",
@@ -299,6 +308,21 @@ def test_multi_row_layer_kernels_compile_for_sm90():
                      {"h_ptr": bf, "w_ptr": bf, "b_ptr": bf, "x_ptr": bf, "K": "i32", "N": "i32", "KP": "constexpr",
                       "BLOCK_N": "constexpr", "PDL": "constexpr", "ROWS": "constexpr"},
                      [{"KP": 4096, "BLOCK_N": 2, "PDL": False, "ROWS": 4}])
+    # the tensor-core forms (fused_gemm="mma"): 16 padded rows through tl.dot, bf16 and fp32 (IEEE) weights
+    for dt in ("*bf16", "*fp32"):
+        compile_for_sm90("triton_decode", "_ln_mm_kernel",
+                         {"x_ptr": dt, "tok_ptr": "*i64", "pos_ptr": "*i64", "wte_ptr": dt, "wpe_ptr": dt,
+                          "lnw_ptr": dt, "lnb_ptr": dt, "w_ptr": dt, "b_ptr": dt, "out_ptr": dt, "pv_ptr": "*fp32",
+                          "pi_ptr": "*i32", "M": "i32", "K": "i32", "N": "i32", "n_valid": "i32", "eps": "fp32",
+                          **{c: "constexpr" for c in ("KP", "BLOCK_M", "BLOCK_N", "BLOCK_K", "EMBED", "HAS_BIAS",
+                                                      "GELU", "ARGMAX", "PDL")}},
+                         [{"KP": 1024, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "EMBED": e, "HAS_BIAS": True,
+                           "GELU": gl, "ARGMAX": am, "PDL": False}
+                          for e, gl, am in ((True, False, False), (False, True, False), (False, False, True))])
+        compile_for_sm90("triton_decode", "_mm_res_kernel",
+                         {"h_ptr": dt, "w_ptr": dt, "b_ptr": dt, "x_ptr": dt, "M": "i32", "K": "i32", "N": "i32",
+                          **{c: "constexpr" for c in ("KP", "BLOCK_M", "BLOCK_N", "BLOCK_K", "PDL")}},
+                         [{"KP": 4096, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "PDL": False}])
 
 
 @pytest.mark.gpu
