@@ -85,9 +85,10 @@ def main(argv=None):
         for m in rows:
             res[f"span_{m}_{layout}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
                                                     a.replays, a.repeats)
+    others = {}                                                         # kernel kind -> its FusedDecode
     for gemm in [g for g in a.gemm.split(",") if g != "gemv"]:
         from gpt2opt_lib.triton_decode import FusedDecode
-        fg = FusedDecode(eng.core, dev, gemm)
+        fg = others[gemm] = FusedDecode(eng.core, dev, gemm)
 
         def step_g(fg=fg):
             p.copy_(pos)
@@ -111,23 +112,25 @@ def main(argv=None):
                                                               a.replays, a.repeats)
     f.kernels = tuned
     by_kernel = {}
-    for layout in layouts if a.by_kernel else []:
+    runs = [(layout, f) for layout in layouts] + list(others.items())  # (label, FusedDecode)
+    for label, fk in runs if a.by_kernel else []:
         from torch.profiler import ProfilerActivity, profile
-        f.span_rows = layout
+        if label in ("together", "apart"):
+            fk.span_rows = label
         for m in rows:
-            f.span(toks[:m], pos, dst[:m], ks, vs)                      # warm (compiled, tuned)
+            fk.span(toks[:m], pos, dst[:m], ks, vs)                     # warm (compiled, tuned)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(a.replays):
-                    f.span(toks[:m], pos, dst[:m], ks, vs)
+                    fk.span(toks[:m], pos, dst[:m], ks, vs)
                 torch.cuda.synchronize()
             per = {}
             for ev in prof.key_averages():
                 t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
                 if t and ev.key.startswith("_"):                        # the Triton kernels (_ln_gemv_kernel, ...)
                     per[ev.key] = {"us_per_step": t / a.replays, "launches_per_step": ev.count / a.replays}
-            by_kernel[f"span_{m}_{layout}"] = per
-            print(f"span_{m}_{layout}: " + ", ".join(f"{k} {v['us_per_step']:.0f} us" for k, v in sorted(per.items())))
+            by_kernel[f"span_{m}_{label}"] = per
+            print(f"span_{m}_{label}: " + ", ".join(f"{k} {v['us_per_step']:.0f} us" for k, v in sorted(per.items())))
     f.span_rows = "apart"
     base = res["decode_step"]["us_mean"]
     for name, r in res.items():
