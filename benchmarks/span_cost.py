@@ -6,8 +6,6 @@ verify step of k + 1 rows.
 
     python benchmarks/span_cost.py --model random:gpt2-medium --rows 1,2,3,5,8 --json span.json
 
-`--layout both` times the multi-row steps with their rows apart (the default: one program per row and weight tile,
-the tile re-read from L2 per row) and together (one program per tile runs every row), in the same run.
 `--gemm gemv,mma` also times the tensor-core kernels (FusedDecode(gemm="mma"): one program per weight tile for all
 rows) on the same engine and caches: decode_step_mma and span_<M>_mma, each also against its own decode step.
 `--configs 1x4,8x4,...` also times the decode step and every span with ONE fixed tile config (BLOCK_N x warps) for
@@ -48,8 +46,6 @@ def main(argv=None):
     ap.add_argument("--model", default="random:gpt2-medium")
     ap.add_argument("--rows", default="1,2,3,5,8")
     ap.add_argument("--pos", type=int, default=96, help="cache slots before the step (the prompt + tokens so far)")
-    ap.add_argument("--layout", default="apart", choices=["together", "apart", "both"],
-                    help="a multi-row step's rows per program (FusedDecode.span_rows)")
     ap.add_argument("--gemm", default="gemv", help="kernel kinds to time, comma-separated: gemv,mma")
     ap.add_argument("--configs", default="", help="fixed tile configs to sweep, BLOCK_N x warps: 1x4,8x4")
     ap.add_argument("--replays", type=int, default=50)
@@ -79,12 +75,8 @@ def main(argv=None):
         p.copy_(pos)
         f.step(tok, p, out, fin, eos, pad, ks, vs)
     res = {"decode_step": _graph_time(step, a.replays, a.repeats)}
-    layouts = ["together", "apart"] if a.layout == "both" else [a.layout]
-    for layout in layouts:
-        f.span_rows = layout
-        for m in rows:
-            res[f"span_{m}_{layout}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
-                                                    a.replays, a.repeats)
+    for m in rows:
+        res[f"span_{m}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs), a.replays, a.repeats)
     others = {}                                                         # kernel kind -> its FusedDecode
     for gemm in [g for g in a.gemm.split(",") if g != "gemv"]:
         from gpt2opt_lib.triton_decode import FusedDecode
@@ -105,18 +97,14 @@ def main(argv=None):
         fixed = {"BLOCK_N": bn, "num_warps": w}
         f.kernels = {"ln_gemv": (_ln_gemv_kernel, fixed), "gemv_res": (_gemv_res_kernel, fixed)}
         res[f"decode_step_{cfg}"] = _graph_time(step, a.replays, a.repeats)
-        for layout in layouts:
-            f.span_rows = layout
-            for m in rows:
-                res[f"span_{m}_{layout}_{cfg}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
-                                                              a.replays, a.repeats)
+        for m in rows:
+            res[f"span_{m}_{cfg}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
+                                                 a.replays, a.repeats)
     f.kernels = tuned
     by_kernel = {}
-    runs = [(layout, f) for layout in layouts] + list(others.items())  # (label, FusedDecode)
+    runs = [("gemv", f)] + list(others.items())                        # (kernel kind, FusedDecode)
     for label, fk in runs if a.by_kernel else []:
         from torch.profiler import ProfilerActivity, profile
-        if label in ("together", "apart"):
-            fk.span_rows = label
         for m in rows:
             fk.span(toks[:m], pos, dst[:m], ks, vs)                     # warm (compiled, tuned)
             torch.cuda.synchronize()
@@ -131,7 +119,6 @@ def main(argv=None):
                     per[ev.key] = {"us_per_step": t / a.replays, "launches_per_step": ev.count / a.replays}
             by_kernel[f"span_{m}_{label}"] = per
             print(f"span_{m}_{label}: " + ", ".join(f"{k} {v['us_per_step']:.0f} us" for k, v in sorted(per.items())))
-    f.span_rows = "apart"
     base = res["decode_step"]["us_mean"]
     for name, r in res.items():
         r["vs_decode_step"] = r["us_mean"] / base

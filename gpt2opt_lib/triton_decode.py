@@ -25,12 +25,14 @@ where the tests compare them with the engine's eager step. Weights are read in t
 
 Multi-row steps (`FusedDecode.span`, speculative decoding's draft and verify steps) run each row through the same
 code as a one-row step, so every row is bit for bit a decode step. With the default CUDA-core kernels an extra row
-costs ~0.25-0.3 of a decode step (gpt2-medium on an H100: x1.56 for 3 rows), in LayerNorm and reductions, not in
-weight reads: one program per weight tile for all rows ("together") measured no cheaper than one per row
-("apart", the default). The tensor-core kernels (`gemm="mma"`, FastGPT2(fused_gemm="mma"): rows padded to 16, one
-tl.dot per weight chunk) make rows nearly free (8 rows x1.05-1.29 of their own one-row step) but stream weights
-far slower at one row (x2.3-2.8 the CUDA-core step on an H200): opt-in, for work on the verify step
-(benchmarks/results/*span_cost*.json).
+costs ~0.2-0.3 of a decode step (gpt2-medium, 3 rows: x1.40-1.59 across H100/H200 runs), in LayerNorm and
+reductions, not in weight reads: one program per weight tile running every row (the tile loaded once; tried at
+fda92ea) was no cheaper than one program per row and tile, whatever the tile shape (`*span_cost_rows_together*`,
+`*span_cost_tile_sweep*`). The tensor-core kernels (`gemm="mma"`, FastGPT2(fused_gemm="mma"): rows padded to 16,
+tl.dot per weight chunk) make rows nearly free (4 rows x1.02-1.04, 8 rows x1.05-1.29 of their own one-row step)
+but stream weights slower at one row: the step x2.0 the CUDA-core one on an H100, x2.3-2.8 on an H200, both
+kernels (LayerNorm+GEMM x1.9, GEMM+residual x1.7: `h100_span_cost_mma_by_kernel_gpt2-medium.json`), so the
+weight streaming, not the LayerNorm: opt-in, for work on the verify step (benchmarks/results/*span_cost*.json).
 
 Also here, for the compiled step at batch > 1: a uniform batch's decode attention (one program per row and head,
 online softmax over the live slots, each K/V byte read once) as torch.library.triton_ops, so torch.compile keeps
@@ -101,7 +103,8 @@ if triton is not None:
 
     @triton.jit
     def _weight_tile(w_ptr, n, k, nm, km, K):
-        """The (BLOCK_N, KP) weight tile, read once per step (its program handles every row): evict it first."""
+        """The (BLOCK_N, KP) weight tile: evict it from L2 first (a step reads it once; for a multi-row step's other
+        rows keeping it in L2 measured the same, x1.50 vs x1.48 a decode step at 3 rows on an H100)."""
         return tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0,
                        eviction_policy="evict_first")
 
@@ -109,63 +112,60 @@ if triton is not None:
     def _ln_gemv_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
                         pv_ptr, pi_ptr, K, N, n_valid, eps,
                         KP: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr = 1):
-        """Rows g*ROWS .. g*ROWS+ROWS-1 (g: program axis 0) of x (M, K), LayerNorm'd, against weight tile `pid`
-        (axis 1) -> out (M, N). The tile is loaded once; each row then runs the one-row code (unrolled, the rows
-        independent of each other), so a row's result is bit for bit that of a one-row launch with the same tile
-        config: a speculative verify step equals the decode steps it replaces. EMBED: row m is token tok[m] at
-        position pos + m."""
-        g = tl.program_id(0)
+                        GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr):
+        """Row `row` (program axis 0) of x (M, K) against weight tile `pid` (axis 1) -> out (M, N). Each program
+        runs the one-row code on its own row, so a row's result is bit for bit that of a one-row launch (the
+        speculative verify step equals the decode steps it replaces). EMBED: row m is token tok[m] at position
+        pos + m."""
+        row = tl.program_id(0)
         pid = tl.program_id(1)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         k = tl.arange(0, KP)
         km = k < K
-        # the weights first: their loads are in flight while the rows' LayerNorms are computed
+        # the weights first: their loads are in flight while the row's LayerNorm is computed
         w = _weight_tile(w_ptr, n, k, nm, km, K)
         lnw = tl.load(lnw_ptr + k, mask=km, other=0.0).to(tl.float32)
         lnb = tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
-        for r in tl.static_range(ROWS):
-            row = g * ROWS + r
-            if EMBED:                                                     # x = wte[tok] + wpe[pos], written once
-                t = tl.load(tok_ptr + row)
-                p = tl.load(pos_ptr) + row
-                x = tl.load(wte_ptr + t * K + k, mask=km, other=0.0).to(tl.float32) + \
-                    tl.load(wpe_ptr + p * K + k, mask=km, other=0.0).to(tl.float32)
-                x = x.to(x_ptr.dtype.element_ty).to(tl.float32)           # the residual stream's own rounding
-                if pid == 0:
-                    tl.store(x_ptr + row * K + k, x.to(x_ptr.dtype.element_ty), mask=km)
-            else:
-                x = tl.load(x_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
-            mean = tl.sum(x, 0) / K
-            d = tl.where(km, x - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
-            h = (d * rstd * lnw + lnb).to(w_ptr.dtype.element_ty).to(tl.float32)   # LayerNorm output, model dtype
-            acc = tl.sum(w.to(tl.float32) * h[None, :], 1)                # (BLOCK_N,)
-            if HAS_BIAS:
-                acc += bias
-            if GELU:
-                acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
-            if ARGMAX:                                                    # logits rounded as the model's matmul
-                acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-                acc = tl.where(n < n_valid, acc, float("-inf"))
-                m = tl.max(acc, 0)
-                i = tl.min(tl.where(acc == m, n, 2147483647), 0)          # lowest index among the maxima
-                tl.store(pv_ptr + row * tl.num_programs(1) + pid, m)
-                tl.store(pi_ptr + row * tl.num_programs(1) + pid, i)
-            else:
-                tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
+        if EMBED:                                                         # x = wte[tok] + wpe[pos], written once
+            t = tl.load(tok_ptr + row)
+            p = tl.load(pos_ptr) + row
+            x = tl.load(wte_ptr + t * K + k, mask=km, other=0.0).to(tl.float32) + \
+                tl.load(wpe_ptr + p * K + k, mask=km, other=0.0).to(tl.float32)
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)               # the residual stream's own rounding
+            if pid == 0:
+                tl.store(x_ptr + row * K + k, x.to(x_ptr.dtype.element_ty), mask=km)
+        else:
+            x = tl.load(x_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 0) / K
+        d = tl.where(km, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
+        h = (d * rstd * lnw + lnb).to(w_ptr.dtype.element_ty).to(tl.float32)   # LayerNorm output, model dtype
+        acc = tl.sum(w.to(tl.float32) * h[None, :], 1)                    # (BLOCK_N,)
+        if HAS_BIAS:
+            acc += bias
+        if GELU:
+            acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
+        if ARGMAX:                                                        # logits rounded as the model's matmul
+            acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+            acc = tl.where(n < n_valid, acc, float("-inf"))
+            m = tl.max(acc, 0)
+            i = tl.min(tl.where(acc == m, n, 2147483647), 0)              # lowest index among the maxima
+            tl.store(pv_ptr + row * tl.num_programs(1) + pid, m)
+            tl.store(pi_ptr + row * tl.num_programs(1) + pid, i)
+        else:
+            tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
     def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, KP: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PDL: tl.constexpr, ROWS: tl.constexpr = 1):
-        """x[row, n] += h[row] . W[n, :] + b[n] for the ROWS rows of row group axis 0 and the BLOCK_N columns of
-        tile axis 1 (in place: each program reads and writes only its own entries). The whole (BLOCK_N, K) weight
-        tile in one load, issued before the wait, then the one-row code per row (see _ln_gemv_kernel)."""
-        g = tl.program_id(0)
+                         PDL: tl.constexpr):
+        """x[row, n] += h[row] . W[n, :] + b[n] for row `row` (program axis 0) and the BLOCK_N columns of tile axis
+        1 (in place: each program reads and writes only its own entries). The whole (BLOCK_N, K) weight tile in
+        one load, issued before the wait."""
+        row = tl.program_id(0)
         pid = tl.program_id(1)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
@@ -174,13 +174,11 @@ if triton is not None:
         w = _weight_tile(w_ptr, n, k, nm, km, K)
         bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
-        for r in tl.static_range(ROWS):
-            row = g * ROWS + r
-            h = tl.load(h_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
-            acc = tl.sum(w.to(tl.float32) * h[None, :], 1) + bias
-            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)           # the projection in the model dtype
-            x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
-            tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
+        h = tl.load(h_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * h[None, :], 1) + bias
+        acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)               # the projection in the model dtype
+        x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
+        tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
     def _mm_dot(a, w, IEEE: tl.constexpr):
@@ -582,19 +580,9 @@ class FusedDecode:
         self.pi = torch.zeros(R * self.P, dtype=torch.int32, device=device)
         self.kernels = _kernels(device)
         self.attn_block_l, self.attn_warps = 128, 8   # cache slots per loop iteration of the attention kernel
-        # a multi-row step's rows: "apart" (one program per row and weight tile, the tile re-read from L2 for each
-        # row) or "together" (one program per tile runs every row, the tile loaded once). Measured on an H100,
-        # gpt2-medium bf16, 3 rows: x1.56 vs x1.64 a decode step (h100_span_cost_rows_together_vs_apart_*.json):
-        # a row's cost is its LayerNorm and reductions, not its weight reads, so "apart" (more programs in flight)
-        self.span_rows = "apart"
         # programmatic dependent launch: each kernel loads its weights while its predecessor finishes (sm90+)
         self.pdl = (gdc_wait is not None and device.type == "cuda"
                     and torch.cuda.get_device_capability(device)[0] >= 9)
-
-    def _rows(self, M: int) -> int:
-        """Rows per program of an M-row launch (span_rows). The tile config (BLOCK_N, warps) is tuned once per
-        weight shape, not per row count, so every row runs the same code as a one-row step."""
-        return M if self.span_rows == "together" else 1
 
     def _launch_opts(self) -> dict:
         return {"PDL": self.pdl, "launch_pdl": True} if self.pdl else {"PDL": False}
@@ -616,10 +604,10 @@ class FusedDecode:
             return
         kern, fixed = self.kernels["ln_gemv"]
         meta = dict(KP=triton.next_power_of_2(K), EMBED=embed is not None, HAS_BIAS=dense.bias is not None,
-                    GELU=gelu, ARGMAX=argmax, ROWS=self._rows(M))
+                    GELU=gelu, ARGMAX=argmax)
         if block_n is not None:                                           # the head: a fixed tile
             kern, fixed = _ln_gemv_kernel, {"BLOCK_N": block_n, "num_warps": 4}
-        grid = lambda m: (M // m["ROWS"], triton.cdiv(N, m["BLOCK_N"]))
+        grid = lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))
         kern[grid](x, tok, pos, wte, self.core.wpe, lnw, lnb, dense.weight,
                    dense.bias if dense.bias is not None else dense.weight, out, self.pv, self.pi,
                    K, N, n_valid, self.core.eps, **meta, **fixed, **self._launch_opts())
@@ -633,10 +621,9 @@ class FusedDecode:
                                                              **fixed, **self._launch_opts())
             return
         kern, fixed = self.kernels["gemv_res"]
-        kern[lambda m: (M // m["ROWS"], triton.cdiv(N, m["BLOCK_N"]))](h, dense.weight, dense.bias, x, K, N,
-                                                                       KP=triton.next_power_of_2(K),
-                                                                       ROWS=self._rows(M), **fixed,
-                                                                       **self._launch_opts())
+        kern[lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))](h, dense.weight, dense.bias, x, K, N,
+                                                          KP=triton.next_power_of_2(K), **fixed,
+                                                          **self._launch_opts())
 
     def _on_device(self, fn, *args):
         if self.device.type == "cuda":
@@ -657,8 +644,6 @@ class FusedDecode:
         M = toks.shape[0]
         if not 1 <= M <= SPAN_MAX_ROWS or not 0 <= skip < M or dst.shape[0] != M - skip:
             raise ValueError(f"span: 1 <= {M} tokens <= {SPAN_MAX_ROWS}, 0 <= skip {skip} < M, dst of M - skip rows")
-        if self.span_rows not in ("together", "apart"):
-            raise ValueError(f"span_rows must be 'together' or 'apart', not {self.span_rows!r}")
         return self._on_device(self._span, toks, pos, dst, ks, vs, skip)
 
     def _layers(self, tok, pos, M, ks, vs):

@@ -290,25 +290,10 @@ def test_argmax_and_speculative_bookkeeping_kernels_compile_for_sm90():
                      [{"K": 3, "KP": 4, "ACCEPT": a} for a in (False, True)])
 
 
-def test_multi_row_layer_kernels_compile_for_sm90():
-    """The LayerNorm+GEMV and GEMV+residual kernels with several rows per program (a speculative verify step: the
-    weight tile loaded once, the one-row code unrolled per row), and their tensor-core forms, compiled for sm90 as
-    the GPU would."""
+def test_tensor_core_layer_kernels_compile_for_sm90():
+    """The tensor-core forms of the LayerNorm+GEMV and GEMV+residual kernels (fused_gemm="mma": 16 padded rows
+    through tl.dot, bf16 and fp32 (IEEE) weights), compiled for sm90 as the GPU would."""
     from sm90_compile import compile_for_sm90
-    bf = "*bf16"
-    compile_for_sm90("triton_decode", "_ln_gemv_kernel",
-                     {"x_ptr": bf, "tok_ptr": "*i64", "pos_ptr": "*i64", "wte_ptr": bf, "wpe_ptr": bf, "lnw_ptr": bf,
-                      "lnb_ptr": bf, "w_ptr": bf, "b_ptr": bf, "out_ptr": bf, "pv_ptr": "*fp32", "pi_ptr": "*i32",
-                      "K": "i32", "N": "i32", "n_valid": "i32", "eps": "fp32", "KP": "constexpr",
-                      "BLOCK_N": "constexpr", "EMBED": "constexpr", "HAS_BIAS": "constexpr", "GELU": "constexpr",
-                      "ARGMAX": "constexpr", "PDL": "constexpr", "ROWS": "constexpr"},
-                     [{"KP": 1024, "BLOCK_N": 4, "EMBED": e, "HAS_BIAS": True, "GELU": gl, "ARGMAX": am, "PDL": False,
-                       "ROWS": 3} for e, gl, am in ((True, False, False), (False, True, False), (False, False, True))])
-    compile_for_sm90("triton_decode", "_gemv_res_kernel",
-                     {"h_ptr": bf, "w_ptr": bf, "b_ptr": bf, "x_ptr": bf, "K": "i32", "N": "i32", "KP": "constexpr",
-                      "BLOCK_N": "constexpr", "PDL": "constexpr", "ROWS": "constexpr"},
-                     [{"KP": 4096, "BLOCK_N": 2, "PDL": False, "ROWS": 4}])
-    # the tensor-core forms (fused_gemm="mma"): 16 padded rows through tl.dot, bf16 and fp32 (IEEE) weights
     for dt in ("*bf16", "*fp32"):
         compile_for_sm90("triton_decode", "_ln_mm_kernel",
                          {"x_ptr": dt, "tok_ptr": "*i64", "pos_ptr": "*i64", "wte_ptr": dt, "wpe_ptr": dt,
@@ -345,20 +330,18 @@ def test_gpu_graph_engine_batched_triton_attention_equals_inductor(dtype):
     assert torch.equal(tri.generate(ids, 60), a)
 
 
-@pytest.mark.parametrize("dtype,layout,gemm", [(torch.float32, "together", "gemv"), (torch.float16, "together", "gemv"),
-                                               (torch.float16, "apart", "gemv"), (torch.float32, "apart", "mma"),
-                                               (torch.float16, "apart", "mma")])
-def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, layout, gemm):
+@pytest.mark.parametrize("dtype,gemm", [(torch.float32, "gemv"), (torch.float16, "gemv"), (torch.float32, "mma"),
+                                        (torch.float16, "mma")])
+def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, gemm):
     """FusedDecode.span (speculative decoding's draft and verify steps): M tokens in one pass give, row for row, the
     same bits as M one-token steps (hidden state, K/V cache, argmax), and a one-row span the same token as `step`;
-    with the rows in one program per weight tile (together) or one program each (apart)."""
+    with the CUDA-core kernels (one program per row and weight tile) and the tensor-core ones (all rows at once)."""
     dev = _device()
     model = tiny_model(seed=21, n_layer=2).to(dev)
     eng = FastGPT2(model, fused=True, use_cuda_graph=False, compile=False, max_seq_len=80, dtype=dtype,
                    fused_gemm=gemm)
     f, C, T, M = eng.fused, 64, 35, 5                 # T = 35: the rows' attention crosses a 32-slot tile
     assert f.gemm == gemm
-    f.span_rows = layout
     ks, vs = [c[:1] for c in eng.ks], [c[:1] for c in eng.vs]
     with torch.no_grad():
         eng.core.forward_full(_prompt(T, seed=22), ks, vs)
@@ -391,6 +374,3 @@ def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, layout, gemm):
     assert int(tok) == rows[-1][1] and int(p) == T + M
     with pytest.raises(ValueError, match="span"):
         f.span(toks, pos, dst[:1], ks, vs, skip=1)
-    f.span_rows = "rows"
-    with pytest.raises(ValueError, match="span_rows"):
-        f.span(toks, pos, dst, ks, vs, skip=1)
