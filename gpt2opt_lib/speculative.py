@@ -324,9 +324,10 @@ def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new
     peak_mem_mb, tokens_per_s (new tokens / mean) and its std, ms_per_token, and for `speculative` the stats of
     `SpeculativeDecoder.generate`; HF rows hold token_identical too, or "error". "same_prefix_tokens": new tokens
     equal to the target engine's before the first difference; "dtype": the engines' compute dtype. Identity is
-    exact in fp32; in 16-bit the verify step (k+1 rows) and the decode step (one row) run different kernels whose
-    roundings differ, so a near-tie between two tokens can flip (as HF's own greedy output differs from the fast
-    engine's there)."""
+    exact in fp32, and in every dtype on the fused round (each verified row is bit for bit the target's decode
+    step); on the PyTorch round in 16-bit the verify step (k+1 rows) and the decode step (one row) run different
+    kernels whose roundings differ, so a near-tie between two tokens can flip (as HF's own greedy output differs
+    from the fast engine's there)."""
     if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
         raise ValueError(f"prompt_ids must be a (1, T) tensor of token ids, got "
                          f"{tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids)}")

@@ -98,6 +98,11 @@ def test_generate_with_a_draft_measures_speculative_decoding(tmp_path):
     assert spec["speedup"] == pytest.approx(e["speculative"]["tokens_per_s"] / e["fast"]["tokens_per_s"])
     assert e["speculative"]["tokens_per_s"] == pytest.approx(9 / e["speculative"]["mean_s"])
     assert 0 <= spec["acceptance_rate"] <= 1 and e["speculative"]["proposed"] % 3 == 0
+    # against the run's own `fast` engine row too (the honest baseline when --spec-fused-gemm changes the engines)
+    assert spec["speedup_vs_fast_row"] == pytest.approx(e["speculative"]["tokens_per_s"]
+                                                        / rep["engines"]["fast"]["tokens_per_s"])
+    with pytest.raises(SystemExit):
+        bench.main(["generate", "--model", "random:tiny", "--spec-fused-gemm", "wmma"])
 
 
 @pytest.mark.gpu

@@ -84,6 +84,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft", default=None, help="speculative decoding: a draft model spec (e.g. the distilled "
                                                  "student's directory) proposing tokens for --model to verify")
     g.add_argument("--draft-k", type=int, default=4, help="draft tokens per verify step (with --draft)")
+    g.add_argument("--spec-fused-gemm", default="gemv", choices=["gemv", "mma"],
+                   help="the speculative engines' fused kernels (FastGPT2 fused_gemm; with --draft): mma = tensor "
+                        "cores, a verify step near one decode step's cost but a slower one-row step; the report "
+                        "adds the speed-up against the `fast` engine row (gemv) of the same run")
     g.add_argument("--prompts", default="random", choices=["random", "corpus"],
                    help="prompt tokens: random, or text from the offline corpus's test split (for trained models)")
     f = sub.add_parser("forward", help="tokens/s of a full forward (B x seq_len)")

@@ -126,7 +126,11 @@ def cmd_generate(args) -> dict:
                 rec["speedup_vs_hf"] = rec["tokens_per_s"] / results["hf"]["tokens_per_s"]
     extra = dict(prompt_len=T, new_tokens=N, peak_bandwidth_Bps=peak_bw)
     if args.draft:
-        extra["speculative"] = _speculative(args, model, ids, dtype, device)
+        extra["speculative"] = spec = _speculative(args, model, ids, dtype, device)
+        fast = results.get("fast", {}).get("tokens_per_s")
+        got = spec.get("engines", {}).get("speculative", {}).get("tokens_per_s")
+        if fast and got:          # against the default engine of this run (differs from `speedup` under mma)
+            spec["speedup_vs_fast_row"] = got / fast
     return _report(args, device, results, extra)
 
 
@@ -138,7 +142,8 @@ def _speculative(args, model, ids, dtype, device) -> dict:
     t0 = time.perf_counter()
     try:
         draft = build_model(args.draft, dtype, device, attn=args.attn.split(",")[0], seed=args.seed + 1)
-        kw = dict(use_cuda_graph=args.cuda_graph, compile=args.compile)
+        kw = dict(use_cuda_graph=args.cuda_graph, compile=args.compile,
+                  fused_gemm=getattr(args, "spec_fused_gemm", "gemv"))
         rec = speculative.measure_speculative(model, draft, ids[:1], args.new_tokens, k=args.draft_k, device=device,
                                               warmup=args.warmup, repeats=args.repeats, engine_kwargs=kw)
         rec["draft"] = args.draft
