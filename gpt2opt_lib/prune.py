@@ -56,6 +56,16 @@ class Pruner:
                 self.masks[i] = m.to(p.device)
         torch._foreach_mul_(self.params, self.masks)
 
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        """Zero the gradients of pruned entries in one fused multiply (train()'s `before_step`: after backward,
+        before clipping and the optimizer, captured with the step under a CUDA graph): what `mask_gradients`'
+        per-tensor hooks do, without a hook and a kernel launch per adapter tensor inside backward (on a
+        launch-bound step those cost more than the adapters save)."""
+        held = [(p.grad, m) for p, m in zip(self.params, self.masks) if p.grad is not None]
+        if held:
+            torch._foreach_mul_([g for g, _ in held], [m for _, m in held])
+
     def mask_gradients(self) -> "Pruner":
         """Register hooks that zero the gradient of pruned entries, so the optimizer never sees them. With a fresh
         AdamW state this alone keeps them at exactly zero (zero grad -> zero moments -> zero update; decoupled

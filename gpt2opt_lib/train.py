@@ -2,7 +2,8 @@
 
 What it does per optimizer step: `grad_accum` micro-batches under autocast (bf16, or fp16 + loss scaling on
 T4-class GPUs, fp32 on CPU), fused AdamW on CUDA, gradient clipping, a linear-warm-up + cosine schedule, and an
-optional `after_step` hook (e.g. re-applying pruning masks). No host syncs inside the step: losses stay on the
+optional `before_step` hook (gradients complete, before clipping and AdamW: e.g. masking pruned entries' gradients)
+and `after_step` hook (e.g. re-applying pruning masks). No host syncs inside the step: losses stay on the
 device and step times are CUDA events read once per epoch.
 
 `TrainSpec.cuda_graph`: after `cuda_graph_warmup` eager steps (compile, autotuning, the optimizer state), the whole
@@ -127,7 +128,8 @@ class _GraphStep:
     """One optimizer step captured in a CUDA graph: a static input batch, the captured loss and parts (overwritten
     by each replay; the caller clones them)."""
 
-    def __init__(self, model, loss_fn, mb, params, opt, spec: TrainSpec, amp_dtype, device: torch.device):
+    def __init__(self, model, loss_fn, mb, params, opt, spec: TrainSpec, amp_dtype, device: torch.device,
+                 before_step: Callable | None = None):
         self.ids = mb.to(device).clone()
         opt.zero_grad(set_to_none=True)                 # the captured backward allocates them in the graph's pool
         torch.cuda.synchronize(device)
@@ -136,6 +138,8 @@ class _GraphStep:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, parts = loss_fn(model, self.ids)
             loss.backward()
+            if before_step is not None:
+                before_step()
             if spec.grad_clip:
                 clip_gradients(params, opt, spec.grad_clip, _folds_clip(opt, None, False))
             opt.step()
@@ -189,13 +193,16 @@ def epoch_batches(blocks: torch.Tensor, spec: TrainSpec, epoch: int) -> list[tor
 
 
 def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, device: torch.device, *,
-          params=None, after_step: Callable | None = None, on_epoch_end: Callable | None = None,
+          params=None, before_step: Callable | None = None, after_step: Callable | None = None,
+          on_epoch_end: Callable | None = None,
           tracker=None, desc: str = "train", progress: bool = True) -> dict:
     """Train `model` on `blocks` (N, T) with `loss_fn(model, batch) -> (loss, {name: tensor})`.
 
     Returns the history: per-step loss (+ parts), per-epoch mean loss, step times (s), tokens/s and peak memory.
     `on_epoch_end(epoch, model)` may return a dict that is stored in the history (e.g. validation metrics); a
-    true `"stop"` in it ends training after that epoch (early stopping).
+    true `"stop"` in it ends training after that epoch (early stopping). `before_step()` runs once per optimizer
+    step when the gradients are complete (before unscaling, clipping and AdamW; inside the graph under
+    `spec.cuda_graph`), `after_step()` after the optimizer step.
 
     Data-parallel (a torch.distributed group of world > 1, see gpt2opt_lib.distributed): `spec.batch_size` is the
     per-rank micro-batch; every rank walks the same global order (`epoch_batches` with world x batch_size) and
@@ -211,6 +218,9 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
     if spec.parallel not in ("ddp", "fsdp"):
         raise ValueError(f"TrainSpec.parallel={spec.parallel!r}; allowed: ddp, fsdp")
     fsdp = W > 1 and spec.parallel == "fsdp"
+    if fsdp and before_step is not None:
+        raise ValueError("train(before_step=...) acts on the caller's model's gradients; FSDP trains a sharded "
+                         "copy of it (use parallel='ddp')")
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if W == 1:
@@ -253,7 +263,8 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
             group = batches[i: i + spec.grad_accum]
             if graph_off is None and step >= spec.cuda_graph_warmup and graph_step is None:
                 try:
-                    graph_step = _GraphStep(work, loss_fn, group[0], params, opt, spec, amp_dtype, device)
+                    graph_step = _GraphStep(work, loss_fn, group[0], params, opt, spec, amp_dtype, device,
+                                            before_step)
                 except Exception as e:
                     # no eager fallback: a failed capture leaves the CUDA RNG in capture mode for this process
                     raise RuntimeError(f"{desc}: TrainSpec.cuda_graph: the step could not be captured in a CUDA "
@@ -290,6 +301,8 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
                     # no reference to this step's autograd graph may outlive it: its AccumulateGrad nodes would
                     # keep the default stream, which breaks a later CUDA graph capture (TrainSpec.cuda_graph)
                     del loss, parts
+                if before_step is not None:
+                    before_step()
                 if scaler:
                     scaler.unscale_(opt)
                 if spec.grad_clip:

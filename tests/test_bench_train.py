@@ -305,6 +305,23 @@ def test_qlora_native_variants_same_start_and_records(tmp_path, one_thread):
     assert e["qlora_native"]["checkpoint_policy"] == "full" and e["qlora_native_nockpt"]["checkpoint_policy"] is None
 
 
+def test_pruned_lora_native_engines_train_alike(tmp_path, one_thread):
+    """03's pruned LoRA on the native model: the fused gradient mask (train's before_step) and per-tensor hooks train
+    the same adapters from the same start (fp32: the same losses), and each record says which masking ran."""
+    e = {}
+    for name in ("lora_native", "lora_native_pruned", "lora_native_pruned_hooks"):   # one process each: the same
+        out = tmp_path / f"{name}.json"                                            # dropout draws
+        bench.main(TINY + ["--dtype", "fp32", "--engines", name, "--json", str(out)])
+        e[name] = json.loads(out.read_text())["engines"][name]
+    fused, hooks = e["lora_native_pruned"], e["lora_native_pruned_hooks"]
+    assert fused["final_loss"] == hooks["final_loss"] and fused["first_loss"] == hooks["first_loss"]
+    assert fused["final_loss"] != e["lora_native"]["final_loss"]        # the pruned adapters do train differently
+    assert fused["pruning"]["gradient_masking"].startswith("train before_step")
+    assert hooks["pruning"]["gradient_masking"] == "per-tensor gradient hooks"
+    assert fused["pruning"]["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert fused["trainable_params"] == e["lora_native"]["trainable_params"]
+
+
 def test_reserved_peak_replaces_allocated_under_cuda_graphs(monkeypatch):
     """CUDA-graph engines report the reserved peak (graph pools are invisible to the allocated count); the others
     keep the allocated peak and record the reserved one beside it."""

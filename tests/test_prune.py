@@ -83,6 +83,35 @@ def test_grad_hooks_alone_keep_zeros_with_fresh_adamw():
     assert_at_target(model, 0.8)
 
 
+def test_fused_grad_mask_trains_like_the_hooks():
+    """Pruner.mask_grads as train()'s before_step (one fused multiply per step, before clipping and AdamW) gives
+    the same weights, bit for bit, as the per-tensor gradient hooks, with clipping active (the norm sees the masked
+    gradients either way), and the pruned entries stay exactly zero."""
+    from gpt2opt_lib import distill, train
+
+    blocks = torch.randint(0, TINY["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(0))
+    spec = train.TrainSpec(epochs=1, batch_size=2, lr=5e-2, warmup_steps=1, precision="fp32", grad_clip=1e-3)
+    out = []
+    for fused in (True, False):
+        model = lora.apply_lora(tiny_model(), rank=4)
+        pruner = prune.prune_lora(model, 0.8, mask_grads=not fused)
+        seen = []
+
+        def before():
+            seen.append(all(p.grad is not None for p in pruner.params))
+            pruner.mask_grads()
+            seen.append(all(bool((p.grad[~m] == 0).all()) for p, m in zip(pruner.params, pruner.masks)))
+        train.train(model, blocks, distill.make_lm_loss_fn(0), spec, torch.device("cpu"),
+                    params=[p for p in model.parameters() if p.requires_grad],
+                    before_step=before if fused else None, after_step=pruner.apply, progress=False)
+        assert (seen == [True] * 8) if fused else not seen                  # 4 steps, grads complete, then masked
+        assert_at_target(model, 0.8)
+        out.append({n: p.detach().clone() for n, p in lora.lora_tensors(model).items()})
+    for n in out[0]:
+        torch.testing.assert_close(out[0][n], out[1][n], rtol=0, atol=0)
+    assert any(bool((out[0][n] != 0).any()) for n in out[0] if ".lora_B." in n)   # B did train
+
+
 def test_global_scope_before_training_kills_B_and_says_so():
     model = lora.apply_lora(tiny_model(), rank=8)
     rec = prune.prune_lora(model, 0.8, scope="global").record()

@@ -32,18 +32,21 @@ TRAIN_ENGINES = ("hf", "hf_eager", "nanogpt_ref", "fast", "fast_ckpt", "native",
 # *_sg: the same engine with the whole optimizer step captured in one CUDA graph (train.TrainSpec.cuda_graph; the
 # model compiled without inductor's cudagraph trees): the same-run A/B of the two ways to graph a step
 STEP_GRAPH_ENGINES = ("native_sg", "kd_native_sg", "lora_native_sg", "qlora_native_sg", "qlora_native_nockpt_sg",
-                      "qlora_native_sac_sg")
+                      "qlora_native_sac_sg", "lora_native_pruned_sg", "lora_native_pruned_hooks_sg")
 # qlora_native_sac: checkpointed with the "save_attention" policy (model.CHECKPOINT_POLICIES): matmuls recomputed,
 # attention kept, also inside the compiled graph
+# lora_native_pruned(_hooks): 03's pruned-before-training LoRA, gradients masked by one fused op (or per-tensor hooks)
 OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
-                          "lora_native_unfolded", "qlora_native_sac") + STEP_GRAPH_ENGINES
+                          "lora_native_unfolded", "qlora_native_sac", "lora_native_pruned",
+                          "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES
 COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native",
               "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
-              "lora_native_unfolded", "qlora_native_sac") + STEP_GRAPH_ENGINES
+              "lora_native_unfolded", "qlora_native_sac", "lora_native_pruned", "lora_native_pruned_hooks") + \
+    STEP_GRAPH_ENGINES
 # --compile auto on CUDA: each compiled model costs ~15-40 s
 AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
                  "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean", "lora_native_unfolded",
-                 "qlora_native_sac") + STEP_GRAPH_ENGINES
+                 "qlora_native_sac", "lora_native_pruned", "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES
 
 
 @dataclasses.dataclass
@@ -210,7 +213,8 @@ def _sdpa_wrap(ctx, loss_fn):
     return wrapped
 
 
-def _run_fast(ctx: _TrainCtx, model, loss_fn, *, params=None, after_step=None, ckpt=False) -> dict:
+def _run_fast(ctx: _TrainCtx, model, loss_fn, *, params=None, before_step=None, after_step=None,
+              ckpt=False) -> dict:
     """train.train for --warmup + --steps steps; peak memory restarts after the warm-up steps."""
     from ..train import train
     # a step graph is captured on the last warm-up step, so every measured step replays it
@@ -224,8 +228,8 @@ def _run_fast(ctx: _TrainCtx, model, loss_fn, *, params=None, after_step=None, c
         done[0] += 1
         if done[0] == ctx.args.warmup:
             _reset_peak_stats(ctx.device)
-    hist = train(model, ctx.blocks, _sdpa_wrap(ctx, loss_fn), spec, ctx.device, params=params, after_step=hook,
-                 progress=False, desc="bench")
+    hist = train(model, ctx.blocks, _sdpa_wrap(ctx, loss_fn), spec, ctx.device, params=params,
+                 before_step=before_step, after_step=hook, progress=False, desc="bench")
     ctx.last_step_graph = (hist["summary"]["cuda_graph"], hist["summary"]["cuda_graph_off_reason"])
     return {"times": hist["step_time_s"], "losses": hist["step_loss"], "peak": hist["summary"]["peak_mem_mb"],
             "trainable_params": hist["summary"]["trainable_params"]}
@@ -388,11 +392,11 @@ def _eng_lora(ctx: _TrainCtx, name: str, compiled: bool) -> dict:
     n_all, n_mm = _param_counts(base)
     model = apply_lora(base, rank=a.lora_rank, dropout=a.lora_dropout)
     _compile(_base(model).transformer, ctx, compiled)
-    pruner = prune_lora(model, a.prune_sparsity) if name == "lora_pruned" else None
+    pruner = prune_lora(model, a.prune_sparsity, mask_grads=False) if name == "lora_pruned" else None
     params = [p for p in model.parameters() if p.requires_grad]
     n_ad = sum(p.numel() for p in params)
     r = _run_fast(ctx, model, make_lm_loss_fn(a.chunk_tokens), params=params,
-                  after_step=pruner.apply if pruner else None)
+                  before_step=pruner.mask_grads if pruner else None, after_step=pruner.apply if pruner else None)
     f = train_flops_per_token(base.config, a.seq_len, n_frozen=n_mm, n_adapter=n_ad)
     rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 4 * n_all + 6 * n_ad)
     rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={a.chunk_tokens})",
@@ -433,9 +437,11 @@ def _eng_qlora(ctx: _TrainCtx, compiled: bool) -> dict:
 
 
 def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, budget: float | None = None,
-                     lean: bool = False, fold: bool = True, policy: str = "full") -> dict:
+                     lean: bool = False, fold: bool = True, policy: str = "full", prune: str | None = None) -> dict:
     """LoRA (lora.apply_lora_native) or QLoRA (+ quant.NF4Linear bases: NF4, double quant) on the native GPT-2, the
-    frozen base in the autocast dtype (no fp32 master copy of weights that never change), compiled like native."""
+    frozen base in the autocast dtype (no fp32 master copy of weights that never change), compiled like native.
+    prune: 03's pruned-before-training adapters (prune_lora --prune-sparsity, re-applied after each step), their
+    gradients masked by one fused op per step ("fused", train's before_step) or by per-tensor hooks ("hooks")."""
     from ..distill import make_lm_loss_fn
     from ..lora import apply_lora_native, native_lora_modules
     a = ctx.args
@@ -464,6 +470,10 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
     else:   # with a budget: one whole-model graph too, the recompute chosen by the compiler's partitioner
         graphs = _graphs(ctx, compiled)
         _compile(model, ctx, compiled, graphs)
+    pruner = None
+    if prune is not None:
+        from ..prune import prune_lora
+        pruner = prune_lora(model, a.prune_sparsity, mask_grads=prune == "hooks")
     params = [p for p in model.parameters() if p.requires_grad]
     n_ad = sum(p.numel() for p in params)
     lean_memory = ckpt or budget is not None          # the memory-lean points take the lean loss chunk
@@ -473,7 +483,9 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
         with fconf.patch(activation_memory_budget=budget):
             r = _run_fast(ctx, model, make_lm_loss_fn(chunk), params=params)
     else:
-        r = _run_fast(ctx, model, make_lm_loss_fn(chunk), params=params, ckpt=ckpt)
+        r = _run_fast(ctx, model, make_lm_loss_fn(chunk), params=params, ckpt=ckpt,
+                      before_step=pruner.mask_grads if prune == "fused" else None,
+                      after_step=pruner.apply if pruner else None)
     f = train_flops_per_token(template.config, a.seq_len, n_frozen=n_mm, n_adapter=n_ad)
     rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 4 * n_all + 6 * n_ad)
     rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={chunk})", optimizer="train.train AdamW (fused on CUDA)",
@@ -485,6 +497,10 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
                cuda_graphs=graphs, activation_memory_budget=budget,
                total_params=n_all + n_ad, base_dtype=str(ctx.amp or torch.float32),
                base="NF4 (bitsandbytes, block 64, double quant) via quant.NF4Linear" if quant else "nn.Linear")
+    if pruner is not None:
+        rec["pruning"] = {**{k: v for k, v in pruner.record().items() if k != "fully_pruned_tensors"},
+                          "gradient_masking": "train before_step (one fused multiply)" if prune == "fused"
+                          else "per-tensor gradient hooks"}
     if quant:
         from ..quant import NF4Linear
         rec["weight_bytes"] = {"nf4_linears": sum(m.nbytes() for m in model.modules() if isinstance(m, NF4Linear))}
@@ -511,6 +527,8 @@ def _train_engine_fn(name: str):
         "qlora_native_lean": lambda ctx, c: _eng_lora_native(ctx, True, True, c, lean=True),
         "qlora_native_sac": lambda ctx, c: _eng_lora_native(ctx, True, True, c, policy="save_attention"),
         "lora_native_unfolded": lambda ctx, c: _eng_lora_native(ctx, False, False, c, fold=False),
+        "lora_native_pruned": lambda ctx, c: _eng_lora_native(ctx, False, False, c, prune="fused"),
+        "lora_native_pruned_hooks": lambda ctx, c: _eng_lora_native(ctx, False, False, c, prune="hooks"),
         "nanogpt_ref": _eng_nanogpt_ref,
         "native": _eng_native,
         "kd_native": _eng_kd_native,

@@ -77,15 +77,15 @@ def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_bef
             work = L.apply_lora_native(native, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
                                        targets=tuple(c.lora_targets), base_dtype=ctx.amp_dtype)
         L.copy_adapters(model, work)
-    pruner = P.prune_lora(work, c.prune_sparsity, scope=c.prune_scope) if prune_before else None
+    # pruned entries' gradients are masked in one fused op per step (train's before_step), not by per-tensor hooks
+    pruner = P.prune_lora(work, c.prune_sparsity, scope=c.prune_scope, mask_grads=False) if prune_before else None
     name = f"LoRA r{c.lora_rank}" + (f" + {c.prune_sparsity:.0%} pruned before" if prune_before else "") + f" ({which})"
     hist = train(maybe_compile(work, ctx) if native is not None else work, ctx.blocks("train"),
                  make_lm_loss_fn(c.loss_chunk_tokens), _ft_spec(c, c.ft_lr), ctx.device,
                  params=[p for p in work.parameters() if p.requires_grad],
-                 after_step=pruner.apply if pruner else None, tracker=ctx.tracker, desc=name)
+                 before_step=pruner.mask_grads if pruner else None, after_step=pruner.apply if pruner else None,
+                 tracker=ctx.tracker, desc=name)
     if native is not None:
-        if pruner is not None:
-            pruner.remove_hooks()
         L.copy_adapters(work, model)
         del work, native
     extra = {"kind": "lora_pruned_before" if prune_before else "lora", "student": which, "engine": c.train_engine,

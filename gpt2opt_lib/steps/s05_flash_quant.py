@@ -107,14 +107,15 @@ def attention_x_quant(ctx: StageContext, best: str) -> list[dict]:
     return rows
 
 
-def _train_cost(ctx: StageContext, model, params, lr: float, after_step=None, desc="") -> dict:
+def _train_cost(ctx: StageContext, model, params, lr: float, pruner=None, desc="") -> dict:
     """Time and memory of c.train_steps training steps (one more as warm-up); lr and warm-up as 03 fine-tuned."""
     c = ctx.cfg
     spec = TrainSpec(epochs=1, batch_size=c.train_batch_size, lr=lr, warmup_steps=lora_setup(ctx)["warmup_steps"],
                      weight_decay=0.0,
                      max_train_blocks=c.train_batch_size * (c.train_steps + 1), precision=c.precision, seed=c.seed)
     h = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), spec, ctx.device, params=params,
-              after_step=after_step, desc=desc)["summary"]
+              before_step=pruner.mask_grads if pruner else None, after_step=pruner.apply if pruner else None,
+              desc=desc)["summary"]
     return {"train_time_per_step_ms": h["time_per_step_s"] * 1e3, "train_time_per_step_std_ms": h["time_per_step_std_s"] * 1e3,
             "train_tokens_per_s": h["tokens_per_s"], "train_peak_mem_mb": h["peak_mem_mb"],
             "trainable_params": h["trainable_params"]}
@@ -151,9 +152,9 @@ def stacked_config(ctx: StageContext, best: str) -> list[dict]:
     ls = lora_setup(ctx)  # 03's adapters: rank, alpha, dropout, targets, sparsity, scope
     model = Q.prepare_qlora(base, rank=ls["rank"], alpha=ls["alpha"], dropout=ls["dropout"], targets=ls["targets"],
                             gradient_checkpointing=False)
-    pruner = P.prune_lora(model, ls["sparsity"], ls["scope"])
+    pruner = P.prune_lora(model, ls["sparsity"], ls["scope"], mask_grads=False)
     with A.attention_backend(best):
-        tr = _train_cost(ctx, model, [p for p in model.parameters() if p.requires_grad], ls["lr"], pruner.apply,
+        tr = _train_cost(ctx, model, [p for p in model.parameters() if p.requires_grad], ls["lr"], pruner,
                          "stack QLoRA")
     del model, base
     free_memory(ctx)
@@ -195,12 +196,12 @@ def _native_qlora_cost(ctx: StageContext, ls: dict, best: str) -> dict:
         return {"train_native_status": why}
     try:
         model = native_lora_stack(ctx, ls, nf4=True)  # the RNG stays where the peft stack left it
-        pruner = P.prune_lora(model, ls["sparsity"], ls["scope"])
+        pruner = P.prune_lora(model, ls["sparsity"], ls["scope"], mask_grads=False)
         compiled = ctx.device.type == "cuda"
         if compiled:
             model.compile(dynamic=False)
         with A.attention_backend(best):
-            tr = _train_cost(ctx, model, [p for p in model.parameters() if p.requires_grad], ls["lr"], pruner.apply,
+            tr = _train_cost(ctx, model, [p for p in model.parameters() if p.requires_grad], ls["lr"], pruner,
                              "stack QLoRA (native)")
         del model
         free_memory(ctx)
