@@ -240,7 +240,7 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
         params = list(params if params is not None else model.parameters())
     graph_off = graph_step_blocker(spec, device, W, scaler) if spec.cuda_graph else "off"
     opt = make_optimizer(params, spec, device, capturable=graph_off is None)
-    graph_step = None
+    graph_step, graph_from = None, 0
     steps_per_epoch = len(epoch_batches(blocks, gspec, 0)) // spec.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size*grad_accum={spec.batch_size * spec.grad_accum} exceeds the train blocks")
@@ -265,6 +265,7 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
                 try:
                     graph_step = _GraphStep(work, loss_fn, group[0], params, opt, spec, amp_dtype, device,
                                             before_step)
+                    graph_from = step + 1           # the first replay-only step (this one also pays the capture)
                 except Exception as e:
                     # no eager fallback: a failed capture leaves the CUDA RNG in capture mode for this process
                     raise RuntimeError(f"{desc}: TrainSpec.cuda_graph: the step could not be captured in a CUDA "
@@ -366,12 +367,16 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
         model.gradient_checkpointing_disable()
     model.eval()
     del runner  # drops DDP's hooks/buckets; `model` itself is unchanged (FSDP trained a copy)
-    times = hist["step_time_s"][1:] or hist["step_time_s"]  # the first step pays one-off costs (compile, allocator)
+    # the first step pays one-off costs (compile, allocator); with a step graph, the eager warm-up steps and the
+    # capture step are left out too: the figures are those of the replayed steps that training runs on
+    timed_from = graph_from if graph_step is not None and graph_from < len(hist["step_time_s"]) else 1
+    times = hist["step_time_s"][timed_from:] or hist["step_time_s"]
     t_step = statistics.fmean(times)
     if W > 1:  # the slowest rank sets the pace
         t_step = D.all_reduce_max(torch.tensor(t_step, dtype=torch.float64, device=device)).item()
     hist["summary"] = {
         "steps": step, "tokens_per_step": tokens_per_step * W,  # global: world x micro-batch x accum x T
+        "timed_from_step": timed_from,  # step times from this (0-based) step on make the figures below
         "time_per_step_s": t_step, "time_per_step_std_s": statistics.stdev(times) if len(times) > 1 else 0.0,
         "time_per_step_median_s": statistics.median(times),  # robust to a few slow steps (the mean is not)
         "tokens_per_s": tokens_per_step * W / t_step,  # the whole job (= per GPU on one process)

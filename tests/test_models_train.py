@@ -1,4 +1,6 @@
 """Model specs, DistilGPT2-style student init, checkpoint round trip, and the shared training loop."""
+import statistics
+
 import pytest
 import torch
 
@@ -290,6 +292,9 @@ def test_gpu_cuda_graph_step_trains_as_the_eager_step(ckpt):
                                cuda_graph=graph, cuda_graph_warmup=2, gradient_checkpointing=ckpt)
         h = train.train(m, blocks, distill.make_lm_loss_fn(64), spec, torch.device("cuda"), progress=False)
         assert h["summary"]["cuda_graph"] is graph, h["summary"]["cuda_graph_off_reason"]
+        # timed: the replayed steps only (steps 0-1 eager, step 2 captures); eager: all but the first
+        assert h["summary"]["timed_from_step"] == (3 if graph else 1)
+        assert h["summary"]["time_per_step_median_s"] == statistics.median(h["step_time_s"][3 if graph else 1:])
         out.append((h["step_loss"], [p.detach().clone() for p in m.parameters()]))
     (l0, w0), (l1, w1) = out
     assert len(l0) == len(l1) == 8 and l1[-1] < l1[0]
