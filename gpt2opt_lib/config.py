@@ -180,6 +180,7 @@ class Quant(Common):
                           "also on model.py + lora.LoRALinear over quant.NF4Linear, beside the hf ones)",
                           choices=("hf", "native"))
     compile: bool = p(False, "torch.compile the native QLoRA models (CUDA; first step pays 10-60 s)")
+    cuda_graph: bool = p(False, "the native rows: each optimizer step one CUDA graph after 3 eager steps (CUDA, no fp16 loss scaling; otherwise eager, the reason in the rows)")
 
 
 @dataclasses.dataclass

@@ -81,7 +81,7 @@ def run(tmp_path_factory):
         out["03_lora_prune"] = (cfg, s3.lora_results(ctx, [full, lora_row, pruned_row, base_row], after_row,
                                                      storage, merge, s3.base_sparsity(ctx, merged)))
 
-        cfg = _cfg("04_quant", run_dir, loss_chunk_tokens=128)
+        cfg = _cfg("04_quant", run_dir, loss_chunk_tokens=128, train_engine="native", cuda_graph=True)
         ctx = context.setup(cfg, "04_quant")
         spies["04_quant"] = _Spy(s4, mp)
         qrows, layers = s4.quant_table(ctx)
@@ -144,6 +144,18 @@ def test_03_knobs_reach_its_training(run):
     assert [s.warmup_steps for _, s in spy.calls] == [cfg.ft_warmup_steps] * 4
     assert [s.lr for _, s in spy.calls] == [cfg.full_ft_lr] + [cfg.ft_lr] * 3
     assert spy.chunks == [cfg.loss_chunk_tokens] * 4
+
+
+def test_04_cuda_graph_reaches_the_native_rows_only(run):
+    """04's cuda_graph: asked for on the native rows (model.py), not on peft's; on a CPU each native row that trained
+    says why it ran eagerly."""
+    cfg, res = run[0]["04_quant"]
+    calls = run[1]["04_quant"].calls
+    native = [s.cuda_graph for d, s in calls if d.endswith("(native)")]
+    assert cfg.cuda_graph is True and native and all(native)
+    assert not any(s.cuda_graph for d, s in calls if not d.endswith("(native)"))
+    trained = [r for r in res["qlora"] if r["config"].endswith("(native)") and r.get("status") == "ok"]
+    assert trained and all(r["cuda_graph"] is False and r["cuda_graph_off_reason"] == "CUDA only" for r in trained)
 
 
 def test_04_and_05_build_and_train_what_03_declared(run):

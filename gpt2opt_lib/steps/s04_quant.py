@@ -131,7 +131,8 @@ def _native_row(ctx: StageContext, ls: dict, spec: TrainSpec, name: str, mode: s
         compiled = c.compile and ctx.device.type == "cuda"
         if compiled:
             model.compile(dynamic=False)
-        s = TrainSpec(**{**spec.__dict__, "gradient_checkpointing": ckpt})
+        # the native step compiled without graphs is launch-bound at these sizes: cuda_graph captures it whole
+        s = TrainSpec(**{**spec.__dict__, "gradient_checkpointing": ckpt, "cuda_graph": c.cuda_graph})
         hist = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), s, ctx.device,
                      params=[p for p in model.parameters() if p.requires_grad], desc=name)
         row = train_row(ctx, name, model, hist, {"status": "ok", "engine": "native" + (", compiled" if compiled else ""),
