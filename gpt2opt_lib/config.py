@@ -204,6 +204,7 @@ class FlashQuant(Common):
     train_engine: str = p("hf", "the stack's QLoRA step in the gains table: hf (peft + bitsandbytes on transformers' "
                           "GPT-2 modules) or native (model.py + LoRALinear + NF4Linear; both are measured)",
                           choices=("hf", "native"))
+    cuda_graph: bool = p(False, "the stack's native QLoRA step: one CUDA graph per optimizer step after 3 more eager steps (CUDA, no fp16 loss scaling; otherwise eager, the reason in the row)")
 
 
 # which earlier stages' artifacts each stage reads from the run directory: the one graph run_all and the

@@ -87,7 +87,7 @@ def run(tmp_path_factory):
         qrows, layers = s4.quant_table(ctx)
         out["04_quant"] = (cfg, s4.quant_results(ctx, qrows, layers, s4.engine_table(ctx), s4.qlora_table(ctx)))
 
-        cfg = _cfg("05_flash_quant", run_dir, loss_chunk_tokens=64)
+        cfg = _cfg("05_flash_quant", run_dir, loss_chunk_tokens=64, cuda_graph=True)
         ctx = context.setup(cfg, "05_flash_quant")
         spies["05_flash_quant"] = _Spy(s5, mp)
         attn_rows = s5.attention_table(ctx, s5.attention_names(ctx))
@@ -161,7 +161,7 @@ def test_04_cuda_graph_reaches_the_native_rows_only(run):
 def test_04_and_05_build_and_train_what_03_declared(run):
     cfg3, _ = run[0]["03_lora_prune"]
     cfg4, res4 = run[0]["04_quant"]
-    cfg5, _ = run[0]["05_flash_quant"]
+    cfg5, res5 = run[0]["05_flash_quant"]
     s4, s5 = run[1]["04_quant"], run[1]["05_flash_quant"]
     # 04's QLoRA timing: its own lr and loss chunk, 03's warm-up
     assert s4.calls and all(s.lr == cfg4.ft_lr and s.warmup_steps == cfg3.ft_warmup_steps for _, s in s4.calls)
@@ -172,6 +172,13 @@ def test_04_and_05_build_and_train_what_03_declared(run):
     assert (d2, native.lr) == ("stack QLoRA (native)", cfg3.ft_lr)    # the same step on model.py, beside it
     assert base.warmup_steps == stack.warmup_steps == native.warmup_steps == cfg3.ft_warmup_steps
     assert s5.chunks == [cfg5.loss_chunk_tokens] * 3
+    # 05's cuda_graph: the native stack step only, its graph's eager steps on top of the timed ones
+    assert native.cuda_graph and not base.cuda_graph and not stack.cuda_graph
+    assert native.max_train_blocks == cfg5.train_batch_size * (cfg5.train_steps + 1 + native.cuda_graph_warmup)
+    assert stack.max_train_blocks == cfg5.train_batch_size * (cfg5.train_steps + 1)
+    stack_rows = res5["stacks"]                                 # the NF4 stack row and its fast-engine twin
+    assert stack_rows and all(r["train_native_cuda_graph"] is False and
+                              r["train_native_cuda_graph_off_reason"] == "CUDA only" for r in stack_rows)
     # int8 engine weights are opt-in: the default engines are 16-bit and int4
     assert [r["weight_quant"] for r in res4["engine"]] == ["none", "int4"]
 

@@ -23,6 +23,7 @@ from .common import (
     make_engine,
     merged_dir,
     native_lora_stack,
+    step_graph_fields,
 )
 from .context import StageContext, summary_table
 
@@ -107,18 +108,24 @@ def attention_x_quant(ctx: StageContext, best: str) -> list[dict]:
     return rows
 
 
-def _train_cost(ctx: StageContext, model, params, lr: float, pruner=None, desc="") -> dict:
-    """Time and memory of c.train_steps training steps (one more as warm-up); lr and warm-up as 03 fine-tuned."""
+def _train_cost(ctx: StageContext, model, params, lr: float, pruner=None, desc="", graph: bool = False) -> dict:
+    """Time and memory of c.train_steps training steps (one more as warm-up); lr and warm-up as 03 fine-tuned.
+    graph: the step captured in one CUDA graph (TrainSpec.cuda_graph) after its eager steps, which run as extra
+    warm-up (the figures are the replayed steps')."""
     c = ctx.cfg
     spec = TrainSpec(epochs=1, batch_size=c.train_batch_size, lr=lr, warmup_steps=lora_setup(ctx)["warmup_steps"],
-                     weight_decay=0.0,
-                     max_train_blocks=c.train_batch_size * (c.train_steps + 1), precision=c.precision, seed=c.seed)
+                     weight_decay=0.0, precision=c.precision, seed=c.seed, cuda_graph=graph,
+                     max_train_blocks=c.train_batch_size * (c.train_steps + 1))
+    if graph:
+        spec.max_train_blocks += c.train_batch_size * spec.cuda_graph_warmup
     h = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), spec, ctx.device, params=params,
               before_step=pruner.mask_grads if pruner else None, after_step=pruner.apply if pruner else None,
               desc=desc)["summary"]
     return {"train_time_per_step_ms": h["time_per_step_s"] * 1e3, "train_time_per_step_std_ms": h["time_per_step_std_s"] * 1e3,
+            "train_time_per_step_median_ms": h["time_per_step_median_s"] * 1e3,
             "train_tokens_per_s": h["tokens_per_s"], "train_peak_mem_mb": h["peak_mem_mb"],
-            "trainable_params": h["trainable_params"]}
+            "trainable_params": h["trainable_params"],
+            **{"train_" + k: v for k, v in step_graph_fields(h).items()}}
 
 
 def baseline_config(ctx: StageContext) -> dict:
@@ -202,7 +209,7 @@ def _native_qlora_cost(ctx: StageContext, ls: dict, best: str) -> dict:
             model.compile(dynamic=False)
         with A.attention_backend(best):
             tr = _train_cost(ctx, model, [p for p in model.parameters() if p.requires_grad], ls["lr"], pruner,
-                             "stack QLoRA (native)")
+                             "stack QLoRA (native)", graph=ctx.cfg.cuda_graph)
         del model
         free_memory(ctx)
         out = {"train_native_" + k.removeprefix("train_"): v for k, v in tr.items()}
