@@ -33,6 +33,10 @@ tl.dot per weight chunk) make rows nearly free (4 rows x1.02-1.04, 8 rows x1.05-
 but stream weights slower at one row: the step x2.0 the CUDA-core one on an H100, x2.3-2.8 on an H200, both
 kernels (LayerNorm+GEMM x1.9, GEMM+residual x1.7: `h100_span_cost_mma_by_kernel_gpt2-medium.json`), so the
 weight streaming, not the LayerNorm: opt-in, for work on the verify step (benchmarks/results/*span_cost*.json).
+Those figures predate split-K: the tensor-core kernels now also tune SPLIT_K (1-8 programs per weight tile, each
+over a slice of K, the last one summing the fp32 partials in slice order: deterministic, rows still bit for bit
+independent of M), for more programs streaming weights than N / BLOCK_N (mlp c_proj at gpt2-medium: 64 on 132
+SMs); not measured on a GPU yet.
 
 Also here, for the compiled step at batch > 1: a uniform batch's decode attention (one program per row and head,
 online softmax over the live slots, each K/V byte read once) as torch.library.triton_ops, so torch.compile keeps
@@ -189,17 +193,55 @@ if triton is not None:
             return tl.dot(a, tl.trans(w), input_precision="ieee")
         return tl.dot(a, tl.trans(w))
 
+    @triton.jit
+    def _k_slice(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Columns [lo, hi) of K that program (pid, s) accumulates: the cdiv(K, BLOCK_K) chunks dealt out in
+        SPLIT_K runs of equal length (the last ones shorter, or empty), s = program axis 1. Fixed by K and the
+        config alone, never by M, so a row's partial sums are the same whatever rows share the launch."""
+        span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        lo = tl.program_id(1) * span
+        return lo, tl.minimum(lo + span, K)
+
+    @triton.jit
+    def _split_k_total(acc, ws_ptr, cnt_ptr, rm, rmask, n, nm, N, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Split-K (SPLIT_K > 1: tile `pid`'s K in SPLIT_K slices, program axis 1, more programs streaming weights
+        than the N / BLOCK_N tiles alone): this program's fp32 partial goes to its slot of the workspace (ws, laid
+        out (SPLIT_K, BLOCK_M, N); real rows only), then the tile's counter is incremented. The program that sees
+        SPLIT_K - 1 arrived last: it returns (the sum of the partials in slice order 0 .. SPLIT_K-1, True) and
+        resets the counter (the next launch, a CUDA graph replay or an autotune trial, finds it at 0, no memset);
+        the others return (_, False) and are done. The fixed order makes the sum deterministic and, as the slices
+        do not depend on M, a row's bits the same in a one-row and an M-row launch. Ordering: the CTA barrier puts
+        every thread's partial store before the one thread's release atomic (gpu scope, cumulative); the last
+        arriver's acquire, broadcast to its threads through the barrier of the scalar atomic's lowering, puts the
+        other programs' partials before its reads, which go to L2 (.cg) so no stale L1 line serves them."""
+        pid = tl.program_id(0)
+        msk = rmask[:, None] & nm[None, :]
+        part = ws_ptr + rm[:, None] * N + n[None, :]                       # slice t's partial: part + t * BLOCK_M * N
+        tl.store(part + tl.program_id(1) * BLOCK_M * N, acc, mask=msk)
+        tl.debug_barrier()
+        last = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1
+        total = tl.zeros_like(acc)
+        if last:
+            for t in range(SPLIT_K):
+                total += tl.load(part + t * BLOCK_M * N, mask=msk, other=0.0, cache_modifier=".cg")
+            tl.store(cnt_ptr + pid, 0)
+        return total, last
+
     @triton.jit(do_not_specialize=["M"])
     def _ln_mm_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
-                      pv_ptr, pi_ptr, M, K, N, n_valid, eps,
+                      pv_ptr, pi_ptr, ws_ptr, cnt_ptr, M, K, N, n_valid, eps,
                       KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EMBED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ARGMAX: tl.constexpr,
-                      PDL: tl.constexpr):
+                      SPLIT_K: tl.constexpr, EMBED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                      ARGMAX: tl.constexpr, PDL: tl.constexpr):
         """The tensor-core form of _ln_gemv_kernel: rows 0 .. M-1 of x (padded to BLOCK_M) LayerNorm'd, against
-        weight tile `pid` (BLOCK_N columns), K in BLOCK_K chunks through tl.dot. A row's result does not depend on
-        the other rows or on M (the same binary, the same instruction sequence: M is not specialised), so a
-        one-row decode step and an M-row verify step give the same bits by construction, while the weight tile is
-        read once for all rows. EMBED: row m is token tok[m] at position pos + m (the first layer)."""
+        weight tile `pid` (BLOCK_N columns), K in BLOCK_K chunks through tl.dot; with SPLIT_K > 1 program (pid, s)
+        takes K slice s (_k_slice) and the last of the tile's programs sums the slices and runs the epilogue
+        (_split_k_total). Each program computes the rows' LayerNorm statistics over the whole K (_row_stats), then
+        normalises only its own slice. A row's result does not depend on the other rows or on M (the same binary,
+        the same instruction sequence: M is not specialised), so a one-row decode step and an M-row verify step
+        give the same bits by construction, while the weight tile is read once for all rows. EMBED: row m is token
+        tok[m] at position pos + m (the first layer). ws_ptr / cnt_ptr: FusedDecode's split-K workspace and
+        per-tile counters (unused at SPLIT_K = 1)."""
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
@@ -209,7 +251,7 @@ if triton is not None:
             bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
         if EMBED:          # x = wte[tok] + wpe[pos], written once (every program gathers its own copy below)
-            if pid == 0:
+            if (pid == 0) & (tl.program_id(1) == 0):
                 for k0 in range(0, KP, BLOCK_K):
                     k = k0 + tl.arange(0, BLOCK_K)
                     e = _x_chunk(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, k, k < K, K, EMBED)
@@ -217,7 +259,8 @@ if triton is not None:
                              mask=rmask[:, None] & (k < K)[None, :])
         mean, rstd = _row_stats(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, K, eps, KP, BLOCK_K, EMBED)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, KP, BLOCK_K):
+        lo, hi = _k_slice(K, BLOCK_K, SPLIT_K)
+        for k0 in range(lo, hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km = k < K
             w = _weight_tile(w_ptr, n, k, nm, km, K)
@@ -226,20 +269,24 @@ if triton is not None:
             lnb = tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
             h = tl.where(km[None, :], (x - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :], 0.0)
             acc += _mm_dot(h.to(w_ptr.dtype.element_ty), w, w_ptr.dtype.element_ty == tl.float32)
-        if HAS_BIAS:
-            acc += bias[None, :]
-        if GELU:
-            acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
-        if ARGMAX:                                                        # logits rounded as the model's matmul
-            acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-            acc = tl.where((n < n_valid)[None, :], acc, float("-inf"))
-            m = tl.max(acc, 1)
-            i = tl.min(tl.where(acc == m[:, None], n[None, :], 2147483647), 1)   # lowest index among the maxima
-            tl.store(pv_ptr + rm * tl.num_programs(0) + pid, m, mask=rmask)
-            tl.store(pi_ptr + rm * tl.num_programs(0) + pid, i, mask=rmask)
-        else:
-            tl.store(out_ptr + rm[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=rmask[:, None] & nm[None, :])
+        done = True
+        if SPLIT_K > 1:
+            acc, done = _split_k_total(acc, ws_ptr, cnt_ptr, rm, rmask, n, nm, N, BLOCK_M, SPLIT_K)
+        if done:
+            if HAS_BIAS:
+                acc += bias[None, :]
+            if GELU:
+                acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
+            if ARGMAX:                                                    # logits rounded as the model's matmul
+                acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+                acc = tl.where((n < n_valid)[None, :], acc, float("-inf"))
+                m = tl.max(acc, 1)
+                i = tl.min(tl.where(acc == m[:, None], n[None, :], 2147483647), 1)   # lowest index of the maxima
+                tl.store(pv_ptr + rm * tl.num_programs(0) + pid, m, mask=rmask)
+                tl.store(pi_ptr + rm * tl.num_programs(0) + pid, i, mask=rmask)
+            else:
+                tl.store(out_ptr + rm[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                         mask=rmask[:, None] & nm[None, :])
 
     @triton.jit
     def _x_chunk(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, k, km, K, EMBED: tl.constexpr):
@@ -273,10 +320,11 @@ if triton is not None:
         return mean, 1.0 / tl.sqrt(v / K + eps)
 
     @triton.jit(do_not_specialize=["M"])
-    def _mm_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, M, K, N, KP: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    def _mm_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, ws_ptr, cnt_ptr, M, K, N, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
         """The tensor-core form of _gemv_res_kernel: x[m, n] += h[m] . W[n, :] + b[n] for rows 0 .. M-1 (padded to
-        BLOCK_M) and the BLOCK_N columns of tile `pid`; rows independent of each other and of M (_ln_mm_kernel)."""
+        BLOCK_M) and the BLOCK_N columns of tile `pid`, K split over SPLIT_K programs as in _ln_mm_kernel (only the
+        last one reads and writes x); rows independent of each other and of M (_ln_mm_kernel)."""
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
@@ -285,16 +333,21 @@ if triton is not None:
         bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, KP, BLOCK_K):
+        lo, hi = _k_slice(K, BLOCK_K, SPLIT_K)
+        for k0 in range(lo, hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km = k < K
             w = _weight_tile(w_ptr, n, k, nm, km, K)
             h = tl.load(h_ptr + rm[:, None] * K + k[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
             acc += _mm_dot(h, w, w_ptr.dtype.element_ty == tl.float32)
-        acc = (acc + bias[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)   # the projection in the model dtype
-        msk = rmask[:, None] & nm[None, :]
-        x = tl.load(x_ptr + rm[:, None] * N + n[None, :], mask=msk, other=0.0).to(tl.float32)
-        tl.store(x_ptr + rm[:, None] * N + n[None, :], (x + acc).to(x_ptr.dtype.element_ty), mask=msk)
+        done = True
+        if SPLIT_K > 1:
+            acc, done = _split_k_total(acc, ws_ptr, cnt_ptr, rm, rmask, n, nm, N, BLOCK_M, SPLIT_K)
+        if done:
+            acc = (acc + bias[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)   # the projection, model dtype
+            msk = rmask[:, None] & nm[None, :]
+            x = tl.load(x_ptr + rm[:, None] * N + n[None, :], mask=msk, other=0.0).to(tl.float32)
+            tl.store(x_ptr + rm[:, None] * N + n[None, :], (x + acc).to(x_ptr.dtype.element_ty), mask=msk)
 
     @triton.jit
     def _online_softmax_tile(q, kt, vt, sm, scale, m, l, acc):
@@ -519,29 +572,30 @@ _TUNED: dict = {}
 def _kernels(device: torch.device):
     """The launchable kernels: autotuned over a few tile shapes on CUDA (during the engine's warm-up, before its
     CUDA graph is captured; the key holds the weight shape, never the row count, so a one-row step and a multi-row
-    step run the same tile config), one fixed shape under the CPU interpreter (no timing there)."""
+    step run the same tile config), one fixed shape under the CPU interpreter (no timing there; the tensor-core
+    kernels' with SPLIT_K = 2, so the tests run the split-K path)."""
     if device.type != "cuda":
         return {"ln_gemv": (_ln_gemv_kernel, {"BLOCK_N": 8, "num_warps": 4}),
                 "gemv_res": (_gemv_res_kernel, {"BLOCK_N": 8, "num_warps": 4}),
-                "ln_mm": (_ln_mm_kernel, {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4}),
-                "mm_res": (_mm_res_kernel, {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4})}
+                "ln_mm": (_ln_mm_kernel, {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4}),
+                "mm_res": (_mm_res_kernel, {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4})}
     if not _TUNED:
         tiles = [_cfg(BLOCK_N=bn, num_warps=w) for bn, w in ((1, 4), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8))]
         _TUNED["ln_gemv"] = (triton.autotune(tiles, key=["K", "N", "KP", "GELU", "PDL"])(_ln_gemv_kernel), {})
         _TUNED["gemv_res"] = (triton.autotune(tiles, key=["K", "N", "KP", "PDL"],
                                               restore_value=["x_ptr"])(_gemv_res_kernel), {})
-        mm = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=st)
-              for bn, bk, st in ((16, 64, 4), (16, 128, 3), (16, 256, 3), (32, 64, 4), (32, 128, 3), (32, 256, 2),
-                                 (64, 128, 3))]
+        mm = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=st)
+              for bn, bk, st in ((MM_MIN_BLOCK_N, 64, 4), (16, 128, 3), (16, 256, 3), (32, 128, 3), (64, 128, 3))
+              for sk in (1, 2, 4, MM_MAX_SPLIT_K)]
         _TUNED["ln_mm"] = (triton.autotune(mm, key=["K", "N", "KP", "GELU", "PDL"])(_ln_mm_kernel), {})
-        _TUNED["mm_res"] = (triton.autotune(mm, key=["K", "N", "KP", "PDL"], restore_value=["x_ptr"])(_mm_res_kernel),
-                            {})
+        _TUNED["mm_res"] = (triton.autotune(mm, key=["K", "N", "PDL"], restore_value=["x_ptr"])(_mm_res_kernel), {})
     return _TUNED
 
 
 HEAD_BLOCK_N = {"gemv": 8, "mma": 16}   # the head's tile is fixed (not tuned): the finish kernel reduces exactly
 #                                        cdiv(Vpad, HEAD_BLOCK_N) partials
 MM_ROWS = 16        # the tensor-core kernels' row block: every step (1 .. SPAN_MAX_ROWS rows) is padded to it
+MM_MIN_BLOCK_N, MM_MAX_SPLIT_K = 16, 8   # the extremes of their tuned configs: FusedDecode sizes split-K scratch
 
 
 SPAN_MAX_ROWS = 16  # rows a multi-row step (FusedDecode.span) holds scratch for: speculative k + 1 <= 16
@@ -576,6 +630,13 @@ class FusedDecode:
         self.P = triton.cdiv(Vpad, HEAD_BLOCK_N[gemm])
         self.pv = torch.full((R * self.P,), float("-inf"), dtype=torch.float32, device=device)
         self.pi = torch.zeros(R * self.P, dtype=torch.int32, device=device)
+        # the tensor-core kernels' split-K scratch (_split_k_total), static for the CUDA graph: fp32 partials of
+        # every slice of the widest layer launch (the head runs unsplit) and one counter per tile, zero between
+        # launches (the last program of a tile resets its own)
+        n_max = max(d.weight.shape[0] for blk in blocks for d in (blk.c_attn, blk.c_proj, blk.c_fc, blk.mlp_proj))
+        mm = gemm == "mma"
+        self.ws = torch.zeros(MM_MAX_SPLIT_K * MM_ROWS * n_max if mm else 0, dtype=torch.float32, device=device)
+        self.cnt = torch.zeros(triton.cdiv(n_max, MM_MIN_BLOCK_N) if mm else 0, dtype=torch.int32, device=device)
         self.kernels = _kernels(device)
         self.attn_block_l, self.attn_warps = 128, 8   # cache slots per loop iteration of the attention kernel
         # programmatic dependent launch: each kernel loads its weights while its predecessor finishes (sm90+)
@@ -594,11 +655,12 @@ class FusedDecode:
         if self.gemm == "mma":
             kern, fixed = self.kernels["ln_mm"]
             if block_n is not None:                                       # the head: a fixed tile
-                kern, fixed = _ln_mm_kernel, {"BLOCK_N": block_n, "BLOCK_K": 128, "num_warps": 4}
-            kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](
-                x, tok, pos, wte, self.core.wpe, lnw, lnb, dense.weight, bias, out, self.pv, self.pi, M, K, N,
-                n_valid, self.core.eps, KP=triton.next_power_of_2(K), BLOCK_M=MM_ROWS, EMBED=embed is not None,
-                HAS_BIAS=dense.bias is not None, GELU=gelu, ARGMAX=argmax, **fixed, **self._launch_opts())
+                kern, fixed = _ln_mm_kernel, {"BLOCK_N": block_n, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4}
+            kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]), m["SPLIT_K"])](
+                x, tok, pos, wte, self.core.wpe, lnw, lnb, dense.weight, bias, out, self.pv, self.pi, self.ws,
+                self.cnt, M, K, N, n_valid, self.core.eps, KP=triton.next_power_of_2(K), BLOCK_M=MM_ROWS,
+                EMBED=embed is not None, HAS_BIAS=dense.bias is not None, GELU=gelu, ARGMAX=argmax, **fixed,
+                **self._launch_opts())
             return
         kern, fixed = self.kernels["ln_gemv"]
         meta = dict(KP=triton.next_power_of_2(K), EMBED=embed is not None, HAS_BIAS=dense.bias is not None,
@@ -613,9 +675,9 @@ class FusedDecode:
         N, K = dense.weight.shape
         if self.gemm == "mma":
             kern, fixed = self.kernels["mm_res"]
-            kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](h, dense.weight, dense.bias, x, M, K, N,
-                                                             KP=triton.next_power_of_2(K), BLOCK_M=MM_ROWS,
-                                                             **fixed, **self._launch_opts())
+            kern[lambda m: (triton.cdiv(N, m["BLOCK_N"]), m["SPLIT_K"])](
+                h, dense.weight, dense.bias, x, self.ws, self.cnt, M, K, N, BLOCK_M=MM_ROWS, **fixed,
+                **self._launch_opts())
             return
         kern, fixed = self.kernels["gemv_res"]
         kern[lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))](h, dense.weight, dense.bias, x, K, N,

@@ -292,22 +292,75 @@ def test_argmax_and_speculative_bookkeeping_kernels_compile_for_sm90():
 
 def test_tensor_core_layer_kernels_compile_for_sm90():
     """The tensor-core forms of the LayerNorm+GEMV and GEMV+residual kernels (fused_gemm="mma": 16 padded rows
-    through tl.dot, bf16 and fp32 (IEEE) weights), compiled for sm90 as the GPU would."""
+    through tl.dot, bf16 and fp32 (IEEE) weights), compiled for sm90 as the GPU would, unsplit and split-K (the
+    workspace, the acq_rel counter atomic, the L2 loads of the partials)."""
     from sm90_compile import compile_for_sm90
+    split = {"ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     for dt in ("*bf16", "*fp32"):
         compile_for_sm90("triton_decode", "_ln_mm_kernel",
                          {"x_ptr": dt, "tok_ptr": "*i64", "pos_ptr": "*i64", "wte_ptr": dt, "wpe_ptr": dt,
                           "lnw_ptr": dt, "lnb_ptr": dt, "w_ptr": dt, "b_ptr": dt, "out_ptr": dt, "pv_ptr": "*fp32",
-                          "pi_ptr": "*i32", "M": "i32", "K": "i32", "N": "i32", "n_valid": "i32", "eps": "fp32",
-                          **{c: "constexpr" for c in ("KP", "BLOCK_M", "BLOCK_N", "BLOCK_K", "EMBED", "HAS_BIAS",
-                                                      "GELU", "ARGMAX", "PDL")}},
-                         [{"KP": 1024, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "EMBED": e, "HAS_BIAS": True,
-                           "GELU": gl, "ARGMAX": am, "PDL": False}
-                          for e, gl, am in ((True, False, False), (False, True, False), (False, False, True))])
+                          "pi_ptr": "*i32", **split, "M": "i32", "K": "i32", "N": "i32", "n_valid": "i32",
+                          "eps": "fp32",
+                          **{c: "constexpr" for c in ("KP", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "EMBED",
+                                                      "HAS_BIAS", "GELU", "ARGMAX", "PDL")}},
+                         [{"KP": 1024, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": sk, "EMBED": e,
+                           "HAS_BIAS": True, "GELU": gl, "ARGMAX": am, "PDL": False}
+                          for sk, e, gl, am in ((4, True, False, False), (2, False, True, False),
+                                                (1, False, False, True))])
         compile_for_sm90("triton_decode", "_mm_res_kernel",
-                         {"h_ptr": dt, "w_ptr": dt, "b_ptr": dt, "x_ptr": dt, "M": "i32", "K": "i32", "N": "i32",
-                          **{c: "constexpr" for c in ("KP", "BLOCK_M", "BLOCK_N", "BLOCK_K", "PDL")}},
-                         [{"KP": 4096, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "PDL": False}])
+                         {"h_ptr": dt, "w_ptr": dt, "b_ptr": dt, "x_ptr": dt, **split, "M": "i32", "K": "i32",
+                          "N": "i32", **{c: "constexpr" for c in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "PDL")}},
+                         [{"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": sk, "PDL": False}
+                          for sk in (1, 8)])
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 4])
+def test_split_k_tensor_core_kernels_against_torch(split_k):
+    """_ln_mm_kernel (the first layer's: embedding gather, LayerNorm, GEMM, bias, GELU) and _mm_res_kernel (GEMM,
+    bias, residual add in place) with K in 1, 2 and 4 slices, against PyTorch in fp32: K = 200 is 7 chunks of 32
+    (the last one partial, slices of 2, 2, 2, 1 at 4), N = 72 ends in a partial tile, 3 of the 16 rows real. The
+    workspace starts as NaN (every partial read was written in the launch); the per-tile counters are back at 0
+    after each launch, and a second launch gives the same bits. The interpreter's own config splits K too, so the
+    engine tests (greedy equals eager, span rows equal one-row steps) run the split path."""
+    dev, F = _device(), torch.nn.functional
+    g = torch.Generator().manual_seed(split_k)
+    M, K, N, BN, BK, V = 3, 200, 72, 16, 32, 50
+    BM, cdiv = triton_decode.MM_ROWS, triton_decode.triton.cdiv
+    wte, wpe = (torch.randn(V, K, generator=g).to(dev) for _ in range(2))
+    lnw, lnb = 1 + 0.2 * torch.randn(K, generator=g).to(dev), 0.1 * torch.randn(K, generator=g).to(dev)
+    w, b = (0.1 * torch.randn(N, K, generator=g)).to(dev), torch.randn(N, generator=g).to(dev)
+    tok, pos = torch.tensor([4, 41, 7], device=dev), torch.tensor([9], device=dev)
+    ws = torch.full((split_k * BM * N,), float("nan"), device=dev)
+    cnt = torch.zeros(cdiv(N, BN), dtype=torch.int32, device=dev)
+    tiles = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=split_k, PDL=False)
+    grid = (cdiv(N, BN), split_k)
+    if dev.type == "cpu":
+        assert triton_decode._kernels(dev)["ln_mm"][1]["SPLIT_K"] > 1
+        assert triton_decode._kernels(dev)["mm_res"][1]["SPLIT_K"] > 1
+
+    x, out = torch.zeros(M, K, device=dev), torch.zeros(M, N, device=dev)
+    outs = []
+    for _ in range(2):
+        triton_decode._ln_mm_kernel[grid](x, tok, pos, wte, wpe, lnw, lnb, w, b, out, ws, cnt, ws, cnt, M, K, N, 0,
+                                          1e-5, KP=256, EMBED=True, HAS_BIAS=True, GELU=True, ARGMAX=False, **tiles)
+        assert torch.equal(cnt, torch.zeros_like(cnt))
+        outs.append(out.clone())
+    e = wte[tok] + wpe[pos + torch.arange(M, device=dev)]
+    assert torch.equal(x, e)
+    want = F.gelu(F.linear(F.layer_norm(e, (K,), lnw, lnb, 1e-5), w, b), approximate="tanh")
+    torch.testing.assert_close(outs[0], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(outs[0], outs[1])
+
+    h, x0 = torch.randn(M, K, generator=g).to(dev), torch.randn(M, N, generator=g).to(dev)
+    outs = []
+    for _ in range(2):
+        x = x0.clone()
+        triton_decode._mm_res_kernel[grid](h, w, b, x, ws, cnt, M, K, N, **tiles)
+        assert torch.equal(cnt, torch.zeros_like(cnt))
+        outs.append(x)
+    torch.testing.assert_close(outs[0], x0 + F.linear(h, w, b), atol=1e-5, rtol=1e-5)
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.gpu
