@@ -36,7 +36,10 @@ weight streaming, not the LayerNorm: opt-in, for work on the verify step (benchm
 Those figures predate split-K: the tensor-core kernels now also tune SPLIT_K (1-8 programs per weight tile, each
 over a slice of K, the last one summing the fp32 partials in slice order: deterministic, rows still bit for bit
 independent of M), for more programs streaming weights than N / BLOCK_N (mlp c_proj at gpt2-medium: 64 on 132
-SMs); not measured on a GPU yet.
+SMs). Measured (H100, gpt2-medium, `h100_span_cost_mma_splitk_gpt2-medium.json`): GEMM+residual tunes to SPLIT_K
+4-8 and drops to 252 us a step (336 before; the CUDA-core one 188), LayerNorm+GEMM keeps SPLIT_K 1 (539 vs 282
+us): the one-row step is still x2.1 the CUDA-core one, and a 3-row verify step (959 us) costs more than the
+CUDA-core kernels' (688 us, x1.50), so the path stays opt-in.
 
 Also here, for the compiled step at batch > 1: a uniform batch's decode attention (one program per row and head,
 online softmax over the live slots, each K/V byte read once) as torch.library.triton_ops, so torch.compile keeps
