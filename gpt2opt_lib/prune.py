@@ -66,6 +66,11 @@ class Pruner:
         if held:
             torch._foreach_mul_([g for g, _ in held], [m for _, m in held])
 
+    def train_hooks(self) -> dict:
+        """train()'s keyword arguments for training with these masks: the gradients masked before each optimizer
+        step, the pruned entries re-zeroed after it."""
+        return {"before_step": self.mask_grads, "after_step": self.apply}
+
     def mask_gradients(self) -> "Pruner":
         """Register hooks that zero the gradient of pruned entries, so the optimizer never sees them. With a fresh
         AdamW state this alone keeps them at exactly zero (zero grad -> zero moments -> zero update; decoupled

@@ -396,7 +396,7 @@ def _eng_lora(ctx: _TrainCtx, name: str, compiled: bool) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     n_ad = sum(p.numel() for p in params)
     r = _run_fast(ctx, model, make_lm_loss_fn(a.chunk_tokens), params=params,
-                  before_step=pruner.mask_grads if pruner else None, after_step=pruner.apply if pruner else None)
+                  **(pruner.train_hooks() if pruner else {}))
     f = train_flops_per_token(base.config, a.seq_len, n_frozen=n_mm, n_adapter=n_ad)
     rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 4 * n_all + 6 * n_ad)
     rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={a.chunk_tokens})",
@@ -483,9 +483,10 @@ def _eng_lora_native(ctx: _TrainCtx, quant: bool, ckpt: bool, compiled: bool, bu
         with fconf.patch(activation_memory_budget=budget):
             r = _run_fast(ctx, model, make_lm_loss_fn(chunk), params=params)
     else:
-        r = _run_fast(ctx, model, make_lm_loss_fn(chunk), params=params, ckpt=ckpt,
-                      before_step=pruner.mask_grads if prune == "fused" else None,
-                      after_step=pruner.apply if pruner else None)
+        hooks = pruner.train_hooks() if pruner else {}
+        if prune == "hooks":                          # the per-tensor gradient hooks mask instead
+            hooks.pop("before_step")
+        r = _run_fast(ctx, model, make_lm_loss_fn(chunk), params=params, ckpt=ckpt, **hooks)
     f = train_flops_per_token(template.config, a.seq_len, n_frozen=n_mm, n_adapter=n_ad)
     rec = _figures(ctx, r["times"], r["losses"], r["peak"], f, 4 * n_all + 6 * n_ad)
     rec.update(loss=f"distill.make_lm_loss_fn(chunk_tokens={chunk})", optimizer="train.train AdamW (fused on CUDA)",

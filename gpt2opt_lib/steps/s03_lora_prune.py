@@ -83,8 +83,7 @@ def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_bef
     hist = train(maybe_compile(work, ctx) if native is not None else work, ctx.blocks("train"),
                  make_lm_loss_fn(c.loss_chunk_tokens), _ft_spec(c, c.ft_lr), ctx.device,
                  params=[p for p in work.parameters() if p.requires_grad],
-                 before_step=pruner.mask_grads if pruner else None, after_step=pruner.apply if pruner else None,
-                 tracker=ctx.tracker, desc=name)
+                 tracker=ctx.tracker, desc=name, **(pruner.train_hooks() if pruner else {}))
     if native is not None:
         L.copy_adapters(work, model)
         del work, native

@@ -119,8 +119,7 @@ def _train_cost(ctx: StageContext, model, params, lr: float, pruner=None, desc="
     if graph:
         spec.max_train_blocks += c.train_batch_size * spec.cuda_graph_warmup
     h = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), spec, ctx.device, params=params,
-              before_step=pruner.mask_grads if pruner else None, after_step=pruner.apply if pruner else None,
-              desc=desc)["summary"]
+              desc=desc, **(pruner.train_hooks() if pruner else {}))["summary"]
     return {"train_time_per_step_ms": h["time_per_step_s"] * 1e3, "train_time_per_step_std_ms": h["time_per_step_std_s"] * 1e3,
             "train_time_per_step_median_ms": h["time_per_step_median_s"] * 1e3,
             "train_tokens_per_s": h["tokens_per_s"], "train_peak_mem_mb": h["peak_mem_mb"],
