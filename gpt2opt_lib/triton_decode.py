@@ -570,18 +570,22 @@ def _cfg(**kw):
 
 
 _TUNED: dict = {}
+INTERPRET_SPLIT_K = 1   # the tensor-core kernels' K slices under the CPU interpreter (at most MM_MAX_SPLIT_K)
 
 
 def _kernels(device: torch.device):
     """The launchable kernels: autotuned over a few tile shapes on CUDA (during the engine's warm-up, before its
     CUDA graph is captured; the key holds the weight shape, never the row count, so a one-row step and a multi-row
-    step run the same tile config), one fixed shape under the CPU interpreter (no timing there; the tensor-core
-    kernels' with SPLIT_K = 2, so the tests run the split-K path)."""
+    step run the same tile config), one fixed shape under the CPU interpreter (no timing there; wide 32-column tiles
+    and the tensor-core kernels' K in INTERPRET_SPLIT_K slices, 1 by default, as the interpreter's cost is per
+    program; the tests set 2 where they run the engine's split-K bookkeeping, and test each kernel's partial tiles
+    and K slices directly)."""
     if device.type != "cuda":
-        return {"ln_gemv": (_ln_gemv_kernel, {"BLOCK_N": 8, "num_warps": 4}),
-                "gemv_res": (_gemv_res_kernel, {"BLOCK_N": 8, "num_warps": 4}),
-                "ln_mm": (_ln_mm_kernel, {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4}),
-                "mm_res": (_mm_res_kernel, {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4})}
+        sk = INTERPRET_SPLIT_K
+        return {"ln_gemv": (_ln_gemv_kernel, {"BLOCK_N": 32, "num_warps": 4}),
+                "gemv_res": (_gemv_res_kernel, {"BLOCK_N": 32, "num_warps": 4}),
+                "ln_mm": (_ln_mm_kernel, {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": sk, "num_warps": 4}),
+                "mm_res": (_mm_res_kernel, {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": sk, "num_warps": 4})}
     if not _TUNED:
         tiles = [_cfg(BLOCK_N=bn, num_warps=w) for bn, w in ((1, 4), (2, 4), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8))]
         _TUNED["ln_gemv"] = (triton.autotune(tiles, key=["K", "N", "KP", "GELU", "PDL"])(_ln_gemv_kernel), {})
