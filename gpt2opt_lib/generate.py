@@ -324,8 +324,10 @@ class FastGPT2:
         of an SDPA kernel plus its mask. Only when compiled (CUDA by default).
         fused: batch-1 greedy decode through the fused Triton kernels of triton_decode.py (5 kernels per layer
         instead of ~11; other batch sizes and sampling keep the compiled step). "auto" = on where the engine
-        compiles and graphs on CUDA, triton is importable and the weights are 16/32-bit (`fused_off_reason` says
-        why not otherwise); True insists (a ValueError names what is missing); False = the inductor step only.
+        compiles and graphs on CUDA, triton is importable and the weights are 16/32-bit, or int4 at
+        max_batch_size 1 (stored in the fused kernels' layout, dequantized in registers: wquant backend "fused")
+        (`fused_off_reason` says why not otherwise); True insists (a ValueError names what is missing); False =
+        the inductor step only.
         fused_gemm: the fused path's matrix kernels, "gemv" (CUDA cores, one program per row and weight tile) or
         "mma" (tensor cores, one program per weight tile for all rows of a step, padded to 16: speculative
         decoding's multi-row verify step reads each weight once). Each gives, row for row, the same bits for a
@@ -358,6 +360,9 @@ class FastGPT2:
             self.quant_report = None
             if weight_quant is not None:
                 from . import wquant
+                if weight_quant == "int4" and quant_backend == "auto" and \
+                        self._int4_fused_wanted(fused, fused_gemm, max_batch_size):
+                    quant_backend = "fused"    # one copy, in the fused decode kernels' layout
                 self.quant_report = wquant.quantize_core(self.core, weight_quant, group_size=group_size,
                                                          backend=quant_backend)
             self.weight_quant = weight_quant
@@ -372,6 +377,17 @@ class FastGPT2:
         self.fused, self.fused_off_reason = self._fused_decode(fused, fused_gemm)
         self._graphs: dict = {}
         self._pool = None
+
+    def _int4_fused_wanted(self, fused, gemm: str, max_batch_size: int) -> bool:
+        """int4 weights go in the fused kernels' layout (wquant backend "fused") where the fused step will run them:
+        a batch-1 engine (its decode is the fused step; prefill dequantizes), CUDA-core kernels, fused on (True, or
+        "auto" compiled with graphs), triton on this device. Batch > 1 keeps tinygemm's layout (its compiled step
+        reads it)."""
+        on = fused is True or (fused == "auto" and self.compile and self.use_cuda_graph)
+        if not on or gemm != "gemv" or max_batch_size != 1:
+            return False
+        from . import triton_decode
+        return triton_decode.available(self.device)
 
     def _decode_attn(self, choice: str) -> str:
         if choice == "inductor" or (choice == "auto" and not (self.compile and self.device.type == "cuda")):

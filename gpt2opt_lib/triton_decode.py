@@ -188,6 +188,142 @@ if triton is not None:
         x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
         tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
 
+    # --- int4 weights (wquant.Int4Linear, backend "fused"): codes in halves, byte j of a row holding k = j (low
+    # nibble) and k = j + K/2 (high), (scale, zero) per group of G inputs, w = (q - 8) * s + z. A program loads its
+    # (BLOCK_N, K/2) bytes (a quarter of the fp16 tile) and dequantizes group by group in registers:
+    # sum_k w_k h_k = sum_g s_g (sum_{k in g} q_k h_k - 8 sum_{k in g} h_k) + z_g sum_{k in g} h_k.
+
+    @triton.jit
+    def _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, j, jm, K, G: tl.constexpr, GP: tl.constexpr):
+        """Tile rows n: the packed bytes (BLOCK_N, KH) (evicted first, as _weight_tile) and each half's scales and
+        zeros (BLOCK_N, GP) (GP: groups per half, padded to a power of two; the padding masked to 0)."""
+        KH2 = K // 2
+        NG, NGH = K // G, KH2 // G
+        p = tl.load(q_ptr + n[:, None] * KH2 + j[None, :], mask=nm[:, None] & jm[None, :], other=0,
+                    eviction_policy="evict_first")
+        g = tl.arange(0, GP)
+        gm = nm[:, None] & (g < NGH)[None, :]
+        o = n[:, None] * NG + g[None, :]
+        s_lo = tl.load(s_ptr + o, mask=gm, other=0.0).to(tl.float32)
+        s_hi = tl.load(s_ptr + o + NGH, mask=gm, other=0.0).to(tl.float32)
+        z_lo = tl.load(z_ptr + o, mask=gm, other=0.0).to(tl.float32)
+        z_hi = tl.load(z_ptr + o + NGH, mask=gm, other=0.0).to(tl.float32)
+        return p, s_lo, s_hi, z_lo, z_hi
+
+    @triton.jit
+    def _q4_half(codes, h, s, z, BLOCK_N: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
+        t = tl.sum(tl.reshape(codes.to(tl.float32) * h[None, :], (BLOCK_N, GP, G)), 2)   # (BLOCK_N, GP)
+        hs = tl.sum(tl.reshape(h, (GP, G)), 1)                                           # (GP,)
+        return tl.sum(s * (t - 8.0 * hs[None, :]) + z * hs[None, :], 1)
+
+    @triton.jit
+    def _q4_dot(p, h_lo, h_hi, s_lo, s_hi, z_lo, z_hi, BLOCK_N: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
+        """(BLOCK_N,) fp32: the tile's dequantized rows against the row h, given as its halves h_lo, h_hi."""
+        return _q4_half(p & 0xF, h_lo, s_lo, z_lo, BLOCK_N, GP, G) + \
+            _q4_half(p >> 4, h_hi, s_hi, z_hi, BLOCK_N, GP, G)
+
+    @triton.jit
+    def _q4_row(q_ptr, s_ptr, z_ptr, t, j, jm, K, G: tl.constexpr, DT: tl.constexpr):
+        """Row t of an int4 table (the tied embedding), dequantized as wquant.Int4Embedding does in the compute
+        dtype DT: ((q - 8) * s) rounded, + z rounded. Its halves (k < K/2, k >= K/2), fp32."""
+        KH2 = K // 2
+        NG, NGH = K // G, KH2 // G
+        p = tl.load(q_ptr + t * KH2 + j, mask=jm, other=0)
+        gi = t * NG + j // G
+        s_lo = tl.load(s_ptr + gi, mask=jm, other=0.0).to(tl.float32)
+        s_hi = tl.load(s_ptr + gi + NGH, mask=jm, other=0.0).to(tl.float32)
+        z_lo = tl.load(z_ptr + gi, mask=jm, other=0.0).to(tl.float32)
+        z_hi = tl.load(z_ptr + gi + NGH, mask=jm, other=0.0).to(tl.float32)
+        lo = (((p & 0xF).to(tl.float32) - 8.0) * s_lo).to(DT).to(tl.float32) + z_lo
+        hi = (((p >> 4).to(tl.float32) - 8.0) * s_hi).to(DT).to(tl.float32) + z_hi
+        return lo.to(DT).to(tl.float32), hi.to(DT).to(tl.float32)
+
+    @triton.jit
+    def _ln_gemv_q4_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wtes_ptr, wtez_ptr, wpe_ptr, lnw_ptr, lnb_ptr,
+                           q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, pv_ptr, pi_ptr, K, N, n_valid, eps,
+                           KH: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr,
+                           EMBED_Q4: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                           ARGMAX: tl.constexpr, PDL: tl.constexpr):
+        """_ln_gemv_kernel on int4 weights (q, s, z; see _q4_tile): the row's halves x[:K/2], x[K/2:] (KH: K/2
+        padded to a power of two), LayerNorm over both, the tile dequantized in registers. EMBED_Q4: the embedding
+        is the int4 table (wte, wtes, wtez) tied with the head."""
+        DT: tl.constexpr = x_ptr.dtype.element_ty                        # the model's (compute) dtype
+        GP: tl.constexpr = KH // G
+        row = tl.program_id(0)
+        pid = tl.program_id(1)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        KH2 = K // 2
+        j = tl.arange(0, KH)
+        jm = j < KH2
+        p, s_lo, s_hi, z_lo, z_hi = _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, j, jm, K, G, GP)
+        lnw_lo = tl.load(lnw_ptr + j, mask=jm, other=0.0).to(tl.float32)
+        lnw_hi = tl.load(lnw_ptr + KH2 + j, mask=jm, other=0.0).to(tl.float32)
+        lnb_lo = tl.load(lnb_ptr + j, mask=jm, other=0.0).to(tl.float32)
+        lnb_hi = tl.load(lnb_ptr + KH2 + j, mask=jm, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        _wait_for_inputs(PDL)
+        if EMBED:                                                         # x = wte[tok] + wpe[pos], written once
+            t = tl.load(tok_ptr + row)
+            ps = tl.load(pos_ptr) + row
+            if EMBED_Q4:
+                e_lo, e_hi = _q4_row(wte_ptr, wtes_ptr, wtez_ptr, t, j, jm, K, G, DT)
+            else:
+                e_lo = tl.load(wte_ptr + t * K + j, mask=jm, other=0.0).to(tl.float32)
+                e_hi = tl.load(wte_ptr + t * K + KH2 + j, mask=jm, other=0.0).to(tl.float32)
+            x_lo = (e_lo + tl.load(wpe_ptr + ps * K + j, mask=jm, other=0.0).to(tl.float32)).to(DT)
+            x_hi = (e_hi + tl.load(wpe_ptr + ps * K + KH2 + j, mask=jm, other=0.0).to(tl.float32)).to(DT)
+            if pid == 0:
+                tl.store(x_ptr + row * K + j, x_lo, mask=jm)
+                tl.store(x_ptr + row * K + KH2 + j, x_hi, mask=jm)
+            x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
+        else:
+            x_lo = tl.load(x_ptr + row * K + j, mask=jm, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + row * K + KH2 + j, mask=jm, other=0.0).to(tl.float32)
+        mean = (tl.sum(x_lo, 0) + tl.sum(x_hi, 0)) / K
+        d_lo = tl.where(jm, x_lo - mean, 0.0)
+        d_hi = tl.where(jm, x_hi - mean, 0.0)
+        rstd = 1.0 / tl.sqrt((tl.sum(d_lo * d_lo, 0) + tl.sum(d_hi * d_hi, 0)) / K + eps)
+        h_lo = (d_lo * rstd * lnw_lo + lnb_lo).to(DT).to(tl.float32)     # LayerNorm output, model dtype
+        h_hi = (d_hi * rstd * lnw_hi + lnb_hi).to(DT).to(tl.float32)
+        acc = _q4_dot(p, h_lo, h_hi, s_lo, s_hi, z_lo, z_hi, BLOCK_N, GP, G)
+        if HAS_BIAS:
+            acc += bias
+        if GELU:
+            acc = _gelu_tanh(acc.to(DT).to(tl.float32))
+        if ARGMAX:                                                        # logits rounded as the model's matmul
+            acc = acc.to(DT).to(tl.float32)
+            acc = tl.where(n < n_valid, acc, float("-inf"))
+            m = tl.max(acc, 0)
+            i = tl.min(tl.where(acc == m, n, 2147483647), 0)              # lowest index among the maxima
+            tl.store(pv_ptr + row * tl.num_programs(1) + pid, m)
+            tl.store(pi_ptr + row * tl.num_programs(1) + pid, i)
+        else:
+            tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
+
+    @triton.jit
+    def _gemv_res_q4_kernel(h_ptr, q_ptr, s_ptr, z_ptr, b_ptr, x_ptr, K, N, KH: tl.constexpr, G: tl.constexpr,
+                            BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """_gemv_res_kernel on int4 weights: x[row, n] += h[row] . W[n, :] + b[n], W dequantized in registers."""
+        GP: tl.constexpr = KH // G
+        row = tl.program_id(0)
+        pid = tl.program_id(1)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        KH2 = K // 2
+        j = tl.arange(0, KH)
+        jm = j < KH2
+        p, s_lo, s_hi, z_lo, z_hi = _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, j, jm, K, G, GP)
+        bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        _wait_for_inputs(PDL)
+        h_lo = tl.load(h_ptr + row * K + j, mask=jm, other=0.0).to(tl.float32)
+        h_hi = tl.load(h_ptr + row * K + KH2 + j, mask=jm, other=0.0).to(tl.float32)
+        acc = _q4_dot(p, h_lo, h_hi, s_lo, s_hi, z_lo, z_hi, BLOCK_N, GP, G) + bias
+        acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)               # the projection in the model dtype
+        x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
+        tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
+
     @triton.jit
     def _mm_dot(a, w, IEEE: tl.constexpr):
         """(BLOCK_M, BLOCK_K) x (BLOCK_N, BLOCK_K)^T on the tensor cores, fp32 accumulate (fp32 inputs: exact
@@ -584,6 +720,8 @@ def _kernels(device: torch.device):
         sk = INTERPRET_SPLIT_K
         return {"ln_gemv": (_ln_gemv_kernel, {"BLOCK_N": 32, "num_warps": 4}),
                 "gemv_res": (_gemv_res_kernel, {"BLOCK_N": 32, "num_warps": 4}),
+                "ln_gemv_q4": (_ln_gemv_q4_kernel, {"BLOCK_N": 32, "num_warps": 4}),
+                "gemv_res_q4": (_gemv_res_q4_kernel, {"BLOCK_N": 32, "num_warps": 4}),
                 "ln_mm": (_ln_mm_kernel, {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": sk, "num_warps": 4}),
                 "mm_res": (_mm_res_kernel, {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": sk, "num_warps": 4})}
     if not _TUNED:
@@ -591,6 +729,11 @@ def _kernels(device: torch.device):
         _TUNED["ln_gemv"] = (triton.autotune(tiles, key=["K", "N", "KP", "GELU", "PDL"])(_ln_gemv_kernel), {})
         _TUNED["gemv_res"] = (triton.autotune(tiles, key=["K", "N", "KP", "PDL"],
                                               restore_value=["x_ptr"])(_gemv_res_kernel), {})
+        q4 = tiles + [_cfg(BLOCK_N=bn, num_warps=w) for bn, w in ((16, 4), (32, 8))]   # int4: half the bytes a row
+        _TUNED["ln_gemv_q4"] = (triton.autotune(q4, key=["K", "N", "KH", "G", "GELU", "PDL"])(_ln_gemv_q4_kernel),
+                                {})
+        _TUNED["gemv_res_q4"] = (triton.autotune(q4, key=["K", "N", "KH", "G", "PDL"],
+                                                 restore_value=["x_ptr"])(_gemv_res_q4_kernel), {})
         mm = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=st)
               for bn, bk, st in ((MM_MIN_BLOCK_N, 64, 4), (16, 128, 3), (16, 256, 3), (32, 128, 3), (64, 128, 3))
               for sk in (1, 2, 4, MM_MAX_SPLIT_K)]
@@ -622,15 +765,17 @@ class FusedDecode:
         if reason:
             raise ValueError(f"fused decode: {reason}")
         blocks, dt, C = core.blocks, core.dtype, core.wpe.shape[1]
+        if gemm == "mma" and any(_is_q4(d) for blk in blocks for d in _linears(blk)):
+            raise ValueError("fused decode: int4 weights run on the CUDA-core kernels (gemm='gemv') only")
         self.core, self.device = core, device
-        width = max(blk.c_fc.weight.shape[0] for blk in blocks)
+        width = max(_out_features(blk.c_fc) for blk in blocks)
         attn = max(blk.n_head * blk.head_dim for blk in blocks)
         R = SPAN_MAX_ROWS   # flat buffers: an M-row step views the first M * width entries as (M, width)
         self.x = torch.zeros(R * C, dtype=dt, device=device)
         self.qkv = torch.zeros(R * 3 * attn, dtype=dt, device=device)
         self.y = torch.zeros(R * attn, dtype=dt, device=device)
         self.h = torch.zeros(R * width, dtype=dt, device=device)
-        Vpad = core.lm_head.weight.shape[0]
+        Vpad = _out_features(core.lm_head)
         # "gemv": CUDA-core GEMV kernels, one program per row and weight tile; "mma": tensor-core kernels, one
         # program per weight tile for all rows (padded to MM_ROWS): a multi-row step reads each weight once
         self.gemm = gemm
@@ -640,7 +785,7 @@ class FusedDecode:
         # the tensor-core kernels' split-K scratch (_split_k_total), static for the CUDA graph: fp32 partials of
         # every slice of the widest layer launch (the head runs unsplit) and one counter per tile, zero between
         # launches (the last program of a tile resets its own)
-        n_max = max(d.weight.shape[0] for blk in blocks for d in (blk.c_attn, blk.c_proj, blk.c_fc, blk.mlp_proj))
+        n_max = max(_out_features(d) for blk in blocks for d in _linears(blk))
         mm = gemm == "mma"
         self.ws = torch.zeros(MM_MAX_SPLIT_K * MM_ROWS * n_max if mm else 0, dtype=torch.float32, device=device)
         self.cnt = torch.zeros(triton.cdiv(n_max, MM_MIN_BLOCK_N) if mm else 0, dtype=torch.int32, device=device)
@@ -655,9 +800,13 @@ class FusedDecode:
 
     def _ln_gemv(self, x, lnw, lnb, dense, out, M, *, embed=None, gelu=False, argmax=False, n_valid=0,
                  block_n=None):
+        if _is_q4(dense):
+            return self._ln_gemv_q4(x, lnw, lnb, dense, out, M, embed, gelu, argmax, n_valid, block_n)
         N, K = dense.weight.shape
         tok, pos = embed if embed is not None else (x, x)
         wte = self.core.wte.weight if embed is not None else x
+        if embed is not None and _is_q4(self.core.wte):
+            raise ValueError("fused decode: an int4 embedding needs an int4 first layer")
         bias = dense.bias if dense.bias is not None else dense.weight      # a placeholder pointer without bias
         if self.gemm == "mma":
             kern, fixed = self.kernels["ln_mm"]
@@ -678,7 +827,32 @@ class FusedDecode:
         kern[grid](x, tok, pos, wte, self.core.wpe, lnw, lnb, dense.weight, bias, out, self.pv, self.pi,
                    K, N, n_valid, self.core.eps, **meta, **fixed, **self._launch_opts())
 
+    def _ln_gemv_q4(self, x, lnw, lnb, dense, out, M, embed, gelu, argmax, n_valid, block_n):
+        N, K = dense.out_features, dense.in_features
+        tok, pos = embed if embed is not None else (x, x)
+        wte, wtes, wtez, embed_q4 = x, x, x, False                        # placeholders without the embedding
+        if embed is not None:
+            e = self.core.wte
+            embed_q4 = _is_q4(e)
+            wte, wtes, wtez = (e.qp, e.scales, e.zeros) if embed_q4 else (e.weight, x, x)
+        bias = dense.bias if dense.bias is not None else dense.scales     # a placeholder pointer without bias
+        kern, fixed = self.kernels["ln_gemv_q4"]
+        if block_n is not None:                                           # the head: a fixed tile
+            kern, fixed = _ln_gemv_q4_kernel, {"BLOCK_N": block_n, "num_warps": 4}
+        kern[lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))](
+            x, tok, pos, wte, wtes, wtez, self.core.wpe, lnw, lnb, dense.qh, dense.scales, dense.zeros, bias, out,
+            self.pv, self.pi, K, N, n_valid, self.core.eps, KH=triton.next_power_of_2(K // 2), G=dense.group_size,
+            EMBED=embed is not None, EMBED_Q4=embed_q4, HAS_BIAS=dense.bias is not None, GELU=gelu, ARGMAX=argmax,
+            **fixed, **self._launch_opts())
+
     def _gemv_res(self, h, dense, x, M):
+        if _is_q4(dense):
+            kern, fixed = self.kernels["gemv_res_q4"]
+            N, K = dense.out_features, dense.in_features
+            kern[lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))](
+                h, dense.qh, dense.scales, dense.zeros, dense.bias, x, K, N, KH=triton.next_power_of_2(K // 2),
+                G=dense.group_size, **fixed, **self._launch_opts())
+            return
         N, K = dense.weight.shape
         if self.gemm == "mma":
             kern, fixed = self.kernels["mm_res"]
@@ -716,7 +890,7 @@ class FusedDecode:
         core, C = self.core, self.core.wpe.shape[1]
         x = self.x[: M * C]
         for i, (blk, kc, vc) in enumerate(zip(core.blocks, ks, vs)):
-            A, W = blk.n_head * blk.head_dim, blk.c_fc.weight.shape[0]
+            A, W = blk.n_head * blk.head_dim, _out_features(blk.c_fc)
             qkv, y, h = self.qkv[: M * 3 * A], self.y[: M * A], self.h[: M * W]
             self._ln_gemv(x, blk.ln1_w, blk.ln1_b, blk.c_attn, qkv, M, embed=(tok, pos) if i == 0 else None)
             _attn_kernel[(blk.n_head, M)](qkv, kc, vc, y, pos, kc.shape[2], A, blk.scale, HS=blk.head_dim,
@@ -752,18 +926,40 @@ def _is_gelu_tanh(blk) -> bool:
     return bool(torch.allclose(blk.act(probe), ref, atol=1e-6))
 
 
+def _linears(blk) -> tuple:
+    return blk.c_attn, blk.c_proj, blk.c_fc, blk.mlp_proj
+
+
+def _is_q4(m) -> bool:
+    """int4 weights in the fused kernels' layout: wquant.Int4Linear with backend "fused", or the int4 embedding
+    sharing such a head's codes (halves layout)."""
+    return getattr(m, "backend", None) == "fused" or getattr(m, "halves", False)
+
+
+def _out_features(d) -> int:
+    return d.out_features if _is_q4(d) else d.weight.shape[0]
+
+
+def _dense_ok(d) -> bool:
+    if _is_q4(d):
+        return True
+    w = getattr(d, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype.is_floating_point
+
+
 def supports(core) -> str | None:
-    """None if the fused step can run this engine's weights, else the reason it cannot."""
+    """None if the fused step can run this engine's weights (16-/32-bit, or int4 in the fused layout:
+    FastGPT2(weight_quant="int4") at batch 1), else the reason it cannot."""
     for blk in core.blocks:
         if not _is_gelu_tanh(blk):
             return "activation is not GPT-2's tanh GELU"
         if blk.head_dim & (blk.head_dim - 1):
             return f"head_dim {blk.head_dim} is not a power of two"
-        for d in (blk.c_attn, blk.c_proj, blk.c_fc, blk.mlp_proj):
-            if not isinstance(getattr(d, "weight", None), torch.Tensor) or d.weight.dim() != 2 \
-                    or not d.weight.dtype.is_floating_point or d.bias is None:
-                return "weights are quantized (or a linear has no bias)"
-    if not isinstance(getattr(core.lm_head, "weight", None), torch.Tensor) or \
-            not core.lm_head.weight.dtype.is_floating_point:
-        return "the LM head is quantized"
+        for d in _linears(blk):
+            if not _dense_ok(d) or d.bias is None:
+                return "weights are quantized outside the fused kernels' formats (or a linear has no bias)"
+    if not _dense_ok(core.lm_head):
+        return "the LM head is quantized outside the fused kernels' formats"
+    if _is_q4(core.wte) and not _is_q4(core.blocks[0].c_attn):
+        return "an int4 embedding needs an int4 first layer"
     return None

@@ -10,6 +10,11 @@ torch, the reference), `Int8Linear` / `Int4Linear` hold them in the layout the r
   fast path: CUDA `aten._weight_int4pack_mm` (tinygemm, bf16 activations only) on the layout made by
   `aten._convert_weight_to_int4pack` ((N, K/2) uint8, even k in the high nibble); CPU
   `aten._weight_int4pack_mm_for_cpu` on `_convert_weight_to_int4pack_for_cpu` ((N, K) int32).
+- fused path (`backend="fused"`, what a batch-1 engine on the fused decode kernels stores): the codes in halves,
+  byte j of a row holding k = j (low nibble) and k = j + K/2 (high nibble), so a kernel unpacks two contiguous
+  halves of the row, never interleaved nibbles; (scale, zero) per group as above, in the compute dtype. The
+  decode step's kernels (triton_decode.py) dequantize in registers, group by group; `forward` (prefill, the
+  compiled step) dequantizes then matmuls.
 - reference path (`backend="reference"`): dequantize to the activation dtype, then `F.linear`. Tests compare the
   fast paths against it.
 
@@ -77,6 +82,30 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 -> (N, K) uint8 codes."""
     return torch.stack([p >> 4, p & 0xF], dim=-1).reshape(p.shape[0], -1)
+
+
+def pack_int4_halves(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> (N, K/2) uint8: k < K/2 in the low nibble of byte k, k >= K/2 in the high
+    nibble of byte k - K/2 (the fused decode kernels' layout)."""
+    q = q.to(torch.uint8)
+    h = q.shape[-1] // 2
+    return q[..., :h] | (q[..., h:] << 4)
+
+
+def unpack_int4_halves(p: torch.Tensor) -> torch.Tensor:
+    """(…, K/2) uint8 -> (…, K) uint8 codes (pack_int4_halves' inverse)."""
+    return torch.cat([p & 0xF, p >> 4], dim=-1)
+
+
+def fused_group_size(K: int, group_size: int) -> int | None:
+    """The fused kernels' group: `group_size` halved (down to 32) until it divides K / 2 (each half of a row whole
+    groups); None if none does."""
+    g = group_size
+    while g >= 32:
+        if K % 2 == 0 and (K // 2) % g == 0:
+            return g
+        g //= 2
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,6 +189,13 @@ class Int4Linear(nn.Module):
             backend = "packed" if int4_packed_available(dev) else "reference"
         self.backend = backend
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
+        if backend == "fused":
+            if K % 2 or (K // 2) % group_size:
+                raise ValueError(f"int4 fused: in_features {K} / 2 is not a multiple of group_size {group_size}")
+            self.register_buffer("qh", pack_int4_halves(q).contiguous())  # (N, K/2) uint8, halves layout
+            self.register_buffer("scales", s.to(dtype).contiguous())    # (N, G)
+            self.register_buffer("zeros", z.to(dtype).contiguous())
+            return
         if backend == "reference":
             self.register_buffer("qp", pack_int4(q))                  # (N, K/2) uint8
             self.register_buffer("scales", s.to(dtype))               # (N, G)
@@ -186,8 +222,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)                            # (M, K)
-        if self.backend == "reference":  # dequantize then matmul
-            w = dequantize_int4(unpack_int4(self.qp), self.scales, self.zeros).to(x.dtype)
+        if self.backend in ("reference", "fused"):  # dequantize then matmul
+            codes = unpack_int4(self.qp) if self.backend == "reference" else unpack_int4_halves(self.qh)
+            w = dequantize_int4(codes, self.scales, self.zeros).to(x.dtype)
             y = F.linear(x2, w)
         else:
             xa = x2.to(self.act_dtype).contiguous()
@@ -221,19 +258,23 @@ class Int4Embedding(nn.Module):
         self.register_buffer("scales", s.to(dtype))                     # (V, G)
         self.register_buffer("zeros", z.to(dtype))
 
+    halves = False                                                      # the codes' layout: pack_int4's
+
     @classmethod
     def sharing(cls, head: "Int4Linear") -> "Int4Embedding":
-        """The embedding over a reference-backend int4 head's own tensors (no second copy)."""
+        """The embedding over a reference- or fused-backend int4 head's own tensors (no second copy)."""
         emb = cls.__new__(cls)
         nn.Module.__init__(emb)
-        emb.register_buffer("qp", head.qp)
+        emb.halves = head.backend == "fused"
+        emb.register_buffer("qp", head.qh if emb.halves else head.qp)
         emb.register_buffer("scales", head.scales)
         emb.register_buffer("zeros", head.zeros)
         return emb
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         p = self.qp[ids]                                                # (…, C/2)
-        q = torch.stack([p >> 4, p & 0xF], dim=-1).flatten(-2).to(self.scales.dtype)  # (…, C)
+        q = (unpack_int4_halves(p) if self.halves else
+             torch.stack([p >> 4, p & 0xF], dim=-1).flatten(-2)).to(self.scales.dtype)  # (…, C)
         G = self.scales.shape[1]
         qg = q.unflatten(-1, (G, -1))                                   # (…, G, gs)
         w = (qg - 8) * self.scales[ids][..., None] + self.zeros[ids][..., None]
@@ -259,8 +300,11 @@ def quantize_core(core, mode: str, *, group_size: int = 128, backend: str = "aut
               "group_sizes_used": {}}
 
     def fit(k: int) -> int:
-        """int4: the largest group <= group_size (halving, down to 32) that divides the input width k; a width of
-        64 (tiny models) would otherwise leave every layer unquantized, silently stored in the compute dtype."""
+        """int4: the largest group <= group_size (halving, down to 32) that divides the input width k (for the
+        fused kernels' halves layout, k / 2); a width of 64 (tiny models) would otherwise leave every layer
+        unquantized, silently stored in the compute dtype."""
+        if mode == "int4" and backend == "fused":
+            return fused_group_size(k, group_size) or group_size      # None: Int4Linear says why, kept 16-bit
         g = group_size
         while mode == "int4" and k % g and g > 32:
             g //= 2
@@ -291,7 +335,7 @@ def quantize_core(core, mode: str, *, group_size: int = 128, backend: str = "aut
                 core.lm_head = Int4Linear(table, None, dtype=core.dtype, group_size=g, backend=backend, qsz=qsz)
                 # the reference head's plain nibble table is the embedding's too (stored once); the packed kernels'
                 # tiled layout can't be gathered by row, so there the embedding keeps its own plain int4 copy
-                core.wte = (Int4Embedding.sharing(core.lm_head) if core.lm_head.backend == "reference"
+                core.wte = (Int4Embedding.sharing(core.lm_head) if core.lm_head.backend in ("reference", "fused")
                             else Int4Embedding(*qsz, dtype=core.dtype))
                 report["group_sizes_used"]["lm_head/wte"] = g
             except ValueError as e:

@@ -430,3 +430,74 @@ def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, gemm, monkeypatch):
     assert int(tok) == rows[-1][1] and int(p) == T + M
     with pytest.raises(ValueError, match="span"):
         f.span(toks, pos, dst[:1], ks, vs, skip=1)
+
+
+def test_int4_kernels_against_torch():
+    """_ln_gemv_q4_kernel (first layer: the int4 embedding row dequantized as wquant.Int4Embedding does, + wpe,
+    LayerNorm, the int4 GEMV, bias, GELU) and _gemv_res_q4_kernel (int4 GEMV, bias, residual in place) against
+    PyTorch on the dequantized weights, fp32: K = 192 is 3 groups of 32 a half (padded to 4), N = 72 and 100 end
+    in partial tiles, 2 rows."""
+    from gpt2opt_lib import wquant
+    dev, F = _device(), torch.nn.functional
+    g = torch.Generator().manual_seed(5)
+    M, K, N, G, V, BN = 2, 192, 72, 32, 40, 32
+    cdiv, KH = triton_decode.triton.cdiv, triton_decode.triton.next_power_of_2(K // 2)
+    table = torch.randn(V, K, generator=g)
+    emb = wquant.Int4Embedding.sharing(wquant.Int4Linear(table, None, dtype=torch.float32, group_size=G,
+                                                         backend="fused")).to(dev)
+    wpe = torch.randn(V, K, generator=g).to(dev)
+    lnw, lnb = 1 + 0.2 * torch.randn(K, generator=g).to(dev), 0.1 * torch.randn(K, generator=g).to(dev)
+    lin = wquant.Int4Linear(0.1 * torch.randn(N, K, generator=g), torch.randn(N, generator=g), dtype=torch.float32,
+                            group_size=G, backend="fused").to(dev)
+    tok, pos = torch.tensor([4, 33], device=dev), torch.tensor([9], device=dev)
+    x, out = torch.zeros(M, K, device=dev), torch.zeros(M, N, device=dev)
+    triton_decode._ln_gemv_q4_kernel[(M, cdiv(N, BN))](
+        x, tok, pos, emb.qp, emb.scales, emb.zeros, wpe, lnw, lnb, lin.qh, lin.scales, lin.zeros, lin.bias, out,
+        x, x, K, N, 0, 1e-5, KH=KH, G=G, BLOCK_N=BN, EMBED=True, EMBED_Q4=True, HAS_BIAS=True, GELU=True,
+        ARGMAX=False, PDL=False)
+    e = emb(tok) + wpe[pos + torch.arange(M, device=dev)]
+    torch.testing.assert_close(x, e, atol=1e-6, rtol=1e-6)
+    want = F.gelu(lin(F.layer_norm(e, (K,), lnw, lnb, 1e-5)), approximate="tanh")
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    Ki, No = 128, 100                                 # the projection: 2 groups a half, a partial last tile
+    w4 = wquant.Int4Linear(0.1 * torch.randn(No, Ki, generator=g), torch.randn(No, generator=g),
+                           dtype=torch.float32, group_size=G, backend="fused").to(dev)
+    h, x0 = torch.randn(M, Ki, generator=g).to(dev), torch.randn(M, No, generator=g).to(dev)
+    x = x0.clone()
+    triton_decode._gemv_res_q4_kernel[(M, cdiv(No, BN))](h, w4.qh, w4.scales, w4.zeros, w4.bias, x, Ki, No,
+                                                          KH=Ki // 2, G=G, BLOCK_N=BN, PDL=False)
+    torch.testing.assert_close(x, x0 + w4(h), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int4_engine_greedy_and_span_rows(dtype):
+    """FastGPT2(weight_quant="int4") at batch 1 on the fused int4 kernels: greedy tokens equal the same engine's
+    eager step (its weights dequantized, then matmul; fp32: equal; fp16: within rounding), and a multi-row span
+    gives each row bit for bit as one-row steps."""
+    dev = _device()
+    model = tiny_model(seed=31, n_layer=2).to(dev)
+    kw = dict(max_seq_len=80, dtype=dtype, use_cuda_graph=False, compile=False, weight_quant="int4", group_size=32)
+    fused = FastGPT2(model, fused=True, **kw)
+    ref = FastGPT2(model, fused=False, quant_backend="fused", **kw)
+    assert fused.fused is not None and fused.quant_report["backend"] == "fused" and ref.fused is None
+    ids = _prompt(9, seed=32)
+    a, b = fused.generate(ids, 12), ref.generate(ids, 12)
+    if dtype == torch.float32:
+        assert torch.equal(a, b), (a, b)
+    else:
+        assert torch.equal(a[:, :12], b[:, :12]) and (a == b).float().mean() > 0.9
+    f, C, T, M = fused.fused, 64, 20, 4
+    ks, vs = [c[:1] for c in fused.ks], [c[:1] for c in fused.vs]
+    with torch.no_grad():
+        fused.core.forward_full(_prompt(T, seed=33), ks, vs)
+    saved = [c.clone() for c in ks + vs]
+    toks, pos = _prompt(M, seed=34)[0], torch.tensor([T], device=dev)
+    dst = torch.full((M,), -1, dtype=torch.long, device=dev)
+    f.span(toks, pos, dst, ks, vs)
+    x_span = f.x[: M * C].clone().view(M, C)
+    for c, s in zip(ks + vs, saved):
+        c.copy_(s)
+    one = torch.zeros(1, dtype=torch.long, device=dev)
+    for m in range(M):
+        f.span(toks[m:m + 1], pos + m, one, ks, vs)
+        assert torch.equal(f.x[:C], x_span[m]) and int(one) == int(dst[m]), m

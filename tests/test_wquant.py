@@ -130,3 +130,52 @@ def test_int4_quantizes_narrow_models_and_reads_fewer_bytes_than_int8():
     assert out["int4", "auto"]["decode_bytes_per_step"] < out["int8", "auto"]["decode_bytes_per_step"]
     # the reference backend shares the head's nibble table with the embedding: stored once, below int8
     assert out["int4", "reference"]["weight_bytes"] < out["int8", "auto"]["weight_bytes"]
+
+
+def test_int4_halves_layout_and_fused_backend():
+    """The fused kernels' layout: byte j holds k = j (low nibble) and k = j + K/2 (high); the fused backend's
+    forward (prefill, the compiled step) equals the reference backend's on the same codes, and the tied embedding
+    gathers the head's own rows (one copy); the group shrinks until it divides K / 2."""
+    q = torch.tensor([[1, 2, 3, 4, 15, 0, 7, 8]], dtype=torch.uint8)
+    p = wquant.pack_int4_halves(q)
+    assert p.tolist() == [[1 | 15 << 4, 2 | 0 << 4, 3 | 7 << 4, 4 | 8 << 4]]
+    assert torch.equal(wquant.unpack_int4_halves(p), q)
+    assert wquant.fused_group_size(768, 128) == 128 and wquant.fused_group_size(192, 128) == 32
+    assert wquant.fused_group_size(64, 128) == 32 and wquant.fused_group_size(40, 128) is None
+    w, b, x = torch.randn(40, 256), torch.randn(40), torch.randn(3, 256)
+    ref = wquant.Int4Linear(w, b, dtype=torch.float32, group_size=64, backend="reference")
+    fus = wquant.Int4Linear(w, b, dtype=torch.float32, group_size=64, backend="fused")
+    assert fus.qh.shape == (40, 128) and fus.qh.dtype == torch.uint8
+    assert torch.equal(fus(x), ref(x))
+    with pytest.raises(ValueError, match="K/2|/ 2"):
+        wquant.Int4Linear(torch.randn(8, 192), None, dtype=torch.float32, group_size=64, backend="fused")
+    emb = wquant.Int4Embedding.sharing(fus)
+    assert emb.halves and emb.qp.data_ptr() == fus.qh.data_ptr()
+    ids = torch.tensor([0, 7, 39])
+    deq = wquant.dequantize_int4(wquant.unpack_int4_halves(fus.qh), fus.scales, fus.zeros)
+    torch.testing.assert_close(emb(ids), deq[ids], rtol=0, atol=1e-6)
+
+
+def test_batch_one_fused_engine_stores_int4_in_the_fused_layout():
+    """FastGPT2(weight_quant="int4") keeps one copy of the weights in the fused kernels' layout where its batch-1
+    decode runs them (CPU: under Triton's interpreter, fused=True), tinygemm's (or the reference) otherwise; the
+    fused copy stores fewer bytes than the packed engine's two head tables."""
+    from gpt2opt_lib import models, triton_decode
+    if not triton_decode.available(torch.device("cpu")):
+        pytest.skip("the fused kernels need TRITON_INTERPRET=1 on CPU")
+    m = models.build_model("random:custom:n_layer=2,n_embd=64,n_head=4", seed=0, vocab_size=1000)
+    kw = dict(max_seq_len=32, weight_quant="int4", compile=False, use_cuda_graph=False)
+    one = FastGPT2(m, max_batch_size=1, fused=True, **kw)
+    assert one.quant_report["backend"] == "fused" and one.quant_report["kept_16bit"] == []
+    assert one.fused is not None and one.fused_off_reason is None
+    assert not one._int4_fused_wanted(True, "gemv", 2)  # batch > 1: the compiled step reads tinygemm's layout
+    with pytest.raises(ValueError, match="fused=True: weights are quantized outside"):
+        FastGPT2(m, max_batch_size=2, fused=True, **kw)
+    assert FastGPT2(m, max_batch_size=1, fused=False, **kw).quant_report["backend"] != "fused"
+    other = FastGPT2(m, max_batch_size=1, fused=False, **kw)
+    if other.quant_report["backend"] == "packed":     # tinygemm's tiles plus a plain table for the embedding
+        assert one.weight_bytes()["weight_bytes"] < other.weight_bytes()["weight_bytes"]
+    else:                                              # the reference backend: one shared table too
+        assert one.weight_bytes()["weight_bytes"] == other.weight_bytes()["weight_bytes"]
+    with pytest.raises(ValueError, match="int4 weights run on the CUDA-core kernels"):
+        FastGPT2(m, max_batch_size=1, fused=True, fused_gemm="mma", quant_backend="fused", **kw)
