@@ -190,52 +190,71 @@ if triton is not None:
 
     # --- int4 weights (wquant.Int4Linear, backend "fused"): codes in halves, byte j of a row holding k = j (low
     # nibble) and k = j + K/2 (high), (scale, zero) per group of G inputs, w = (q - 8) * s + z. A program loads its
-    # (BLOCK_N, K/2) bytes (a quarter of the fp16 tile) and dequantizes group by group in registers:
-    # sum_k w_k h_k = sum_g s_g (sum_{k in g} q_k h_k - 8 sum_{k in g} h_k) + z_g sum_{k in g} h_k.
+    # (BLOCK_N, K/2) bytes (a quarter of the fp16 tile) as (BLOCK_N, GP, G): row, group of the half, position in
+    # the group (GP: groups a half, padded to a power of two; a row's halves are whole groups), so every group sum
+    # is a reduction over the last axis, no reshape (a layout change through shared memory). A code becomes
+    # q - 8 in fp32 without a conversion instruction: OR-ed into the mantissa of 2^23, minus 2^23 + 8. Then
+    # sum_k w_k h_k = sum_g s_g sum_{k in g} (q_k - 8) h_k + z_g sum_{k in g} h_k.
 
     @triton.jit
-    def _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, j, jm, K, G: tl.constexpr, GP: tl.constexpr):
-        """Tile rows n: the packed bytes (BLOCK_N, KH) (evicted first, as _weight_tile) and each half's scales and
-        zeros (BLOCK_N, GP) (GP: groups per half, padded to a power of two; the padding masked to 0)."""
+    def _q4_index(K, G: tl.constexpr, GP: tl.constexpr):
+        """Offsets (GP, G) of a half's entries (g * G + c) and their mask (the padding groups off)."""
+        g = tl.arange(0, GP)
+        c = tl.arange(0, G)
+        return g[:, None] * G + c[None, :], (g < (K // 2) // G)[:, None] & (c < G)[None, :]
+
+    @triton.jit
+    def _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, K, G: tl.constexpr, GP: tl.constexpr):
+        """Tile rows n: the packed bytes (BLOCK_N, GP, G) (evicted first, as _weight_tile) and each half's scales
+        and zeros (BLOCK_N, GP), fp32, 0 on padding."""
         KH2 = K // 2
         NG, NGH = K // G, KH2 // G
-        p = tl.load(q_ptr + n[:, None] * KH2 + j[None, :], mask=nm[:, None] & jm[None, :], other=0,
-                    eviction_policy="evict_first")
+        o, om = _q4_index(K, G, GP)
+        p = tl.load(q_ptr + n[:, None, None] * KH2 + o[None, :, :], mask=nm[:, None, None] & om[None, :, :],
+                    other=0, eviction_policy="evict_first")
         g = tl.arange(0, GP)
         gm = nm[:, None] & (g < NGH)[None, :]
-        o = n[:, None] * NG + g[None, :]
-        s_lo = tl.load(s_ptr + o, mask=gm, other=0.0).to(tl.float32)
-        s_hi = tl.load(s_ptr + o + NGH, mask=gm, other=0.0).to(tl.float32)
-        z_lo = tl.load(z_ptr + o, mask=gm, other=0.0).to(tl.float32)
-        z_hi = tl.load(z_ptr + o + NGH, mask=gm, other=0.0).to(tl.float32)
+        so = n[:, None] * NG + g[None, :]
+        s_lo = tl.load(s_ptr + so, mask=gm, other=0.0).to(tl.float32)
+        s_hi = tl.load(s_ptr + so + NGH, mask=gm, other=0.0).to(tl.float32)
+        z_lo = tl.load(z_ptr + so, mask=gm, other=0.0).to(tl.float32)
+        z_hi = tl.load(z_ptr + so + NGH, mask=gm, other=0.0).to(tl.float32)
         return p, s_lo, s_hi, z_lo, z_hi
 
     @triton.jit
-    def _q4_half(codes, h, s, z, BLOCK_N: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
-        t = tl.sum(tl.reshape(codes.to(tl.float32) * h[None, :], (BLOCK_N, GP, G)), 2)   # (BLOCK_N, GP)
-        hs = tl.sum(tl.reshape(h, (GP, G)), 1)                                           # (GP,)
-        return tl.sum(s * (t - 8.0 * hs[None, :]) + z * hs[None, :], 1)
+    def _q4_centered(nib):
+        """Codes (int32, 0..15) -> q - 8 in fp32: 2^23 + q by bits, then an exact subtraction."""
+        return (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
 
     @triton.jit
-    def _q4_dot(p, h_lo, h_hi, s_lo, s_hi, z_lo, z_hi, BLOCK_N: tl.constexpr, GP: tl.constexpr, G: tl.constexpr):
-        """(BLOCK_N,) fp32: the tile's dequantized rows against the row h, given as its halves h_lo, h_hi."""
-        return _q4_half(p & 0xF, h_lo, s_lo, z_lo, BLOCK_N, GP, G) + \
-            _q4_half(p >> 4, h_hi, s_hi, z_hi, BLOCK_N, GP, G)
+    def _q4_half(nib, h, s, z):
+        """One half: nib (BLOCK_N, GP, G) int32 codes, h (GP, G), s / z (BLOCK_N, GP) -> (BLOCK_N,)."""
+        t = tl.sum(_q4_centered(nib) * h[None, :, :], 2)                 # (BLOCK_N, GP)
+        hs = tl.sum(h, 1)                                                 # (GP,)
+        return tl.sum(s * t + z * hs[None, :], 1)
 
     @triton.jit
-    def _q4_row(q_ptr, s_ptr, z_ptr, t, j, jm, K, G: tl.constexpr, DT: tl.constexpr):
+    def _q4_dot(p, h_lo, h_hi, s_lo, s_hi, z_lo, z_hi):
+        """(BLOCK_N,) fp32: the tile's dequantized rows against the row h, given as its halves (GP, G)."""
+        pi = p.to(tl.int32)
+        return _q4_half(pi & 0xF, h_lo, s_lo, z_lo) + _q4_half(pi >> 4, h_hi, s_hi, z_hi)
+
+    @triton.jit
+    def _q4_row(q_ptr, s_ptr, z_ptr, t, K, G: tl.constexpr, GP: tl.constexpr, DT: tl.constexpr):
         """Row t of an int4 table (the tied embedding), dequantized as wquant.Int4Embedding does in the compute
-        dtype DT: ((q - 8) * s) rounded, + z rounded. Its halves (k < K/2, k >= K/2), fp32."""
+        dtype DT: ((q - 8) * s) rounded, + z rounded. Its halves (GP, G), fp32."""
         KH2 = K // 2
         NG, NGH = K // G, KH2 // G
-        p = tl.load(q_ptr + t * KH2 + j, mask=jm, other=0)
-        gi = t * NG + j // G
-        s_lo = tl.load(s_ptr + gi, mask=jm, other=0.0).to(tl.float32)
-        s_hi = tl.load(s_ptr + gi + NGH, mask=jm, other=0.0).to(tl.float32)
-        z_lo = tl.load(z_ptr + gi, mask=jm, other=0.0).to(tl.float32)
-        z_hi = tl.load(z_ptr + gi + NGH, mask=jm, other=0.0).to(tl.float32)
-        lo = (((p & 0xF).to(tl.float32) - 8.0) * s_lo).to(DT).to(tl.float32) + z_lo
-        hi = (((p >> 4).to(tl.float32) - 8.0) * s_hi).to(DT).to(tl.float32) + z_hi
+        o, om = _q4_index(K, G, GP)
+        p = tl.load(q_ptr + t * KH2 + o, mask=om, other=0).to(tl.int32)
+        g = tl.arange(0, GP)
+        gm = g < NGH
+        s_lo = tl.load(s_ptr + t * NG + g, mask=gm, other=0.0).to(tl.float32)[:, None]
+        s_hi = tl.load(s_ptr + t * NG + NGH + g, mask=gm, other=0.0).to(tl.float32)[:, None]
+        z_lo = tl.load(z_ptr + t * NG + g, mask=gm, other=0.0).to(tl.float32)[:, None]
+        z_hi = tl.load(z_ptr + t * NG + NGH + g, mask=gm, other=0.0).to(tl.float32)[:, None]
+        lo = (_q4_centered(p & 0xF) * s_lo).to(DT).to(tl.float32) + z_lo
+        hi = (_q4_centered(p >> 4) * s_hi).to(DT).to(tl.float32) + z_hi
         return lo.to(DT).to(tl.float32), hi.to(DT).to(tl.float32)
 
     @triton.jit
@@ -244,9 +263,9 @@ if triton is not None:
                            KH: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr,
                            EMBED_Q4: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
                            ARGMAX: tl.constexpr, PDL: tl.constexpr):
-        """_ln_gemv_kernel on int4 weights (q, s, z; see _q4_tile): the row's halves x[:K/2], x[K/2:] (KH: K/2
-        padded to a power of two), LayerNorm over both, the tile dequantized in registers. EMBED_Q4: the embedding
-        is the int4 table (wte, wtes, wtez) tied with the head."""
+        """_ln_gemv_kernel on int4 weights (q, s, z; see _q4_tile): the row as its halves x[:K/2], x[K/2:], each
+        (GP, G) (KH: K/2 padded to a power of two), LayerNorm over both, the tile dequantized in registers.
+        EMBED_Q4: the embedding is the int4 table (wte, wtes, wtez) tied with the head."""
         DT: tl.constexpr = x_ptr.dtype.element_ty                        # the model's (compute) dtype
         GP: tl.constexpr = KH // G
         row = tl.program_id(0)
@@ -254,13 +273,12 @@ if triton is not None:
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         KH2 = K // 2
-        j = tl.arange(0, KH)
-        jm = j < KH2
-        p, s_lo, s_hi, z_lo, z_hi = _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, j, jm, K, G, GP)
-        lnw_lo = tl.load(lnw_ptr + j, mask=jm, other=0.0).to(tl.float32)
-        lnw_hi = tl.load(lnw_ptr + KH2 + j, mask=jm, other=0.0).to(tl.float32)
-        lnb_lo = tl.load(lnb_ptr + j, mask=jm, other=0.0).to(tl.float32)
-        lnb_hi = tl.load(lnb_ptr + KH2 + j, mask=jm, other=0.0).to(tl.float32)
+        o, om = _q4_index(K, G, GP)
+        p, s_lo, s_hi, z_lo, z_hi = _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, K, G, GP)
+        lnw_lo = tl.load(lnw_ptr + o, mask=om, other=0.0).to(tl.float32)
+        lnw_hi = tl.load(lnw_ptr + KH2 + o, mask=om, other=0.0).to(tl.float32)
+        lnb_lo = tl.load(lnb_ptr + o, mask=om, other=0.0).to(tl.float32)
+        lnb_hi = tl.load(lnb_ptr + KH2 + o, mask=om, other=0.0).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
@@ -268,26 +286,26 @@ if triton is not None:
             t = tl.load(tok_ptr + row)
             ps = tl.load(pos_ptr) + row
             if EMBED_Q4:
-                e_lo, e_hi = _q4_row(wte_ptr, wtes_ptr, wtez_ptr, t, j, jm, K, G, DT)
+                e_lo, e_hi = _q4_row(wte_ptr, wtes_ptr, wtez_ptr, t, K, G, GP, DT)
             else:
-                e_lo = tl.load(wte_ptr + t * K + j, mask=jm, other=0.0).to(tl.float32)
-                e_hi = tl.load(wte_ptr + t * K + KH2 + j, mask=jm, other=0.0).to(tl.float32)
-            x_lo = (e_lo + tl.load(wpe_ptr + ps * K + j, mask=jm, other=0.0).to(tl.float32)).to(DT)
-            x_hi = (e_hi + tl.load(wpe_ptr + ps * K + KH2 + j, mask=jm, other=0.0).to(tl.float32)).to(DT)
+                e_lo = tl.load(wte_ptr + t * K + o, mask=om, other=0.0).to(tl.float32)
+                e_hi = tl.load(wte_ptr + t * K + KH2 + o, mask=om, other=0.0).to(tl.float32)
+            x_lo = (e_lo + tl.load(wpe_ptr + ps * K + o, mask=om, other=0.0).to(tl.float32)).to(DT)
+            x_hi = (e_hi + tl.load(wpe_ptr + ps * K + KH2 + o, mask=om, other=0.0).to(tl.float32)).to(DT)
             if pid == 0:
-                tl.store(x_ptr + row * K + j, x_lo, mask=jm)
-                tl.store(x_ptr + row * K + KH2 + j, x_hi, mask=jm)
+                tl.store(x_ptr + row * K + o, x_lo, mask=om)
+                tl.store(x_ptr + row * K + KH2 + o, x_hi, mask=om)
             x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
         else:
-            x_lo = tl.load(x_ptr + row * K + j, mask=jm, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + row * K + KH2 + j, mask=jm, other=0.0).to(tl.float32)
-        mean = (tl.sum(x_lo, 0) + tl.sum(x_hi, 0)) / K
-        d_lo = tl.where(jm, x_lo - mean, 0.0)
-        d_hi = tl.where(jm, x_hi - mean, 0.0)
-        rstd = 1.0 / tl.sqrt((tl.sum(d_lo * d_lo, 0) + tl.sum(d_hi * d_hi, 0)) / K + eps)
+            x_lo = tl.load(x_ptr + row * K + o, mask=om, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + row * K + KH2 + o, mask=om, other=0.0).to(tl.float32)
+        mean = (tl.sum(tl.sum(x_lo, 1), 0) + tl.sum(tl.sum(x_hi, 1), 0)) / K
+        d_lo = tl.where(om, x_lo - mean, 0.0)
+        d_hi = tl.where(om, x_hi - mean, 0.0)
+        rstd = 1.0 / tl.sqrt((tl.sum(tl.sum(d_lo * d_lo, 1), 0) + tl.sum(tl.sum(d_hi * d_hi, 1), 0)) / K + eps)
         h_lo = (d_lo * rstd * lnw_lo + lnb_lo).to(DT).to(tl.float32)     # LayerNorm output, model dtype
         h_hi = (d_hi * rstd * lnw_hi + lnb_hi).to(DT).to(tl.float32)
-        acc = _q4_dot(p, h_lo, h_hi, s_lo, s_hi, z_lo, z_hi, BLOCK_N, GP, G)
+        acc = _q4_dot(p, h_lo, h_hi, s_lo, s_hi, z_lo, z_hi)
         if HAS_BIAS:
             acc += bias
         if GELU:
@@ -312,14 +330,13 @@ if triton is not None:
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
         KH2 = K // 2
-        j = tl.arange(0, KH)
-        jm = j < KH2
-        p, s_lo, s_hi, z_lo, z_hi = _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, j, jm, K, G, GP)
+        o, om = _q4_index(K, G, GP)
+        p, s_lo, s_hi, z_lo, z_hi = _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, K, G, GP)
         bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
-        h_lo = tl.load(h_ptr + row * K + j, mask=jm, other=0.0).to(tl.float32)
-        h_hi = tl.load(h_ptr + row * K + KH2 + j, mask=jm, other=0.0).to(tl.float32)
-        acc = _q4_dot(p, h_lo, h_hi, s_lo, s_hi, z_lo, z_hi, BLOCK_N, GP, G) + bias
+        h_lo = tl.load(h_ptr + row * K + o, mask=om, other=0.0).to(tl.float32)
+        h_hi = tl.load(h_ptr + row * K + KH2 + o, mask=om, other=0.0).to(tl.float32)
+        acc = _q4_dot(p, h_lo, h_hi, s_lo, s_hi, z_lo, z_hi) + bias
         acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)               # the projection in the model dtype
         x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
         tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
@@ -744,6 +761,7 @@ def _kernels(device: torch.device):
 
 HEAD_BLOCK_N = {"gemv": 8, "mma": 16}   # the head's tile is fixed (not tuned): the finish kernel reduces exactly
 #                                        cdiv(Vpad, HEAD_BLOCK_N) partials
+HEAD_BLOCK_N_Q4 = 32    # the int4 head's tile (FusedDecode.head_block)
 MM_ROWS = 16        # the tensor-core kernels' row block: every step (1 .. SPAN_MAX_ROWS rows) is padded to it
 MM_MIN_BLOCK_N, MM_MAX_SPLIT_K = 16, 8   # the extremes of their tuned configs: FusedDecode sizes split-K scratch
 
@@ -779,7 +797,10 @@ class FusedDecode:
         # "gemv": CUDA-core GEMV kernels, one program per row and weight tile; "mma": tensor-core kernels, one
         # program per weight tile for all rows (padded to MM_ROWS): a multi-row step reads each weight once
         self.gemm = gemm
-        self.P = triton.cdiv(Vpad, HEAD_BLOCK_N[gemm])
+        # the head's fixed tile: an int4 row is a quarter of the bytes, so 4x the rows per program keep the
+        # per-program LayerNorm (each program recomputes it) as cheap against its weights as at 16 bits
+        self.head_block = HEAD_BLOCK_N_Q4 if _is_q4(core.lm_head) else HEAD_BLOCK_N[gemm]
+        self.P = triton.cdiv(Vpad, self.head_block)
         self.pv = torch.full((R * self.P,), float("-inf"), dtype=torch.float32, device=device)
         self.pi = torch.zeros(R * self.P, dtype=torch.int32, device=device)
         # the tensor-core kernels' split-K scratch (_split_k_total), static for the CUDA graph: fp32 partials of
@@ -838,7 +859,7 @@ class FusedDecode:
         bias = dense.bias if dense.bias is not None else dense.scales     # a placeholder pointer without bias
         kern, fixed = self.kernels["ln_gemv_q4"]
         if block_n is not None:                                           # the head: a fixed tile
-            kern, fixed = _ln_gemv_q4_kernel, {"BLOCK_N": block_n, "num_warps": 4}
+            kern, fixed = _ln_gemv_q4_kernel, {"BLOCK_N": block_n, "num_warps": 8}
         kern[lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))](
             x, tok, pos, wte, wtes, wtez, self.core.wpe, lnw, lnb, dense.qh, dense.scales, dense.zeros, bias, out,
             self.pv, self.pi, K, N, n_valid, self.core.eps, KH=triton.next_power_of_2(K // 2), G=dense.group_size,
@@ -904,7 +925,7 @@ class FusedDecode:
     def _head(self, x, M):
         core = self.core
         self._ln_gemv(x, core.lnf_w, core.lnf_b, core.lm_head, x, M, argmax=True, n_valid=core.vocab_size,
-                      block_n=HEAD_BLOCK_N[self.gemm])
+                      block_n=self.head_block)
 
     def _step(self, tok, pos, out, finished, eos, pad, ks, vs) -> None:
         self._head(self._layers(tok, pos, 1, ks, vs), 1)
