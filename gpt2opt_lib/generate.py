@@ -310,14 +310,17 @@ def _as_plain_gpt2(model: nn.Module) -> nn.Module:
 class FastGPT2:
     def __init__(self, model: nn.Module, max_batch_size: int = 1, max_seq_len: int | None = None,
                  dtype: torch.dtype | None = None, use_cuda_graph: bool | str = "auto",
-                 compile: bool | str = "auto", weight_quant: str | None = None, group_size: int = 128,
+                 compile: bool | str = "auto", weight_quant: str | None = None, group_size: int = 64,
                  quant_backend: str = "auto", device: torch.device | str | None = None, gemv: bool = True,
-                 fused: bool | str = "auto", decode_attn: str = "auto", fused_gemm: str = "gemv"):
+                 fused: bool | str = "auto", decode_attn: str = "auto", fused_gemm: str = "gemv",
+                 quantize_lm_head: bool = True):
         """model: HF GPT2LMHeadModel (or PEFT-wrapped); weights are copied, the model is not modified.
 
         max_seq_len: KV-cache length (prompt + new tokens), default and cap n_positions.
         dtype: compute dtype (default the model's). use_cuda_graph / compile: "auto" = on for CUDA, off on CPU.
-        weight_quant: None | "int8" | "int4" (weight-only, see wquant.py); group_size for int4.
+        weight_quant: None | "int8" | "int4" (weight-only, see wquant.py); group_size for int4 (64: a group's scale
+        and zero cost 1/16 of a byte a weight more than at 128, for a finer fit); quantize_lm_head=False keeps the
+        tied embedding / LM head in the compute dtype (the fused step reads it at 16 bits).
         gemv: compile the decode step with inductor's coordinate-descent tuning, under which a matmul with one row
         (batch 1 decode) becomes a tuned Triton GEMV reduction (bias, residual and GELU fused into it) instead of a
         cuBLAS GEMM tile with split-K (what gpt-fast does), and attention over the cache as fused reductions instead
@@ -364,7 +367,7 @@ class FastGPT2:
                         self._int4_fused_wanted(fused, fused_gemm, max_batch_size):
                     quant_backend = "fused"    # one copy, in the fused decode kernels' layout
                 self.quant_report = wquant.quantize_core(self.core, weight_quant, group_size=group_size,
-                                                         backend=quant_backend)
+                                                         backend=quant_backend, quantize_lm_head=quantize_lm_head)
             self.weight_quant = weight_quant
             self._alloc_state()
         self.gemv = bool(gemv) and self.compile

@@ -50,20 +50,43 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float()[:, None]                           # (N, K) fp32
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+INT4_CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(13))   # range shrink factors tried per group: 1.0 .. 0.7
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 64,
+                  clip_grid: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (N, K) -> q (N, K) uint8 in [0, 15], scales (N, G) fp32, zeros (N, G) fp32; G = K / group_size.
 
-    Asymmetric min/max per group; zero is the value of code 8 (tinygemm's convention): w ~= (q - 8) * s + z.
+    Asymmetric per group; zero is the value of code 8 (tinygemm's convention): w ~= (q - 8) * s + z. Each group's
+    range is its [min, max] scaled by the factor of `clip_grid` with the least squared rounding error (the
+    clipping search of AWQ / llama.cpp's quantizers, on the weights alone): clipping a few outliers buys a finer
+    step for the rest. clip_grid=(1.0,) is plain min / max; None: INT4_CLIP_GRID (read at call time).
     """
+    clip_grid = INT4_CLIP_GRID if clip_grid is None else clip_grid
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"int4: in_features {K} is not a multiple of group_size {group_size}")
+    if not clip_grid or any(not 0.0 < a <= 1.0 for a in clip_grid):
+        raise ValueError(f"int4: clip_grid factors must be in (0, 1], got {clip_grid}")
     wg = w.float().reshape(N, K // group_size, group_size)                 # (N, G, gs)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)                              # (N, G)
-    scales = (hi - lo).clamp(min=1e-8) / 15.0
+    lo0, hi0 = wg.amin(dim=-1), wg.amax(dim=-1)                            # (N, G)
+    best = None
+    for a in clip_grid:
+        lo, hi = lo0 * a, hi0 * a
+        scales = (hi - lo).clamp(min=1e-8) / 15.0
+        q = torch.round((wg - lo[..., None]) / scales[..., None]).clamp(0, 15)
+        err = (q * scales[..., None] + lo[..., None] - wg).square().sum(dim=-1)   # (N, G)
+        if best is None:
+            best = [err, q, scales, lo]
+            continue
+        take = err < best[0]                                               # ties keep the wider range
+        best[0] = torch.where(take, err, best[0])
+        best[1] = torch.where(take[..., None], q, best[1])
+        best[2] = torch.where(take, scales, best[2])
+        best[3] = torch.where(take, lo, best[3])
+    _, q, scales, lo = best
     zeros = lo + 8.0 * scales
-    q = torch.round((wg - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
-    return q.reshape(N, K), scales, zeros
+    return q.to(torch.uint8).reshape(N, K), scales, zeros
 
 
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -178,7 +201,7 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype,
-                 group_size: int = 128, backend: str = "auto",
+                 group_size: int = 64, backend: str = "auto",
                  qsz: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         N, K = weight.shape if qsz is None else qsz[0].shape
@@ -285,7 +308,7 @@ class Int4Embedding(nn.Module):
 # converting an engine
 
 def make_linear(mode: str, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype,
-                group_size: int = 128, backend: str = "auto") -> nn.Module:
+                group_size: int = 64, backend: str = "auto") -> nn.Module:
     if mode == "int8":
         return Int8Linear(weight, bias, dtype=dtype, backend=backend)
     if mode == "int4":
@@ -293,7 +316,7 @@ def make_linear(mode: str, weight: torch.Tensor, bias: torch.Tensor | None, *, d
     raise ValueError(f"unknown weight_quant {mode!r}; allowed: None, 'int8', 'int4'")
 
 
-def quantize_core(core, mode: str, *, group_size: int = 128, backend: str = "auto",
+def quantize_core(core, mode: str, *, group_size: int = 64, backend: str = "auto",
                   quantize_lm_head: bool = True) -> dict:
     """Replace the dense linears of a generate._Core in place; returns a report of what was quantized/kept."""
     report = {"mode": mode, "group_size": group_size if mode == "int4" else None, "kept_16bit": [], "backend": None,

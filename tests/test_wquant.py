@@ -21,11 +21,44 @@ def test_int8_roundtrip_error_bound():
 @pytest.mark.parametrize("gs", [32, 64, 128])
 def test_int4_roundtrip_and_packing(gs):
     w = torch.randn(48, 256)
-    q, s, z = wquant.quantize_int4(w, gs)
+    q, s, z = wquant.quantize_int4(w, gs, clip_grid=(1.0,))          # plain min / max: half a step at most
     assert q.max() <= 15 and s.shape == (48, 256 // gs)
     assert torch.equal(wquant.unpack_int4(wquant.pack_int4(q)), q)
     err = (wquant.dequantize_int4(q, s, z) - w).abs().reshape(48, -1, gs)
     assert (err <= s[..., None] / 2 + 1e-5).all()
+    lo = w.reshape(48, -1, gs).amin(-1)
+    torch.testing.assert_close(s, (w.reshape(48, -1, gs).amax(-1) - lo) / 15)   # by hand: range / 15
+    torch.testing.assert_close(z, lo + 8 * s)                                     # code 8's value
+
+
+def test_int4_clipping_search_per_group():
+    """The default search: per group, never more squared error than plain min / max (the factor 1.0 is on the
+    grid) and less in all on heavy-tailed weights; a group with one outlier takes a clipped range; the chosen
+    range is a grid factor times [min, max]."""
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 256))
+    w[0, :64] = torch.linspace(-1, 1, 64)
+    w[0, 5] = 40.0                                                    # group (0, 0): one far outlier
+    sq = lambda qsz: (wquant.dequantize_int4(*qsz) - w).square().reshape(64, -1, 64).sum(-1)
+    plain, clipped = sq(wquant.quantize_int4(w, 64, clip_grid=(1.0,))), sq(wquant.quantize_int4(w, 64))
+    assert (clipped <= plain * (1 + 1e-6)).all()
+    assert clipped.sum() < 0.97 * plain.sum()
+    q, s, z = wquant.quantize_int4(w, 64)
+    lo = z - 8 * s                                                    # the group's chosen lower end
+    factors = torch.tensor(wquant.INT4_CLIP_GRID)
+    a = lo / w.reshape(64, -1, 64).amin(-1)
+    assert torch.isclose(a[..., None], factors, atol=1e-5).any(-1).all()
+    assert s[0, 0] < (40.0 + 1) / 15 * 0.99                            # the outlier's group is clipped
+    with pytest.raises(ValueError, match="clip_grid"):
+        wquant.quantize_int4(w, 64, clip_grid=(1.2,))
+
+
+def test_engine_keeps_a_16bit_head_on_request():
+    from gpt2opt_lib import models
+    m = models.build_model("random:custom:n_layer=2,n_embd=64,n_head=4", seed=0, vocab_size=1000)
+    e = FastGPT2(m, max_batch_size=1, max_seq_len=32, weight_quant="int4", quantize_lm_head=False)
+    assert any("lm_head" in k for k in e.quant_report["kept_16bit"])
+    assert e.core.lm_head.weight.dtype == torch.float32 and "lm_head/wte" not in e.quant_report["group_sizes_used"]
 
 
 def _packed_or_skip(kind, device):

@@ -78,7 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--new-tokens", type=int, default=128)
     g.add_argument("--quant", default="none,int4",
                    help="comma list of none,int8,int4,nf4 (int8 is opt-in: 6x slower than 16-bit at batch 1 on an H100)")
-    g.add_argument("--group-size", type=int, default=128, help="int4 group size (32/64/128/256)")
+    g.add_argument("--group-size", type=int, default=64, help="int4 group size (32/64/128/256)")
     g.add_argument("--attn", default="sdpa", help="HF attn_implementation of the baseline model")
     g.add_argument("--quality-tokens", type=int, default=256, help="tokens for the quantization ppl check; 0 = off")
     g.add_argument("--draft", default=None, help="speculative decoding: a draft model spec (e.g. the distilled "

@@ -137,8 +137,8 @@ def make_engine(ctx: StageContext, model, batch_size: int, max_seq_len: int, wei
     from ..generate import FastGPT2
 
     dtype = ctx.amp_dtype or torch.float32
-    if weight_quant == "int4" and ctx.device.type == "cuda":
-        dtype = torch.bfloat16  # the tinygemm int4 kernel takes bf16 activations
+    if weight_quant == "int4" and ctx.device.type == "cuda" and batch_size > 1:
+        dtype = torch.bfloat16  # tinygemm's int4 kernel takes bf16 activations (batch 1: the fused kernels, any)
     return FastGPT2(model, max_batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype,
                     weight_quant=None if weight_quant in (None, "none") else weight_quant, device=ctx.device)
 
