@@ -73,8 +73,8 @@ def main():
         print(f"{name:24s} ppl {rec.get('test_ppl', float('nan')):9.3f} ({rec.get('ppl_change_pct', 0):+6.2f} %)  "
               f"{rec.get('tokens_per_s', 0):8,.0f} tok/s  {rec.get('error', '')}", flush=True)
         torch.cuda.empty_cache() if dev.type == "cuda" else None
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1, default=str))
+        if a.json:                                                        # after each engine: a cut-off run keeps them
+            Path(a.json).write_text(json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":
