@@ -19,8 +19,9 @@ output, and on Hopper and later the kernels launch with programmatic dependent l
 in while the one before it finishes. On an H200, gpt2 fp16: 63 kernels and ~229 us of GPU time per token, 5,235-5,716
 tokens/s against 2,647-2,696 for the inductor step in the same runs (benchmarks/results/h200_*_fused*.json).
 
-Batch 1, greedy, 16-/32-bit weights (FastGPT2 picks this path for exactly those steps; others keep the compiled
-inductor step). The kernels run on CUDA, inside the engine's CUDA graph, and on CPU under TRITON_INTERPRET=1,
+Batch 1, greedy, 16-/32-bit weights, or int4 (wquant backend "fused": `_ln_gemv_q4` / `_gemv_res_q4` dequantize
+in registers; at the same GPU time a kernel as the 16-bit ones, H100: the step is latency-bound, not bandwidth-bound)
+(FastGPT2 picks this path for exactly those steps; others keep the compiled inductor step). The kernels run on CUDA, inside the engine's CUDA graph, and on CPU under TRITON_INTERPRET=1,
 where the tests compare them with the engine's eager step. Weights are read in their (N, K) nn.Linear layout.
 
 Multi-row steps (`FusedDecode.span`, speculative decoding's draft and verify steps) run each row through the same

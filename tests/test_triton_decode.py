@@ -316,6 +316,29 @@ def test_tensor_core_layer_kernels_compile_for_sm90():
                           for sk in (1, 8)])
 
 
+def test_int4_kernels_compile_for_sm90():
+    """The int4 kernels (3-D (rows, groups, G) tiles, codes to floats by bits, the int4 embedding row) compiled for
+    sm90 as the GPU would, bf16 and fp16, with PDL: the interpreter accepts bit casts and reshapes the compiler may
+    not."""
+    from sm90_compile import compile_for_sm90
+    for dt in ("*bf16", "*fp16"):
+        compile_for_sm90("triton_decode", "_ln_gemv_q4_kernel",
+                         {"x_ptr": dt, "tok_ptr": "*i64", "pos_ptr": "*i64", "wte_ptr": "*u8", "wtes_ptr": dt,
+                          "wtez_ptr": dt, "wpe_ptr": dt, "lnw_ptr": dt, "lnb_ptr": dt, "q_ptr": "*u8", "s_ptr": dt,
+                          "z_ptr": dt, "b_ptr": dt, "out_ptr": dt, "pv_ptr": "*fp32", "pi_ptr": "*i32", "K": "i32",
+                          "N": "i32", "n_valid": "i32", "eps": "fp32",
+                          **{c: "constexpr" for c in ("KH", "G", "BLOCK_N", "EMBED", "EMBED_Q4", "HAS_BIAS", "GELU",
+                                                      "ARGMAX", "PDL")}},
+                         [{"KH": 512, "G": 64, "BLOCK_N": bn, "EMBED": e, "EMBED_Q4": e, "HAS_BIAS": not am,
+                           "GELU": gl, "ARGMAX": am, "PDL": True}
+                          for bn, e, gl, am in ((8, True, False, False), (4, False, True, False),
+                                                (32, False, False, True))])
+        compile_for_sm90("triton_decode", "_gemv_res_q4_kernel",
+                         {"h_ptr": dt, "q_ptr": "*u8", "s_ptr": dt, "z_ptr": dt, "b_ptr": dt, "x_ptr": dt,
+                          "K": "i32", "N": "i32", **{c: "constexpr" for c in ("KH", "G", "BLOCK_N", "PDL")}},
+                         [{"KH": 2048, "G": 64, "BLOCK_N": 4, "PDL": True}])
+
+
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 def test_split_k_tensor_core_kernels_against_torch(split_k):
     """_ln_mm_kernel (the first layer's: embedding gather, LayerNorm, GEMM, bias, GELU) and _mm_res_kernel (GEMM,
