@@ -2,7 +2,8 @@
 # Speculative decoding with the pair 01 trains (issue 13): the gpu-speculative profile's 01 (24-layer GPT-2-medium
 # teacher from scratch, 6-layer student distilled from it) and 02 (which measures spec_k = 3 itself), then
 # `bench generate --draft` on the same pair for k = 2, 4, each against the teacher's own fast engine and HF assisted
-# generation in the same process. PROFILE (default gpu-speculative) may name another, e.g. gpu-offline.
+# generation in the same process, over 8 corpus prompts (the rows pool them; per-prompt speed-ups and acceptance
+# are listed). PROFILE (default gpu-speculative) may name another, e.g. gpu-offline.
 # Usage: GPT2OPT_GIT_SHA=<sha> benchmarks/speculative.sh RUN_DIR OUT_DIR [PROFILE]  (one CUDA GPU; ~9 min on an H100)
 # Writes OUT_DIR/<gpu>_speculative_k{2,4}.json; RUN_DIR is resumable (an existing params.json: --resume).
 set -uo pipefail
@@ -17,6 +18,7 @@ else
 fi
 for k in 2 4; do
   python3 -m gpt2opt_lib.bench generate --model "$run/01_distill/teacher" --draft "$run/01_distill/student_distilled" \
-    --draft-k "$k" --dtype bf16 --batch-size 1 --prompt-len 32 --new-tokens 128 --engines fast --repeats 8 --prompts corpus \
+    --draft-k "$k" --dtype bf16 --batch-size 1 --prompt-len 32 --new-tokens 128 --engines fast --repeats 4 --prompts corpus \
+    --draft-prompts 8 \
     --json "$out/${gpu}_speculative_k${k}.json" || exit $?
 done

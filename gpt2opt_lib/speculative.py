@@ -32,12 +32,13 @@ Batch size 1 only. `measure_speculative` times it against the target's own engin
 """
 from __future__ import annotations
 
+import statistics
 import warnings
 
 import torch
 
 from .generate import FastGPT2, capture_graph, compile_step, hf_generate
-from .timing import measure, rate
+from .timing import Timing, measure, rate
 
 
 # rounds per host sync (one CUDA graph each): the largest that cannot overshoot the requested length is used
@@ -303,6 +304,17 @@ def _hf_assisted(target_model, draft_model, ids, N: int, k: int) -> torch.Tensor
             setattr(gc, a, v)
 
 
+def _pooled_row(timings: list, new_tokens: int) -> dict:
+    """One timing row over several prompts: every timed call of every prompt pooled (mean, std, median, min over
+    all of them; repeats = their count; the highest peak), throughput from the pooled mean as in _timing_row."""
+    times = [t for tm in timings for t in tm.times_s]
+    peaks = [tm.peak_mem_mb for tm in timings if tm.peak_mem_mb is not None]
+    pooled = Timing(mean_s=statistics.fmean(times), std_s=statistics.stdev(times) if len(times) > 1 else 0.0,
+                    median_s=statistics.median(times), min_s=min(times), repeats=len(times),
+                    peak_mem_mb=max(peaks) if peaks else None, times_s=times)
+    return _timing_row(pooled, new_tokens)
+
+
 def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new_tokens: int, k: int = 4,
                         device: torch.device | str | None = None, warmup: int = 2, repeats: int = 5, *,
                         dtype: torch.dtype | None = None, engine_kwargs: dict | None = None,
@@ -313,70 +325,88 @@ def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new
     same draft and k (`hf_assisted`; its error string is recorded if this transformers version cannot run it).
 
     target_model / draft_model: HF GPT2LMHeadModels (the engines copy them to `device`, default the target's
-    device, in `dtype`, default the model's); the HF rows run the models where they are. prompt_ids: (1, T).
-    engine_kwargs go to both FastGPT2s (e.g. use_cuda_graph, compile), draft_engine_kwargs (default: the same) to
-    the draft's only (e.g. weight_quant="int8"), spec_kwargs to SpeculativeDecoder (use_cuda_graph, compile).
-    Every row goes through timing.measure (warm-up, sync, repeats).
+    device, in `dtype`, default the model's); the HF rows run the models where they are. prompt_ids: (P, T), P
+    prompts of T tokens, each generated on its own at batch 1 ((1, T): one prompt); the engines are built once,
+    every prompt is timed (warm-up, sync, repeats: timing.measure) and each row pools the timed calls of all
+    prompts. The HF rows run the first prompt only (seconds a call). engine_kwargs go to both FastGPT2s (e.g.
+    use_cuda_graph, compile), draft_engine_kwargs (default: the same) to the draft's only (e.g.
+    weight_quant="int8"), spec_kwargs to SpeculativeDecoder (use_cuda_graph, compile).
 
-    Returns {"prompt_len", "new_tokens", "k", "device", "engines": {name: row}, "speedup" (speculative / fast
-    tokens per s), "speedup_vs_hf", "acceptance_rate", "tokens_per_target_step", "token_identical" (speculative
-    output == the target engine's greedy output)}; a row holds mean_s, std_s, median_s, min_s, repeats,
-    peak_mem_mb, tokens_per_s (new tokens / mean) and its std, ms_per_token, and for `speculative` the stats of
-    `SpeculativeDecoder.generate`; HF rows hold token_identical too, or "error". "same_prefix_tokens": new tokens
-    equal to the target engine's before the first difference; "dtype": the engines' compute dtype. Identity is
-    exact in fp32, and in every dtype on the fused round (each verified row is bit for bit the target's decode
-    step); on the PyTorch round in 16-bit the verify step (k+1 rows) and the decode step (one row) run different
-    kernels whose roundings differ, so a near-tie between two tokens can flip (as HF's own greedy output differs
-    from the fast engine's there)."""
-    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
-        raise ValueError(f"prompt_ids must be a (1, T) tensor of token ids, got "
+    Returns {"prompts", "prompt_len", "new_tokens", "k", "device", "engines": {name: row}, "speedup" (speculative /
+    fast tokens per s, pooled), "speedup_per_prompt" (a list), "speedup_vs_hf", "acceptance_rate" (accepted /
+    proposed over all prompts) and "acceptance_per_prompt", "tokens_per_target_step", "token_identical" (every
+    prompt's speculative output == the target engine's greedy output)}; a row holds mean_s, std_s, median_s, min_s,
+    repeats, peak_mem_mb, tokens_per_s (new tokens / mean) and its std, ms_per_token, and for `speculative` the
+    stats of `SpeculativeDecoder.generate` summed over the prompts (rates recomputed); HF rows hold token_identical
+    too (against the first prompt's), or "error". "same_prefix_tokens": the fewest new tokens equal to the target
+    engine's before a first difference, over the prompts; "dtype": the engines' compute dtype. Identity is exact in
+    fp32, and in every dtype on the fused round (each verified row is bit for bit the target's decode step); on the
+    PyTorch round in 16-bit the verify step (k+1 rows) and the decode step (one row) run different kernels whose
+    roundings differ, so a near-tie between two tokens can flip (as HF's own greedy output differs from the fast
+    engine's there)."""
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.shape[0] < 1:
+        raise ValueError(f"prompt_ids must be a (P, T) tensor of token ids (P prompts, each run as (1, T)), got "
                          f"{tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids)}")
     device = torch.device(device) if device is not None else next(target_model.parameters()).device
-    T, N = prompt_ids.shape[1], new_tokens
+    P, T, N = prompt_ids.shape[0], prompt_ids.shape[1], new_tokens
     kw = dict(engine_kwargs or {})
     dkw = dict(kw if draft_engine_kwargs is None else draft_engine_kwargs)
     target = FastGPT2(target_model, max_batch_size=1, max_seq_len=T + N + k, dtype=dtype, device=device, **kw)
     draft = FastGPT2(draft_model, max_batch_size=1, max_seq_len=T + N + k, dtype=dtype, device=device, **dkw)
     spec = SpeculativeDecoder(target, draft, k=k, **(spec_kwargs or {}))
-    spec._check(prompt_ids, N)
-    ids = prompt_ids.to(device)
-    outs: dict = {}
-
-    def timed(name, fn):
-        t = measure(lambda: outs.__setitem__(name, fn()), device=device, warmup=warmup, repeats=repeats)
-        return _timing_row(t, N)
-
-    engines = {"fast": timed("fast", lambda: target.generate(ids, N))}
+    spec._check(prompt_ids[:1], N)
+    prompts = [prompt_ids[i:i + 1].to(device) for i in range(P)]
+    timings: dict = {"fast": [], "draft_fast": [], "speculative": []}
+    per_prompt, refs, total = [], [], {}
+    for ids in prompts:
+        outs: dict = {}
+        fns = {"fast": lambda: target.generate(ids, N), "draft_fast": lambda: draft.generate(ids, N),
+               "speculative": lambda: spec.generate(ids, N)}
+        for name, fn in fns.items():
+            timings[name].append(measure(lambda: outs.__setitem__(name, fn()), device=device, warmup=warmup,
+                                         repeats=repeats))
+        out, stats = outs["speculative"]
+        ref = outs["fast"]
+        refs.append(ref)
+        n = min(out.shape[1], ref.shape[1])
+        diff = (out[0, T:n] != ref[0, T:n]).nonzero()
+        per_prompt.append(dict(stats, token_identical=bool(out.shape == ref.shape and torch.equal(out, ref)),
+                               same_prefix_tokens=int(diff[0, 0]) if diff.numel() else n - T,
+                               speedup=timings["fast"][-1].mean_s / timings["speculative"][-1].mean_s))
+        for key in ("new_tokens", "target_forward_passes", "verify_steps", "draft_forward_passes", "proposed",
+                    "accepted"):
+            total[key] = total.get(key, 0) + stats[key]
+    stats = dict(total, k=k, acceptance_rate=total["accepted"] / total["proposed"] if total["proposed"] else None,
+                 tokens_per_target_step=total["new_tokens"] / total["target_forward_passes"],
+                 mean_accepted_per_verify=total["accepted"] / total["verify_steps"] if total["verify_steps"] else None)
+    engines = {name: _pooled_row(tms, N) for name, tms in timings.items()}
     engines["fast"].update(cuda_graph=target.use_cuda_graph, compiled=target.compile)
-    engines["draft_fast"] = timed("draft_fast", lambda: draft.generate(ids, N))
-    engines["speculative"] = timed("speculative", lambda: spec.generate(ids, N))
-    out, stats = outs.pop("speculative")
+    token_identical = all(r["token_identical"] for r in per_prompt)
     engines["speculative"].update(stats, cuda_graph=spec.use_cuda_graph, compiled=spec.compile,
                                  compile_error=spec.compile_error, fused=spec.fused,
-                                 fused_off_reason=spec.fused_off_reason)
-    ref = outs["fast"]
-    token_identical = bool(out.shape == ref.shape and torch.equal(out, ref))
-    engines["speculative"]["token_identical"] = token_identical
-    n = min(out.shape[1], ref.shape[1])
-    diff = (out[0, T:n] != ref[0, T:n]).nonzero()
-    same_prefix = int(diff[0, 0]) if diff.numel() else n - T      # new tokens equal before the first divergence
+                                 fused_off_reason=spec.fused_off_reason, token_identical=token_identical)
     if hf_baselines:
         model_dev = next(target_model.parameters()).device
-        rows = {"hf": lambda: hf_generate(target_model, ids.to(model_dev), N),
-                "hf_assisted": lambda: _hf_assisted(target_model, draft_model, ids.to(model_dev), N, k)}
+        rows = {"hf": lambda: hf_generate(target_model, prompts[0].to(model_dev), N),
+                "hf_assisted": lambda: _hf_assisted(target_model, draft_model, prompts[0].to(model_dev), N, k)}
         for name, fn in rows.items():
             try:
-                engines[name] = timed(name, fn)
-                o = outs[name].to(ref.device)
-                engines[name]["token_identical"] = bool(o.shape == ref.shape and torch.equal(o, ref))
+                outs = {}
+                engines[name] = _timing_row(measure(lambda: outs.__setitem__(name, fn()), device=device,
+                                                    warmup=warmup, repeats=repeats), N)
+                o = outs[name].to(refs[0].device)
+                engines[name]["token_identical"] = bool(o.shape == refs[0].shape and torch.equal(o, refs[0]))
+                engines[name]["prompts"] = 1
             except Exception as e:  # noqa: BLE001 - a baseline's failure is recorded, not raised
                 engines[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
     tps = lambda name: engines.get(name, {}).get("tokens_per_s")
     ratio = lambda a, b: tps(a) / tps(b) if tps(a) and tps(b) else None
-    return {"prompt_len": T, "new_tokens": N, "k": k, "device": str(device), "engines": engines,
-            "speedup": ratio("speculative", "fast"), "speedup_vs_hf": ratio("speculative", "hf"),
-            "hf_assisted_speedup_vs_hf": ratio("hf_assisted", "hf"),
-            "acceptance_rate": stats["acceptance_rate"], "tokens_per_target_step": stats["tokens_per_target_step"],
-            "token_identical": token_identical, "same_prefix_tokens": same_prefix,
+    return {"prompts": P, "prompt_len": T, "new_tokens": N, "k": k, "device": str(device), "engines": engines,
+            "speedup": ratio("speculative", "fast"), "speedup_per_prompt": [r["speedup"] for r in per_prompt],
+            "speedup_vs_hf": ratio("speculative", "hf"), "hf_assisted_speedup_vs_hf": ratio("hf_assisted", "hf"),
+            "acceptance_rate": stats["acceptance_rate"],
+            "acceptance_per_prompt": [r["acceptance_rate"] for r in per_prompt],
+            "tokens_per_target_step": stats["tokens_per_target_step"], "token_identical": token_identical,
+            "same_prefix_tokens": min(r["same_prefix_tokens"] for r in per_prompt),
             "dtype": str(target.dtype).replace("torch.", "")}
 

@@ -59,6 +59,7 @@ def test_unknown_random_arch_is_a_clear_error():
     (["generate", "--draft", "random:tiny", "--batch-size", "2"], "--batch-size 1"),
     (["generate", "--draft", "random:nope"], "random:nope"),
     (["generate", "--draft", "random:tiny", "--draft-k", "0"], "--draft-k 0"),
+    (["generate", "--draft", "random:tiny", "--draft-prompts", "0"], "--draft-prompts 0"),
     (["forward", "--seq-len", "0"], "--seq-len 0"),
     (["train", "--kd-alpha", "2"], "--kd-alpha"),
 ])
@@ -84,13 +85,15 @@ def test_check_args_in_process():
 
 
 def test_generate_with_a_draft_measures_speculative_decoding(tmp_path):
-    """--draft: speculative decoding against the target's own engine and HF assisted generation, same run; the
-    output is the target's greedy output token for token (fp32), and the JSON says so."""
+    """--draft: speculative decoding against the target's own engine and HF assisted generation, same run, over two
+    prompts; the output is the target's greedy output token for token (fp32), and the JSON says so."""
     out = tmp_path / "specul.json"
     rep = bench.main(["generate", "--model", "random:tiny-teacher", "--draft", "random:tiny", "--draft-k", "3",
                       "--dtype", "fp32", "--device", "cpu", "--prompt-len", "8", "--new-tokens", "9", "--repeats", "1",
-                      "--warmup", "0", "--quant", "none", "--prompts", "corpus", "--json", str(out)])
+                      "--warmup", "0", "--quant", "none", "--prompts", "corpus", "--draft-prompts", "2",
+                      "--json", str(out)])
     spec = json.loads(out.read_text())["speculative"]
+    assert spec["prompts"] == 2 and len(spec["speedup_per_prompt"]) == 2   # two corpus windows, pooled rows
     assert spec == json.loads(json.dumps(rep["speculative"], default=str))
     assert spec["draft"] == "random:tiny" and spec["k"] == 3 and spec["token_identical"] is True
     e = spec["engines"]

@@ -325,6 +325,28 @@ def test_measure_speculative_cpu(target_model):
         measure_speculative(target_model, target_model, prompt(1)[0], 4)
 
 
+def test_measure_speculative_pools_several_prompts(target_model):
+    """Three prompts, one engine pair: each row pools 3 x 2 timed calls, the speculative stats are the prompts'
+    sums (acceptance = accepted / proposed over all of them, by hand from the per-prompt rates), every prompt
+    token-identical, the per-prompt speed-ups listed; the HF rows run the first prompt only."""
+    ids = torch.cat([prompt(s) for s in (1, 2, 3)])
+    res = measure_speculative(target_model, perturbed(target_model), ids, 12, k=3, device="cpu", warmup=0,
+                              repeats=2)
+    eng = res["engines"]
+    assert res["prompts"] == 3 and res["token_identical"] is True and len(res["speedup_per_prompt"]) == 3
+    for name in ("fast", "draft_fast", "speculative"):
+        assert eng[name]["repeats"] == 6, name
+    assert eng["hf"]["repeats"] == 2 and eng["hf"]["prompts"] == 1
+    sp = eng["speculative"]
+    assert sp["new_tokens"] >= 3 * 12 and sp["proposed"] == 3 * sp["verify_steps"]
+    per = [a for a in res["acceptance_per_prompt"] if a is not None]
+    assert min(per) <= res["acceptance_rate"] <= max(per)
+    assert res["acceptance_rate"] == sp["accepted"] / sp["proposed"]
+    assert res["speedup"] == eng["speculative"]["tokens_per_s"] / eng["fast"]["tokens_per_s"]
+    with pytest.raises(ValueError, match=r"\(P, T\)"):
+        measure_speculative(target_model, target_model, ids[:0], 4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("round_", ["fused", "compiled", "eager-graph"])

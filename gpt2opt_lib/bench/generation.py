@@ -136,7 +136,8 @@ def cmd_generate(args) -> dict:
 
 def _speculative(args, model, ids, dtype, device) -> dict:
     """--draft SPEC: speculative decoding (the draft proposes --draft-k tokens, the model verifies them in one step)
-    against the model's own fast engine and HF assisted generation, same prompt, same run. Recorded, never raised."""
+    against the model's own fast engine and HF assisted generation, same prompts (--draft-prompts of them, the
+    first one the other engines' prompt), same run. Recorded, never raised."""
     from .. import speculative
 
     t0 = time.perf_counter()
@@ -144,7 +145,9 @@ def _speculative(args, model, ids, dtype, device) -> dict:
         draft = build_model(args.draft, dtype, device, attn=args.attn.split(",")[0], seed=args.seed + 1)
         kw = dict(use_cuda_graph=args.cuda_graph, compile=args.compile,
                   fused_gemm=getattr(args, "spec_fused_gemm", "gemv"))
-        rec = speculative.measure_speculative(model, draft, ids[:1], args.new_tokens, k=args.draft_k, device=device,
+        P = getattr(args, "draft_prompts", 1)
+        prompts = ids[:1] if P == 1 else _prompts(args, model.config.vocab_size, P, ids.shape[1]).to(device)
+        rec = speculative.measure_speculative(model, draft, prompts, args.new_tokens, k=args.draft_k, device=device,
                                               warmup=args.warmup, repeats=args.repeats, engine_kwargs=kw)
         rec["draft"] = args.draft
         e = rec["engines"]
