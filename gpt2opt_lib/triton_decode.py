@@ -118,6 +118,24 @@ if triton is not None:
                        eviction_policy="evict_first")
 
     @triton.jit
+    def _gemv_out(acc, n, nm, row, pid, N, n_valid, out_ptr, pv_ptr, pi_ptr, DT: tl.constexpr, GELU: tl.constexpr,
+                  ARGMAX: tl.constexpr):
+        """A LayerNorm+GEMV program's end, row `row`, columns n (acc: fp32, bias added): the tanh-GELU of the
+        output rounded to the model dtype DT, then either the output stored or (ARGMAX, the head) the tile's
+        (max, lowest argmax) over the logits rounded as the model's matmul, columns >= n_valid excluded."""
+        if GELU:
+            acc = _gelu_tanh(acc.to(DT).to(tl.float32))
+        if ARGMAX:
+            acc = acc.to(DT).to(tl.float32)
+            acc = tl.where(n < n_valid, acc, float("-inf"))
+            m = tl.max(acc, 0)
+            i = tl.min(tl.where(acc == m, n, 2147483647), 0)              # lowest index among the maxima
+            tl.store(pv_ptr + row * tl.num_programs(1) + pid, m)
+            tl.store(pi_ptr + row * tl.num_programs(1) + pid, i)
+        else:
+            tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
+
+    @triton.jit
     def _ln_gemv_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
                         pv_ptr, pi_ptr, K, N, n_valid, eps,
                         KP: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -156,17 +174,7 @@ if triton is not None:
         acc = tl.sum(w.to(tl.float32) * h[None, :], 1)                    # (BLOCK_N,)
         if HAS_BIAS:
             acc += bias
-        if GELU:
-            acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
-        if ARGMAX:                                                        # logits rounded as the model's matmul
-            acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-            acc = tl.where(n < n_valid, acc, float("-inf"))
-            m = tl.max(acc, 0)
-            i = tl.min(tl.where(acc == m, n, 2147483647), 0)              # lowest index among the maxima
-            tl.store(pv_ptr + row * tl.num_programs(1) + pid, m)
-            tl.store(pi_ptr + row * tl.num_programs(1) + pid, i)
-        else:
-            tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
+        _gemv_out(acc, n, nm, row, pid, N, n_valid, out_ptr, pv_ptr, pi_ptr, w_ptr.dtype.element_ty, GELU, ARGMAX)
 
     @triton.jit
     def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, KP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -203,6 +211,12 @@ if triton is not None:
         g = tl.arange(0, GP)
         c = tl.arange(0, G)
         return g[:, None] * G + c[None, :], (g < (K // 2) // G)[:, None] & (c < G)[None, :]
+
+    @triton.jit
+    def _halves(ptr, o, om, K):
+        """A row's two halves [0, K/2) and [K/2, K) at ptr, as (GP, G) fp32 tensors (offsets o, mask om)."""
+        return (tl.load(ptr + o, mask=om, other=0.0).to(tl.float32),
+                tl.load(ptr + K // 2 + o, mask=om, other=0.0).to(tl.float32))
 
     @triton.jit
     def _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, K, G: tl.constexpr, GP: tl.constexpr):
@@ -276,10 +290,8 @@ if triton is not None:
         KH2 = K // 2
         o, om = _q4_index(K, G, GP)
         p, s_lo, s_hi, z_lo, z_hi = _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, K, G, GP)
-        lnw_lo = tl.load(lnw_ptr + o, mask=om, other=0.0).to(tl.float32)
-        lnw_hi = tl.load(lnw_ptr + KH2 + o, mask=om, other=0.0).to(tl.float32)
-        lnb_lo = tl.load(lnb_ptr + o, mask=om, other=0.0).to(tl.float32)
-        lnb_hi = tl.load(lnb_ptr + KH2 + o, mask=om, other=0.0).to(tl.float32)
+        lnw_lo, lnw_hi = _halves(lnw_ptr, o, om, K)
+        lnb_lo, lnb_hi = _halves(lnb_ptr, o, om, K)
         if HAS_BIAS:
             bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
@@ -289,17 +301,15 @@ if triton is not None:
             if EMBED_Q4:
                 e_lo, e_hi = _q4_row(wte_ptr, wtes_ptr, wtez_ptr, t, K, G, GP, DT)
             else:
-                e_lo = tl.load(wte_ptr + t * K + o, mask=om, other=0.0).to(tl.float32)
-                e_hi = tl.load(wte_ptr + t * K + KH2 + o, mask=om, other=0.0).to(tl.float32)
-            x_lo = (e_lo + tl.load(wpe_ptr + ps * K + o, mask=om, other=0.0).to(tl.float32)).to(DT)
-            x_hi = (e_hi + tl.load(wpe_ptr + ps * K + KH2 + o, mask=om, other=0.0).to(tl.float32)).to(DT)
+                e_lo, e_hi = _halves(wte_ptr + t * K, o, om, K)
+            p_lo, p_hi = _halves(wpe_ptr + ps * K, o, om, K)
+            x_lo, x_hi = (e_lo + p_lo).to(DT), (e_hi + p_hi).to(DT)
             if pid == 0:
                 tl.store(x_ptr + row * K + o, x_lo, mask=om)
                 tl.store(x_ptr + row * K + KH2 + o, x_hi, mask=om)
             x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
         else:
-            x_lo = tl.load(x_ptr + row * K + o, mask=om, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + row * K + KH2 + o, mask=om, other=0.0).to(tl.float32)
+            x_lo, x_hi = _halves(x_ptr + row * K, o, om, K)
         mean = (tl.sum(tl.sum(x_lo, 1), 0) + tl.sum(tl.sum(x_hi, 1), 0)) / K
         d_lo = tl.where(om, x_lo - mean, 0.0)
         d_hi = tl.where(om, x_hi - mean, 0.0)
@@ -309,17 +319,7 @@ if triton is not None:
         acc = _q4_dot(p, h_lo, h_hi, s_lo, s_hi, z_lo, z_hi)
         if HAS_BIAS:
             acc += bias
-        if GELU:
-            acc = _gelu_tanh(acc.to(DT).to(tl.float32))
-        if ARGMAX:                                                        # logits rounded as the model's matmul
-            acc = acc.to(DT).to(tl.float32)
-            acc = tl.where(n < n_valid, acc, float("-inf"))
-            m = tl.max(acc, 0)
-            i = tl.min(tl.where(acc == m, n, 2147483647), 0)              # lowest index among the maxima
-            tl.store(pv_ptr + row * tl.num_programs(1) + pid, m)
-            tl.store(pi_ptr + row * tl.num_programs(1) + pid, i)
-        else:
-            tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
+        _gemv_out(acc, n, nm, row, pid, N, n_valid, out_ptr, pv_ptr, pi_ptr, DT, GELU, ARGMAX)
 
     @triton.jit
     def _gemv_res_q4_kernel(h_ptr, q_ptr, s_ptr, z_ptr, b_ptr, x_ptr, K, N, KH: tl.constexpr, G: tl.constexpr,
@@ -330,13 +330,11 @@ if triton is not None:
         pid = tl.program_id(1)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
-        KH2 = K // 2
         o, om = _q4_index(K, G, GP)
         p, s_lo, s_hi, z_lo, z_hi = _q4_tile(q_ptr, s_ptr, z_ptr, n, nm, K, G, GP)
         bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
-        h_lo = tl.load(h_ptr + row * K + o, mask=om, other=0.0).to(tl.float32)
-        h_hi = tl.load(h_ptr + row * K + KH2 + o, mask=om, other=0.0).to(tl.float32)
+        h_lo, h_hi = _halves(h_ptr + row * K, o, om, K)
         acc = _q4_dot(p, h_lo, h_hi, s_lo, s_hi, z_lo, z_hi) + bias
         acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)               # the projection in the model dtype
         x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
@@ -827,8 +825,6 @@ class FusedDecode:
         N, K = dense.weight.shape
         tok, pos = embed if embed is not None else (x, x)
         wte = self.core.wte.weight if embed is not None else x
-        if embed is not None and _is_q4(self.core.wte):
-            raise ValueError("fused decode: an int4 embedding needs an int4 first layer")
         bias = dense.bias if dense.bias is not None else dense.weight      # a placeholder pointer without bias
         if self.gemm == "mma":
             kern, fixed = self.kernels["ln_mm"]
