@@ -10,7 +10,9 @@ verify step of k + 1 rows.
 rows) on the same engine and caches: decode_step_mma and span_<M>_mma, each also against its own decode step.
 `--configs 1x4,8x4,...` also times the decode step and every span with ONE fixed tile config (BLOCK_N x warps) for
 all layer kernels instead of the autotuned ones: which tile suits the one-row step and which the multi-row steps.
-`--by-kernel` adds, per row count, the GPU time of each kernel (torch.profiler over eager launches, no graph)."""
+`--by-kernel` adds, per row count, the GPU time of each kernel (torch.profiler over eager launches, no graph) and
+of each launch role (a layer's LayerNorm+QKV, attention, attention projection, LayerNorm+FC, MLP projection summed
+over the layers; the head; the argmax)."""
 import argparse
 import json
 import sys
@@ -39,6 +41,24 @@ def _graph_time(fn, replays: int, repeats: int) -> dict:
         times.append(a.elapsed_time(b) * 1e3 / replays)               # us per call
     t = torch.tensor(times)
     return {"us_mean": t.mean().item(), "us_std": t.std().item(), "replays": replays, "repeats": repeats}
+
+
+ROLES = ("ln_qkv", "attn", "attn_proj", "ln_fc", "mlp_proj")   # a layer's five launches, in order
+
+
+def _by_role(prof, replays: int, n_layer: int) -> dict:
+    """GPU time per step of each launch role (a layer's five, summed over the layers; then the head and the
+    argmax), from the profiled kernels in launch order: where a multi-row step's extra time goes."""
+    ks = sorted((ev.time_range.start, ev.time_range.elapsed_us()) for ev in prof.events()
+                if ev.device_type.name == "CUDA" and ev.name.startswith("_"))
+    per_step = 5 * n_layer + 2
+    if len(ks) != per_step * replays:
+        return {"error": f"{len(ks)} kernels, expected {per_step} x {replays}"}
+    roles = {r: 0.0 for r in ROLES + ("head", "argmax")}
+    for i, (_, us) in enumerate(ks):
+        j = i % per_step
+        roles[ROLES[j % 5] if j < 5 * n_layer else ("head", "argmax")[j - 5 * n_layer]] += us / replays
+    return roles
 
 
 def main(argv=None):
@@ -117,8 +137,11 @@ def main(argv=None):
                 t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
                 if t and ev.key.startswith("_"):                        # the Triton kernels (_ln_gemv_kernel, ...)
                     per[ev.key] = {"us_per_step": t / a.replays, "launches_per_step": ev.count / a.replays}
+            per["by_role"] = _by_role(prof, a.replays, len(eng.core.blocks))
             by_kernel[f"span_{m}_{label}"] = per
-            print(f"span_{m}_{label}: " + ", ".join(f"{k} {v['us_per_step']:.0f} us" for k, v in sorted(per.items())))
+            print(f"span_{m}_{label}: " + ", ".join(f"{k} {v['us_per_step']:.0f} us" for k, v in sorted(per.items())
+                                                    if k != "by_role"))
+            print("    by role: " + ", ".join(f"{k} {v:.1f} us" for k, v in per["by_role"].items()))
     base = res["decode_step"]["us_mean"]
     for name, r in res.items():
         r["vs_decode_step"] = r["us_mean"] / base
