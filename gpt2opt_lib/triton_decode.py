@@ -358,14 +358,6 @@ if triton is not None:
         return lo, tl.minimum(lo + span, K)
 
     @triton.jit
-    def _next_chunk(w_ptr, n, nm, k0, hi, K, BLOCK_K: tl.constexpr):
-        """The weight chunk after the one at k0 (masked off past the slice's end hi): issued before the current
-        chunk's dot, so a tensor-core kernel streams its weights one chunk ahead, its first chunk loaded before
-        the wait for its inputs (programmatic dependent launch) as the GEMV kernels load their whole tile."""
-        kn = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
-        return _weight_tile(w_ptr, n, kn, nm, kn < hi, K)
-
-    @triton.jit
     def _split_k_total(acc, ws_ptr, cnt_ptr, rm, rmask, n, nm, N, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr):
         """Split-K (SPLIT_K > 1: tile `pid`'s K in SPLIT_K slices, program axis 1, more programs streaming weights
         than the N / BLOCK_N tiles alone): this program's fp32 partial goes to its slot of the workspace (ws, laid
@@ -412,9 +404,7 @@ if triton is not None:
         rmask = rm < M
         if HAS_BIAS:
             bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
-        lo, hi = _k_slice(K, BLOCK_K, SPLIT_K)
-        w = _weight_tile(w_ptr, n, lo + tl.arange(0, BLOCK_K), nm, lo + tl.arange(0, BLOCK_K) < hi, K)
-        _wait_for_inputs(PDL)   # the slice's first weight chunk is in flight (loaded before the wait, as the GEMV's)
+        _wait_for_inputs(PDL)
         if EMBED:          # x = wte[tok] + wpe[pos], written once (every program gathers its own copy below)
             if (pid == 0) & (tl.program_id(1) == 0):
                 for k0 in range(0, KP, BLOCK_K):
@@ -424,16 +414,16 @@ if triton is not None:
                              mask=rmask[:, None] & (k < K)[None, :])
         mean, rstd = _row_stats(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, K, eps, KP, BLOCK_K, EMBED)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        lo, hi = _k_slice(K, BLOCK_K, SPLIT_K)
         for k0 in range(lo, hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km = k < K
-            w_next = _next_chunk(w_ptr, n, nm, k0, hi, K, BLOCK_K)
+            w = _weight_tile(w_ptr, n, k, nm, km, K)
             x = _x_chunk(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, rm, rmask, k, km, K, EMBED)
             lnw = tl.load(lnw_ptr + k, mask=km, other=0.0).to(tl.float32)
             lnb = tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
             h = tl.where(km[None, :], (x - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :], 0.0)
             acc += _mm_dot(h.to(w_ptr.dtype.element_ty), w, w_ptr.dtype.element_ty == tl.float32)
-            w = w_next
         done = True
         if SPLIT_K > 1:
             acc, done = _split_k_total(acc, ws_ptr, cnt_ptr, rm, rmask, n, nm, N, BLOCK_M, SPLIT_K)
@@ -496,17 +486,15 @@ if triton is not None:
         rm = tl.arange(0, BLOCK_M)
         rmask = rm < M
         bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
-        lo, hi = _k_slice(K, BLOCK_K, SPLIT_K)
-        w = _weight_tile(w_ptr, n, lo + tl.arange(0, BLOCK_K), nm, lo + tl.arange(0, BLOCK_K) < hi, K)
         _wait_for_inputs(PDL)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        lo, hi = _k_slice(K, BLOCK_K, SPLIT_K)
         for k0 in range(lo, hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km = k < K
-            w_next = _next_chunk(w_ptr, n, nm, k0, hi, K, BLOCK_K)
+            w = _weight_tile(w_ptr, n, k, nm, km, K)
             h = tl.load(h_ptr + rm[:, None] * K + k[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
             acc += _mm_dot(h, w, w_ptr.dtype.element_ty == tl.float32)
-            w = w_next
         done = True
         if SPLIT_K > 1:
             acc, done = _split_k_total(acc, ws_ptr, cnt_ptr, rm, rmask, n, nm, N, BLOCK_M, SPLIT_K)
@@ -765,10 +753,6 @@ def _kernels(device: torch.device):
         mm = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=st)
               for bn, bk, st in ((MM_MIN_BLOCK_N, 64, 4), (16, 128, 3), (16, 256, 3), (32, 128, 3), (64, 128, 3))
               for sk in (1, 2, 4, MM_MAX_SPLIT_K)]
-        # long chunks streamed one ahead by the kernel itself (no software pipelining on top): a gpt2-medium row
-        # (K = 1024) in one chunk, its weights all loaded before the wait as the GEMV kernels'
-        mm += [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=1)
-               for bn, bk, w in ((16, 512, 4), (16, 1024, 4), (16, 1024, 8), (32, 512, 8)) for sk in (1, 2, 4)]
         _TUNED["ln_mm"] = (triton.autotune(mm, key=["K", "N", "KP", "GELU", "PDL"])(_ln_mm_kernel), {})
         _TUNED["mm_res"] = (triton.autotune(mm, key=["K", "N", "PDL"], restore_value=["x_ptr"])(_mm_res_kernel), {})
     return _TUNED
