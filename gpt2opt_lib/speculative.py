@@ -51,9 +51,21 @@ def rounds_per_sync(left: int, k: int) -> int:
     return next(r for r in ROUNDS_PER_SYNC if r == 1 or r * (k + 1) <= left)
 
 
+def frequent_tokens(stream: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """The n most frequent token ids of `stream` (1-D token ids, e.g. the draft's training split), sorted
+    ascending: a draft vocabulary (`SpeculativeDecoder(draft_vocab=...)`). Equal counts: the lower id first."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= vocab_size:
+        raise ValueError(f"draft vocabulary size must be an int in 1..{vocab_size}, got {n!r}")
+    if stream.numel() == 0:
+        raise ValueError("frequent_tokens: the token stream is empty")
+    counts = torch.bincount(stream.reshape(-1).long().cpu(), minlength=vocab_size)[:vocab_size]
+    order = torch.argsort(-counts, stable=True)                         # stable: ties keep the lower id first
+    return order[:n].sort().values
+
+
 class SpeculativeDecoder:
     def __init__(self, target: FastGPT2, draft: FastGPT2, k: int = 4, use_cuda_graph: bool | str = "auto",
-                 compile: bool | str = "auto", fused: bool | str = "auto"):
+                 compile: bool | str = "auto", fused: bool | str = "auto", draft_vocab: torch.Tensor | None = None):
         """target, draft: FastGPT2 engines on the same device with the same vocabulary (any dtype / weight quant).
 
         k: draft tokens per target step (>= 1). use_cuda_graph / compile: "auto" = on for CUDA (compile only if
@@ -62,7 +74,12 @@ class SpeculativeDecoder:
         (`fused_off_reason` says why not); True insists (also eagerly, e.g. under Triton's CPU interpreter); False
         = the PyTorch round. compile applies to the PyTorch round only. The engines' KV caches are reused (their
         own `generate` still works; it and this decoder overwrite each other's cache contents, never both at
-        once)."""
+        once).
+
+        draft_vocab: token ids (1-D) the draft may propose, e.g. `frequent_tokens` of its training text (FR-Spec:
+        a small draft spends a large share of its step in its 50k-row head); its greedy token is then the argmax
+        over those ids only, and on the fused round its head reads only their rows. The output stays the target's
+        (only the acceptance changes). None = the whole vocabulary."""
         for name, eng in (("target", target), ("draft", draft)):
             if not isinstance(eng, FastGPT2):
                 raise TypeError(f"{name} must be a FastGPT2 engine, got {type(eng).__name__}")
@@ -77,6 +94,7 @@ class SpeculativeDecoder:
         if target.device != draft.device:
             raise ValueError(f"target and draft must be on the same device, got {target.device} and {draft.device}")
         self.target, self.draft, self.k, self.device = target, draft, k, target.device
+        self.draft_vocab = None if draft_vocab is None else self._vocab(draft_vocab)
         on_cuda = self.device.type == "cuda"
         self.use_cuda_graph = on_cuda if use_cuda_graph == "auto" else bool(use_cuda_graph)
         if self.use_cuda_graph and not on_cuda:
@@ -89,6 +107,9 @@ class SpeculativeDecoder:
         self._caches = ([c[:1] for c in target.ks], [c[:1] for c in target.vs],
                         [c[:1] for c in draft.ks], [c[:1] for c in draft.vs])
         self.fused, self.fused_off_reason = self._fused_choice(fused)
+        self._dhead = None                                             # the draft's head over draft_vocab (fused)
+        if self.fused and self.draft_vocab is not None:
+            self._dhead = draft.fused.subset_head(self.draft_vocab)
         if self.fused:
             self.compile = False                                        # nothing of the fused round is compiled
             self._vt = torch.zeros(k + 1, dtype=torch.long, device=dev)   # (x_{n-1}, d_1 .. d_k): the verify span
@@ -102,6 +123,22 @@ class SpeculativeDecoder:
         self._graphs: dict = {}
         self._ids: dict = {}
         self._pool = None
+
+    def _vocab(self, ids) -> torch.Tensor:
+        V = self.target.core.vocab_size
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() < 1 or ids.is_floating_point():
+            raise ValueError(f"draft_vocab must be a 1-D tensor of token ids, got "
+                             f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        ids = ids.long().cpu().sort().values
+        if int(ids[0]) < 0 or int(ids[-1]) >= V or bool((ids[1:] == ids[:-1]).any()):
+            raise ValueError(f"draft_vocab must hold distinct token ids in 0..{V - 1}")
+        return ids.to(self.device)
+
+    def _draft_argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The draft's greedy token from its logits (..., V): over draft_vocab only where it is set."""
+        if self.draft_vocab is None:
+            return logits.argmax(-1)
+        return self.draft_vocab[logits.index_select(-1, self.draft_vocab).argmax(-1)]
 
     def _fused_choice(self, fused) -> tuple[bool, str | None]:
         if fused is False:
@@ -144,9 +181,10 @@ class SpeculativeDecoder:
         """The round of `_iteration` on the fused kernels; its inputs (vt[0], dtok, dpos, vpos) were set by the
         previous spec_book (the prefill's or the last round's)."""
         dr, tg, vt, k = self.draft.fused, self.target.fused, self._vt, self.k
-        dr.span(self._dtok, self._dpos[:1], vt[1:2], dks, dvs, skip=1)     # (x_{n-2}, x_{n-1}) -> d_1
+        h = self._dhead
+        dr.span(self._dtok, self._dpos[:1], vt[1:2], dks, dvs, skip=1, head=h)   # (x_{n-2}, x_{n-1}) -> d_1
         for i in range(1, k):                                             # d_i at slot n-1+i -> d_{i+1}
-            dr.span(vt[i:i + 1], self._dpos[i:i + 1], vt[i + 1:i + 2], dks, dvs)
+            dr.span(vt[i:i + 1], self._dpos[i:i + 1], vt[i + 1:i + 2], dks, dvs, head=h)
         tg.span(vt, self._vpos, self._g, tks, tvs)                        # (x_{n-1}, d_1 .. d_k) -> g_0 .. g_k
         self._book(n, seq, accept=True)
 
@@ -155,10 +193,10 @@ class SpeculativeDecoder:
         k, dc = self.k, self.draft.core
         p = n - 1                                                       # (1,) slot of the pending token x_{n-1}
         pos2 = torch.cat([p - 1, p])                                    # (2,)
-        cur = dc.span_logits(seq[:, pos2], pos2, dks, dvs)[:, -1].argmax(-1)   # d_1 (1,)
+        cur = self._draft_argmax(dc.span_logits(seq[:, pos2], pos2, dks, dvs)[:, -1])   # d_1 (1,)
         drafts = [cur]
         for i in range(1, k):
-            cur = dc.decode_logits(cur, p + i, dks, dvs).argmax(-1)    # d_{i+1}
+            cur = self._draft_argmax(dc.decode_logits(cur, p + i, dks, dvs))   # d_{i+1}
             drafts.append(cur)
         d = torch.stack(drafts, dim=1)                                  # (1, k)
         pos = p + self._span                                            # (k+1,) slots n-1 .. n+k-1
@@ -330,7 +368,7 @@ def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new
     every prompt is timed (warm-up, sync, repeats: timing.measure) and each row pools the timed calls of all
     prompts. The HF rows run the first prompt only (seconds a call). engine_kwargs go to both FastGPT2s (e.g.
     use_cuda_graph, compile), draft_engine_kwargs (default: the same) to the draft's only (e.g.
-    weight_quant="int8"), spec_kwargs to SpeculativeDecoder (use_cuda_graph, compile).
+    weight_quant="int8"), spec_kwargs to SpeculativeDecoder (use_cuda_graph, compile, draft_vocab).
 
     Returns {"prompts", "prompt_len", "new_tokens", "k", "device", "engines": {name: row}, "speedup" (speculative /
     fast tokens per s, pooled), "speedup_per_prompt" (a list), "speedup_vs_hf", "acceptance_rate" (accepted /
@@ -339,7 +377,9 @@ def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new
     repeats, peak_mem_mb, tokens_per_s (new tokens / mean) and its std, ms_per_token, and for `speculative` the
     stats of `SpeculativeDecoder.generate` summed over the prompts (rates recomputed); HF rows hold token_identical
     too (against the first prompt's), or "error". "same_prefix_tokens": the fewest new tokens equal to the target
-    engine's before a first difference, over the prompts; "dtype": the engines' compute dtype. Identity is exact in
+    engine's before a first difference, over the prompts; "dtype": the engines' compute dtype; "draft_vocab"
+    (spec_kwargs' draft_vocab: its size, else None) and "draft_vocab_coverage" (the share of the target's new tokens
+    in it, over the prompts: what the draft could propose at all). Identity is exact in
     fp32, and in every dtype on the fused round (each verified row is bit for bit the target's decode step); on the
     PyTorch round in 16-bit the verify step (k+1 rows) and the decode step (one row) run different kernels whose
     roundings differ, so a near-tie between two tokens can flip (as HF's own greedy output differs from the fast
@@ -399,6 +439,11 @@ def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new
                 engines[name]["prompts"] = 1
             except Exception as e:  # noqa: BLE001 - a baseline's failure is recorded, not raised
                 engines[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    vocab = spec.draft_vocab
+    coverage = None   # the share of the target's new tokens the draft could propose at all (its acceptance ceiling)
+    if vocab is not None:
+        new = torch.cat([r[0, T:] for r in refs]).to(vocab.device)
+        coverage = torch.isin(new, vocab).float().mean().item()
     tps = lambda name: engines.get(name, {}).get("tokens_per_s")
     ratio = lambda a, b: tps(a) / tps(b) if tps(a) and tps(b) else None
     return {"prompts": P, "prompt_len": T, "new_tokens": N, "k": k, "device": str(device), "engines": engines,
@@ -408,5 +453,6 @@ def measure_speculative(target_model, draft_model, prompt_ids: torch.Tensor, new
             "acceptance_per_prompt": [r["acceptance_rate"] for r in per_prompt],
             "tokens_per_target_step": stats["tokens_per_target_step"], "token_identical": token_identical,
             "same_prefix_tokens": min(r["same_prefix_tokens"] for r in per_prompt),
-            "dtype": str(target.dtype).replace("torch.", "")}
+            "dtype": str(target.dtype).replace("torch.", ""),
+            "draft_vocab": None if vocab is None else vocab.numel(), "draft_vocab_coverage": coverage}
 

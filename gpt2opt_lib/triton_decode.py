@@ -587,11 +587,16 @@ if triton is not None:
 
 
     @triton.jit
-    def _argmax_rows_kernel(pv_ptr, pi_ptr, P, dst_ptr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-        """Row m (program m) of a multi-row step: the argmax over the head's partials, as _finish_kernel, to dst[m]."""
+    def _argmax_rows_kernel(pv_ptr, pi_ptr, P, dst_ptr, map_ptr, BLOCK_P: tl.constexpr, MAP: tl.constexpr,
+                            PDL: tl.constexpr):
+        """Row m (program m) of a multi-row step: the argmax over the head's partials, as _finish_kernel, to dst[m];
+        MAP (a head over a subset of the vocabulary, SubsetHead): the token id map[argmax] instead."""
         _wait_for_inputs(PDL)
         m_row = tl.program_id(0)
-        tl.store(dst_ptr + m_row, _argmax_of_partials(pv_ptr + m_row * P, pi_ptr + m_row * P, P, BLOCK_P))
+        i = _argmax_of_partials(pv_ptr + m_row * P, pi_ptr + m_row * P, P, BLOCK_P)
+        if MAP:
+            i = tl.load(map_ptr + i)
+        tl.store(dst_ptr + m_row, i)
 
     @triton.jit
     def _spec_book_kernel(n_ptr, seq_ptr, vt_ptr, g_ptr, dtok_ptr, dpos_ptr, vpos_ptr,
@@ -894,15 +899,18 @@ class FusedDecode:
         tok, finished and pos += 1 (the compiled step's contract, FastGPT2._Core.decode_step)."""
         return self._on_device(self._step, tok, pos, out, finished, eos, pad, ks, vs)
 
-    def span(self, toks, pos, dst, ks, vs, skip: int = 0) -> None:
+    def span(self, toks, pos, dst, ks, vs, skip: int = 0, head: "SubsetHead | None" = None) -> None:
         """M = len(toks) consecutive tokens of batch row 0 in one step: toks (M,) long at cache slots pos .. pos+M-1
         (pos (1,) long, on the device) are written into the caches (slots from pos on are overwritten, the ones
         below are read), and the greedy next token after row m goes to dst[m - skip] for m >= skip. Row m's
-        result is bit for bit that of a one-token step at slot pos + m (`step`), any dtype."""
+        result is bit for bit that of a one-token step at slot pos + m (`step`), any dtype. head (a SubsetHead of
+        this engine, `subset_head`): the greedy token among its ids only (a speculative draft's cheaper head)."""
         M = toks.shape[0]
         if not 1 <= M <= SPAN_MAX_ROWS or not 0 <= skip < M or dst.shape[0] != M - skip:
             raise ValueError(f"span: 1 <= {M} tokens <= {SPAN_MAX_ROWS}, 0 <= skip {skip} < M, dst of M - skip rows")
-        return self._on_device(self._span, toks, pos, dst, ks, vs, skip)
+        if head is not None and head.block != self.head_block:
+            raise ValueError("span: the SubsetHead was made for another engine's head tile")
+        return self._on_device(self._span, toks, pos, dst, ks, vs, skip, head)
 
     def _layers(self, tok, pos, M, ks, vs):
         core, C = self.core, self.core.wpe.shape[1]
@@ -919,22 +927,46 @@ class FusedDecode:
             self._gemv_res(h, blk.mlp_proj, x, M)
         return x
 
-    def _head(self, x, M):
+    def _head(self, x, M, head=None):
         core = self.core
-        self._ln_gemv(x, core.lnf_w, core.lnf_b, core.lm_head, x, M, argmax=True, n_valid=core.vocab_size,
-                      block_n=self.head_block)
+        dense, n_valid = (core.lm_head, core.vocab_size) if head is None else (head, head.n)
+        self._ln_gemv(x, core.lnf_w, core.lnf_b, dense, x, M, argmax=True, n_valid=n_valid, block_n=self.head_block)
+
+    def subset_head(self, ids: torch.Tensor) -> "SubsetHead":
+        """A head over the token ids `ids` only (1-D, sorted, unique, in the vocabulary; see SubsetHead) for `span`:
+        its rows of this engine's 16-bit LM head copied out."""
+        if _is_q4(self.core.lm_head):
+            raise ValueError("a subset head needs the draft's LM head at 16/32 bits (quantize_lm_head=False)")
+        return SubsetHead(self.core.lm_head.weight, ids, self.head_block)
 
     def _step(self, tok, pos, out, finished, eos, pad, ks, vs) -> None:
         self._head(self._layers(tok, pos, 1, ks, vs), 1)
         _finish_kernel[(1,)](self.pv, self.pi, self.P, tok, pos, out, finished.view(torch.uint8), eos, pad,
                              BLOCK_P=triton.next_power_of_2(self.P), num_warps=8, **self._launch_opts())
 
-    def _span(self, toks, pos, dst, ks, vs, skip) -> None:
+    def _span(self, toks, pos, dst, ks, vs, skip, head) -> None:
         M, C = toks.shape[0], self.core.wpe.shape[1]
         x = self._layers(toks, pos, M, ks, vs)
-        self._head(x[skip * C:], M - skip)                                # no head for rows nobody reads
-        _argmax_rows_kernel[(M - skip,)](self.pv, self.pi, self.P, dst, BLOCK_P=triton.next_power_of_2(self.P),
-                                         num_warps=8, **self._launch_opts())
+        self._head(x[skip * C:], M - skip, head)                          # no head for rows nobody reads
+        P = self.P if head is None else head.P
+        _argmax_rows_kernel[(M - skip,)](self.pv, self.pi, P, dst, dst if head is None else head.ids,
+                                         BLOCK_P=triton.next_power_of_2(P), MAP=head is not None, num_warps=8,
+                                         **self._launch_opts())
+
+
+class SubsetHead:
+    """An LM head over a subset of the vocabulary (FR-Spec, Zhao et al. 2025: a small draft spends a large share
+    of its step in its head; restricted to the corpus's most frequent tokens it reads a fraction of the rows): the
+    rows `ids` (1-D long, sorted ascending, unique) of a (Vpad, C) head weight, copied (contiguous), for
+    FusedDecode.span(head=...): the argmax runs over those rows only (the lowest id among equal maxima, as
+    over the whole vocabulary), then maps back to the token id. block: the engine's head tile."""
+
+    bias = None
+
+    def __init__(self, weight: torch.Tensor, ids: torch.Tensor, block: int):
+        self.weight = weight.index_select(0, ids).contiguous()          # (n, C)
+        self.ids, self.n, self.block = ids, ids.numel(), block
+        self.P = triton.cdiv(self.n, block)                            # head tiles: <= the full head's
 
 
 def _is_gelu_tanh(blk) -> bool:

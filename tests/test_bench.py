@@ -60,6 +60,7 @@ def test_unknown_random_arch_is_a_clear_error():
     (["generate", "--draft", "random:nope"], "random:nope"),
     (["generate", "--draft", "random:tiny", "--draft-k", "0"], "--draft-k 0"),
     (["generate", "--draft", "random:tiny", "--draft-prompts", "0"], "--draft-prompts 0"),
+    (["generate", "--draft", "random:tiny", "--draft-vocab", "-1"], "--draft-vocab -1"),
     (["forward", "--seq-len", "0"], "--seq-len 0"),
     (["train", "--kd-alpha", "2"], "--kd-alpha"),
 ])

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from gpt2opt_lib.generate import FastGPT2, hf_generate  # noqa: E402
-from gpt2opt_lib.speculative import SpeculativeDecoder, measure_speculative  # noqa: E402
+from gpt2opt_lib.speculative import SpeculativeDecoder, frequent_tokens, measure_speculative  # noqa: E402
 
 VOCAB, T0, NEW = 1000, 8, 24
 
@@ -249,6 +249,55 @@ def test_bad_inputs(target_model, target):
         SpeculativeDecoder(target, draft, use_cuda_graph=True)
 
 
+def test_frequent_tokens_by_hand():
+    stream = torch.tensor([5, 5, 5, 2, 2, 7, 7, 1])                    # counts: 5 x3, 2 x2, 7 x2, 1 x1
+    assert frequent_tokens(stream, 1, 10).tolist() == [5]
+    assert frequent_tokens(stream, 2, 10).tolist() == [2, 5]           # 2 and 7 tie: the lower id
+    assert frequent_tokens(stream, 4, 10).tolist() == [1, 2, 5, 7]
+    assert frequent_tokens(stream, 5, 10).tolist() == [0, 1, 2, 5, 7]  # unseen ids last, lowest first
+    for n in (0, 11, True, 2.0):
+        with pytest.raises(ValueError, match="draft vocabulary size must be an int in 1..10"):
+            frequent_tokens(stream, n, 10)
+    with pytest.raises(ValueError, match="empty"):
+        frequent_tokens(stream[:0], 2, 10)
+
+
+def test_draft_vocabulary(target_model, target, refs):
+    """draft_vocab: the draft's greedy token is the argmax over those ids only; the output stays the target's. The
+    target itself as draft accepts every proposal while the vocabulary holds every token the target generates; with
+    one token left out, the stats are counted by hand (k = 1)."""
+    draft = FastGPT2(target_model, max_seq_len=64)
+    ids, ref = refs[1]
+    new = ref[0, T0:].tolist()
+    full = SpeculativeDecoder(target, draft, k=3).generate(ids, NEW)[1]
+    every = SpeculativeDecoder(target, draft, k=3, draft_vocab=torch.arange(VOCAB)).generate(ids, NEW)
+    assert torch.equal(every[0], ref) and every[1] == full and full["acceptance_rate"] == 1.0
+    held = torch.unique(ref[0, T0:])
+    out, st = SpeculativeDecoder(target, draft, k=3, draft_vocab=held.flip(0)).generate(ids, NEW)   # any order
+    assert torch.equal(out, ref) and st["acceptance_rate"] == 1.0
+    # k = 1, the vocabulary without new[1] (the first round's token): a round proposes the target's own next token
+    # g_0 unless g_0 is left out; accepted, the round also gives the target's bonus token (2 new tokens), rejected
+    # only g_0 (1). new[0] is the prefill's.
+    outside = new[1]
+    vocab = torch.tensor([t for t in range(VOCAB) if t != outside])
+    out, st = SpeculativeDecoder(target, draft, k=1, draft_vocab=vocab).generate(ids, NEW)
+    rejected = accepted = 0
+    i = 1
+    while i < NEW:
+        if new[i] == outside:
+            rejected, i = rejected + 1, i + 1
+        else:
+            accepted, i = accepted + 1, i + 2
+    assert torch.equal(out, ref) and rejected >= 1
+    assert (st["proposed"], st["accepted"]) == (rejected + accepted, accepted)
+    for bad, word in ((torch.tensor([[1, 2]]), "1-D"), (torch.tensor([0.5]), "1-D"),
+                      (torch.tensor([], dtype=torch.long), "1-D"), ([1, 2], "1-D"),
+                      (torch.tensor([3, VOCAB]), "distinct token ids in 0..999"), (torch.tensor([-1, 3]), "distinct"),
+                      (torch.tensor([4, 2, 4]), "distinct")):
+        with pytest.raises(ValueError, match=word):
+            SpeculativeDecoder(target, draft, k=2, draft_vocab=bad)
+
+
 def test_round_graphs_are_captured_before_the_prefill(target_model, target, refs, monkeypatch):
     """A capture runs its function on the live buffers (warm-up): every round graph a request may replay (1, 2, 4 or 8
     rounds per host sync) must exist before the prefill, or the first generation is overwritten. On CPU the capture
@@ -290,6 +339,7 @@ def test_fused_round_equals_the_pytorch_round():
     target = FastGPT2(target_model, fused=True, **kw)
     ids, n = (prompt(1) % 201).to(dev), 8
     ref = target.generate(ids, n)
+    close = None
     for draft_model, k in ((perturbed(target_model), 3), (tiny_model(5, vocab=201), 2)):
         draft = FastGPT2(draft_model, fused=True, **kw)
         fused = SpeculativeDecoder(target, draft, k=k, fused=True)
@@ -299,6 +349,18 @@ def test_fused_round_equals_the_pytorch_round():
         b, sb = plain.generate(ids, n)
         assert torch.equal(a, ref) and torch.equal(b, ref), k
         assert sa == sb, (sa, sb)
+        close = close if k == 2 else (draft, sa)                        # the perturbed draft's engine and stats
+    # a draft vocabulary without two of the target's tokens: the fused draft's head over those rows only
+    # (SubsetHead, argmax mapped back to token ids) proposes what the PyTorch round's restricted argmax does
+    draft, full = close
+    vocab = torch.tensor([t for t in range(201) if t not in ref[0, -n + 1:-n + 3].tolist()])
+    a, sa = SpeculativeDecoder(target, draft, k=3, fused=True, draft_vocab=vocab).generate(ids, n)
+    b, sb = SpeculativeDecoder(target, draft, k=3, fused=False, draft_vocab=vocab).generate(ids, n)
+    assert torch.equal(a, ref) and torch.equal(b, ref) and sa == sb, (sa, sb)
+    assert sa["accepted"] < full["accepted"], (sa, full)
+    q4 = FastGPT2(perturbed(target_model), fused=True, weight_quant="int4", group_size=32, **kw)
+    with pytest.raises(ValueError, match="subset head needs the draft's LM head at 16/32 bits"):
+        SpeculativeDecoder(target, q4, k=2, fused=True, draft_vocab=vocab)
     # where the fused round cannot run, "auto" says why and True refuses
     off = FastGPT2(target_model, fused=False, **kw)
     spec = SpeculativeDecoder(off, draft, k=2)
@@ -321,8 +383,16 @@ def test_measure_speculative_cpu(target_model):
     assert 0.0 <= res["acceptance_rate"] <= 1.0 and res["tokens_per_target_step"] >= 1.0
     assert eng["hf"]["token_identical"] is True
     assert "error" in eng["hf_assisted"] or eng["hf_assisted"]["token_identical"] is True
+    assert res["draft_vocab"] is None and res["draft_vocab_coverage"] is None
     with pytest.raises(ValueError, match=r"\(1, T\)"):
         measure_speculative(target_model, target_model, prompt(1)[0], 4)
+    # a draft vocabulary: its size and the share of the target's new tokens inside it, counted by hand
+    vocab = torch.arange(0, VOCAB, 2)                                  # the even ids
+    res = measure_speculative(target_model, perturbed(target_model), prompt(1), 16, k=3, device="cpu", warmup=0,
+                              repeats=1, spec_kwargs={"draft_vocab": vocab}, hf_baselines=False)
+    new = FastGPT2(target_model, max_seq_len=64).generate(prompt(1), 16)[0, T0:]
+    assert res["token_identical"] is True and res["draft_vocab"] == VOCAB // 2
+    assert res["draft_vocab_coverage"] == pytest.approx((new % 2 == 0).float().mean().item())
 
 
 def test_measure_speculative_pools_several_prompts(target_model):

@@ -283,8 +283,9 @@ def test_argmax_and_speculative_bookkeeping_kernels_compile_for_sm90():
                       "eos_ptr": "*i64", "pad_ptr": "*i64", "BLOCK_P": "constexpr", "PDL": "constexpr"},
                      [{"BLOCK_P": 8192, "PDL": False}])
     compile_for_sm90("triton_decode", "_argmax_rows_kernel",
-                     {**partials, "dst_ptr": "*i64", "BLOCK_P": "constexpr", "PDL": "constexpr"},
-                     [{"BLOCK_P": 8192, "PDL": False}])
+                     {**partials, "dst_ptr": "*i64", "map_ptr": "*i64", "BLOCK_P": "constexpr", "MAP": "constexpr",
+                      "PDL": "constexpr"},
+                     [{"BLOCK_P": 8192, "MAP": m, "PDL": False} for m in (False, True)])
     compile_for_sm90("triton_decode", "_spec_book_kernel",
                      {**{f"{b}_ptr": "*i64" for b in ("n", "seq", "vt", "g", "dtok", "dpos", "vpos")},
                       "K": "constexpr", "KP": "constexpr", "ACCEPT": "constexpr"},

@@ -87,6 +87,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-prompts", type=int, default=1,
                    help="speculative decoding over this many prompts, each at batch 1 (with --draft; the rows pool "
                         "every prompt's timed calls, the speed-up and acceptance of each prompt are listed)")
+    g.add_argument("--draft-vocab", type=int, default=0,
+                   help="the draft proposes only the N most frequent tokens of the offline corpus's training split "
+                        "(its head reads N rows, not 50k: FR-Spec); 0 = the whole vocabulary (with --draft)")
     g.add_argument("--spec-fused-gemm", default="gemv", choices=["gemv", "mma"],
                    help="the speculative engines' fused kernels (FastGPT2 fused_gemm; with --draft): mma = tensor "
                         "cores, a verify step near one decode step's cost but a slower one-row step; the report "
@@ -121,7 +124,7 @@ _ARG_RULES = {
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "kd_temperature": (lambda v: v > 0, "> 0"), "kd_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "lr": (lambda v: v > 0, "> 0"), "draft_k": (lambda v: v >= 1, ">= 1"),
-    "draft_prompts": (lambda v: v >= 1, ">= 1"),
+    "draft_prompts": (lambda v: v >= 1, ">= 1"), "draft_vocab": (lambda v: v >= 0, ">= 0 (0 = whole vocabulary)"),
 }
 
 

@@ -134,6 +134,14 @@ def cmd_generate(args) -> dict:
     return _report(args, device, results, extra)
 
 
+def _draft_vocab(n: int, vocab_size: int) -> torch.Tensor:
+    """The n most frequent tokens of the offline corpus's training split (what the suite's students train on)."""
+    from .. import data, speculative
+
+    _, streams, _ = data.load_splits("gpt2", "wiki-offline")
+    return speculative.frequent_tokens(streams["train"], n, vocab_size)
+
+
 def _speculative(args, model, ids, dtype, device) -> dict:
     """--draft SPEC: speculative decoding (the draft proposes --draft-k tokens, the model verifies them in one step)
     against the model's own fast engine and HF assisted generation, same prompts (--draft-prompts of them, the
@@ -147,11 +155,17 @@ def _speculative(args, model, ids, dtype, device) -> dict:
                   fused_gemm=getattr(args, "spec_fused_gemm", "gemv"))
         P = getattr(args, "draft_prompts", 1)
         prompts = ids[:1] if P == 1 else _prompts(args, model.config.vocab_size, P, ids.shape[1]).to(device)
+        spec_kw = {}
+        if getattr(args, "draft_vocab", 0):
+            spec_kw["draft_vocab"] = _draft_vocab(args.draft_vocab, model.config.vocab_size)
         rec = speculative.measure_speculative(model, draft, prompts, args.new_tokens, k=args.draft_k, device=device,
-                                              warmup=args.warmup, repeats=args.repeats, engine_kwargs=kw)
+                                              warmup=args.warmup, repeats=args.repeats, engine_kwargs=kw,
+                                              spec_kwargs=spec_kw)
         rec["draft"] = args.draft
         e = rec["engines"]
-        print(f"  speculative (draft {args.draft}, k={args.draft_k}): {e['speculative']['tokens_per_s']:,.0f} tok/s "
+        dv = f", {args.draft_vocab}-token draft vocabulary" if getattr(args, "draft_vocab", 0) else ""
+        print(f"  speculative (draft {args.draft}, k={args.draft_k}{dv}): "
+              f"{e['speculative']['tokens_per_s']:,.0f} tok/s "
               f"vs fast {e['fast']['tokens_per_s']:,.0f} (x{rec['speedup']:.2f}), acceptance "
               f"{rec['acceptance_rate'] if rec['acceptance_rate'] is not None else float('nan'):.2f}, "
               f"token-identical: {rec['token_identical']}", flush=True)
