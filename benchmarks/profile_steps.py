@@ -27,10 +27,12 @@ from gpt2opt_lib.distill import make_lm_loss_fn  # noqa: E402
 from gpt2opt_lib.model import from_hf  # noqa: E402
 from gpt2opt_lib.models import build_model  # noqa: E402
 
-CLASSES = (("matmul", ("gemm", "sm90", "cutlass", "xmma", "nvjet", "matmul", "cublas")),
-           ("attention", ("flash", "fmha", "attention", "cudnn")),
-           ("optimizer", ("adam", "multi_tensor", "foreach", "norm")),
-           ("triton/fused", ("triton",)))
+# first match wins: attention before matmul (cuDNN's SDPA kernels are named ..._sm90_flash_...), Triton kernels
+# before the optimizer (inductor's LayerNorm kernels hold "norm")
+CLASSES = (("attention", ("flash", "fmha", "attention", "cudnn")),
+           ("matmul", ("gemm", "sm90", "cutlass", "xmma", "nvjet", "matmul", "cublas")),
+           ("triton/fused", ("triton",)),
+           ("optimizer", ("adam", "multi_tensor", "foreach", "norm")))
 
 
 def classify(name: str) -> str:

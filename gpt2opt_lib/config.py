@@ -126,6 +126,8 @@ class Compare(Common):
     gen_new_tokens: int = p(16, "new tokens per generation measurement", ge=1)
     gen_prompt_len: int = p(32, "prompt tokens per generation measurement", ge=1)
     spec_k: int = p(4, "speculative decoding: draft tokens of the distilled student per teacher step (0: off)", ge=0)
+    spec_draft_vocab: int = p(0, "the student drafts only the N most frequent training tokens (its head reads N "
+                                 "rows; 0: whole vocabulary)", ge=0)
 
 
 @dataclasses.dataclass

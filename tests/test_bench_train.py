@@ -334,3 +334,22 @@ def test_reserved_peak_replaces_allocated_under_cuda_graphs(monkeypatch):
     assert g == {"peak_mem_mb": 3072.0, "cuda_graphs": True, "peak_reserved_mb": 3072.0, "peak_allocated_mb": 500.0,
                  "peak_mem_kind": "reserved (CUDA graph pools)"}
     assert p == {"peak_mem_mb": 2000.0, "peak_reserved_mb": 3072.0}
+
+
+def test_profile_steps_puts_each_kernel_in_its_class():
+    """benchmarks/profile_steps.py's kernel classes, first match wins: cuDNN's SDPA kernels are attention though
+    their names hold "sm90" (a matmul key), inductor's LayerNorm kernels are Triton though theirs hold "norm" (an
+    optimizer key); the fused AdamW is the optimizer, an aten reduction other."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_steps.py"
+    spec = importlib.util.spec_from_file_location("profile_steps", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cases = {"cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64": "attention",
+             "nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT": "matmul",
+             "triton_per_fused__to_copy_add_native_layer_norm_backward_view_7": "triton/fused",
+             "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>": "optimizer",
+             "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float>>": "other"}
+    assert {name: mod.classify(name) for name in cases} == cases

@@ -445,6 +445,20 @@ def test_gpu_graphs_match_target_engine(round_):
         for T in (3, 8):                         # a second prompt length: another prefill graph, same round graph
             ids = prompt(3, T=T).cuda()
             assert torch.equal(spec.generate(ids, 10)[0], target.generate(ids, 10))
+    # a draft vocabulary (the fused round's SubsetHead; the PyTorch round's restricted argmax): the target's output,
+    # and the graphed round proposes what the eager one does
+    vocab = torch.arange(0, VOCAB, 3)
+    draft = FastGPT2(perturbed(model), max_seq_len=64)
+    spec = SpeculativeDecoder(target, draft, k=3, compile=round_ == "compiled", fused=round_ == "fused",
+                              draft_vocab=vocab)
+    eager = SpeculativeDecoder(target, draft, k=3, use_cuda_graph=False, compile=False, fused=round_ == "fused",
+                               draft_vocab=vocab)
+    ids = prompt(1).cuda()
+    a, sa = spec.generate(ids, NEW)
+    b, sb = eager.generate(ids, NEW)
+    assert torch.equal(a, target.generate(ids, NEW)) and torch.equal(b, a)
+    if round_ != "compiled":
+        assert sa == sb
 
 
 @pytest.mark.gpu
@@ -459,10 +473,14 @@ def test_gpu_fused_round_token_identical_in_16_bit(dtype):
     model = transformers.GPT2LMHeadModel(cfg).eval().cuda()
     draft_model = layers_dropped(model, [0, 3])
     target = FastGPT2(model, max_seq_len=300, dtype=dtype)
-    spec = SpeculativeDecoder(target, FastGPT2(draft_model, max_seq_len=300, dtype=dtype), k=3)
-    assert spec.fused, spec.fused_off_reason
+    draft = FastGPT2(draft_model, max_seq_len=300, dtype=dtype)
+    spec = SpeculativeDecoder(target, draft, k=3)
+    sub = SpeculativeDecoder(target, draft, k=3, draft_vocab=torch.arange(0, 50257, 2))   # the draft's SubsetHead
+    assert spec.fused and sub.fused, spec.fused_off_reason
     for s in (1, 2, 3):
         ids = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(s)).cuda()
         out, st = spec.generate(ids, 200)
-        assert torch.equal(out, target.generate(ids, 200)), s
+        ref = target.generate(ids, 200)
+        assert torch.equal(out, ref), s
         assert st["verify_steps"] < 200
+        assert torch.equal(sub.generate(ids, 200)[0], ref), s

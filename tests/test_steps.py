@@ -61,7 +61,7 @@ def run(tmp_path_factory):
         runs = s1.train_students(ctx, teacher)
         out["01_distill"] = (cfg, s1.distill_results(ctx, t_info, s1.student_info(ctx, teacher), runs))
 
-        cfg = _cfg("02_compare", run_dir)
+        cfg = _cfg("02_compare", run_dir, spec_draft_vocab=4096)      # the draft's head over 4,096 tokens
         ctx = context.setup(cfg, "02_compare")
         roles = s2.load_roles(ctx)
         out["02_compare"] = (cfg, s2.compare_results(ctx, s2.quality(ctx, roles), s2.speed(ctx, roles),
@@ -113,6 +113,7 @@ def test_02_speculative_decoding_with_the_pair_01_trained(run):
     cfg, res = run[0]["02_compare"]
     spec = res["speculative"]
     assert spec["status"] == "ok" and spec["k"] == cfg.spec_k and spec["token_identical"] is True
+    assert spec["draft_vocab"] == cfg.spec_draft_vocab == 4096 and 0.0 <= spec["draft_vocab_coverage"] <= 1.0
     assert [r["engine"] for r in spec["table"]][:3] == ["fast", "draft_fast", "speculative"]
     assert res["metrics"]["speculative_token_identical"] is True
     assert 0 <= res["metrics"]["speculative_acceptance_rate"] <= 1

@@ -59,16 +59,21 @@ def speculative(ctx: StageContext, roles: dict) -> dict | None:
     generation with the same draft, in this run. On the fused round (`fused`, CUDA) or in fp32 the output must be
     the teacher's greedy output token for token; the PyTorch round in 16-bit rounds its verify step differently from
     the decode step, so the record says how many new tokens agree before the first near-tie flips
-    (`same_prefix_tokens`). None when spec_k is 0."""
-    from ..speculative import measure_speculative
+    (`same_prefix_tokens`). spec_draft_vocab N > 0: the student proposes only the N most frequent tokens of the
+    training split (speculative.frequent_tokens; on the fused round its head reads those N rows only). None when
+    spec_k is 0."""
+    from ..speculative import frequent_tokens, measure_speculative
 
     c = ctx.cfg
     if not c.spec_k:
         return None
     ids = ctx.blocks("test", c.gen_prompt_len)[:1].to(ctx.device)
+    V = roles["teacher"].config.vocab_size
+    vocab = frequent_tokens(ctx.streams["train"], min(c.spec_draft_vocab, V), V) if c.spec_draft_vocab else None
     try:
         rec = measure_speculative(roles["teacher"], roles["distilled student"], ids, c.gen_new_tokens, k=c.spec_k,
-                                  device=ctx.device, warmup=max(1, c.warmup), repeats=max(2, c.repeats))
+                                  device=ctx.device, warmup=max(1, c.warmup), repeats=max(2, c.repeats),
+                                  spec_kwargs={"draft_vocab": vocab})
     except Exception as e:  # an OOM or a kernel that refuses the shape is a recorded outcome
         return {"k": c.spec_k, "status": f"{'OOM' if is_oom(e) else 'failed'}: {type(e).__name__}: {e}"[:300]}
     rows = [{"engine": name, **{k: r.get(k) for k in ("tokens_per_s", "tokens_per_s_std", "mean_s", "std_s",
@@ -77,7 +82,8 @@ def speculative(ctx: StageContext, roles: dict) -> dict | None:
     return {"status": "ok", "pair": "teacher verifies, distilled student drafts", "table": rows,
             "fused": rec["engines"]["speculative"]["fused"],
             **{k: rec[k] for k in ("k", "prompt_len", "new_tokens", "speedup", "speedup_vs_hf", "acceptance_rate",
-                                   "tokens_per_target_step", "token_identical", "same_prefix_tokens", "dtype")}}
+                                   "tokens_per_target_step", "token_identical", "same_prefix_tokens", "dtype",
+                                   "draft_vocab", "draft_vocab_coverage")}}
 
 
 def sweep(ctx: StageContext, roles: dict) -> list[dict]:
