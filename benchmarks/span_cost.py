@@ -10,6 +10,8 @@ verify step of k + 1 rows.
 rows) on the same engine and caches: decode_step_mma and span_<M>_mma, each also against its own decode step.
 `--configs 1x4,8x4,...` also times the decode step and every span with ONE fixed tile config (BLOCK_N x warps) for
 all layer kernels instead of the autotuned ones: which tile suits the one-row step and which the multi-row steps.
+`--res-together 4096,1024` also times the decode step and every span with FusedDecode.res_rows_together at those K
+thresholds (GEMV+residual launches with K >= it run a step's rows in one program per weight tile).
 `--by-kernel` adds, per row count, the GPU time of each kernel (torch.profiler over eager launches, no graph) and
 of each launch role (a layer's LayerNorm+QKV, attention, attention projection, LayerNorm+FC, MLP projection summed
 over the layers; the head; the argmax)."""
@@ -70,6 +72,9 @@ def main(argv=None):
     ap.add_argument("--configs", default="", help="fixed tile configs to sweep, BLOCK_N x warps: 1x4,8x4")
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--res-together", default="",
+                    help="also time with FusedDecode.res_rows_together at these K thresholds, comma-separated "
+                         "(GEMV+residual launches with K >= it run a step's rows in one program per tile): 4096,1024")
     ap.add_argument("--by-kernel", action="store_true", help="GPU time per kernel and row count (profiler)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -111,6 +116,15 @@ def main(argv=None):
                                                   a.replays, a.repeats)
             res[f"span_{m}_{gemm}"]["vs_own_decode_step"] = (res[f"span_{m}_{gemm}"]["us_mean"]
                                                              / res[f"decode_step_{gemm}"]["us_mean"])
+    together = [int(t) for t in a.res_together.split(",") if t]
+    default_rt = f.res_rows_together
+    for t in together:
+        f.res_rows_together = t
+        res[f"decode_step_rt{t}"] = _graph_time(step, a.replays, a.repeats)
+        for m in rows:
+            res[f"span_{m}_rt{t}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs), a.replays,
+                                                 a.repeats)
+    f.res_rows_together = default_rt
     tuned = f.kernels
     for cfg in [c for c in a.configs.split(",") if c]:
         bn, w = (int(v) for v in cfg.split("x"))
@@ -122,9 +136,11 @@ def main(argv=None):
                                                  a.replays, a.repeats)
     f.kernels = tuned
     by_kernel = {}
-    runs = [("gemv", f)] + list(others.items())                        # (kernel kind, FusedDecode)
-    for label, fk in runs if a.by_kernel else []:
+    runs = [("gemv", f, default_rt)] + [(f"gemv_rt{t}", f, t) for t in together] + \
+        [(g, fg, fg.res_rows_together) for g, fg in others.items()]   # (label, FusedDecode, res_rows_together)
+    for label, fk, rt in runs if a.by_kernel else []:
         from torch.profiler import ProfilerActivity, profile
+        fk.res_rows_together = rt
         for m in rows:
             fk.span(toks[:m], pos, dst[:m], ks, vs)                     # warm (compiled, tuned)
             torch.cuda.synchronize()
@@ -142,6 +158,7 @@ def main(argv=None):
             print(f"span_{m}_{label}: " + ", ".join(f"{k} {v['us_per_step']:.0f} us" for k, v in sorted(per.items())
                                                     if k != "by_role"))
             print("    by role: " + ", ".join(f"{k} {v:.1f} us" for k, v in per["by_role"].items()))
+        fk.res_rows_together = default_rt if fk is f else fk.res_rows_together
     base = res["decode_step"]["us_mean"]
     for name, r in res.items():
         r["vs_decode_step"] = r["us_mean"] / base

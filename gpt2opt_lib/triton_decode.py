@@ -176,13 +176,16 @@ if triton is not None:
             acc += bias
         _gemv_out(acc, n, nm, row, pid, N, n_valid, out_ptr, pv_ptr, pi_ptr, w_ptr.dtype.element_ty, GELU, ARGMAX)
 
-    @triton.jit
-    def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, KP: tl.constexpr, BLOCK_N: tl.constexpr,
+    @triton.jit(do_not_specialize=["R", "M"])
+    def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, R, M, KP: tl.constexpr, BLOCK_N: tl.constexpr,
                          PDL: tl.constexpr):
-        """x[row, n] += h[row] . W[n, :] + b[n] for row `row` (program axis 0) and the BLOCK_N columns of tile axis
-        1 (in place: each program reads and writes only its own entries). The whole (BLOCK_N, K) weight tile in
-        one load, issued before the wait."""
-        row = tl.program_id(0)
+        """x[row, n] += h[row] . W[n, :] + b[n] for rows R * g .. min(R * g + R, M) - 1 of program g (axis 0), one
+        after the other, and the BLOCK_N columns of tile axis 1 (in place: each program reads and writes only its
+        own entries). The whole (BLOCK_N, K) weight tile in one load, issued before the wait: R = 1, one program
+        per row (each holds its own copy of the tile in registers), or R = M, one program per tile for every row
+        (one copy: FusedDecode.res_rows_together). R and M are not specialised, so each row runs the same
+        instructions whatever R and M: a row's bits do not depend on them."""
+        g = tl.program_id(0)
         pid = tl.program_id(1)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < N
@@ -191,11 +194,12 @@ if triton is not None:
         w = _weight_tile(w_ptr, n, k, nm, km, K)
         bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
-        h = tl.load(h_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
-        acc = tl.sum(w.to(tl.float32) * h[None, :], 1) + bias
-        acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)               # the projection in the model dtype
-        x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
-        tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
+        for row in range(g * R, tl.minimum(g * R + R, M)):
+            h = tl.load(h_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
+            acc = tl.sum(w.to(tl.float32) * h[None, :], 1) + bias
+            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)           # the projection in the model dtype
+            x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
+            tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
 
     # --- int4 weights (wquant.Int4Linear, backend "fused"): codes in halves, byte j of a row holding k = j (low
     # nibble) and k = j + K/2 (high), (scale, zero) per group of G inputs, w = (q - 8) * s + z. A program loads its
@@ -771,6 +775,7 @@ MM_MIN_BLOCK_N, MM_MAX_SPLIT_K = 16, 8   # the extremes of their tuned configs: 
 
 
 SPAN_MAX_ROWS = 16  # rows a multi-row step (FusedDecode.span) holds scratch for: speculative k + 1 <= 16
+RES_ROWS_TOGETHER_K = 1 << 30   # FusedDecode.res_rows_together's default (no launch: one program per row and tile)
 
 
 class FusedDecode:
@@ -816,6 +821,9 @@ class FusedDecode:
         self.cnt = torch.zeros(triton.cdiv(n_max, MM_MIN_BLOCK_N) if mm else 0, dtype=torch.int32, device=device)
         self.kernels = _kernels(device)
         self.attn_block_l, self.attn_warps = 128, 8   # cache slots per loop iteration of the attention kernel
+        # GEMV+residual launches with K >= this run a multi-row step's rows in one program per weight tile (one copy
+        # of the tile in registers) instead of one program per row and tile (a copy each): see _gemv_res_kernel
+        self.res_rows_together = RES_ROWS_TOGETHER_K
         # programmatic dependent launch: each kernel loads its weights while its predecessor finishes (sm90+)
         self.pdl = (gdc_wait is not None and device.type == "cuda"
                     and torch.cuda.get_device_capability(device)[0] >= 9)
@@ -884,9 +892,10 @@ class FusedDecode:
                 **self._launch_opts())
             return
         kern, fixed = self.kernels["gemv_res"]
-        kern[lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))](h, dense.weight, dense.bias, x, K, N,
-                                                          KP=triton.next_power_of_2(K), **fixed,
-                                                          **self._launch_opts())
+        R = M if K >= self.res_rows_together else 1                       # rows a program runs
+        kern[lambda m: (triton.cdiv(M, R), triton.cdiv(N, m["BLOCK_N"]))](h, dense.weight, dense.bias, x, K, N, R, M,
+                                                                         KP=triton.next_power_of_2(K), **fixed,
+                                                                         **self._launch_opts())
 
     def _on_device(self, fn, *args):
         if self.device.type == "cuda":

@@ -164,6 +164,20 @@ def test_layer_kernels_against_torch():
     fh.copy_(h)
     f._gemv_res(fh, blk.mlp_proj, fx, 1)
     torch.testing.assert_close(fx, x + F.linear(h, blk.mlp_proj.weight, blk.mlp_proj.bias), atol=1e-4, rtol=1e-4)
+    # 3 rows, one program per row and tile, then one program per tile running all 3 (res_rows_together): the same
+    # bits each way, and torch's within fp32 rounding
+    x3, h3 = torch.randn(3, 64, device=dev), torch.randn(3, 256, device=dev)
+    outs = []
+    for together in (1 << 30, 0):
+        f.res_rows_together = together
+        f.x[: 3 * 64].copy_(x3.view(-1))
+        f.h[: 3 * 256].copy_(h3.view(-1))
+        f._gemv_res(f.h[: 3 * 256], blk.mlp_proj, f.x[: 3 * 64], 3)
+        outs.append(f.x[: 3 * 64].clone().view(3, 64))
+    f.res_rows_together = triton_decode.RES_ROWS_TOGETHER_K
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], x3 + F.linear(h3, blk.mlp_proj.weight, blk.mlp_proj.bias), atol=1e-4,
+                               rtol=1e-4)
     # attention at pos = 37 over a cache with 37 filled slots
     kc, vc = eng.ks[0][:1], eng.vs[0][:1]
     kc[:, :, :37].normal_()
@@ -405,7 +419,8 @@ def test_gpu_graph_engine_batched_triton_attention_equals_inductor(dtype):
     assert torch.equal(tri.generate(ids, 60), a)
 
 
-@pytest.mark.parametrize("dtype,gemm", [(torch.float32, "gemv"), (torch.float16, "gemv"), (torch.float32, "mma"),
+@pytest.mark.parametrize("dtype,gemm", [(torch.float32, "gemv"), (torch.float16, "gemv"),
+                                        (torch.float16, "gemv-together"), (torch.float32, "mma"),
                                         (torch.float16, "mma")])
 def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, gemm, monkeypatch):
     """FusedDecode.span (speculative decoding's draft and verify steps): M tokens in one pass give, row for row, the
@@ -418,10 +433,14 @@ def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, gemm, monkeypatch):
         monkeypatch.setattr(triton_decode, "INTERPRET_SPLIT_K", 2)
         assert triton_decode._kernels(dev)["mm_res"][1]["SPLIT_K"] == 2
     model = tiny_model(seed=21, n_layer=2).to(dev)
+    together = gemm == "gemv-together"                # every GEMV+residual runs a step's rows in one program
+    gemm = gemm.split("-")[0]
     eng = FastGPT2(model, fused=True, use_cuda_graph=False, compile=False, max_seq_len=80, dtype=dtype,
                    fused_gemm=gemm)
     f, C, T, M = eng.fused, 64, 35, 5                 # T = 35: the rows' attention crosses a 32-slot tile
     assert f.gemm == gemm
+    if together:
+        f.res_rows_together = 0
     ks, vs = [c[:1] for c in eng.ks], [c[:1] for c in eng.vs]
     with torch.no_grad():
         eng.core.forward_full(_prompt(T, seed=22), ks, vs)
