@@ -775,7 +775,13 @@ MM_MIN_BLOCK_N, MM_MAX_SPLIT_K = 16, 8   # the extremes of their tuned configs: 
 
 
 SPAN_MAX_ROWS = 16  # rows a multi-row step (FusedDecode.span) holds scratch for: speculative k + 1 <= 16
-RES_ROWS_TOGETHER_K = 1 << 30   # FusedDecode.res_rows_together's default (no launch: one program per row and tile)
+# FusedDecode.res_rows_together's default: the MLP projections (K = 4C: 3072 for gpt2 .. 6400 for gpt2-xl) run a
+# multi-row step's rows in one program per tile, the attention projections (K = C <= 1600) one program per row. Their
+# whole-K tile per program is register-heavy (gpt2-medium: 180 registers a thread at 8 x 4096, one program an SM), so
+# one copy per row took a 3-row step to 3 waves. H100, gpt2-medium bf16, graphs, same run
+# (h100_span_cost_res_together_gpt2-medium.json): 3 rows x1.36 / 5 rows x1.98 of a decode step, against x1.45 / x2.04
+# apart; every GEMV+residual together (K >= 1024) x1.39 / x2.05
+RES_ROWS_TOGETHER_K = 2048
 
 
 class FusedDecode:

@@ -175,7 +175,7 @@ def test_layer_kernels_against_torch():
         f._gemv_res(f.h[: 3 * 256], blk.mlp_proj, f.x[: 3 * 64], 3)
         outs.append(f.x[: 3 * 64].clone().view(3, 64))
     f.res_rows_together = triton_decode.RES_ROWS_TOGETHER_K
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and triton_decode.RES_ROWS_TOGETHER_K == 2048   # gpt2's MLP K: 3072
     torch.testing.assert_close(outs[0], x3 + F.linear(h3, blk.mlp_proj.weight, blk.mlp_proj.bias), atol=1e-4,
                                rtol=1e-4)
     # attention at pos = 37 over a cache with 37 filled slots
