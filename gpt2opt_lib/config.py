@@ -107,6 +107,12 @@ class Distill(Common):
     max_train_blocks: int = p(192, "cap on train blocks per epoch (0: all)", ge=0)
     compile: bool = p(False, "torch.compile the student and teacher (CUDA; first step pays 10-60 s)")
     cuda_graph: bool = p(False, "capture each optimizer step whole in one CUDA graph after 3 eager steps (CUDA, one process, no grad accumulation, no fp16 loss scaling; otherwise eager, the reason in the training rows)")
+    teacher_text_blocks: int = p(0, "then distil on this many blocks of the teacher's own greedy text (a train-split "
+                                    "prompt + its continuation, block_size tokens each): what a speculative draft "
+                                    "is judged on (0: corpus only)", ge=0)
+    teacher_text_prompt_len: int = p(32, "teacher text: train-split tokens each continuation starts from", ge=1)
+    teacher_text_epochs: int = p(2, "teacher text: epochs over it after the corpus epochs", ge=1)
+    teacher_text_batch: int = p(64, "teacher text: continuations generated at once", ge=1)
     no_teacher_baseline: bool = p(True, "also train the same student without the teacher (what KD buys)")
     seeds: list = p([1234], "a distilled and a no-teacher student per seed; two or more give a spread", ge=0,
                     nonempty=True, unique=True)
@@ -323,7 +329,11 @@ def check(cls: type, values: dict, source: str) -> None:
                 bad(key, "names no architecture after the colon (e.g. random:gpt2, scratch:tiny-teacher)")
         if any(e > v["epochs"] for e in v["checkpoint_epochs"]):
             bad("checkpoint_epochs", f"must be epochs in 1..epochs={v['epochs']}")
+        if v["teacher_text_blocks"] and v["teacher_text_prompt_len"] >= v["block_size"]:
+            bad("teacher_text_prompt_len", f"must be below block_size={v['block_size']} (the teacher continues it)")
         step = v["batch_size"] * v["grad_accum"]
+        if v["teacher_text_blocks"] and v["teacher_text_blocks"] < step:
+            bad("teacher_text_blocks", f"must be 0 (off) or >= batch_size x grad_accum = {step} (one optimizer step)")
         if v["max_train_blocks"] and v["max_train_blocks"] < step:
             bad("max_train_blocks", f"must be 0 (all) or >= batch_size x grad_accum = {step} (one optimizer step)")
     if cls is LoraPrune:

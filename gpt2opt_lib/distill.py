@@ -278,3 +278,44 @@ def make_lm_loss_fn(chunk_tokens: int = 4096):
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         return ce, {"ce": ce.detach()}
     return loss_fn
+
+
+def teacher_text(teacher, stream: torch.Tensor, n_blocks: int, block_size: int, prompt_len: int = 32, *,
+                 batch_size: int = 64, dtype: torch.dtype | None = None, seed: int = 0,
+                 progress: bool = True) -> torch.Tensor:
+    """The teacher's own greedy text, for a student that will draft for it: (n_blocks, block_size) token ids.
+
+    Each block is a `prompt_len`-token window of `stream` (at a seeded random offset) followed by the teacher's
+    greedy continuation up to `block_size` tokens, generated on the teacher's device by the fast engine (CUDA
+    graphs, not compiled; `batch_size` rows at once, in `dtype`, default the teacher's). Distilling on such text
+    (sequence-level KD, Kim & Rush 2016; the teacher-generated data of DistillSpec, Zhou et al. 2023) trains the
+    student where a speculative draft is judged: a greedy verify step accepts a draft token only if it is the
+    teacher's argmax after the teacher's own output, text that corpus-only distillation never shows the student.
+    """
+    from tqdm import tqdm
+
+    from .generate import FastGPT2
+
+    if n_blocks < 1 or batch_size < 1:
+        raise ValueError(f"teacher_text: n_blocks ({n_blocks}) and batch_size ({batch_size}) must be >= 1")
+    if not 1 <= prompt_len < block_size:
+        raise ValueError(f"teacher_text: prompt_len must be in 1..block_size-1={block_size - 1}, got {prompt_len}")
+    if block_size > teacher.config.n_positions:
+        raise ValueError(f"teacher_text: block_size {block_size} exceeds the teacher's context "
+                         f"{teacher.config.n_positions}")
+    stream = stream.reshape(-1)
+    if stream.numel() < prompt_len:
+        raise ValueError(f"teacher_text: {stream.numel()} tokens of text, fewer than one prompt of {prompt_len}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - prompt_len + 1, (n_blocks,), generator=g)
+    prompts = torch.stack([stream[s: s + prompt_len] for s in starts.tolist()]).long()
+    B = min(batch_size, n_blocks)
+    engine = FastGPT2(teacher, max_batch_size=B, max_seq_len=block_size, dtype=dtype, compile=False, fused=False)
+    out = torch.empty(n_blocks, block_size, dtype=torch.long)
+    with tqdm(total=n_blocks, desc="teacher text", disable=not progress, mininterval=2.0) as bar:
+        for i in range(0, n_blocks, B):
+            rows = engine.generate(prompts[i: i + B], block_size - prompt_len)    # no eos: every row runs full
+            out[i: i + rows.shape[0]] = rows.cpu()
+            bar.update(rows.shape[0])
+    del engine
+    return out

@@ -54,6 +54,9 @@ def loss_curves(results: dict, ctx=None):
     a, b = axes
     for name, r in results["runs"].items():
         a.plot(range(1, len(r["step_loss"]) + 1), r["step_loss"], label=f"{name} (seed {r.get('seed')})", lw=1)
+        if r.get("teacher_text_from_step"):
+            a.axvline(r["teacher_text_from_step"], color="gray", ls="--", lw=0.8,
+                      label=f"{name}: teacher text from step {r['teacher_text_from_step']}")
         if "ce" in r["parts"] and name == "distilled":
             a.plot(range(1, len(r["parts"]["ce"]) + 1), r["parts"]["ce"], label=f"{name}: CE part", lw=0.8, ls="--")
     by_arm: dict = {}

@@ -313,3 +313,40 @@ def test_fused_loss_uses_a_padded_parent_head_in_place():
     torch.testing.assert_close(g_got[0], g_ref[0])
     torch.testing.assert_close(g_got[1][:V], g_ref[1])
     assert torch.all(g_got[1][V:] == 0)
+
+
+def test_teacher_text_is_the_teachers_greedy_continuation_of_stream_windows():
+    """Each block: a window of the stream, then the teacher's own greedy tokens (transformers' generate, fp32) up
+    to block_size; a last batch smaller than the others; seeded, so the same call gives the same blocks."""
+    from tiny_models import TINY, tiny_model
+
+    model = tiny_model()
+    model.generation_config.eos_token_id = None
+    stream = torch.randint(0, TINY["vocab_size"], (500,), generator=torch.Generator().manual_seed(3))
+    out = distill.teacher_text(model, stream, n_blocks=5, block_size=20, prompt_len=6, batch_size=2, seed=7,
+                               progress=False)
+    assert out.shape == (5, 20) and out.dtype == torch.long
+    windows = stream.unfold(0, 6, 1)                               # every 6-token window of the stream
+    for row in out:
+        assert (windows == row[:6]).all(1).any()
+        ref = model.generate(row[None, :6], attention_mask=torch.ones(1, 6, dtype=torch.long), max_new_tokens=14,
+                             do_sample=False, pad_token_id=0)
+        assert torch.equal(ref[0], row)
+    again = distill.teacher_text(model, stream, 5, 20, 6, batch_size=4, seed=7, progress=False)
+    assert torch.equal(again, out)                                 # batch size changes nothing (fp32)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(prompt_len=20), "prompt_len must be in 1..block_size-1=19"),
+    (dict(prompt_len=0), "prompt_len must be in 1..block_size-1=19"),
+    (dict(block_size=200), "exceeds the teacher's context 128"),
+    (dict(n_blocks=0), "must be >= 1"),
+    (dict(stream=torch.arange(3)), "3 tokens of text, fewer than one prompt of 6"),
+])
+def test_teacher_text_refuses_bad_input_before_generating(kw, match):
+    from tiny_models import tiny_model
+
+    args = dict(stream=torch.arange(100), n_blocks=2, block_size=20, prompt_len=6)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        distill.teacher_text(tiny_model(), **args, progress=False)

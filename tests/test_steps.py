@@ -55,11 +55,13 @@ def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("steps") / "run"
     out, spies = {}, {}
     try:
-        cfg = _cfg("01_distill", run_dir, cuda_graph=True)     # on a CPU: eager, the reason recorded
+        cfg = _cfg("01_distill", run_dir, cuda_graph=True,     # on a CPU: eager, the reason recorded
+                   teacher_text_blocks=12, teacher_text_batch=8, teacher_text_epochs=1)   # a last batch of 4
         ctx = context.setup(cfg, "01_distill")
         teacher, t_info = s1.get_teacher(ctx)
+        text = s1.make_teacher_text(ctx, teacher)
         runs = s1.train_students(ctx, teacher)
-        out["01_distill"] = (cfg, s1.distill_results(ctx, t_info, s1.student_info(ctx, teacher), runs))
+        out["01_distill"] = (cfg, s1.distill_results(ctx, t_info, s1.student_info(ctx, teacher), runs, text))
 
         cfg = _cfg("02_compare", run_dir, spec_draft_vocab=4096)      # the draft's head over 4,096 tokens
         ctx = context.setup(cfg, "02_compare")
@@ -127,6 +129,36 @@ def test_03_rows_are_typed_not_found_by_their_labels(run):
     full = res["training"][0]
     assert res["metrics"]["full_ft_test_ppl"] == full["test_ppl"]
     assert res["metrics"]["pruned_lora_test_ppl"] == res["training"][2]["test_ppl"]  # the distilled student's
+
+
+def test_01_students_train_on_the_teachers_own_text_last(run):
+    """teacher_text_blocks: the teacher's greedy continuations of train-split prompts (its own argmax, checked
+    against transformers' greedy generate on the saved teacher) are the distilled student's last epochs; the
+    corpus-only student stays as the checkpoint of the last corpus epoch; the no-teacher student never sees them."""
+    import torch
+
+    from gpt2opt_lib import models as M
+    from gpt2opt_lib.steps import s01_distill as s1
+
+    cfg, res = run[0]["01_distill"]
+    run_dir = run[2] / "01_distill"
+    text = torch.load(run_dir / s1.TEACHER_TEXT).long()
+    P = cfg.teacher_text_prompt_len
+    assert text.shape == (12, cfg.block_size) and res["teacher_text"]["blocks"] == 12
+    assert res["teacher_text"]["generated_tokens"] == 12 * (cfg.block_size - P)
+    teacher = M.load_model(str(run_dir / "teacher"), "eager").float().eval()
+    teacher.generation_config.eos_token_id = None                # the engine runs every row the full length
+    for row in (0, 11):                                          # the first batch's first row, the last batch's last
+        ref = teacher.generate(text[row: row + 1, :P], attention_mask=torch.ones(1, P, dtype=torch.long),
+                               max_new_tokens=cfg.block_size - P, do_sample=False, pad_token_id=0)
+        assert torch.equal(ref[0], text[row])
+    kd = res["runs"]["distilled"]
+    assert [(e["epoch"], e.get("data")) for e in kd["checkpoints"]] == [(1, None), (2, "teacher text")]
+    assert kd["teacher_text_from_step"] == kd["steps"] - kd["teacher_text_phase"]["steps"] + 1 >= 2
+    assert res["metrics"]["corpus_only_val_ppl"] == kd["checkpoints"][0]["val_ppl"]
+    assert res["metrics"]["distilled_val_ppl"] == kd["checkpoints"][1]["val_ppl"]
+    assert (run_dir / "checkpoints" / "student_distilled-epoch001").is_dir()
+    assert len(res["runs"]["no_teacher"]["checkpoints"]) == 1  # corpus only
 
 
 def test_01_cuda_graph_knob_is_recorded(run):

@@ -95,37 +95,110 @@ def student_info(ctx: StageContext, teacher) -> dict:
     return {"init": ctx.cfg.student_init, **M.describe(make_student(ctx, teacher))}
 
 
-def _train_student(ctx: StageContext, student, loss_fn, name: str, seed: int, save: bool) -> dict:
-    """One student run; `save`: the model (and its checkpoints) become the run's artifacts for later stages."""
+def _train_student(ctx: StageContext, student, loss_fn, name: str, seed: int, save: bool, *, blocks=None,
+                   epochs: int | None = None, first_epoch: int = 1, continued: bool = False) -> dict:
+    """One student run; `save`: the model (and its checkpoints) become the run's artifacts for later stages.
+
+    blocks / epochs: what it trains on, default the corpus's train blocks for `epochs` epochs; first_epoch numbers
+    the epochs of a run that continues another (the teacher-text phase). continued: another phase follows, so the
+    last epoch is also a checkpoint (the corpus-only student, kept for comparison) and the final save is that
+    phase's."""
     cfg = ctx.cfg
+    epochs = epochs or cfg.epochs
+    last = first_epoch + epochs - 1
     work, back = training_engine(student, ctx)
 
     def on_epoch_end(epoch, model):
-        if epoch not in cfg.checkpoint_epochs and epoch != cfg.epochs:
+        epoch += first_epoch - 1
+        ckpt = epoch in cfg.checkpoint_epochs or (continued and epoch == last)
+        if not ckpt and epoch != last:
             return {}
         val = ctx.perplexity(model)
-        if save and epoch in cfg.checkpoint_epochs:
+        if save and ckpt:
             M.save_model(back(), ctx.stage_dir / "checkpoints" / f"{name}-epoch{epoch:03d}")
         return {"val_loss": val["nll"], "val_ppl": val["ppl"]}
 
-    hist = train(maybe_compile(work, ctx), ctx.blocks("train"), loss_fn, _spec(cfg, seed=seed), ctx.device,
-                 on_epoch_end=on_epoch_end, tracker=ctx.tracker, desc=f"{name} (seed {seed})")
+    hist = train(maybe_compile(work, ctx), ctx.blocks("train") if blocks is None else blocks, loss_fn,
+                 _spec(cfg, seed=seed, epochs=epochs), ctx.device, on_epoch_end=on_epoch_end, tracker=ctx.tracker,
+                 desc=f"{name} (seed {seed})" + (" on teacher text" if first_epoch > 1 else ""))
+    for e in hist["epochs"]:
+        e["epoch"] += first_epoch - 1
     student = back()
-    if save:
+    if save and not continued:
         M.save_model(student, ctx.stage_dir / name)
     return hist
 
 
+TEACHER_TEXT = "teacher_text.pt"   # 01_distill/<this>: the teacher's greedy text the distilled students train on last
+
+
+def make_teacher_text(ctx: StageContext, teacher) -> dict | None:
+    """`teacher_text_blocks` blocks of the teacher's own greedy text (distill.teacher_text: train-split prompts,
+    continued to block_size tokens), saved as 01_distill/teacher_text.pt for the distilled students' last phase
+    (every seed, and torchrun's processes, read the same file). None when teacher_text_blocks is 0."""
+    import time
+
+    from ..distill import teacher_text
+
+    cfg = ctx.cfg
+    if not cfg.teacher_text_blocks:
+        return None
+    teacher.to(ctx.device).eval()
+    t0 = time.perf_counter()
+    blocks = teacher_text(teacher, ctx.streams["train"], cfg.teacher_text_blocks, cfg.block_size,
+                          cfg.teacher_text_prompt_len, batch_size=cfg.teacher_text_batch, dtype=ctx.amp_dtype,
+                          seed=cfg.seed)
+    seconds = time.perf_counter() - t0
+    torch.save(blocks.to(torch.int32), ctx.stage_dir / TEACHER_TEXT)
+    new = blocks[:, cfg.teacher_text_prompt_len:]
+    return {"blocks": blocks.shape[0], "block_size": blocks.shape[1], "prompt_len": cfg.teacher_text_prompt_len,
+            "generated_tokens": new.numel(), "seconds": seconds, "tokens_per_s": new.numel() / seconds,
+            "distinct_generated_tokens": int(new.unique().numel()), "epochs": cfg.teacher_text_epochs,
+            "sample": ctx.tok.decode(blocks[0].tolist())[:600], "file": f"01_distill/{TEACHER_TEXT}"}
+
+
+def _merge_phases(corpus: dict, text: dict) -> dict:
+    """One history from the corpus phase and the teacher-text phase that continued it: steps and epochs run on,
+    the summary is the corpus phase's (the KD step's cost; the same step on other blocks) with the final loss,
+    total steps and the second phase's own summary."""
+    steps = corpus["summary"]["steps"]
+    for e in text["epochs"]:
+        e["step"] += steps
+        e["data"] = "teacher text"
+    parts = {k: v + text["parts"].get(k, []) for k, v in corpus["parts"].items()}
+    summary = {**corpus["summary"], "steps": steps + text["summary"]["steps"],
+               "final_loss": text["summary"]["final_loss"], "teacher_text_from_step": steps + 1,
+               "teacher_text_phase": text["summary"]}
+    return {**corpus, "step_loss": corpus["step_loss"] + text["step_loss"], "parts": parts,
+            "epoch_loss": corpus["epoch_loss"] + text["epoch_loss"], "epochs": corpus["epochs"] + text["epochs"],
+            "step_time_s": corpus["step_time_s"] + text["step_time_s"], "summary": summary}
+
+
 def distill_student(ctx: StageContext, teacher, student, seed: int | None = None, save: bool = True) -> dict:
+    """KD on the corpus's train blocks for `epochs` epochs; with teacher text (make_teacher_text, run first) the
+    student then trains `teacher_text_epochs` more on it, with the same loss, and the corpus-only student stays as
+    the checkpoint of epoch `epochs`."""
     cfg = ctx.cfg
     seed = cfg.seeds[0] if seed is None else seed
+    text = None
+    if cfg.teacher_text_blocks:
+        path = ctx.artifact("01_distill", TEACHER_TEXT)
+        text = torch.load(path).long()
+        if text.dim() != 2 or text.shape[1] != cfg.block_size:
+            raise ValueError(f"{path}: blocks of shape {tuple(text.shape)}, not (N, block_size={cfg.block_size}): "
+                             f"made with other parameters; delete it and rerun 01_distill")
     # the frozen teacher only runs forward: a 16-bit copy, so the fp32 teacher stays intact for the no-teacher
     # student's initialisation (identical to this student's)
     t = copy.deepcopy(teacher).to(ctx.amp_dtype) if ctx.amp_dtype is not None else teacher
     t, _ = training_engine(t, ctx)  # the teacher's forward on the same engine as the student's
     maybe_compile(t, ctx)
     loss_fn = make_kd_loss_fn(t, cfg.temperature, cfg.alpha, cfg.kd_chunk_tokens)
-    return _train_student(ctx, student, loss_fn, "student_distilled", seed, save)
+    hist = _train_student(ctx, student, loss_fn, "student_distilled", seed, save, continued=text is not None)
+    if text is None:
+        return hist
+    more = _train_student(ctx, student, loss_fn, "student_distilled", seed, save, blocks=text,
+                          epochs=cfg.teacher_text_epochs, first_epoch=cfg.epochs + 1)
+    return _merge_phases(hist, more)
 
 
 def train_without_teacher(ctx: StageContext, teacher, seed: int | None = None, save: bool = True) -> dict | None:
@@ -196,11 +269,13 @@ def seed_table(runs: dict) -> list[dict]:
             for arm, hs in runs.items() for h in hs]
 
 
-def distill_results(ctx: StageContext, teacher_info: dict, student_info: dict, runs: dict) -> dict:
+def distill_results(ctx: StageContext, teacher_info: dict, student_info: dict, runs: dict,
+                    teacher_text: dict | None = None) -> dict:
     from ..evaluate import compare_with_spread, mean_std
 
     kd0 = runs["distilled"][0]
     res = {"setup": summary_table(ctx), "teacher": teacher_info, "student": student_info,
+           "teacher_text": teacher_text,
            "student_init": ctx.cfg.student_init, "seeds": list(ctx.cfg.seeds), "runs": {}, "seed_runs": seed_table(runs)}
     for name, hs in runs.items():
         if hs:  # the first seed's curves (its models are the run's artifacts)
@@ -238,6 +313,10 @@ def distill_results(ctx: StageContext, teacher_info: dict, student_info: dict, r
         "distill_time_per_step_s": kd0["summary"]["time_per_step_s"],
         "distill_peak_mem_mb": kd0["summary"]["peak_mem_mb"],
     }
+    if teacher_text:
+        res["metrics"]["teacher_text_tokens_per_s"] = teacher_text["tokens_per_s"]
+        res["metrics"]["corpus_only_val_ppl"] = next((e.get("val_ppl") for e in kd0["epochs"]
+                                                      if e["epoch"] == ctx.cfg.epochs), None)
     if "scratch_training" in teacher_info:
         res["metrics"]["teacher_best_epoch"] = teacher_info["scratch_training"]["best_epoch"]
     ctx.save_results(res)
