@@ -12,6 +12,10 @@ rows) on the same engine and caches: decode_step_mma and span_<M>_mma, each also
 all layer kernels instead of the autotuned ones: which tile suits the one-row step and which the multi-row steps.
 `--res-together 4096,1024` also times the decode step and every span with FusedDecode.res_rows_together at those K
 thresholds (GEMV+residual launches with K >= it run a step's rows in one program per weight tile).
+`--role-tiles 1x4,4x4,...` sweeps a fixed tile per launch role (FusedDecode.tiles: LayerNorm+QKV, LayerNorm+FC,
+attention projection, MLP projection), one role at a time with the others autotuned, scoring each by a speculative
+round's GEMV time, (M-1) decode steps + one M-row step for the largest M of --rows; then times the decode step and
+every span with each role's best tile together ("best_tiles"), and the autotuned engine again after it.
 `--by-kernel` adds, per row count, the GPU time of each kernel (torch.profiler over eager launches, no graph) and
 of each launch role (a layer's LayerNorm+QKV, attention, attention projection, LayerNorm+FC, MLP projection summed
 over the layers; the head; the argmax)."""
@@ -26,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpt2opt_lib import env as envmod  # noqa: E402
 from gpt2opt_lib.bench.common import build_model  # noqa: E402
 from gpt2opt_lib.generate import FastGPT2, capture_graph  # noqa: E402
-from gpt2opt_lib.triton_decode import _gemv_res_kernel, _ln_gemv_kernel  # noqa: E402
+from gpt2opt_lib.triton_decode import TILE_ROLES, _gemv_res_kernel, _ln_gemv_kernel  # noqa: E402
 
 
 def _graph_time(fn, replays: int, repeats: int) -> dict:
@@ -63,6 +67,39 @@ def _by_role(prof, replays: int, n_layer: int) -> dict:
     return roles
 
 
+def _tile(cfg: str) -> dict:
+    bn, w = (int(v) for v in cfg.split("x"))
+    return {"BLOCK_N": bn, "num_warps": w}
+
+
+def _role_tile_sweep(a, f, step, toks, pos, dst, ks, vs, rows, res) -> dict:
+    """--role-tiles: each role's tile configs in turn (the other roles autotuned), scored by (M-1) decode steps
+    + one M-row step (M the most rows: a speculative round at k = M-1); then every role at its best together,
+    and the autotuned engine again (drift between the two autotuned timings bounds what the sweep can tell)."""
+    cfgs, m = [c for c in a.role_tiles.split(",") if c], max(rows)
+    sweep = {}
+    for role in TILE_ROLES:
+        for cfg in cfgs:
+            f.tiles = {role: _tile(cfg)}
+            d = _graph_time(step, a.replays, a.repeats)["us_mean"]
+            s = _graph_time(lambda: f.span(toks[:m], pos, dst[:m], ks, vs), a.replays, a.repeats)["us_mean"]
+            sweep[f"{role}_{cfg}"] = {"decode_us": d, f"span_{m}_us": s, "round_us": (m - 1) * d + s}
+            print(f"  {role:>9} {cfg:>5}: decode {d:7.1f} us, span_{m} {s:7.1f} us, round {(m - 1) * d + s:8.1f} us")
+    best = {role: min(cfgs, key=lambda c: sweep[f"{role}_{c}"]["round_us"]) for role in TILE_ROLES}
+    f.tiles = {role: _tile(c) for role, c in best.items()}
+    res["decode_step_best_tiles"] = _graph_time(step, a.replays, a.repeats)
+    for r in rows:
+        res[f"span_{r}_best_tiles"] = _graph_time(lambda r=r: f.span(toks[:r], pos, dst[:r], ks, vs), a.replays,
+                                                  a.repeats)
+    f.tiles = {}
+    res["decode_step_autotuned_again"] = _graph_time(step, a.replays, a.repeats)
+    for r in rows:
+        res[f"span_{r}_autotuned_again"] = _graph_time(lambda r=r: f.span(toks[:r], pos, dst[:r], ks, vs),
+                                                       a.replays, a.repeats)
+    print("best tile per role:", best)
+    return {"configs": cfgs, "objective": f"{m - 1} x decode_step + span_{m}", "sweep": sweep, "best": best}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="random:gpt2-medium")
@@ -70,6 +107,7 @@ def main(argv=None):
     ap.add_argument("--pos", type=int, default=96, help="cache slots before the step (the prompt + tokens so far)")
     ap.add_argument("--gemm", default="gemv", help="kernel kinds to time, comma-separated: gemv,mma")
     ap.add_argument("--configs", default="", help="fixed tile configs to sweep, BLOCK_N x warps: 1x4,8x4")
+    ap.add_argument("--role-tiles", default="", help="tile configs to sweep per launch role, BLOCK_N x warps")
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--res-together", default="",
@@ -135,6 +173,7 @@ def main(argv=None):
             res[f"span_{m}_{cfg}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
                                                  a.replays, a.repeats)
     f.kernels = tuned
+    role_tiles = _role_tile_sweep(a, f, step, toks, pos, dst, ks, vs, rows, res) if a.role_tiles else None
     by_kernel = {}
     runs = [("gemv", f, default_rt)] + [(f"gemv_rt{t}", f, t) for t in together] + \
         [(g, fg, fg.res_rows_together) for g, fg in others.items()]   # (label, FusedDecode, res_rows_together)
@@ -170,7 +209,7 @@ def main(argv=None):
     print("autotuned tile configs:", json.dumps(autotuned))
     report = {"autotuned": autotuned, "model": a.model, "dtype": "bf16", "pos": a.pos, "device": torch.cuda.get_device_name(dev),
               "git_sha": envmod.git_sha(), "argv": sys.argv[1:], "env": envmod.env_stamp(), "results": res,
-              "by_kernel": by_kernel}
+              "by_kernel": by_kernel, "role_tiles": role_tiles}
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(report, indent=2, default=str))

@@ -782,6 +782,11 @@ SPAN_MAX_ROWS = 16  # rows a multi-row step (FusedDecode.span) holds scratch for
 # (h100_span_cost_res_together_gpt2-medium.json): 3 rows x1.36 / 5 rows x1.98 of a decode step, against x1.45 / x2.04
 # apart; every GEMV+residual together (K >= 1024) x1.39 / x2.05
 RES_ROWS_TOGETHER_K = 2048
+# FusedDecode.tiles' default: a fixed tile (BLOCK_N, warps) per launch role of the 16-bit CUDA-core layer kernels
+# ("ln_qkv", "ln_fc", "attn_proj", "mlp_proj"); a role left out is autotuned (on one-row kernel time alone, in each
+# process: the pick varies run to run, and with it the engine's speed)
+TILES: dict = {}
+TILE_ROLES = ("ln_qkv", "ln_fc", "attn_proj", "mlp_proj")
 
 
 class FusedDecode:
@@ -830,12 +835,20 @@ class FusedDecode:
         # GEMV+residual launches with K >= this run a multi-row step's rows in one program per weight tile (one copy
         # of the tile in registers) instead of one program per row and tile (a copy each): see _gemv_res_kernel
         self.res_rows_together = RES_ROWS_TOGETHER_K
+        # role -> {"BLOCK_N", "num_warps"}: that role's 16-bit GEMV launches run this tile instead of the tuned one
+        self.tiles = dict(TILES)
         # programmatic dependent launch: each kernel loads its weights while its predecessor finishes (sm90+)
         self.pdl = (gdc_wait is not None and device.type == "cuda"
                     and torch.cuda.get_device_capability(device)[0] >= 9)
 
     def _launch_opts(self) -> dict:
         return {"PDL": self.pdl, "launch_pdl": True} if self.pdl else {"PDL": False}
+
+    def _tile(self, name: str, raw, role: str):
+        """(kernel, fixed meta) of a 16-bit GEMV launch: the role's fixed tile where `tiles` names one, else the
+        tuned kernel."""
+        tile = self.tiles.get(role)
+        return self.kernels[name] if tile is None else (raw, tile)
 
     def _ln_gemv(self, x, lnw, lnb, dense, out, M, *, embed=None, gelu=False, argmax=False, n_valid=0,
                  block_n=None):
@@ -855,7 +868,7 @@ class FusedDecode:
                 EMBED=embed is not None, HAS_BIAS=dense.bias is not None, GELU=gelu, ARGMAX=argmax, **fixed,
                 **self._launch_opts())
             return
-        kern, fixed = self.kernels["ln_gemv"]
+        kern, fixed = self._tile("ln_gemv", _ln_gemv_kernel, "ln_fc" if gelu else "ln_qkv")
         meta = dict(KP=triton.next_power_of_2(K), EMBED=embed is not None, HAS_BIAS=dense.bias is not None,
                     GELU=gelu, ARGMAX=argmax)
         if block_n is not None:                                           # the head: a fixed tile
@@ -897,7 +910,7 @@ class FusedDecode:
                 h, dense.weight, dense.bias, x, self.ws, self.cnt, M, K, N, BLOCK_M=MM_ROWS, **fixed,
                 **self._launch_opts())
             return
-        kern, fixed = self.kernels["gemv_res"]
+        kern, fixed = self._tile("gemv_res", _gemv_res_kernel, "mlp_proj" if K > N else "attn_proj")
         R = M if K >= self.res_rows_together else 1                       # rows a program runs
         kern[lambda m: (triton.cdiv(M, R), triton.cdiv(N, m["BLOCK_N"]))](h, dense.weight, dense.bias, x, K, N, R, M,
                                                                          KP=triton.next_power_of_2(K), **fixed,

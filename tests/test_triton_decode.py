@@ -61,6 +61,26 @@ def test_greedy_tokens_and_cache_equal_the_eager_step(T, gemm):                #
         torch.testing.assert_close(kf[0, :, :n], kr[0, :, :n], atol=1e-4, rtol=1e-4)
 
 
+def test_fixed_tiles_per_role_are_the_ones_launched_and_change_no_token():
+    """FusedDecode.tiles: each launch role's 16-bit GEMV runs the fixed tile named for it (the others the tuned
+    kernel); the greedy tokens stay the eager step's."""
+    fused, ref = _engines(tiny_model(seed=5))
+    f = fused.fused
+    tiles = {"ln_qkv": {"BLOCK_N": 8, "num_warps": 4}, "ln_fc": {"BLOCK_N": 16, "num_warps": 4},
+             "mlp_proj": {"BLOCK_N": 4, "num_warps": 8}}                     # attn_proj left to the tuned kernel
+    f.tiles = dict(tiles)
+    seen, real = [], f._tile
+    f._tile = lambda name, raw, role: seen.append((role, real(name, raw, role))) or seen[-1][1]
+    ids = _prompt(9, seed=6)
+    assert torch.equal(fused.generate(ids, 12), ref.generate(ids, 12))
+    assert {role for role, _ in seen} == set(triton_decode.TILE_ROLES)
+    for role, (kern, meta) in seen:
+        if role in tiles:
+            assert meta == tiles[role] and kern in (triton_decode._ln_gemv_kernel, triton_decode._gemv_res_kernel)
+        else:
+            assert (kern, meta) == f.kernels["gemv_res"]
+
+
 def test_eos_then_pad_as_the_eager_step():
     fused, ref = _engines(tiny_model(seed=3))
     ids = _prompt(5, seed=4)
