@@ -782,11 +782,25 @@ SPAN_MAX_ROWS = 16  # rows a multi-row step (FusedDecode.span) holds scratch for
 # (h100_span_cost_res_together_gpt2-medium.json): 3 rows x1.36 / 5 rows x1.98 of a decode step, against x1.45 / x2.04
 # apart; every GEMV+residual together (K >= 1024) x1.39 / x2.05
 RES_ROWS_TOGETHER_K = 2048
-# FusedDecode.tiles' default: a fixed tile (BLOCK_N, warps) per launch role of the 16-bit CUDA-core layer kernels
-# ("ln_qkv", "ln_fc", "attn_proj", "mlp_proj"); a role left out is autotuned (on one-row kernel time alone, in each
-# process: the pick varies run to run, and with it the engine's speed)
-TILES: dict = {}
+# FusedDecode.tiles' default, by model width: a fixed tile (BLOCK_N x warps) per launch role of the 16-bit CUDA-core
+# layer kernels; other widths (and GPT2OPT_DECODE_TILES=autotune) are autotuned, on one-row kernel time alone and
+# anew in each process: the pick varies run to run, and with it the engine's speed (gpt2-medium's decode step 452 us
+# in one run, 492 in another). Each role's tile is the best of 7 by a k = 4 speculative round (4 decode steps + one
+# 5-row step), swept one role at a time on an H100 (bf16, graphs; benchmarks/results/
+# h100_span_cost_role_tiles_gpt2{,-medium}.json); all four together, same run, against the autotuned engine:
+# gpt2-medium decode step 439 vs 492 us, 5-row step 874 vs 1068; gpt2 194 vs 192, 388 vs 410.
 TILE_ROLES = ("ln_qkv", "ln_fc", "attn_proj", "mlp_proj")
+TILES: dict = {
+    1024: {"ln_qkv": (8, 4), "ln_fc": (16, 8), "attn_proj": (16, 8), "mlp_proj": (4, 8)},
+    768: {"ln_qkv": (8, 4), "ln_fc": (8, 4), "attn_proj": (8, 4), "mlp_proj": (4, 4)},
+}
+
+
+def default_tiles(width: int) -> dict:
+    """role -> {"BLOCK_N", "num_warps"} for a model of this width (TILES; empty: autotuned)."""
+    if os.environ.get("GPT2OPT_DECODE_TILES", "fixed") == "autotune":
+        return {}
+    return {role: {"BLOCK_N": bn, "num_warps": w} for role, (bn, w) in TILES.get(width, {}).items()}
 
 
 class FusedDecode:
@@ -836,7 +850,7 @@ class FusedDecode:
         # of the tile in registers) instead of one program per row and tile (a copy each): see _gemv_res_kernel
         self.res_rows_together = RES_ROWS_TOGETHER_K
         # role -> {"BLOCK_N", "num_warps"}: that role's 16-bit GEMV launches run this tile instead of the tuned one
-        self.tiles = dict(TILES)
+        self.tiles = default_tiles(C) if device.type == "cuda" else {}
         # programmatic dependent launch: each kernel loads its weights while its predecessor finishes (sm90+)
         self.pdl = (gdc_wait is not None and device.type == "cuda"
                     and torch.cuda.get_device_capability(device)[0] >= 9)

@@ -464,13 +464,15 @@ def test_gpu_graphs_match_target_engine(round_):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_fused_round_token_identical_in_16_bit(dtype):
+@pytest.mark.parametrize("dtype,width", [(torch.bfloat16, 768), (torch.float16, 768), (torch.bfloat16, 1024)])
+def test_gpu_fused_round_token_identical_in_16_bit(dtype, width):
     """16-bit: every verified row is bit for bit the target's own decode step, so the output equals the target
-    engine's even where near-ties would flip between differently rounded kernels (200 tokens, 3 prompts, a
-    gpt2-width model)."""
+    engine's even where near-ties would flip between differently rounded kernels (200 tokens, 3 prompts, gpt2's and
+    gpt2-medium's widths: the fixed tiles of triton_decode.TILES)."""
+    from gpt2opt_lib import triton_decode
+
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=4, n_embd=768, n_head=12, vocab_size=50257, n_positions=512)
+    cfg = transformers.GPT2Config(n_layer=4, n_embd=width, n_head=width // 64, vocab_size=50257, n_positions=512)
     model = transformers.GPT2LMHeadModel(cfg).eval().cuda()
     draft_model = layers_dropped(model, [0, 3])
     target = FastGPT2(model, max_seq_len=300, dtype=dtype)
@@ -478,6 +480,7 @@ def test_gpu_fused_round_token_identical_in_16_bit(dtype):
     spec = SpeculativeDecoder(target, draft, k=3)
     sub = SpeculativeDecoder(target, draft, k=3, draft_vocab=torch.arange(0, 50257, 2))   # the draft's SubsetHead
     assert spec.fused and sub.fused, spec.fused_off_reason
+    assert target.fused.tiles == triton_decode.default_tiles(width) and len(target.fused.tiles) == 4
     for s in (1, 2, 3):
         ids = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(s)).cuda()
         out, st = spec.generate(ids, 200)

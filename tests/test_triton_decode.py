@@ -81,6 +81,14 @@ def test_fixed_tiles_per_role_are_the_ones_launched_and_change_no_token():
             assert (kern, meta) == f.kernels["gemv_res"]
 
 
+def test_default_tiles_by_width_and_the_autotune_switch(monkeypatch):
+    t = triton_decode.default_tiles(1024)
+    assert set(t) == set(triton_decode.TILE_ROLES) and t["mlp_proj"] == {"BLOCK_N": 4, "num_warps": 8}
+    assert triton_decode.default_tiles(64) == {}                                 # a width not measured: tuned
+    monkeypatch.setenv("GPT2OPT_DECODE_TILES", "autotune")
+    assert triton_decode.default_tiles(1024) == {}
+
+
 def test_eos_then_pad_as_the_eager_step():
     fused, ref = _engines(tiny_model(seed=3))
     ids = _prompt(5, seed=4)
