@@ -92,10 +92,12 @@ def test_distilled_and_plain_students_start_identical(monkeypatch):
 
     teacher = models.build_model("random:custom:n_layer=4,n_embd=32,n_head=2", seed=0)
     cfg = SimpleNamespace(student_init="teacher-layers", student_n_layer=2, seed=3, seeds=[3], student="",
-                          attn_implementation="sdpa", temperature=2.0, alpha=0.5, kd_chunk_tokens=64, compile=False)
+                          attn_implementation="sdpa", temperature=2.0, alpha=0.5, kd_chunk_tokens=64, compile=False,
+                          teacher_text_blocks=0)
     ctx = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), amp_dtype=torch.bfloat16, tok=[0] * 50257)
     seen = {}
-    monkeypatch.setattr(stages, "_train_student", lambda ctx, student, loss_fn, name, seed, save: seen.setdefault("fn", loss_fn))
+    monkeypatch.setattr(stages, "_train_student", lambda ctx, student, loss_fn, name, seed, save, **kw:
+                        seen.setdefault("fn", loss_fn))
     a = stages.make_student(ctx, teacher)
     stages.distill_student(ctx, teacher, a)
     assert "fn" in seen and teacher.transformer.h[0].attn.c_attn.weight.dtype == torch.float32

@@ -142,7 +142,7 @@ def test_01_students_train_on_the_teachers_own_text_last(run):
 
     cfg, res = run[0]["01_distill"]
     run_dir = run[2] / "01_distill"
-    text = torch.load(run_dir / s1.TEACHER_TEXT).long()
+    text = torch.load(run_dir / s1.TEACHER_TEXT, weights_only=True).long()
     P = cfg.teacher_text_prompt_len
     assert text.shape == (12, cfg.block_size) and res["teacher_text"]["blocks"] == 12
     assert res["teacher_text"]["generated_tokens"] == 12 * (cfg.block_size - P)

@@ -183,7 +183,7 @@ def distill_student(ctx: StageContext, teacher, student, seed: int | None = None
     text = None
     if cfg.teacher_text_blocks:
         path = ctx.artifact("01_distill", TEACHER_TEXT)
-        text = torch.load(path).long()
+        text = torch.load(path, weights_only=True).long()
         if text.dim() != 2 or text.shape[1] != cfg.block_size:
             raise ValueError(f"{path}: blocks of shape {tuple(text.shape)}, not (N, block_size={cfg.block_size}): "
                              f"made with other parameters; delete it and rerun 01_distill")
