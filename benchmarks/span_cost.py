@@ -72,7 +72,7 @@ def _tile(cfg: str) -> dict:
     return {"BLOCK_N": bn, "num_warps": w}
 
 
-def _role_tile_sweep(a, f, step, toks, pos, dst, ks, vs, rows, res) -> dict:
+def _role_tile_sweep(a, f, step, span, time_all, rows) -> dict:
     """--role-tiles: each role's tile configs in turn (the other roles autotuned), scored by (M-1) decode steps
     + one M-row step (M the most rows: a speculative round at k = M-1); then every role at its best together,
     and the autotuned engine again (drift between the two autotuned timings bounds what the sweep can tell)."""
@@ -82,20 +82,14 @@ def _role_tile_sweep(a, f, step, toks, pos, dst, ks, vs, rows, res) -> dict:
         for cfg in cfgs:
             f.tiles = {role: _tile(cfg)}
             d = _graph_time(step, a.replays, a.repeats)["us_mean"]
-            s = _graph_time(lambda: f.span(toks[:m], pos, dst[:m], ks, vs), a.replays, a.repeats)["us_mean"]
+            s = _graph_time(lambda: span(m), a.replays, a.repeats)["us_mean"]
             sweep[f"{role}_{cfg}"] = {"decode_us": d, f"span_{m}_us": s, "round_us": (m - 1) * d + s}
             print(f"  {role:>9} {cfg:>5}: decode {d:7.1f} us, span_{m} {s:7.1f} us, round {(m - 1) * d + s:8.1f} us")
     best = {role: min(cfgs, key=lambda c: sweep[f"{role}_{c}"]["round_us"]) for role in TILE_ROLES}
     f.tiles = {role: _tile(c) for role, c in best.items()}
-    res["decode_step_best_tiles"] = _graph_time(step, a.replays, a.repeats)
-    for r in rows:
-        res[f"span_{r}_best_tiles"] = _graph_time(lambda r=r: f.span(toks[:r], pos, dst[:r], ks, vs), a.replays,
-                                                  a.repeats)
+    time_all("_best_tiles")
     f.tiles = {}
-    res["decode_step_autotuned_again"] = _graph_time(step, a.replays, a.repeats)
-    for r in rows:
-        res[f"span_{r}_autotuned_again"] = _graph_time(lambda r=r: f.span(toks[:r], pos, dst[:r], ks, vs),
-                                                       a.replays, a.repeats)
+    time_all("_autotuned_again")
     print("best tile per role:", best)
     return {"configs": cfgs, "objective": f"{m - 1} x decode_step + span_{m}", "sweep": sweep, "best": best}
 
@@ -137,9 +131,17 @@ def main(argv=None):
     def step():                                                         # the engine's decode step, at slot pos
         p.copy_(pos)
         f.step(tok, p, out, fin, eos, pad, ks, vs)
-    res = {"decode_step": _graph_time(step, a.replays, a.repeats)}
-    for m in rows:
-        res[f"span_{m}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs), a.replays, a.repeats)
+
+    def span(m):                                                        # the verify step of m rows
+        f.span(toks[:m], pos, dst[:m], ks, vs)
+
+    res = {}
+
+    def time_all(suffix=""):                                            # the decode step and every span, as f is now
+        res[f"decode_step{suffix}"] = _graph_time(step, a.replays, a.repeats)
+        for m in rows:
+            res[f"span_{m}{suffix}"] = _graph_time(lambda m=m: span(m), a.replays, a.repeats)
+    time_all()
     others = {}                                                         # kernel kind -> its FusedDecode
     for gemm in [g for g in a.gemm.split(",") if g != "gemv"]:
         from gpt2opt_lib.triton_decode import FusedDecode
@@ -158,22 +160,15 @@ def main(argv=None):
     default_rt = f.res_rows_together
     for t in together:
         f.res_rows_together = t
-        res[f"decode_step_rt{t}"] = _graph_time(step, a.replays, a.repeats)
-        for m in rows:
-            res[f"span_{m}_rt{t}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs), a.replays,
-                                                 a.repeats)
+        time_all(f"_rt{t}")
     f.res_rows_together = default_rt
     tuned = f.kernels
     for cfg in [c for c in a.configs.split(",") if c]:
-        bn, w = (int(v) for v in cfg.split("x"))
-        fixed = {"BLOCK_N": bn, "num_warps": w}
+        fixed = _tile(cfg)
         f.kernels = {"ln_gemv": (_ln_gemv_kernel, fixed), "gemv_res": (_gemv_res_kernel, fixed)}
-        res[f"decode_step_{cfg}"] = _graph_time(step, a.replays, a.repeats)
-        for m in rows:
-            res[f"span_{m}_{cfg}"] = _graph_time(lambda m=m: f.span(toks[:m], pos, dst[:m], ks, vs),
-                                                 a.replays, a.repeats)
+        time_all(f"_{cfg}")
     f.kernels = tuned
-    role_tiles = _role_tile_sweep(a, f, step, toks, pos, dst, ks, vs, rows, res) if a.role_tiles else None
+    role_tiles = _role_tile_sweep(a, f, step, span, time_all, rows) if a.role_tiles else None
     by_kernel = {}
     runs = [("gemv", f, default_rt)] + [(f"gemv_rt{t}", f, t) for t in together] + \
         [(g, fg, fg.res_rows_together) for g, fg in others.items()]   # (label, FusedDecode, res_rows_together)

@@ -95,38 +95,39 @@ def student_info(ctx: StageContext, teacher) -> dict:
     return {"init": ctx.cfg.student_init, **M.describe(make_student(ctx, teacher))}
 
 
-def _train_student(ctx: StageContext, student, loss_fn, name: str, seed: int, save: bool, *, blocks=None,
-                   epochs: int | None = None, first_epoch: int = 1, continued: bool = False) -> dict:
+def _train_student(ctx: StageContext, student, loss_fn, name: str, seed: int, save: bool, text=None) -> dict:
     """One student run; `save`: the model (and its checkpoints) become the run's artifacts for later stages.
 
-    blocks / epochs: what it trains on, default the corpus's train blocks for `epochs` epochs; first_epoch numbers
-    the epochs of a run that continues another (the teacher-text phase). continued: another phase follows, so the
-    last epoch is also a checkpoint (the corpus-only student, kept for comparison) and the final save is that
-    phase's."""
+    `epochs` on the corpus's train blocks, then, with `text` (teacher-text blocks), `teacher_text_epochs` more on
+    them, numbered on from `epochs`, on the same engine and compiled model (a fresh optimizer and schedule); the
+    last corpus epoch is then also a checkpoint (the corpus-only student, kept for comparison)."""
     cfg = ctx.cfg
-    epochs = epochs or cfg.epochs
-    last = first_epoch + epochs - 1
     work, back = training_engine(student, ctx)
+    model = maybe_compile(work, ctx)
+    phases = [(ctx.blocks("train"), cfg.epochs, 0, "")]
+    if text is not None:
+        phases.append((text, cfg.teacher_text_epochs, cfg.epochs, " on teacher text"))
+    hists = []
+    for blocks, epochs, offset, what in phases:
+        def on_epoch_end(epoch, model, offset=offset, last=offset + epochs):
+            epoch += offset
+            ckpt = epoch in cfg.checkpoint_epochs or (text is not None and epoch == cfg.epochs)
+            if not ckpt and epoch != last:
+                return {}
+            val = ctx.perplexity(model)
+            if save and ckpt:
+                M.save_model(back(), ctx.stage_dir / "checkpoints" / f"{name}-epoch{epoch:03d}")
+            return {"val_loss": val["nll"], "val_ppl": val["ppl"]}
 
-    def on_epoch_end(epoch, model):
-        epoch += first_epoch - 1
-        ckpt = epoch in cfg.checkpoint_epochs or (continued and epoch == last)
-        if not ckpt and epoch != last:
-            return {}
-        val = ctx.perplexity(model)
-        if save and ckpt:
-            M.save_model(back(), ctx.stage_dir / "checkpoints" / f"{name}-epoch{epoch:03d}")
-        return {"val_loss": val["nll"], "val_ppl": val["ppl"]}
-
-    hist = train(maybe_compile(work, ctx), ctx.blocks("train") if blocks is None else blocks, loss_fn,
-                 _spec(cfg, seed=seed, epochs=epochs), ctx.device, on_epoch_end=on_epoch_end, tracker=ctx.tracker,
-                 desc=f"{name} (seed {seed})" + (" on teacher text" if first_epoch > 1 else ""))
-    for e in hist["epochs"]:
-        e["epoch"] += first_epoch - 1
+        hist = train(model, blocks, loss_fn, _spec(cfg, seed=seed, epochs=epochs), ctx.device,
+                     on_epoch_end=on_epoch_end, tracker=ctx.tracker, desc=f"{name} (seed {seed}){what}")
+        for e in hist["epochs"]:
+            e["epoch"] += offset
+        hists.append(hist)
     student = back()
-    if save and not continued:
+    if save:
         M.save_model(student, ctx.stage_dir / name)
-    return hist
+    return hists[0] if text is None else _merge_phases(*hists)
 
 
 TEACHER_TEXT = "teacher_text.pt"   # 01_distill/<this>: the teacher's greedy text the distilled students train on last
@@ -193,12 +194,7 @@ def distill_student(ctx: StageContext, teacher, student, seed: int | None = None
     t, _ = training_engine(t, ctx)  # the teacher's forward on the same engine as the student's
     maybe_compile(t, ctx)
     loss_fn = make_kd_loss_fn(t, cfg.temperature, cfg.alpha, cfg.kd_chunk_tokens)
-    hist = _train_student(ctx, student, loss_fn, "student_distilled", seed, save, continued=text is not None)
-    if text is None:
-        return hist
-    more = _train_student(ctx, student, loss_fn, "student_distilled", seed, save, blocks=text,
-                          epochs=cfg.teacher_text_epochs, first_epoch=cfg.epochs + 1)
-    return _merge_phases(hist, more)
+    return _train_student(ctx, student, loss_fn, "student_distilled", seed, save, text=text)
 
 
 def train_without_teacher(ctx: StageContext, teacher, seed: int | None = None, save: bool = True) -> dict | None:
