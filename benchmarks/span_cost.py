@@ -16,6 +16,8 @@ thresholds (GEMV+residual launches with K >= it run a step's rows in one program
 attention projection, MLP projection), one role at a time with the others autotuned, scoring each by a speculative
 round's GEMV time, (M-1) decode steps + one M-row step for the largest M of --rows; then times the decode step and
 every span with each role's best tile together ("best_tiles"), and the autotuned engine again after it.
+`--ln-apart` also times the decode step and every span with FusedDecode.ln_rows_together off (the LayerNorm+GEMV
+launches one program per row and weight tile, the layout before `ln_rows_together`): the same-run A/B.
 `--by-kernel` adds, per row count, the GPU time of each kernel (torch.profiler over eager launches, no graph) and
 of each launch role (a layer's LayerNorm+QKV, attention, attention projection, LayerNorm+FC, MLP projection summed
 over the layers; the head; the argmax)."""
@@ -107,6 +109,8 @@ def main(argv=None):
     ap.add_argument("--res-together", default="",
                     help="also time with FusedDecode.res_rows_together at these K thresholds, comma-separated "
                          "(GEMV+residual launches with K >= it run a step's rows in one program per tile): 4096,1024")
+    ap.add_argument("--ln-apart", action="store_true",
+                    help="also time with the LayerNorm+GEMV launches one program per row (ln_rows_together off)")
     ap.add_argument("--by-kernel", action="store_true", help="GPU time per kernel and row count (profiler)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -162,6 +166,10 @@ def main(argv=None):
         f.res_rows_together = t
         time_all(f"_rt{t}")
     f.res_rows_together = default_rt
+    if a.ln_apart:
+        f.ln_rows_together = False
+        time_all("_ln_apart")
+        f.ln_rows_together = True
     tuned = f.kernels
     for cfg in [c for c in a.configs.split(",") if c]:
         fixed = _tile(cfg)
@@ -170,11 +178,13 @@ def main(argv=None):
     f.kernels = tuned
     role_tiles = _role_tile_sweep(a, f, step, span, time_all, rows) if a.role_tiles else None
     by_kernel = {}
-    runs = [("gemv", f, default_rt)] + [(f"gemv_rt{t}", f, t) for t in together] + \
-        [(g, fg, fg.res_rows_together) for g, fg in others.items()]   # (label, FusedDecode, res_rows_together)
-    for label, fk, rt in runs if a.by_kernel else []:                 # f's threshold restored after the loop
+    # (label, FusedDecode, res_rows_together, ln_rows_together)
+    runs = [("gemv", f, default_rt, True)] + [(f"gemv_rt{t}", f, t, True) for t in together] + \
+        ([("gemv_ln_apart", f, default_rt, False)] if a.ln_apart else []) + \
+        [(g, fg, fg.res_rows_together, True) for g, fg in others.items()]
+    for label, fk, rt, lt in runs if a.by_kernel else []:             # f's layout restored after the loop
         from torch.profiler import ProfilerActivity, profile
-        fk.res_rows_together = rt
+        fk.res_rows_together, fk.ln_rows_together = rt, lt
         for m in rows:
             fk.span(toks[:m], pos, dst[:m], ks, vs)                     # warm (compiled, tuned)
             torch.cuda.synchronize()
@@ -192,7 +202,7 @@ def main(argv=None):
             print(f"span_{m}_{label}: " + ", ".join(f"{k} {v['us_per_step']:.0f} us" for k, v in sorted(per.items())
                                                     if k != "by_role"))
             print("    by role: " + ", ".join(f"{k} {v:.1f} us" for k, v in per["by_role"].items()))
-    f.res_rows_together = default_rt
+    f.res_rows_together, f.ln_rows_together = default_rt, True
     base = res["decode_step"]["us_mean"]
     for name, r in res.items():
         r["vs_decode_step"] = r["us_mean"] / base

@@ -136,28 +136,10 @@ if triton is not None:
             tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
-    def _ln_gemv_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
-                        pv_ptr, pi_ptr, K, N, n_valid, eps,
-                        KP: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr):
-        """Row `row` (program axis 0) of x (M, K) against weight tile `pid` (axis 1) -> out (M, N). Each program
-        runs the one-row code on its own row, so a row's result is bit for bit that of a one-row launch (the
-        speculative verify step equals the decode steps it replaces). EMBED: row m is token tok[m] at position
-        pos + m."""
-        row = tl.program_id(0)
-        pid = tl.program_id(1)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nm = n < N
-        k = tl.arange(0, KP)
-        km = k < K
-        # the weights first: their loads are in flight while the row's LayerNorm is computed
-        w = _weight_tile(w_ptr, n, k, nm, km, K)
-        lnw = tl.load(lnw_ptr + k, mask=km, other=0.0).to(tl.float32)
-        lnb = tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
-        _wait_for_inputs(PDL)
-        if EMBED:                                                         # x = wte[tok] + wpe[pos], written once
+    def _ln_row(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, row, pid, k, km, K, EMBED: tl.constexpr):
+        """Row `row` of the residual stream, fp32 (EMBED: wte[tok[row]] + wpe[pos + row], rounded as the stream and
+        written once, by tile 0)."""
+        if EMBED:
             t = tl.load(tok_ptr + row)
             p = tl.load(pos_ptr) + row
             x = tl.load(wte_ptr + t * K + k, mask=km, other=0.0).to(tl.float32) + \
@@ -167,14 +149,54 @@ if triton is not None:
                 tl.store(x_ptr + row * K + k, x.to(x_ptr.dtype.element_ty), mask=km)
         else:
             x = tl.load(x_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
-        mean = tl.sum(x, 0) / K
-        d = tl.where(km, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
-        h = (d * rstd * lnw + lnb).to(w_ptr.dtype.element_ty).to(tl.float32)   # LayerNorm output, model dtype
-        acc = tl.sum(w.to(tl.float32) * h[None, :], 1)                    # (BLOCK_N,)
+        return x
+
+    @triton.jit(do_not_specialize=["R", "M"])
+    def _ln_gemv_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
+                        pv_ptr, pi_ptr, K, N, n_valid, eps, R, M,
+                        KP: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr):
+        """Rows R * g .. min(R * g + R, M) - 1 of x (M, K) (g: program axis 0), LayerNorm'd, against weight tile
+        `pid` (axis 1) -> out (M, N), one row after the other: R = 1, one program per row and tile; R = M, one
+        program per tile for every row (the tile read from memory once: FusedDecode.ln_rows_together). R and M are
+        not specialised, so every row runs the same instructions whatever R and M: a row's result is bit for bit
+        that of a one-row launch (the speculative verify step equals the decode steps it replaces). The next
+        row's input is loaded while this row is computed. EMBED: row m is token tok[m] at position pos + m."""
+        g = tl.program_id(0)
+        pid = tl.program_id(1)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < N
+        k = tl.arange(0, KP)
+        km = k < K
+        # the weights first: their loads are in flight while the first row's LayerNorm is computed
+        w = _weight_tile(w_ptr, n, k, nm, km, K)
+        lnw = tl.load(lnw_ptr + k, mask=km, other=0.0).to(tl.float32)
+        lnb = tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            acc += bias
-        _gemv_out(acc, n, nm, row, pid, N, n_valid, out_ptr, pv_ptr, pi_ptr, w_ptr.dtype.element_ty, GELU, ARGMAX)
+            bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        _wait_for_inputs(PDL)
+        r0 = g * R
+        r1 = tl.minimum(r0 + R, M)
+        if EMBED:
+            xn = tl.zeros((KP,), dtype=x_ptr.dtype.element_ty)           # (unused: each row is gathered in place)
+        else:
+            xn = tl.load(x_ptr + r0 * K + k, mask=km, other=0.0)
+        for row in range(r0, r1):
+            if EMBED:
+                x = _ln_row(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, row, pid, k, km, K, EMBED)
+            else:
+                x = xn.to(tl.float32)
+                more = k * 0 + row + 1 < r1                               # (a vector: the interpreter's masks)
+                xn = tl.load(x_ptr + (row + 1) * K + k, mask=km & more, other=0.0)   # the next row
+            mean = tl.sum(x, 0) / K
+            d = tl.where(km, x - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
+            h = (d * rstd * lnw + lnb).to(w_ptr.dtype.element_ty).to(tl.float32)   # LayerNorm output, model dtype
+            acc = tl.sum(w.to(tl.float32) * h[None, :], 1)                # (BLOCK_N,)
+            if HAS_BIAS:
+                acc += bias
+            _gemv_out(acc, n, nm, row, pid, N, n_valid, out_ptr, pv_ptr, pi_ptr, w_ptr.dtype.element_ty, GELU,
+                      ARGMAX)
 
     @triton.jit(do_not_specialize=["R", "M"])
     def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, R, M, KP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -194,11 +216,18 @@ if triton is not None:
         w = _weight_tile(w_ptr, n, k, nm, km, K)
         bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
         _wait_for_inputs(PDL)
-        for row in range(g * R, tl.minimum(g * R + R, M)):
-            h = tl.load(h_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
+        r0 = g * R
+        r1 = tl.minimum(r0 + R, M)
+        hn = tl.load(h_ptr + r0 * K + k, mask=km, other=0.0)
+        xn = tl.load(x_ptr + r0 * N + n, mask=nm, other=0.0)
+        for row in range(r0, r1):
+            h = hn.to(tl.float32)
+            x = xn.to(tl.float32)
+            # the next row's inputs, loaded meanwhile (vector conditions: the interpreter's masks)
+            hn = tl.load(h_ptr + (row + 1) * K + k, mask=km & (k * 0 + row + 1 < r1), other=0.0)
+            xn = tl.load(x_ptr + (row + 1) * N + n, mask=nm & (n * 0 + row + 1 < r1), other=0.0)
             acc = tl.sum(w.to(tl.float32) * h[None, :], 1) + bias
             acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)           # the projection in the model dtype
-            x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
             tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
 
     # --- int4 weights (wquant.Int4Linear, backend "fused"): codes in halves, byte j of a row holding k = j (low
@@ -782,6 +811,8 @@ SPAN_MAX_ROWS = 16  # rows a multi-row step (FusedDecode.span) holds scratch for
 # (h100_span_cost_res_together_gpt2-medium.json): 3 rows x1.36 / 5 rows x1.98 of a decode step, against x1.45 / x2.04
 # apart; every GEMV+residual together (K >= 1024) x1.39 / x2.05
 RES_ROWS_TOGETHER_K = 2048
+# FusedDecode.ln_rows_together's default (see there; measured by benchmarks/span_cost.py --ln-together)
+LN_ROWS_TOGETHER = True
 # FusedDecode.tiles' default, by model width: a fixed tile (BLOCK_N x warps) per launch role of the 16-bit CUDA-core
 # layer kernels; other widths (and GPT2OPT_DECODE_TILES=autotune) are autotuned, on one-row kernel time alone and
 # anew in each process: the pick varies run to run, and with it the engine's speed (gpt2-medium's decode step 452 us
@@ -849,6 +880,9 @@ class FusedDecode:
         # GEMV+residual launches with K >= this run a multi-row step's rows in one program per weight tile (one copy
         # of the tile in registers) instead of one program per row and tile (a copy each): see _gemv_res_kernel
         self.res_rows_together = RES_ROWS_TOGETHER_K
+        # LayerNorm+GEMV launches (QKV, FC, the head) run a multi-row step's rows in one program per weight tile
+        # (the tile read once, the next row's input loaded while a row is computed) instead of one program per row
+        self.ln_rows_together = LN_ROWS_TOGETHER
         # role -> {"BLOCK_N", "num_warps"}: that role's 16-bit GEMV launches run this tile instead of the tuned one
         self.tiles = default_tiles(C) if device.type == "cuda" else {}
         # programmatic dependent launch: each kernel loads its weights while its predecessor finishes (sm90+)
@@ -887,9 +921,10 @@ class FusedDecode:
                     GELU=gelu, ARGMAX=argmax)
         if block_n is not None:                                           # the head: a fixed tile
             kern, fixed = _ln_gemv_kernel, {"BLOCK_N": block_n, "num_warps": 4}
-        grid = lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))
+        R = M if self.ln_rows_together else 1                             # rows a program runs
+        grid = lambda m: (triton.cdiv(M, R), triton.cdiv(N, m["BLOCK_N"]))
         kern[grid](x, tok, pos, wte, self.core.wpe, lnw, lnb, dense.weight, bias, out, self.pv, self.pi,
-                   K, N, n_valid, self.core.eps, **meta, **fixed, **self._launch_opts())
+                   K, N, n_valid, self.core.eps, R, M, **meta, **fixed, **self._launch_opts())
 
     def _ln_gemv_q4(self, x, lnw, lnb, dense, out, M, embed, gelu, argmax, n_valid, block_n):
         N, K = dense.out_features, dense.in_features

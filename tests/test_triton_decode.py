@@ -334,6 +334,29 @@ def test_argmax_and_speculative_bookkeeping_kernels_compile_for_sm90():
                      [{"K": 3, "KP": 4, "ACCEPT": a} for a in (False, True)])
 
 
+def test_cuda_core_layer_kernels_compile_for_sm90():
+    """The CUDA-core LayerNorm+GEMV and GEMV+residual kernels (a step's rows in a runtime loop with the next row's
+    input as a loop-carried prefetch), compiled for sm90 as the GPU would, bf16 and fp16, with PDL: the first
+    layer's embedding gather, GELU and the head's argmax."""
+    from sm90_compile import compile_for_sm90
+    for dt in ("*bf16", "*fp16"):
+        compile_for_sm90("triton_decode", "_ln_gemv_kernel",
+                         {"x_ptr": dt, "tok_ptr": "*i64", "pos_ptr": "*i64", "wte_ptr": dt, "wpe_ptr": dt,
+                          "lnw_ptr": dt, "lnb_ptr": dt, "w_ptr": dt, "b_ptr": dt, "out_ptr": dt, "pv_ptr": "*fp32",
+                          "pi_ptr": "*i32", "K": "i32", "N": "i32", "n_valid": "i32", "eps": "fp32", "R": "i32",
+                          "M": "i32",
+                          **{c: "constexpr" for c in ("KP", "BLOCK_N", "EMBED", "HAS_BIAS", "GELU", "ARGMAX",
+                                                      "PDL")}},
+                         [{"KP": 1024, "BLOCK_N": bn, "EMBED": e, "HAS_BIAS": not am, "GELU": gl, "ARGMAX": am,
+                           "PDL": True}
+                          for bn, e, gl, am in ((8, True, False, False), (16, False, True, False),
+                                                (8, False, False, True))])
+        compile_for_sm90("triton_decode", "_gemv_res_kernel",
+                         {"h_ptr": dt, "w_ptr": dt, "b_ptr": dt, "x_ptr": dt, "K": "i32", "N": "i32", "R": "i32",
+                          "M": "i32", "KP": "constexpr", "BLOCK_N": "constexpr", "PDL": "constexpr"},
+                         [{"KP": kp, "BLOCK_N": bn, "PDL": True} for kp, bn in ((1024, 16), (4096, 4))])
+
+
 def test_tensor_core_layer_kernels_compile_for_sm90():
     """The tensor-core forms of the LayerNorm+GEMV and GEMV+residual kernels (fused_gemm="mma": 16 padded rows
     through tl.dot, bf16 and fp32 (IEEE) weights), compiled for sm90 as the GPU would, unsplit and split-K (the
@@ -448,7 +471,8 @@ def test_gpu_graph_engine_batched_triton_attention_equals_inductor(dtype):
 
 
 @pytest.mark.parametrize("dtype,gemm", [(torch.float32, "gemv"), (torch.float16, "gemv"),
-                                        (torch.float16, "gemv-together"), (torch.float32, "mma"),
+                                        (torch.float16, "gemv-together"), (torch.float16, "gemv-apart"),
+                                        (torch.float32, "mma"),
                                         (torch.float16, "mma")])
 def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, gemm, monkeypatch):
     """FusedDecode.span (speculative decoding's draft and verify steps): M tokens in one pass give, row for row, the
@@ -461,14 +485,18 @@ def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, gemm, monkeypatch):
         monkeypatch.setattr(triton_decode, "INTERPRET_SPLIT_K", 2)
         assert triton_decode._kernels(dev)["mm_res"][1]["SPLIT_K"] == 2
     model = tiny_model(seed=21, n_layer=2).to(dev)
-    together = gemm == "gemv-together"                # every GEMV+residual runs a step's rows in one program
+    # together: every GEMV+residual runs a step's rows in one program; apart: every layer kernel one program a row
+    together, apart = gemm == "gemv-together", gemm == "gemv-apart"
     gemm = gemm.split("-")[0]
     eng = FastGPT2(model, fused=True, use_cuda_graph=False, compile=False, max_seq_len=80, dtype=dtype,
                    fused_gemm=gemm)
     f, C, T, M = eng.fused, 64, 35, 5                 # T = 35: the rows' attention crosses a 32-slot tile
     assert f.gemm == gemm
+    assert f.ln_rows_together == triton_decode.LN_ROWS_TOGETHER
     if together:
         f.res_rows_together = 0
+    if apart:
+        f.res_rows_together, f.ln_rows_together = 1 << 30, False
     ks, vs = [c[:1] for c in eng.ks], [c[:1] for c in eng.vs]
     with torch.no_grad():
         eng.core.forward_full(_prompt(T, seed=22), ks, vs)
