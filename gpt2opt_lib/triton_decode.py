@@ -822,7 +822,7 @@ LN_ROWS_TOGETHER = True
 # gpt2-medium decode step 439 vs 492 us, 5-row step 874 vs 1068; gpt2 194 vs 192, 388 vs 410.
 TILE_ROLES = ("ln_qkv", "ln_fc", "attn_proj", "mlp_proj")
 TILES: dict = {
-    1024: {"ln_qkv": (8, 4), "ln_fc": (16, 8), "attn_proj": (16, 8), "mlp_proj": (4, 8)},
+    1024: {"ln_qkv": (4, 1), "ln_fc": (8, 4), "attn_proj": (4, 2), "mlp_proj": (2, 2)},
     768: {"ln_qkv": (8, 4), "ln_fc": (8, 4), "attn_proj": (8, 4), "mlp_proj": (4, 4)},
 }
 
