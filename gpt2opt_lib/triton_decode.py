@@ -811,7 +811,8 @@ SPAN_MAX_ROWS = 16  # rows a multi-row step (FusedDecode.span) holds scratch for
 # (h100_span_cost_res_together_gpt2-medium.json): 3 rows x1.36 / 5 rows x1.98 of a decode step, against x1.45 / x2.04
 # apart; every GEMV+residual together (K >= 1024) x1.39 / x2.05
 RES_ROWS_TOGETHER_K = 2048
-# FusedDecode.ln_rows_together's default (see there; measured by benchmarks/span_cost.py --ln-together)
+# FusedDecode.ln_rows_together's default: H100, gpt2-medium bf16, graphs, same run (benchmarks/span_cost.py
+# --ln-apart, h100_span_cost_ln_together_gpt2-medium.json): 5-row step 872 vs 1003 us apart, decode step 459 vs 451
 LN_ROWS_TOGETHER = True
 # FusedDecode.tiles' default, by model width: a fixed tile (BLOCK_N x warps) per launch role of the 16-bit CUDA-core
 # layer kernels; other widths (and GPT2OPT_DECODE_TILES=autotune) are autotuned, on one-row kernel time alone and
@@ -819,7 +820,9 @@ LN_ROWS_TOGETHER = True
 # in one run, 492 in another). Each role's tile is the best of 7 by a k = 4 speculative round (4 decode steps + one
 # 5-row step), swept one role at a time on an H100 (bf16, graphs; benchmarks/results/
 # h100_span_cost_role_tiles_gpt2{,-medium}.json); all four together, same run, against the autotuned engine:
-# gpt2-medium decode step 439 vs 492 us, 5-row step 874 vs 1068; gpt2 194 vs 192, 388 vs 410.
+# gpt2-medium decode step 439 vs 492 us, 5-row step 874 vs 1068; gpt2 194 vs 192, 388 vs 410. gpt2-medium's swept
+# again with the rows-together LayerNorm+GEMV and 1- and 2-warp tiles (h100_span_cost_role_tiles_warps_gpt2-medium
+# .json): decode step 433 vs 460 us, 5-row step 790 vs 871 against the tiles before; gpt2's not swept again.
 TILE_ROLES = ("ln_qkv", "ln_fc", "attn_proj", "mlp_proj")
 TILES: dict = {
     1024: {"ln_qkv": (4, 1), "ln_fc": (8, 4), "attn_proj": (4, 2), "mlp_proj": (2, 2)},
