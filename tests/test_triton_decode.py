@@ -1,7 +1,9 @@
 """The fused Triton decode step (triton_decode.py) against FastGPT2's eager step and plain PyTorch, on CPU through
 Triton's interpreter (TRITON_INTERPRET=1, which conftest.py sets before anything imports triton); the same tests run
 on CUDA, with the graphed engine under -m gpu."""
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +85,11 @@ def test_fixed_tiles_per_role_are_the_ones_launched_and_change_no_token():
 
 def test_default_tiles_by_width_and_the_autotune_switch(monkeypatch):
     t = triton_decode.default_tiles(1024)
-    assert set(t) == set(triton_decode.TILE_ROLES) and t["mlp_proj"] == {"BLOCK_N": 4, "num_warps": 8}
+    # gpt2-medium's tiles are the best of the committed sweep (1- to 8-warp tiles, the rows-together kernels)
+    sweep = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
+                        "h100_span_cost_role_tiles_warps_gpt2-medium.json").read_text())["role_tiles"]["best"]
+    assert set(t) == set(triton_decode.TILE_ROLES) and t["mlp_proj"] == {"BLOCK_N": 2, "num_warps": 2}
+    assert {role: f"{v['BLOCK_N']}x{v['num_warps']}" for role, v in t.items()} == sweep
     assert triton_decode.default_tiles(64) == {}                                 # a width not measured: tuned
     monkeypatch.setenv("GPT2OPT_DECODE_TILES", "autotune")
     assert triton_decode.default_tiles(1024) == {}
