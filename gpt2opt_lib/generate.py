@@ -331,7 +331,7 @@ class FastGPT2:
         max_batch_size 1 (stored in the fused kernels' layout, dequantized in registers: wquant backend "fused")
         (`fused_off_reason` says why not otherwise); True insists (a ValueError names what is missing); False =
         the inductor step only.
-        fused_gemm: the fused path's matrix kernels, "gemv" (CUDA cores, one program per row and weight tile) or
+        fused_gemm: the fused path's matrix kernels, "gemv" (CUDA cores, a weight tile a program, rows in a loop) or
         "mma" (tensor cores, one program per weight tile for all rows of a step, padded to 16: speculative
         decoding's multi-row verify step reads each weight once). Each gives, row for row, the same bits for a
         one-row step and a multi-row step; the two kinds differ from each other in rounding.

@@ -26,10 +26,12 @@ where the tests compare them with the engine's eager step. Weights are read in t
 
 Multi-row steps (`FusedDecode.span`, speculative decoding's draft and verify steps) run each row through the same
 code as a one-row step, so every row is bit for bit a decode step. With the default CUDA-core kernels an extra row
-costs ~0.2-0.3 of a decode step (gpt2-medium, 3 rows: x1.40-1.59 across H100/H200 runs), in LayerNorm and
-reductions, not in weight reads: one program per weight tile running every row (the tile loaded once; tried at
-fda92ea) was no cheaper than one program per row and tile, whatever the tile shape (`*span_cost_rows_together*`,
-`*span_cost_tile_sweep*`). The tensor-core kernels (`gemm="mma"`, FastGPT2(fused_gemm="mma"): rows padded to 16,
+costs ~0.2 of a decode step (gpt2-medium, H100: 3 rows x1.39, 5 rows x1.82 of a decode step), in LayerNorm and
+reductions more than in weight reads: the LayerNorm+GEMV launches run a step's rows in one program per weight tile
+(a runtime row loop, the same binary for any row count: FusedDecode.ln_rows_together, e1cc525; 5 rows 872 vs
+1003 us with one program per row and tile, `*span_cost_ln_together*`); fda92ea's unrolled form of it was no
+cheaper (`*span_cost_rows_together*`, `*span_cost_tile_sweep*`). The tensor-core kernels (`gemm="mma"`,
+FastGPT2(fused_gemm="mma"): rows padded to 16,
 tl.dot per weight chunk) make rows nearly free (4 rows x1.02-1.04, 8 rows x1.05-1.29 of their own one-row step)
 but stream weights slower at one row: the step x2.0 the CUDA-core one on an H100, x2.3-2.8 on an H200, both
 kernels (LayerNorm+GEMM x1.9, GEMM+residual x1.7: `h100_span_cost_mma_by_kernel_gpt2-medium.json`), so the
