@@ -166,10 +166,11 @@ def main(argv=None):
         f.res_rows_together = t
         time_all(f"_rt{t}")
     f.res_rows_together = default_rt
+    default_lt = f.ln_rows_together
     if a.ln_apart:
         f.ln_rows_together = False
         time_all("_ln_apart")
-        f.ln_rows_together = True
+        f.ln_rows_together = default_lt
     tuned = f.kernels
     for cfg in [c for c in a.configs.split(",") if c]:
         fixed = _tile(cfg)
@@ -179,9 +180,9 @@ def main(argv=None):
     role_tiles = _role_tile_sweep(a, f, step, span, time_all, rows) if a.role_tiles else None
     by_kernel = {}
     # (label, FusedDecode, res_rows_together, ln_rows_together)
-    runs = [("gemv", f, default_rt, True)] + [(f"gemv_rt{t}", f, t, True) for t in together] + \
+    runs = [("gemv", f, default_rt, default_lt)] + [(f"gemv_rt{t}", f, t, default_lt) for t in together] + \
         ([("gemv_ln_apart", f, default_rt, False)] if a.ln_apart else []) + \
-        [(g, fg, fg.res_rows_together, True) for g, fg in others.items()]
+        [(g, fg, fg.res_rows_together, fg.ln_rows_together) for g, fg in others.items()]
     for label, fk, rt, lt in runs if a.by_kernel else []:             # f's layout restored after the loop
         from torch.profiler import ProfilerActivity, profile
         fk.res_rows_together, fk.ln_rows_together = rt, lt
@@ -202,7 +203,7 @@ def main(argv=None):
             print(f"span_{m}_{label}: " + ", ".join(f"{k} {v['us_per_step']:.0f} us" for k, v in sorted(per.items())
                                                     if k != "by_role"))
             print("    by role: " + ", ".join(f"{k} {v:.1f} us" for k, v in per["by_role"].items()))
-    f.res_rows_together, f.ln_rows_together = default_rt, True
+    f.res_rows_together, f.ln_rows_together = default_rt, default_lt
     base = res["decode_step"]["us_mean"]
     for name, r in res.items():
         r["vs_decode_step"] = r["us_mean"] / base

@@ -138,20 +138,23 @@ if triton is not None:
             tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
-    def _ln_row(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, row, pid, k, km, K, EMBED: tl.constexpr):
-        """Row `row` of the residual stream, fp32 (EMBED: wte[tok[row]] + wpe[pos + row], rounded as the stream and
-        written once, by tile 0)."""
-        if EMBED:
-            t = tl.load(tok_ptr + row)
-            p = tl.load(pos_ptr) + row
-            x = tl.load(wte_ptr + t * K + k, mask=km, other=0.0).to(tl.float32) + \
-                tl.load(wpe_ptr + p * K + k, mask=km, other=0.0).to(tl.float32)
-            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)               # the residual stream's own rounding
-            if pid == 0:
-                tl.store(x_ptr + row * K + k, x.to(x_ptr.dtype.element_ty), mask=km)
-        else:
-            x = tl.load(x_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
+    def _embed_row(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, row, pid, k, km, K):
+        """The first layer's row `row` of the residual stream, fp32: wte[tok[row]] + wpe[pos + row], rounded as the
+        stream and written to x once, by tile 0."""
+        t = tl.load(tok_ptr + row)
+        p = tl.load(pos_ptr) + row
+        x = tl.load(wte_ptr + t * K + k, mask=km, other=0.0).to(tl.float32) + \
+            tl.load(wpe_ptr + p * K + k, mask=km, other=0.0).to(tl.float32)
+        x = x.to(x_ptr.dtype.element_ty).to(tl.float32)                   # the residual stream's own rounding
+        if pid == 0:
+            tl.store(x_ptr + row * K + k, x.to(x_ptr.dtype.element_ty), mask=km)
         return x
+
+    @triton.jit
+    def _has_next(offs, row, r1):
+        """A load mask over offs: row + 1 is still one of this program's rows (< r1). A vector, not a scalar: the
+        interpreter takes only tensor masks."""
+        return offs * 0 + row + 1 < r1
 
     @triton.jit(do_not_specialize=["R", "M"])
     def _ln_gemv_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
@@ -185,11 +188,10 @@ if triton is not None:
             xn = tl.load(x_ptr + r0 * K + k, mask=km, other=0.0)
         for row in range(r0, r1):
             if EMBED:
-                x = _ln_row(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, row, pid, k, km, K, EMBED)
+                x = _embed_row(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, row, pid, k, km, K)
             else:
                 x = xn.to(tl.float32)
-                more = k * 0 + row + 1 < r1                               # (a vector: the interpreter's masks)
-                xn = tl.load(x_ptr + (row + 1) * K + k, mask=km & more, other=0.0)   # the next row
+                xn = tl.load(x_ptr + (row + 1) * K + k, mask=km & _has_next(k, row, r1), other=0.0)   # next row
             mean = tl.sum(x, 0) / K
             d = tl.where(km, x - mean, 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
@@ -225,9 +227,9 @@ if triton is not None:
         for row in range(r0, r1):
             h = hn.to(tl.float32)
             x = xn.to(tl.float32)
-            # the next row's inputs, loaded meanwhile (vector conditions: the interpreter's masks)
-            hn = tl.load(h_ptr + (row + 1) * K + k, mask=km & (k * 0 + row + 1 < r1), other=0.0)
-            xn = tl.load(x_ptr + (row + 1) * N + n, mask=nm & (n * 0 + row + 1 < r1), other=0.0)
+            # the next row's inputs, loaded meanwhile
+            hn = tl.load(h_ptr + (row + 1) * K + k, mask=km & _has_next(k, row, r1), other=0.0)
+            xn = tl.load(x_ptr + (row + 1) * N + n, mask=nm & _has_next(n, row, r1), other=0.0)
             acc = tl.sum(w.to(tl.float32) * h[None, :], 1) + bias
             acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)           # the projection in the model dtype
             tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
