@@ -74,28 +74,25 @@ def _tile(cfg: str) -> dict:
     return {"BLOCK_N": bn, "num_warps": w}
 
 
-def _role_tile_sweep(a, f, step, span, time_all, rows, roles=TILE_ROLES, cfgs=None, suffix="") -> dict:
+def _role_tile_sweep(a, f, step, span, time_all, rows) -> dict:
     """--role-tiles: each role's tile configs in turn (the other roles autotuned), scored by (M-1) decode steps
     + one M-row step (M the most rows: a speculative round at k = M-1); then every role at its best together,
-    and the autotuned engine again (drift between the two autotuned timings bounds what the sweep can tell).
-    --block-tiles: the same for the LayerNorm+GEMV roles only, the others at the engine's tiles, under each
-    --row-blocks RB (suffix _rb<RB>); the engine's tiles restored after it."""
-    cfgs, m = cfgs or [c for c in a.role_tiles.split(",") if c], max(rows)
-    sweep, base = {}, dict(f.tiles) if suffix else {}
-    for role in roles:
+    and the autotuned engine again (drift between the two autotuned timings bounds what the sweep can tell)."""
+    cfgs, m = [c for c in a.role_tiles.split(",") if c], max(rows)
+    sweep = {}
+    for role in TILE_ROLES:
         for cfg in cfgs:
-            f.tiles = {**base, role: _tile(cfg)}
+            f.tiles = {role: _tile(cfg)}
             d = _graph_time(step, a.replays, a.repeats)["us_mean"]
             s = _graph_time(lambda: span(m), a.replays, a.repeats)["us_mean"]
             sweep[f"{role}_{cfg}"] = {"decode_us": d, f"span_{m}_us": s, "round_us": (m - 1) * d + s}
             print(f"  {role:>9} {cfg:>5}: decode {d:7.1f} us, span_{m} {s:7.1f} us, round {(m - 1) * d + s:8.1f} us")
-    best = {role: min(cfgs, key=lambda c: sweep[f"{role}_{c}"]["round_us"]) for role in roles}
-    f.tiles = {**base, **{role: _tile(c) for role, c in best.items()}}
-    time_all(f"{suffix}_best_tiles")
-    f.tiles = base
-    if not suffix:
-        time_all("_autotuned_again")
-    print(f"best tile per role{suffix}:", best)
+    best = {role: min(cfgs, key=lambda c: sweep[f"{role}_{c}"]["round_us"]) for role in TILE_ROLES}
+    f.tiles = {role: _tile(c) for role, c in best.items()}
+    time_all("_best_tiles")
+    f.tiles = {}
+    time_all("_autotuned_again")
+    print("best tile per role:", best)
     return {"configs": cfgs, "objective": f"{m - 1} x decode_step + span_{m}", "sweep": sweep, "best": best}
 
 
@@ -114,12 +111,6 @@ def main(argv=None):
                          "(GEMV+residual launches with K >= it run a step's rows in one program per tile): 4096,1024")
     ap.add_argument("--ln-apart", action="store_true",
                     help="also time with the LayerNorm+GEMV launches one program per row (ln_rows_together off)")
-    ap.add_argument("--row-blocks", default="",
-                    help="also time with FusedDecode.ln_row_block at these RB, comma-separated (the LayerNorm+GEMV "
-                         "launches RB rows a reduction pass, _ln_gemv_block_kernel): 2,4")
-    ap.add_argument("--block-tiles", default="",
-                    help="under each --row-blocks RB, sweep these tiles (BLOCK_N x warps) for the LayerNorm+QKV and "
-                         "LayerNorm+FC roles, the other roles at the engine's tiles")
     ap.add_argument("--by-kernel", action="store_true", help="GPU time per kernel and row count (profiler)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -180,14 +171,6 @@ def main(argv=None):
         f.ln_rows_together = False
         time_all("_ln_apart")
         f.ln_rows_together = default_lt
-    default_rb, block_sweeps = f.ln_row_block, {}
-    for rb in [int(r) for r in a.row_blocks.split(",") if r]:
-        f.ln_row_block = rb
-        time_all(f"_rb{rb}")
-        if a.block_tiles:
-            block_sweeps[rb] = _role_tile_sweep(a, f, step, span, time_all, rows, roles=("ln_qkv", "ln_fc"),
-                                                cfgs=[c for c in a.block_tiles.split(",") if c], suffix=f"_rb{rb}")
-    f.ln_row_block = default_rb
     tuned = f.kernels
     for cfg in [c for c in a.configs.split(",") if c]:
         fixed = _tile(cfg)
@@ -232,7 +215,7 @@ def main(argv=None):
     print("autotuned tile configs:", json.dumps(autotuned))
     report = {"autotuned": autotuned, "model": a.model, "dtype": "bf16", "pos": a.pos, "device": torch.cuda.get_device_name(dev),
               "git_sha": envmod.git_sha(), "argv": sys.argv[1:], "env": envmod.env_stamp(), "results": res,
-              "by_kernel": by_kernel, "role_tiles": role_tiles, "block_tiles": block_sweeps}
+              "by_kernel": by_kernel, "role_tiles": role_tiles}
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(report, indent=2, default=str))

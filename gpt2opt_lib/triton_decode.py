@@ -203,71 +203,6 @@ if triton is not None:
                       ARGMAX)
 
     @triton.jit(do_not_specialize=["R", "M"])
-    def _ln_gemv_block_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, out_ptr,
-                              pv_ptr, pi_ptr, K, N, n_valid, eps, R, M,
-                              KP: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, EMBED: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ARGMAX: tl.constexpr, PDL: tl.constexpr):
-        """_ln_gemv_kernel with RB rows a block: the rows R * g .. min(R * g + R, M) - 1 of program g run RB at a
-        time as (RB, BLOCK_N, KP) tensors, so each reduction (the rows' means, their variances, the tile's dot)
-        is one pass for RB rows, not one chain per row (FusedDecode.ln_row_block). Rows past the last are masked
-        and computed all the same: a one-row launch runs the very instructions of an RB-row block and a row's
-        result is bit for bit the same whichever block position it has, whatever R and M (one binary per RB)."""
-        g = tl.program_id(0)
-        pid = tl.program_id(1)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nm = n < N
-        k = tl.arange(0, KP)
-        km = k < K
-        k3 = k[None, None, :]
-        km3 = km[None, None, :]
-        # the tile loaded as (1, BLOCK_N, KP): the rows' product with it needs no layout change of the tile
-        w = tl.load(w_ptr + n[None, :, None] * K + k3, mask=nm[None, :, None] & km3, other=0.0,
-                    eviction_policy="evict_first")
-        lnw = tl.load(lnw_ptr + k3, mask=km3, other=0.0).to(tl.float32)
-        lnb = tl.load(lnb_ptr + k3, mask=km3, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
-        _wait_for_inputs(PDL)
-        r0 = g * R
-        r1 = tl.minimum(r0 + R, M)
-        for rb in range(r0, r1, RB):
-            rows = rb + tl.arange(0, RB)
-            rm = rows < r1
-            r3 = rows[:, None, None]
-            xm = rm[:, None, None] & km3
-            if EMBED:                                                     # row m: token tok[m] at position pos + m
-                t = tl.load(tok_ptr + rows, mask=rm, other=0)
-                p = tl.load(pos_ptr) + rows
-                x = tl.load(wte_ptr + t[:, None, None] * K + k3, mask=xm, other=0.0).to(tl.float32) + \
-                    tl.load(wpe_ptr + p[:, None, None] * K + k3, mask=xm, other=0.0).to(tl.float32)
-                x = x.to(x_ptr.dtype.element_ty)                          # the residual stream's own rounding
-                if pid == 0:
-                    tl.store(x_ptr + r3 * K + k3, x, mask=xm)
-                x = x.to(tl.float32)
-            else:
-                x = tl.load(x_ptr + r3 * K + k3, mask=xm, other=0.0).to(tl.float32)   # (RB, 1, KP)
-            mean = tl.sum(x, 2, keep_dims=True) / K
-            d = tl.where(km3, x - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, 2, keep_dims=True) / K + eps)
-            h = (d * rstd * lnw + lnb).to(w_ptr.dtype.element_ty).to(tl.float32)   # LayerNorm output, model dtype
-            acc = tl.sum(w.to(tl.float32) * h, 2)                         # (RB, BLOCK_N)
-            if HAS_BIAS:
-                acc += bias[None, :]
-            n2 = n[None, :]
-            if GELU:
-                acc = _gelu_tanh(acc.to(w_ptr.dtype.element_ty).to(tl.float32))
-            if ARGMAX:
-                acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-                acc = tl.where(n2 < n_valid, acc, float("-inf"))
-                m = tl.max(acc, 1)
-                i = tl.min(tl.where(acc == m[:, None], n2, 2147483647), 1)   # lowest index among the maxima
-                tl.store(pv_ptr + rows * tl.num_programs(1) + pid, m, mask=rm)
-                tl.store(pi_ptr + rows * tl.num_programs(1) + pid, i, mask=rm)
-            else:
-                tl.store(out_ptr + rows[:, None] * N + n2, acc.to(out_ptr.dtype.element_ty),
-                         mask=rm[:, None] & nm[None, :])
-
-    @triton.jit(do_not_specialize=["R", "M"])
     def _gemv_res_kernel(h_ptr, w_ptr, b_ptr, x_ptr, K, N, R, M, KP: tl.constexpr, BLOCK_N: tl.constexpr,
                          PDL: tl.constexpr):
         """x[row, n] += h[row] . W[n, :] + b[n] for rows R * g .. min(R * g + R, M) - 1 of program g (axis 0), one
@@ -883,9 +818,6 @@ RES_ROWS_TOGETHER_K = 2048
 # FusedDecode.ln_rows_together's default: H100, gpt2-medium bf16, graphs, same run (benchmarks/span_cost.py
 # --ln-apart, h100_span_cost_ln_together_gpt2-medium.json): 5-row step 872 vs 1003 us apart, decode step 459 vs 451
 LN_ROWS_TOGETHER = True
-# FusedDecode.ln_row_block's default: 0, the LayerNorm+GEMV launches run _ln_gemv_kernel (a step's rows one after
-# the other); RB > 0, _ln_gemv_block_kernel (RB rows a reduction pass, the one-row decode step too)
-LN_ROW_BLOCK = 0
 # FusedDecode.tiles' default, by model width: a fixed tile (BLOCK_N x warps) per launch role of the 16-bit CUDA-core
 # layer kernels; other widths (and GPT2OPT_DECODE_TILES=autotune) are autotuned, on one-row kernel time alone and
 # anew in each process: the pick varies run to run, and with it the engine's speed (gpt2-medium's decode step 452 us
@@ -958,9 +890,6 @@ class FusedDecode:
         # LayerNorm+GEMV launches (QKV, FC, the head) run a multi-row step's rows in one program per weight tile
         # (the tile read once, the next row's input loaded while a row is computed) instead of one program per row
         self.ln_rows_together = LN_ROWS_TOGETHER
-        # RB > 0: the 16-bit CUDA-core LayerNorm+GEMV launches (QKV, FC, the head) run RB rows a reduction pass
-        # (_ln_gemv_block_kernel, a step's rows in one program per tile), the decode step an RB-row block too
-        self.ln_row_block = LN_ROW_BLOCK
         # role -> {"BLOCK_N", "num_warps"}: that role's 16-bit GEMV launches run this tile instead of the tuned one
         self.tiles = default_tiles(C) if device.type == "cuda" else {}
         # programmatic dependent launch: each kernel loads its weights while its predecessor finishes (sm90+)
@@ -999,10 +928,7 @@ class FusedDecode:
                     GELU=gelu, ARGMAX=argmax)
         if block_n is not None:                                           # the head: a fixed tile
             kern, fixed = _ln_gemv_kernel, {"BLOCK_N": block_n, "num_warps": 4}
-        if self.ln_row_block:                                             # not tuned: the role's tile, else 8 x 4
-            kern, meta, fixed = _ln_gemv_block_kernel, {**meta, "RB": self.ln_row_block}, \
-                fixed or {"BLOCK_N": 8, "num_warps": 4}
-        R = M if self.ln_rows_together or self.ln_row_block else 1        # rows a program runs
+        R = M if self.ln_rows_together else 1                             # rows a program runs
         grid = lambda m: (triton.cdiv(M, R), triton.cdiv(N, m["BLOCK_N"]))
         kern[grid](x, tok, pos, wte, self.core.wpe, lnw, lnb, dense.weight, bias, out, self.pv, self.pi,
                    K, N, n_valid, self.core.eps, R, M, **meta, **fixed, **self._launch_opts())
