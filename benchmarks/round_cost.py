@@ -104,7 +104,7 @@ def main(argv=None):
         d = res["target_decode_step"]["us_mean"]
         row.update({"round_us": round_us, "parts_us": parts_us, "unexplained_us": round_us - parts_us,
                     "round_vs_decode_step": round_us / d,
-                    "tokens_for": {s: s * round_us / d for s in ("1.3", "1.5")}})
+                    "tokens_for": {str(s): s * round_us / d for s in (1.3, 1.5)}})
         res[f"k{k}"] = row
         print(f"k={k}: round {round_us:7.1f} us (x{round_us / d:.2f} a decode step of {d:.1f}); draft 2-row "
               f"{row['draft_first_step_2_rows']['us_mean']:.1f}, 1-row {row['draft_step_1_row']['us_mean']:.1f}, "
