@@ -43,6 +43,51 @@ def _graph_us(fn, reset, replays: int, repeats: int) -> dict:
             "repeats": repeats}
 
 
+def _wall(fn, repeats: int) -> dict:
+    import time
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    t = torch.tensor(ts) * 1e6
+    return {"us_mean": t.mean().item(), "us_std": t.std().item(), "repeats": repeats}
+
+
+def _requests(dec, target, a, V, dev, round_us: float, decode_us: float) -> dict:
+    """--generate: one request of a.generate new tokens through the target engine alone and through dec, wall
+    time (synchronised) against the GPU time of their parts: prefill (its graph replayed alone) + steps x the
+    decode step, or + rounds x the round; the rest is host time between graphs (per host sync for dec)."""
+    ids = torch.randint(0, V, (1, a.prompt_len), device=dev)
+    N, syncs = a.generate, []
+    runners = dec._runners
+
+    def counted(T, n):                                                  # counts the host syncs (one per replay)
+        buf, prefill, rounds = runners(T, n)
+        return buf, prefill, lambda R: (syncs.append(R), rounds(R))[1]
+    dec._runners = counted
+    out = {"target_engine": _wall(lambda: target.generate(ids, N), a.repeats)}
+    stats = {}
+    out["speculative"] = _wall(lambda: stats.update(dec.generate(ids, N)[1]), a.repeats)
+    dec._runners = runners
+    per_request = len(syncs) // (a.repeats + 1)
+    prefill = dec._graphs[("prefill", a.prompt_len)]
+    out["speculative_prefill"] = _graph_us(prefill.replay, lambda: None, 1, a.repeats)
+    parts = out["speculative_prefill"]["us_mean"] + stats["verify_steps"] * round_us
+    host = out["speculative"]["us_mean"] - parts
+    out.update(rounds=stats["verify_steps"], host_syncs=per_request, gpu_parts_us=parts, host_us=host,
+               host_us_per_sync=host / per_request, target_gpu_steps_us=N * decode_us,
+               target_rest_us=out["target_engine"]["us_mean"] - N * decode_us)
+    print(f"  generate {N}: target {out['target_engine']['us_mean'] / 1e3:.2f} ms ({N} x decode step "
+          f"{N * decode_us / 1e3:.2f} ms), speculative {out['speculative']['us_mean'] / 1e3:.2f} ms: prefill "
+          f"{out['speculative_prefill']['us_mean']:.0f} us + {stats['verify_steps']} rounds "
+          f"{stats['verify_steps'] * round_us / 1e3:.2f} ms, host {host:.0f} us over {per_request} syncs")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="random:gpt2-medium")
@@ -53,6 +98,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=8, help="rounds in the long graph (the marginal round's R)")
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--generate", type=int, default=0,
+                    help="also time whole requests of this many new tokens (a --prompt-len prompt): the target "
+                         "engine's generate and each k's SpeculativeDecoder.generate, against their GPU parts "
+                         "(prefill, steps or rounds): what is left is the host's share (syncs, launches)")
+    ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     ks_ = [int(k) for k in a.k.split(",") if k]
@@ -61,7 +111,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("round_cost: needs a CUDA GPU")
     dev, dt = torch.device("cuda"), torch.bfloat16
-    L = a.pos + a.rounds * (max(ks_) + 1) + 8                            # a round advances <= k + 1 slots
+    L = max(a.pos + a.rounds * (max(ks_) + 1), a.prompt_len + a.generate + max(ks_)) + 8   # a round: <= k + 1 slots
     target = FastGPT2(build_model(a.target, dt, dev, seed=0), max_seq_len=L, dtype=dt)
     draft = FastGPT2(build_model(a.draft, dt, dev, seed=1), max_seq_len=L, dtype=dt)
     if target.fused is None or draft.fused is None:
@@ -105,6 +155,8 @@ def main(argv=None):
         row.update({"round_us": round_us, "parts_us": parts_us, "unexplained_us": round_us - parts_us,
                     "round_vs_decode_step": round_us / d,
                     "tokens_for": {str(s): s * round_us / d for s in (1.3, 1.5)}})
+        if a.generate:
+            row["generate"] = _requests(dec, target, a, V, dev, round_us, d)
         res[f"k{k}"] = row
         print(f"k={k}: round {round_us:7.1f} us (x{round_us / d:.2f} a decode step of {d:.1f}); draft 2-row "
               f"{row['draft_first_step_2_rows']['us_mean']:.1f}, 1-row {row['draft_step_1_row']['us_mean']:.1f}, "
