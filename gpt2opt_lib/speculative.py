@@ -16,9 +16,10 @@ One iteration, with the sequence x_0 .. x_{n-1} known and both caches valid for 
 Every token is the target's argmax given the accepted prefix, so the output is token-identical to the target's
 greedy decoding whatever the draft proposes (the draft only changes the speed). Positions, the sequence buffer and
 the acceptance all live on the device; the host reads one number (n) per 1-8 iterations to decide when to stop
-(as many as cannot overshoot the requested length even if every draft token is accepted). On CUDA those
-iterations (k draft steps, the verify step, the acceptance, each) are one CUDA graph, and the prefill one graph per
-prompt length; on CPU the same functions run eagerly.
+(as many as cannot overshoot the requested length even if every draft token is accepted), and launches the next
+batch before that read wherever the same bound allows (two batches in flight: the GPU does not wait on the host).
+On CUDA those iterations (k draft steps, the verify step, the acceptance, each) are one CUDA graph, and the prefill
+one graph per prompt length; on CPU the same functions run eagerly.
 
 Two implementations of the round. `fused` (the default wherever both engines decode through triton_decode's fused
 kernels): the draft steps and the verify step are `FusedDecode.span` calls, the kernels of the engines' own decode
@@ -43,6 +44,10 @@ from .timing import Timing, measure, rate
 
 # rounds per host sync (one CUDA graph each): the largest that cannot overshoot the requested length is used
 ROUNDS_PER_SYNC = (8, 4, 2, 1)
+# batches of rounds in flight (SpeculativeDecoder.in_flight): the next batch is launched before the host reads the
+# last one's n wherever even all-accepted rounds cannot run past the request, so the GPU does not wait on the host's
+# read and graph launch (H100: ~160 us a sync, gpt2-medium k = 2, benchmarks/round_cost.py --generate)
+IN_FLIGHT = 2
 
 
 def rounds_per_sync(left: int, k: int) -> int:
@@ -120,6 +125,11 @@ class SpeculativeDecoder:
         self._iter_fn = self._fused_iteration if self.fused else (
             compile_step(self._iteration, target.gemv) if self.compile else self._iteration)
         self.compile_error: str | None = None
+        # batches of rounds in flight without eos_token_id (1: the host reads n after each batch before the next)
+        self.in_flight = IN_FLIGHT
+        # n read back per batch: pinned host slots written in stream order (one per batch in flight) and their events
+        self._reads = [(torch.zeros(1, dtype=torch.long, pin_memory=on_cuda),
+                        torch.cuda.Event() if on_cuda else None) for _ in range(IN_FLIGHT)]
         self._graphs: dict = {}
         self._ids: dict = {}
         self._pool = None
@@ -294,12 +304,33 @@ class SpeculativeDecoder:
         end = None                                                      # T + index of eos + 1, once met
         if eos_token_id is not None and int(self._seq[0, T]) == eos_token_id:
             end = T + 1
-        while end is None and n_host - T < N:
-            # R rounds at once where even R fully accepted rounds stay short of the end: each of them is a round
-            # the one-at-a-time loop would run too (same output, same stats), with one host sync for all R
-            R = rounds_per_sync(T + N - n_host, k)
-            run_rounds(R)
-            n_new = int(self._n)                                        # the one host sync per R rounds
+        # R rounds at once (one graph, one read of n) where even R fully accepted rounds stay short of the end:
+        # each is a round the one-at-a-time loop would run too (same output, same stats). Up to in_flight such
+        # batches are launched before the host reads the first one's n (hi: n after all launched rounds if every
+        # draft token were accepted); with eos_token_id one at a time (the host reads each batch's tokens)
+        in_flight = 1 if eos_token_id is not None else max(1, min(self.in_flight, len(self._reads)))
+        queue: list = []                                                # (R, pinned n, event) launched, not read
+        hi, launched = n_host, 0
+        while end is None:
+            while len(queue) < in_flight:
+                R = next((r for r in ROUNDS_PER_SYNC if r * (k + 1) <= T + N - hi), 0)
+                if not R:
+                    if queue or n_host - T >= N:
+                        break
+                    R = 1                                               # nothing in flight, tokens left: one round
+                run_rounds(R)
+                buf, ev = self._reads[launched % len(self._reads)]
+                buf.copy_(self._n, non_blocking=ev is not None)         # n after these rounds, in stream order
+                if ev is not None:
+                    ev.record()
+                queue.append((R, buf, ev))
+                hi, launched = hi + R * (k + 1), launched + 1
+            if not queue:
+                break
+            R, buf, ev = queue.pop(0)
+            if ev is not None:
+                ev.synchronize()                                        # this batch done; the next may be running
+            n_new = int(buf)
             accepted += n_new - n_host - R
             rounds += R
             if eos_token_id is not None:
@@ -307,6 +338,7 @@ class SpeculativeDecoder:
                 if eos_token_id in new:
                     end = n_host + new.index(eos_token_id) + 1
             n_host = n_new
+            hi = n_host + sum(r for r, _, _ in queue) * (k + 1)
         end = end if end is not None else T + N
         out = self._seq[:, :end].clone()
         proposed = k * rounds

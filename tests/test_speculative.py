@@ -176,6 +176,38 @@ def test_stats_hand_count_unrelated_draft(target):
     assert st["acceptance_rate"] == 0.0 and st["tokens_per_target_step"] == 1.0
 
 
+def test_batches_in_flight_change_no_token_and_no_count(target_model, target, refs):
+    """Two batches of rounds in flight (the next launched before the host reads the last one's n, wherever even
+    all-accepted rounds cannot pass the end) give the one-batch-at-a-time loop's output and counts. The batch sizes
+    by hand for a draft that never agrees (1 token a round; N = 24, k = 2, a batch of R needs 3 R tokens left at
+    worst): 4 (23 left at worst), 2 (11), read -> 19 left, 13 at worst: 4, read -> 17, 5: 1, read -> 13, 10: 2,
+    read -> 12, 6: 2, ... then one round at a time; 23 rounds in all, as one at a time."""
+    drafts = {"perturbed": perturbed(target_model), "unrelated": tiny_model(5)}
+    for name, dm in drafts.items():
+        one = SpeculativeDecoder(target, FastGPT2(dm, max_seq_len=64), k=2)
+        two = SpeculativeDecoder(target, FastGPT2(dm, max_seq_len=64), k=2)
+        one.in_flight = 1
+        assert two.in_flight == 2
+        launched = []
+        runners = two._runners
+
+        def logged(T, N, runners=runners):
+            buf, prefill, rounds = runners(T, N)
+            return buf, prefill, lambda R: (launched.append(R), rounds(R))[1]
+        two._runners = logged
+        for s_, (ids, ref) in refs.items():
+            launched.clear()
+            out, st = two.generate(ids, NEW)
+            assert torch.equal(out, ref), (name, s_)
+            assert st == one.generate(ids, NEW)[1], (name, s_)
+            assert sum(launched) == st["verify_steps"]
+    launched.clear()
+    _, st = two.generate(prompt(2), 24)                 # two: the unrelated draft's
+    if st["accepted"]:
+        pytest.skip("the unrelated draft happened to agree once")
+    assert launched == [4, 2, 4, 1, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1] and st["verify_steps"] == 23
+
+
 def test_stats_partial_acceptance_consistent(target_model, target):
     """Rounds give accepted + 1 tokens each: the counters must add up to the tokens produced."""
     spec = SpeculativeDecoder(target, FastGPT2(perturbed(target_model), max_seq_len=64), k=4)
