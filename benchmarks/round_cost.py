@@ -21,41 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpt2opt_lib import env as envmod  # noqa: E402
 from gpt2opt_lib.bench.common import build_model  # noqa: E402
-from gpt2opt_lib.generate import FastGPT2, capture_graph  # noqa: E402
+from gpt2opt_lib.generate import FastGPT2  # noqa: E402
 from gpt2opt_lib.speculative import SpeculativeDecoder  # noqa: E402
-
-
-def _graph_us(fn, reset, replays: int, repeats: int) -> dict:
-    """us per fn() call: one graph of reset() then `replays` calls, replayed `repeats` times (mean, std)."""
-    g, _ = capture_graph(lambda: (reset(), [fn() for _ in range(replays)]), lambda: None)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    t = torch.tensor(times)
-    return {"us_mean": t.mean().item() / replays, "us_std": t.std().item() / replays, "replays": replays,
-            "repeats": repeats}
-
-
-def _event_us(fn, repeats: int) -> dict:
-    """GPU time of fn() (a graph replay) between two events, us."""
-    fn()
-    ts = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    t = torch.tensor(ts)
-    return {"us_mean": t.mean().item(), "us_std": t.std().item(), "repeats": repeats}
+from span_cost import _event_us, _graph_time  # noqa: E402  (this folder: the script's own)
 
 
 def _wall(fn, repeats: int) -> dict:
@@ -80,7 +48,7 @@ def _requests(dec, target, a, V, dev, round_us: float, decode_us: float) -> dict
     N, syncs = a.generate, []
     runners = dec._runners
 
-    def counted(T, n):                                                  # counts the host syncs (one per replay)
+    def counted(T, n):                                       # counts the batches of rounds (one read of n each)
         buf, prefill, rounds = runners(T, n)
         return buf, prefill, lambda R: (syncs.append(R), rounds(R))[1]
     dec._runners = counted
@@ -141,8 +109,8 @@ def main(argv=None):
     out = torch.zeros(1, target.cache_len + 1, dtype=torch.long, device=dev)
     fin = torch.zeros(1, dtype=torch.bool, device=dev)
     eos, pad = torch.tensor(-1, device=dev), torch.tensor(0, device=dev)
-    res["target_decode_step"] = _graph_us(lambda: (p.copy_(pos0), tf.step(tok, p, out, fin, eos, pad, tks, tvs)),
-                                          lambda: None, a.replays, a.repeats)   # each step at slot pos (span_cost)
+    res["target_decode_step"] = _graph_time(lambda: (p.copy_(pos0), tf.step(tok, p, out, fin, eos, pad, tks, tvs)),
+                                            a.replays, a.repeats)   # each step at slot pos (as span_cost)
     for k in ks_:
         dec = SpeculativeDecoder(target, draft, k=k, draft_vocab=vocab)
         if not dec.fused:
@@ -160,9 +128,9 @@ def main(argv=None):
             "draft_step_1_row": lambda: dr.span(vt[1:2], dec._dpos[1:2], vt[2:3], dks, dvs, head=h),
             f"verify_step_{k + 1}_rows": lambda: tf.span(vt, dec._vpos, dec._g, tks, tvs),
         }
-        row = {name: _graph_us(fn, reset, a.replays, a.repeats) for name, fn in parts.items()}
-        one = _graph_us(lambda: dec._fused_iteration(n, seq, *caches), reset, 1, a.replays)
-        many = _graph_us(lambda: dec._fused_iteration(n, seq, *caches), reset, a.rounds, a.replays)
+        row = {name: _graph_time(fn, a.replays, a.repeats, reset) for name, fn in parts.items()}
+        one = _graph_time(lambda: dec._fused_iteration(n, seq, *caches), 1, a.replays, reset)
+        many = _graph_time(lambda: dec._fused_iteration(n, seq, *caches), a.rounds, a.replays, reset)
         round_us = (many["us_mean"] * a.rounds - one["us_mean"]) / (a.rounds - 1)
         parts_us = (row["draft_first_step_2_rows"]["us_mean"] + (k - 1) * row["draft_step_1_row"]["us_mean"]
                     + row[f"verify_step_{k + 1}_rows"]["us_mean"])

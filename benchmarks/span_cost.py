@@ -35,20 +35,27 @@ from gpt2opt_lib.generate import FastGPT2, capture_graph  # noqa: E402
 from gpt2opt_lib.triton_decode import TILE_ROLES, _gemv_res_kernel, _ln_gemv_kernel  # noqa: E402
 
 
-def _graph_time(fn, replays: int, repeats: int) -> dict:
-    g, _ = capture_graph(lambda: [fn() for _ in range(replays)], lambda: None)   # warmed up, then `replays` calls
-    g.replay()
+def _event_us(replay, repeats: int, per: int = 1) -> dict:
+    """GPU time of replay() (a graph replay) between two events, after one untimed call: us per `per` calls."""
+    replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        g.replay()
+        replay()
         b.record()
         torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / replays)               # us per call
+        times.append(a.elapsed_time(b) * 1e3 / per)
     t = torch.tensor(times)
-    return {"us_mean": t.mean().item(), "us_std": t.std().item(), "replays": replays, "repeats": repeats}
+    return {"us_mean": t.mean().item(), "us_std": t.std().item(), "repeats": repeats}
+
+
+def _graph_time(fn, replays: int, repeats: int, reset=None) -> dict:
+    """us per fn() call: one CUDA graph of reset() (when given) then `replays` calls (warmed up), replayed `repeats`
+    times."""
+    g, _ = capture_graph(lambda: (reset and reset(), [fn() for _ in range(replays)]), lambda: None)
+    return {**_event_us(g.replay, repeats, replays), "replays": replays}
 
 
 ROLES = ("ln_qkv", "attn", "attn_proj", "ln_fc", "mlp_proj")   # a layer's five launches, in order

@@ -313,11 +313,9 @@ class SpeculativeDecoder:
         hi, launched = n_host, 0
         while end is None:
             while len(queue) < in_flight:
-                R = next((r for r in ROUNDS_PER_SYNC if r * (k + 1) <= T + N - hi), 0)
-                if not R:
-                    if queue or n_host - T >= N:
-                        break
-                    R = 1                                               # nothing in flight, tokens left: one round
+                R = rounds_per_sync(T + N - hi, k)
+                if R * (k + 1) > T + N - hi and (queue or n_host - T >= N):
+                    break                       # no batch fits the worst case: run one round only with none in flight
                 run_rounds(R)
                 buf, ev = self._reads[launched % len(self._reads)]
                 buf.copy_(self._n, non_blocking=ev is not None)         # n after these rounds, in stream order
