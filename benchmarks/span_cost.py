@@ -18,6 +18,12 @@ round's GEMV time, (M-1) decode steps + one M-row step for the largest M of --ro
 every span with each role's best tile together ("best_tiles"), and the autotuned engine again after it.
 `--ln-apart` also times the decode step and every span with FusedDecode.ln_rows_together off (the LayerNorm+GEMV
 launches one program per row and weight tile, the layout before `ln_rows_together`): the same-run A/B.
+`--weight-quant int4` times the engine on int4 weights (FastGPT2(weight_quant="int4"): the fused int4 kernels);
+`--q4-late` then also times them with the tile dequantized inside the dot after the wait (FusedDecode(
+q4_early_dequant=False), the layout before): decode_step_q4late, span_<M>_q4late.
+`--shared-weights` also times every step with each layer reading layer 0's weights (the same tensors: ~25 MB for
+gpt2-medium in 16-bit, which stay in the H100's 50 MB L2), so the layers stream next to nothing from HBM: the
+kernel chain's floor without the weight bytes (decode_step_shared, span_<M>_shared; the head still reads its own).
 `--by-kernel` adds, per row count, the GPU time of each kernel (torch.profiler over eager launches, no graph) and
 of each launch role (a layer's LayerNorm+QKV, attention, attention projection, LayerNorm+FC, MLP projection summed
 over the layers; the head; the argmax)."""
@@ -76,6 +82,26 @@ def _by_role(prof, replays: int, n_layer: int) -> dict:
     return roles
 
 
+_LAYER_WEIGHTS = ("c_attn", "c_proj", "c_fc", "mlp_proj", "ln1_w", "ln1_b", "ln2_w", "ln2_b")
+
+
+class _Delegate:
+    """obj's attributes, with some replaced (the --shared-weights engine's blocks and core)."""
+
+    def __init__(self, obj, **over):
+        self._obj, self._over = obj, over
+
+    def __getattr__(self, name):
+        over = self.__dict__["_over"]
+        return over[name] if name in over else getattr(self.__dict__["_obj"], name)
+
+
+def _shared_core(core):
+    """core with every block reading block 0's weights and LayerNorm parameters (its own KV cache as before)."""
+    b0 = core.blocks[0]
+    return _Delegate(core, blocks=[_Delegate(b, **{n: getattr(b0, n) for n in _LAYER_WEIGHTS}) for b in core.blocks])
+
+
 def _tile(cfg: str) -> dict:
     bn, w = (int(v) for v in cfg.split("x"))
     return {"BLOCK_N": bn, "num_warps": w}
@@ -118,6 +144,11 @@ def main(argv=None):
                          "(GEMV+residual launches with K >= it run a step's rows in one program per tile): 4096,1024")
     ap.add_argument("--ln-apart", action="store_true",
                     help="also time with the LayerNorm+GEMV launches one program per row (ln_rows_together off)")
+    ap.add_argument("--weight-quant", default=None, choices=["int4"], help="int4 weights (the fused int4 kernels)")
+    ap.add_argument("--q4-late", action="store_true",
+                    help="with --weight-quant int4: also time the int4 tile dequantized after the wait")
+    ap.add_argument("--shared-weights", action="store_true",
+                    help="also time with every layer reading layer 0's weights (L2-resident: the floor without them)")
     ap.add_argument("--by-kernel", action="store_true", help="GPU time per kernel and row count (profiler)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -126,7 +157,9 @@ def main(argv=None):
         raise SystemExit("span_cost: needs a CUDA GPU")
     dev = torch.device("cuda")
     model = build_model(a.model, torch.bfloat16, dev, seed=0)
-    eng = FastGPT2(model, max_seq_len=a.pos + max(rows) + 8, dtype=torch.bfloat16)
+    if a.q4_late and a.weight_quant != "int4":
+        raise SystemExit("span_cost: --q4-late needs --weight-quant int4")
+    eng = FastGPT2(model, max_seq_len=a.pos + max(rows) + 8, dtype=torch.bfloat16, weight_quant=a.weight_quant)
     f = eng.fused
     if f is None:
         raise SystemExit(f"span_cost: no fused kernels: {eng.fused_off_reason}")
@@ -153,10 +186,15 @@ def main(argv=None):
         for m in rows:
             res[f"span_{m}{suffix}"] = _graph_time(lambda m=m: span(m), a.replays, a.repeats)
     time_all()
-    others = {}                                                         # kernel kind -> its FusedDecode
+    from gpt2opt_lib.triton_decode import FusedDecode
+    others = {}                                                         # label -> its FusedDecode
     for gemm in [g for g in a.gemm.split(",") if g != "gemv"]:
-        from gpt2opt_lib.triton_decode import FusedDecode
-        fg = others[gemm] = FusedDecode(eng.core, dev, gemm)
+        others[gemm] = FusedDecode(eng.core, dev, gemm)
+    if a.q4_late:
+        others["q4late"] = FusedDecode(eng.core, dev, q4_early_dequant=False)
+    if a.shared_weights:
+        others["shared"] = FusedDecode(_shared_core(eng.core), dev)
+    for gemm, fg in others.items():
 
         def step_g(fg=fg):
             p.copy_(pos)

@@ -259,9 +259,20 @@ _ALIGN = 8   # the folded GEMMs' extra columns are padded to a multiple of 8 (16
 
 
 def _folded_weight(meta, wt, A, B, scaling) -> torch.Tensor:
-    """W + scaling B A, (out, in), in A's dtype: wt = (W,) for a dense base (meta None), NF4 buffers otherwise."""
-    w = wt[0] if meta is None else nf4_dequant(*wt, meta)
-    return torch.addmm(w.to(A.dtype), B, A, alpha=scaling)
+    """W + scaling B A, (out, in), in A's dtype: wt = (W,) for a dense base (meta None), NF4 buffers otherwise.
+    Eagerly one addmm. Under torch.compile the r-term sum as elementwise ops instead, so inductor makes the whole
+    folded weight (the NF4 dequantization included: nf4.nf4_dequant) in one kernel, one read of W (or of its 4-bit
+    codes) and one write: addmm first copies W into its output, then the GEMM reads and writes it again (in a QLoRA
+    step also behind bnb's dequantize kernel writing the 16-bit W: ~0.65 ms of copies and dequantization a step,
+    h100_profile_train_qlora_nockpt_vs_sac.json)."""
+    w = (wt[0] if meta is None else nf4_dequant(*wt, meta)).to(A.dtype)
+    if not torch.compiler.is_compiling():
+        return torch.addmm(w, B, A, alpha=scaling)
+    Bf, Af = B.float(), A.float()
+    ba = Bf[:, :1] * Af[:1]
+    for j in range(1, A.shape[0]):                                        # fp32, as addmm accumulates
+        ba = ba + Bf[:, j:j + 1] * Af[j:j + 1]
+    return (w.float() + scaling * ba).to(A.dtype)
 
 
 class LoRALinear(nn.Module):

@@ -10,13 +10,38 @@ import torch
 from torch import nn
 
 
-def nf4_dequant(packed, absmax_q, code, absmax_absmax, offset, meta) -> torch.Tensor:
+# bitsandbytes' NF4 code book (bitsandbytes.functional.get_4bit_type("nf4"); the literals of its CUDA dequantize kernel)
+NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
+              1.0)
+
+
+def nf4_dequant(packed, absmax_q, code, absmax_absmax, offset, values, meta) -> torch.Tensor:
     """(out, in) weight from NF4 + double-quantized scales. offset: 0-dim tensor (a tensor, not a Python float: a
-    float would be a compile-time constant, one recompile per layer). meta: (blocksize, blocksize2, out, in, dtype)."""
+    float would be a compile-time constant, one recompile per layer). values: the NF4 code book (NF4_VALUES, a
+    buffer). meta: (blocksize, blocksize2, out, in, dtype). Eagerly bitsandbytes' kernels; under torch.compile the
+    same arithmetic in torch ops (nf4_dequant_ops: bit for bit bnb's), so inductor fuses it into its consumer
+    (lora._folded_weight: dequantize + fold the adapter in one pass over the weight instead of bnb's kernel writing
+    the 16-bit weight and two more passes re-reading it)."""
     bs, bs2, n_out, n_in, dtype = meta
+    if torch.compiler.is_compiling() and (n_out * n_in) % bs == 0:
+        return nf4_dequant_ops(packed, absmax_q, code, absmax_absmax, offset, values, meta)
     ops = torch.ops.bitsandbytes
     absmax = ops.dequantize_blockwise(absmax_q, absmax_absmax, code, bs2, torch.float32) + offset
     return ops.dequantize_4bit(packed, absmax, bs, "nf4", [n_out, n_in], dtype)
+
+
+def nf4_dequant_ops(packed, absmax_q, code, absmax_absmax, offset, values, meta) -> torch.Tensor:
+    """nf4_dequant in torch ops (out * in a multiple of the block): block scale b = code[absmax_q[b]] *
+    absmax_absmax[b // blocksize2] + offset, weight i = values[nibble i] * scale[i // blocksize] in fp32, then the
+    dtype; byte j holds weights 2j (high nibble) and 2j + 1 (low), bitsandbytes' packing."""
+    bs, bs2, n_out, n_in, dtype = meta
+    nb = absmax_q.numel()
+    absmax = code[absmax_q.long()] * absmax_absmax.repeat_interleave(bs2)[:nb] + offset
+    shift = 4 - 4 * torch.arange(2, device=packed.device, dtype=torch.int32)      # (4, 0): high nibble first
+    q = ((packed.reshape(-1, 1).to(torch.int32) >> shift) & 15).reshape(nb, bs)
+    return (values[q] * absmax[:, None]).reshape(n_out, n_in).to(dtype)
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -24,16 +49,16 @@ class _NF4Matmul(torch.autograd.Function):
     dequantized again for the input gradient), never saved between them; W and b are frozen (no gradients)."""
 
     @staticmethod
-    def forward(ctx, x, bias, packed, absmax_q, code, absmax_absmax, offset, meta):
-        ctx.save_for_backward(packed, absmax_q, code, absmax_absmax, offset)
+    def forward(ctx, x, bias, packed, absmax_q, code, absmax_absmax, offset, values, meta):
+        ctx.save_for_backward(packed, absmax_q, code, absmax_absmax, offset, values)
         ctx.meta = meta
-        w = nf4_dequant(packed, absmax_q, code, absmax_absmax, offset, meta).to(x.dtype)
+        w = nf4_dequant(packed, absmax_q, code, absmax_absmax, offset, values, meta).to(x.dtype)
         return torch.nn.functional.linear(x, w, bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, g):
         w = nf4_dequant(*ctx.saved_tensors, ctx.meta).to(g.dtype)
-        return g @ w, None, None, None, None, None, None, None
+        return g @ w, None, None, None, None, None, None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -54,6 +79,8 @@ class NF4Linear(nn.Module):
         self.register_buffer("absmax_absmax", absmax_absmax)
         self.register_buffer("bias", bias)
         self.register_buffer("offset", torch.as_tensor(offset, dtype=torch.float32, device=packed.device).reshape(()))
+        # the code book, not saved (a constant): a buffer so that it moves with the module and compiles as an input
+        self.register_buffer("nf4_values", torch.tensor(NF4_VALUES, device=packed.device), persistent=False)
 
     @classmethod
     @torch.no_grad()
@@ -75,21 +102,21 @@ class NF4Linear(nn.Module):
 
     def frozen_args(self) -> tuple:
         """(meta, buffers) for nf4_dequant(*buffers, meta): what lora._FoldedLoRA saves instead of the weight."""
-        return self._meta(), (self.packed, self.absmax_q, self.absmax_code, self.absmax_absmax, self.offset)
+        return self._meta(), (self.packed, self.absmax_q, self.absmax_code, self.absmax_absmax, self.offset,
+                              self.nf4_values)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantized (out, in) weight."""
-        w = nf4_dequant(self.packed, self.absmax_q, self.absmax_code, self.absmax_absmax, self.offset, self._meta())
+        w = nf4_dequant(*self.frozen_args()[1], self._meta())
         return w if dtype is None else w.to(dtype)
 
     def forward(self, x):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        return _NF4Matmul.apply(x, self.bias, self.packed, self.absmax_q, self.absmax_code, self.absmax_absmax,
-                                self.offset, self._meta())
+        return _NF4Matmul.apply(x, self.bias, *self.frozen_args()[1], self._meta())
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, nf4 block {self.blocksize}, double quant"
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "nf4_values")   # stored

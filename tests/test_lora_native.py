@@ -140,9 +140,13 @@ def test_folded_lora_bf16_autocast_close_to_unfolded():
     assert torch.nn.functional.cosine_similarity(va, vb, dim=0) > 0.99
 
 
-def test_folded_lora_compiles_on_cpu():
-    """The folded autograd.Function under torch.compile (what every GPU profile runs): same loss and gradients."""
-    a, b = _fold_pair(False)
+@pytest.mark.parametrize("quant", [False, True])
+def test_folded_lora_compiles_on_cpu(quant):
+    """The folded autograd.Function under torch.compile (what every GPU profile runs: the fold as elementwise ops,
+    the NF4 weight dequantized by nf4_dequant_ops): same loss and gradients as the unfolded eager module."""
+    if quant:
+        pytest.importorskip("bitsandbytes")
+    a, b = _fold_pair(quant)
     x = ids()
     lb, gb = _loss_and_grads(b, x)
     a.forward = torch.compile(a.forward, backend="aot_eager")
@@ -179,6 +183,26 @@ def test_nf4_linear_matches_bitsandbytes_and_backward():
     torch.testing.assert_close(x.grad, w.sum(0).expand(5, -1), rtol=1e-5, atol=1e-5)
     # 4 bits a weight + 1 byte per 64-block scale + the bias: < 1/7 of the fp32 bytes
     assert q.nbytes() < lin.weight.numel() * 4 / 7
+
+
+@pytest.mark.parametrize("shape", [(192, 256), (300, 64), (2304, 768)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_dequant_ops_equal_bitsandbytes(shape, dtype):
+    """nf4_dequant_ops (the torch-ops NF4 + double-quant dequantization that inductor fuses into the folded
+    weight) equals bitsandbytes' own kernel bit for bit: block scales through the 8-bit code (300 x 64: 300
+    blocks, a partial last block of double-quant scales), nibble order, the code book, the final rounding; and
+    compiled (the path under torch.compile) as eagerly."""
+    pytest.importorskip("bitsandbytes")
+    from gpt2opt_lib.nf4 import nf4_dequant, nf4_dequant_ops
+    from gpt2opt_lib.quant import NF4Linear
+    torch.manual_seed(1)
+    q = NF4Linear.from_linear(torch.nn.Linear(shape[1], shape[0]), dtype)
+    meta, wt = q.frozen_args()
+    want = nf4_dequant(*wt, meta)                                     # eager: bitsandbytes' ops
+    assert want.dtype == dtype and want.shape == shape
+    assert torch.equal(nf4_dequant_ops(*wt, meta), want)
+    assert torch.equal(torch.compile(nf4_dequant, backend="aot_eager")(*wt, meta), want)
+    assert q.nbytes() == sum(b.numel() * b.element_size() for b in q.state_dict().values())   # the code book not stored
 
 
 def test_qlora_native_trains_only_adapters_and_merges():
