@@ -250,8 +250,6 @@ def main_decode(a):
                 "fast_int4_fused_nopdl": dict(fused=True, weight_quant="int4", pdl=False),
                 "fast_int4_fused_h8": dict(fused=True, weight_quant="int4", head=8),
                 "fast_int4_fused_h64": dict(fused=True, weight_quant="int4", head=64),
-                # the int4 tile dequantized inside the dot, after the wait (the layout before q4_early_dequant)
-                "fast_int4_fused_late": dict(fused=True, weight_quant="int4", early=False),
                 # batch > 1: the Triton decode attention (triton_decode.decode_attention_write_kv) instead of inductor's;
                 # _lN_wM: its tile of N cache slots and M warps per (row, head) program (default: triton_decode's)
                 "fast_tattn": dict(gemv=False, decode_attn="triton"), "fast_gemv_tattn": dict(gemv=True, decode_attn="triton")}
@@ -260,7 +258,7 @@ def main_decode(a):
             variants[f"fast_gemv_tattn_l{bl}_w{w}"] = dict(gemv=True, decode_attn="triton", tattn=(bl, w))
     from gpt2opt_lib import triton_decode as td
     attn_default = (td.BATCH_ATTN_BLOCK_L, td.BATCH_ATTN_WARPS)
-    head_default, early_default = td.HEAD_BLOCK_N_Q4, td.Q4_EARLY_DEQUANT
+    head_default = td.HEAD_BLOCK_N_Q4
     for kw in variants.values():
         kw.setdefault("fused", False)            # the inductor variants stay inductor (fused is on by default)
         kw.setdefault("decode_attn", "inductor")  # and attend through inductor (the Triton attention only in *_tattn*)
@@ -276,9 +274,7 @@ def main_decode(a):
             opts.__enter__()
             kw = dict(kw)
             attn, pdl = kw.pop("attn", None), kw.pop("pdl", None)
-            head = kw.pop("head", None)
-            td.HEAD_BLOCK_N_Q4 = head_default if head is None else {True: head, False: head}
-            td.Q4_EARLY_DEQUANT = kw.pop("early", early_default)
+            td.HEAD_BLOCK_N_Q4 = kw.pop("head", head_default)
             if kw["decode_attn"] == "triton":     # its launch configuration: the module default or the variant's
                 td.BATCH_ATTN_BLOCK_L, td.BATCH_ATTN_WARPS = kw.pop("tattn", attn_default)
 

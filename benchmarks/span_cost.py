@@ -18,9 +18,7 @@ round's GEMV time, (M-1) decode steps + one M-row step for the largest M of --ro
 every span with each role's best tile together ("best_tiles"), and the autotuned engine again after it.
 `--ln-apart` also times the decode step and every span with FusedDecode.ln_rows_together off (the LayerNorm+GEMV
 launches one program per row and weight tile, the layout before `ln_rows_together`): the same-run A/B.
-`--weight-quant int4` times the engine on int4 weights (FastGPT2(weight_quant="int4"): the fused int4 kernels);
-`--q4-late` then also times them with the tile dequantized inside the dot after the wait (FusedDecode(
-q4_early_dequant=False), the layout before): decode_step_q4late, span_<M>_q4late.
+`--weight-quant int4` times the engine on int4 weights (FastGPT2(weight_quant="int4"): the fused int4 kernels).
 `--shared-weights` also times every step with each layer reading layer 0's weights (the same tensors: ~25 MB for
 gpt2-medium in 16-bit, which stay in the H100's 50 MB L2), so the layers stream next to nothing from HBM: the
 kernel chain's floor without the weight bytes (decode_step_shared, span_<M>_shared; the head still reads its own).
@@ -145,8 +143,6 @@ def main(argv=None):
     ap.add_argument("--ln-apart", action="store_true",
                     help="also time with the LayerNorm+GEMV launches one program per row (ln_rows_together off)")
     ap.add_argument("--weight-quant", default=None, choices=["int4"], help="int4 weights (the fused int4 kernels)")
-    ap.add_argument("--q4-late", action="store_true",
-                    help="with --weight-quant int4: also time the int4 tile dequantized after the wait")
     ap.add_argument("--shared-weights", action="store_true",
                     help="also time with every layer reading layer 0's weights (L2-resident: the floor without them)")
     ap.add_argument("--by-kernel", action="store_true", help="GPU time per kernel and row count (profiler)")
@@ -157,8 +153,6 @@ def main(argv=None):
         raise SystemExit("span_cost: needs a CUDA GPU")
     dev = torch.device("cuda")
     model = build_model(a.model, torch.bfloat16, dev, seed=0)
-    if a.q4_late and a.weight_quant != "int4":
-        raise SystemExit("span_cost: --q4-late needs --weight-quant int4")
     eng = FastGPT2(model, max_seq_len=a.pos + max(rows) + 8, dtype=torch.bfloat16, weight_quant=a.weight_quant)
     f = eng.fused
     if f is None:
@@ -190,8 +184,6 @@ def main(argv=None):
     others = {}                                                         # label -> its FusedDecode
     for gemm in [g for g in a.gemm.split(",") if g != "gemv"]:
         others[gemm] = FusedDecode(eng.core, dev, gemm)
-    if a.q4_late:
-        others["q4late"] = FusedDecode(eng.core, dev, q4_early_dequant=False)
     if a.shared_weights:
         others["shared"] = FusedDecode(_shared_core(eng.core), dev)
     for gemm, fg in others.items():

@@ -264,9 +264,11 @@ def _folded_weight(meta, wt, A, B, scaling) -> torch.Tensor:
     folded weight (the NF4 dequantization included: nf4.nf4_dequant) in one kernel, one read of W (or of its 4-bit
     codes) and one write: addmm first copies W into its output, then the GEMM reads and writes it again (in a QLoRA
     step also behind bnb's dequantize kernel writing the 16-bit W: ~0.65 ms of copies and dequantization a step,
-    h100_profile_train_qlora_nockpt_vs_sac.json)."""
-    w = (wt[0] if meta is None else nf4_dequant(*wt, meta)).to(A.dtype)
-    if not torch.compiler.is_compiling():
+    h100_profile_train_qlora_nockpt_vs_sac.json). GPT2OPT_FOLD_ELEMENTWISE=0: addmm and bnb's kernel compiled too
+    (the same-run A/B)."""
+    elementwise = torch.compiler.is_compiling() and os.environ.get("GPT2OPT_FOLD_ELEMENTWISE", "1") != "0"
+    w = (wt[0] if meta is None else nf4_dequant(*wt, meta, ops=elementwise)).to(A.dtype)
+    if not elementwise:
         return torch.addmm(w, B, A, alpha=scaling)
     Bf, Af = B.float(), A.float()
     ba = Bf[:, :1] * Af[:1]

@@ -17,15 +17,16 @@ NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               1.0)
 
 
-def nf4_dequant(packed, absmax_q, code, absmax_absmax, offset, values, meta) -> torch.Tensor:
+def nf4_dequant(packed, absmax_q, code, absmax_absmax, offset, values, meta, ops: bool | None = None
+                ) -> torch.Tensor:
     """(out, in) weight from NF4 + double-quantized scales. offset: 0-dim tensor (a tensor, not a Python float: a
     float would be a compile-time constant, one recompile per layer). values: the NF4 code book (NF4_VALUES, a
     buffer). meta: (blocksize, blocksize2, out, in, dtype). Eagerly bitsandbytes' kernels; under torch.compile the
     same arithmetic in torch ops (nf4_dequant_ops: bit for bit bnb's), so inductor fuses it into its consumer
     (lora._folded_weight: dequantize + fold the adapter in one pass over the weight instead of bnb's kernel writing
-    the 16-bit weight and two more passes re-reading it)."""
+    the 16-bit weight and two more passes re-reading it). ops: force the torch-ops form (True) or bnb's (False)."""
     bs, bs2, n_out, n_in, dtype = meta
-    if torch.compiler.is_compiling() and (n_out * n_in) % bs == 0:
+    if (torch.compiler.is_compiling() if ops is None else ops) and (n_out * n_in) % bs == 0:
         return nf4_dequant_ops(packed, absmax_q, code, absmax_absmax, offset, values, meta)
     ops = torch.ops.bitsandbytes
     absmax = ops.dequantize_blockwise(absmax_q, absmax_absmax, code, bs2, torch.float32) + offset

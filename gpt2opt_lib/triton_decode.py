@@ -377,132 +377,6 @@ if triton is not None:
         x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
         tl.store(x_ptr + row * N + n, (x + acc).to(x_ptr.dtype.element_ty), mask=nm)
 
-    # --- the same int4 layout, dequantized early: a program turns its codes into model-dtype weights (as
-    # wquant.dequantize_int4(...).to(dtype), what prefill's matmuls use) before it waits for its inputs, as a
-    # (BLOCK_N, K/2) tile per half; after the wait it runs the 16-bit kernels' dot (no group sums, no 3-D
-    # reductions across warps). FusedDecode.q4_early_dequant picks these.
-
-    @triton.jit
-    def _q4w_tile(q_ptr, s_ptr, z_ptr, n, nm, k, km, K, G: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
-        """Tile rows n of an int4 weight, dequantized in DT: its halves (BLOCK_N, KH), columns k and K/2 + k
-        (PDL: pinned before the wait, _pin)."""
-        KH2 = K // 2
-        NG, NGH = K // G, KH2 // G
-        m2 = nm[:, None] & km[None, :]
-        p = tl.load(q_ptr + n[:, None] * KH2 + k[None, :], mask=m2, other=0,
-                    eviction_policy="evict_first").to(tl.int32)
-        so = n[:, None] * NG + (k // G)[None, :]                          # each entry's group
-        s_lo = tl.load(s_ptr + so, mask=m2, other=0.0).to(tl.float32)
-        s_hi = tl.load(s_ptr + so + NGH, mask=m2, other=0.0).to(tl.float32)
-        z_lo = tl.load(z_ptr + so, mask=m2, other=0.0).to(tl.float32)
-        z_hi = tl.load(z_ptr + so + NGH, mask=m2, other=0.0).to(tl.float32)
-        w_lo = (_q4_centered(p & 0xF) * s_lo + z_lo).to(DT)
-        w_hi = (_q4_centered(p >> 4) * s_hi + z_hi).to(DT)
-        if PDL:
-            w_lo, w_hi = _pin(w_lo), _pin(w_hi)
-        return w_lo, w_hi
-
-    @triton.jit
-    def _pin(w):
-        """w, through a side-effecting no-op (a register move per pair of 16-bit values): the compiler keeps it in
-        program order with the (also side-effecting) wait, so w is computed before the wait, not sunk after it
-        to its use (without it ptxas put the dequantization after the wait: sm90 PTX of _gemv_res_q4w_kernel)."""
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=w.dtype, is_pure=False, pack=2)
-
-    @triton.jit
-    def _q4w_row(q_ptr, s_ptr, z_ptr, t, k, km, K, G: tl.constexpr, DT: tl.constexpr):
-        """_q4_row as two (KH,) halves: row t of the int4 embedding, as wquant.Int4Embedding dequantizes it."""
-        KH2 = K // 2
-        NG, NGH = K // G, KH2 // G
-        p = tl.load(q_ptr + t * KH2 + k, mask=km, other=0).to(tl.int32)
-        s_lo = tl.load(s_ptr + t * NG + k // G, mask=km, other=0.0).to(tl.float32)
-        s_hi = tl.load(s_ptr + t * NG + NGH + k // G, mask=km, other=0.0).to(tl.float32)
-        z_lo = tl.load(z_ptr + t * NG + k // G, mask=km, other=0.0).to(tl.float32)
-        z_hi = tl.load(z_ptr + t * NG + NGH + k // G, mask=km, other=0.0).to(tl.float32)
-        lo = (_q4_centered(p & 0xF) * s_lo).to(DT).to(tl.float32) + z_lo
-        hi = (_q4_centered(p >> 4) * s_hi).to(DT).to(tl.float32) + z_hi
-        return lo.to(DT).to(tl.float32), hi.to(DT).to(tl.float32)
-
-    @triton.jit
-    def _q4w_dot(w_lo, w_hi, h_lo, h_hi):
-        """(BLOCK_N,) fp32: the dequantized halves against the row's halves (KH,)."""
-        return tl.sum(w_lo.to(tl.float32) * h_lo[None, :], 1) + tl.sum(w_hi.to(tl.float32) * h_hi[None, :], 1)
-
-    @triton.jit
-    def _ln_gemv_q4w_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wtes_ptr, wtez_ptr, wpe_ptr, lnw_ptr, lnb_ptr,
-                            q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, pv_ptr, pi_ptr, K, N, n_valid, eps,
-                            KH: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, EMBED: tl.constexpr,
-                            EMBED_Q4: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                            ARGMAX: tl.constexpr, PDL: tl.constexpr):
-        """_ln_gemv_q4_kernel with the tile dequantized before the wait (_q4w_tile): the row as its halves
-        x[:K/2], x[K/2:] (KH,), LayerNorm over both, then the 16-bit kernel's dot."""
-        DT: tl.constexpr = x_ptr.dtype.element_ty
-        row = tl.program_id(0)
-        pid = tl.program_id(1)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nm = n < N
-        KH2 = K // 2
-        k = tl.arange(0, KH)
-        km = k < KH2
-        w_lo, w_hi = _q4w_tile(q_ptr, s_ptr, z_ptr, n, nm, k, km, K, G, DT, PDL)
-        lnw_lo = tl.load(lnw_ptr + k, mask=km, other=0.0).to(tl.float32)
-        lnw_hi = tl.load(lnw_ptr + KH2 + k, mask=km, other=0.0).to(tl.float32)
-        lnb_lo = tl.load(lnb_ptr + k, mask=km, other=0.0).to(tl.float32)
-        lnb_hi = tl.load(lnb_ptr + KH2 + k, mask=km, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
-        _wait_for_inputs(PDL)
-        if EMBED:                                                         # x = wte[tok] + wpe[pos], written once
-            t = tl.load(tok_ptr + row)
-            ps = tl.load(pos_ptr) + row
-            if EMBED_Q4:
-                e_lo, e_hi = _q4w_row(wte_ptr, wtes_ptr, wtez_ptr, t, k, km, K, G, DT)
-            else:
-                e_lo = tl.load(wte_ptr + t * K + k, mask=km, other=0.0).to(tl.float32)
-                e_hi = tl.load(wte_ptr + t * K + KH2 + k, mask=km, other=0.0).to(tl.float32)
-            p_lo = tl.load(wpe_ptr + ps * K + k, mask=km, other=0.0).to(tl.float32)
-            p_hi = tl.load(wpe_ptr + ps * K + KH2 + k, mask=km, other=0.0).to(tl.float32)
-            x_lo, x_hi = (e_lo + p_lo).to(DT), (e_hi + p_hi).to(DT)
-            if pid == 0:
-                tl.store(x_ptr + row * K + k, x_lo, mask=km)
-                tl.store(x_ptr + row * K + KH2 + k, x_hi, mask=km)
-            x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
-        else:
-            x_lo = tl.load(x_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + row * K + KH2 + k, mask=km, other=0.0).to(tl.float32)
-        mean = (tl.sum(x_lo, 0) + tl.sum(x_hi, 0)) / K
-        d_lo = tl.where(km, x_lo - mean, 0.0)
-        d_hi = tl.where(km, x_hi - mean, 0.0)
-        rstd = 1.0 / tl.sqrt((tl.sum(d_lo * d_lo, 0) + tl.sum(d_hi * d_hi, 0)) / K + eps)
-        h_lo = (d_lo * rstd * lnw_lo + lnb_lo).to(DT).to(tl.float32)     # LayerNorm output, model dtype
-        h_hi = (d_hi * rstd * lnw_hi + lnb_hi).to(DT).to(tl.float32)
-        acc = _q4w_dot(w_lo, w_hi, h_lo, h_hi)
-        if HAS_BIAS:
-            acc += bias
-        _gemv_out(acc, n, nm, row, pid, N, n_valid, out_ptr, pv_ptr, pi_ptr, DT, GELU, ARGMAX)
-
-    @triton.jit
-    def _gemv_res_q4w_kernel(h_ptr, q_ptr, s_ptr, z_ptr, b_ptr, x_ptr, K, N, KH: tl.constexpr, G: tl.constexpr,
-                             BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        """_gemv_res_q4_kernel with the tile dequantized before the wait (_q4w_tile)."""
-        DT: tl.constexpr = x_ptr.dtype.element_ty
-        row = tl.program_id(0)
-        pid = tl.program_id(1)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        nm = n < N
-        KH2 = K // 2
-        k = tl.arange(0, KH)
-        km = k < KH2
-        w_lo, w_hi = _q4w_tile(q_ptr, s_ptr, z_ptr, n, nm, k, km, K, G, DT, PDL)
-        bias = tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
-        _wait_for_inputs(PDL)
-        h_lo = tl.load(h_ptr + row * K + k, mask=km, other=0.0).to(tl.float32)
-        h_hi = tl.load(h_ptr + row * K + KH2 + k, mask=km, other=0.0).to(tl.float32)
-        acc = _q4w_dot(w_lo, w_hi, h_lo, h_hi) + bias
-        acc = acc.to(DT).to(tl.float32)                                   # the projection in the model dtype
-        x = tl.load(x_ptr + row * N + n, mask=nm, other=0.0).to(tl.float32)
-        tl.store(x_ptr + row * N + n, (x + acc).to(DT), mask=nm)
-
     @triton.jit
     def _mm_dot(a, w, IEEE: tl.constexpr):
         """(BLOCK_M, BLOCK_K) x (BLOCK_N, BLOCK_K)^T on the tensor cores, fp32 accumulate (fp32 inputs: exact
@@ -906,8 +780,6 @@ def _kernels(device: torch.device):
                 "gemv_res": (_gemv_res_kernel, {"BLOCK_N": 32, "num_warps": 4}),
                 "ln_gemv_q4": (_ln_gemv_q4_kernel, {"BLOCK_N": 32, "num_warps": 4}),
                 "gemv_res_q4": (_gemv_res_q4_kernel, {"BLOCK_N": 32, "num_warps": 4}),
-                "ln_gemv_q4w": (_ln_gemv_q4w_kernel, {"BLOCK_N": 32, "num_warps": 4}),
-                "gemv_res_q4w": (_gemv_res_q4w_kernel, {"BLOCK_N": 32, "num_warps": 4}),
                 "ln_mm": (_ln_mm_kernel, {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": sk, "num_warps": 4}),
                 "mm_res": (_mm_res_kernel, {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": sk, "num_warps": 4})}
     if not _TUNED:
@@ -920,11 +792,6 @@ def _kernels(device: torch.device):
                                 {})
         _TUNED["gemv_res_q4"] = (triton.autotune(q4, key=["K", "N", "KH", "G", "PDL"],
                                                  restore_value=["x_ptr"])(_gemv_res_q4_kernel), {})
-        # early-dequantized int4: the 16-bit tiles (the registers hold the same model-dtype tile)
-        _TUNED["ln_gemv_q4w"] = (triton.autotune(tiles, key=["K", "N", "KH", "G", "GELU", "PDL"])(
-            _ln_gemv_q4w_kernel), {})
-        _TUNED["gemv_res_q4w"] = (triton.autotune(tiles, key=["K", "N", "KH", "G", "PDL"],
-                                                  restore_value=["x_ptr"])(_gemv_res_q4w_kernel), {})
         mm = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4, num_stages=st)
               for bn, bk, st in ((MM_MIN_BLOCK_N, 64, 4), (16, 128, 3), (16, 256, 3), (32, 128, 3), (64, 128, 3))
               for sk in (1, 2, 4, MM_MAX_SPLIT_K)]
@@ -935,13 +802,11 @@ def _kernels(device: torch.device):
 
 HEAD_BLOCK_N = {"gemv": 8, "mma": 16}   # the head's tile is fixed (not tuned): the finish kernel reduces exactly
 #                                        cdiv(Vpad, HEAD_BLOCK_N) partials
-# the int4 head's tile (FusedDecode.head_block), by q4_early_dequant: 32 rows spill registers once dequantized early
-HEAD_BLOCK_N_Q4 = {False: 32, True: 16}
+HEAD_BLOCK_N_Q4 = 32    # the int4 head's tile (FusedDecode.head_block)
 MM_ROWS = 16        # the tensor-core kernels' row block: every step (1 .. SPAN_MAX_ROWS rows) is padded to it
 MM_MIN_BLOCK_N, MM_MAX_SPLIT_K = 16, 8   # the extremes of their tuned configs: FusedDecode sizes split-K scratch
 
 
-Q4_EARLY_DEQUANT = True   # FusedDecode.q4_early_dequant's default
 SPAN_MAX_ROWS = 16  # rows a multi-row step (FusedDecode.span) holds scratch for: speculative k + 1 <= 16
 # FusedDecode.res_rows_together's default: the MLP projections (K = 4C: 3072 for gpt2 .. 6400 for gpt2-xl) run a
 # multi-row step's rows in one program per tile, the attention projections (K = C <= 1600) one program per row. Their
@@ -981,7 +846,7 @@ class FusedDecode:
     `step` is one token (the engine's decode step); `span` runs up to SPAN_MAX_ROWS consecutive tokens through the
     same kernels in one pass over the weights (speculative decoding's draft and verify steps)."""
 
-    def __init__(self, core, device: torch.device, gemm: str = "gemv", q4_early_dequant: bool | None = None):
+    def __init__(self, core, device: torch.device, gemm: str = "gemv"):
         if gemm not in HEAD_BLOCK_N:
             raise ValueError(f"fused decode: gemm must be one of {sorted(HEAD_BLOCK_N)}, not {gemm!r}")
         if triton is None:
@@ -1006,10 +871,7 @@ class FusedDecode:
         self.gemm = gemm
         # the head's fixed tile: an int4 row is a quarter of the bytes, so 4x the rows per program keep the
         # per-program LayerNorm (each program recomputes it) as cheap against its weights as at 16 bits
-        # int4 weights: dequantized into the model dtype before each kernel waits for its inputs (_q4w kernels: the
-        # work after the wait is the 16-bit kernels'), or (False) group by group inside the dot after the wait
-        self.q4_early_dequant = Q4_EARLY_DEQUANT if q4_early_dequant is None else bool(q4_early_dequant)
-        self.head_block = (HEAD_BLOCK_N_Q4[self.q4_early_dequant] if _is_q4(core.lm_head) else HEAD_BLOCK_N[gemm])
+        self.head_block = HEAD_BLOCK_N_Q4 if _is_q4(core.lm_head) else HEAD_BLOCK_N[gemm]
         self.P = triton.cdiv(Vpad, self.head_block)
         self.pv = torch.full((R * self.P,), float("-inf"), dtype=torch.float32, device=device)
         self.pi = torch.zeros(R * self.P, dtype=torch.int32, device=device)
@@ -1080,10 +942,9 @@ class FusedDecode:
             embed_q4 = _is_q4(e)
             wte, wtes, wtez = (e.qp, e.scales, e.zeros) if embed_q4 else (e.weight, x, x)
         bias = dense.bias if dense.bias is not None else dense.scales     # a placeholder pointer without bias
-        early = self.q4_early_dequant
-        kern, fixed = self.kernels["ln_gemv_q4w" if early else "ln_gemv_q4"]
+        kern, fixed = self.kernels["ln_gemv_q4"]
         if block_n is not None:                                           # the head: a fixed tile
-            kern, fixed = (_ln_gemv_q4w_kernel if early else _ln_gemv_q4_kernel), {"BLOCK_N": block_n, "num_warps": 8}
+            kern, fixed = _ln_gemv_q4_kernel, {"BLOCK_N": block_n, "num_warps": 8}
         kern[lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))](
             x, tok, pos, wte, wtes, wtez, self.core.wpe, lnw, lnb, dense.qh, dense.scales, dense.zeros, bias, out,
             self.pv, self.pi, K, N, n_valid, self.core.eps, KH=triton.next_power_of_2(K // 2), G=dense.group_size,
@@ -1092,7 +953,7 @@ class FusedDecode:
 
     def _gemv_res(self, h, dense, x, M):
         if _is_q4(dense):
-            kern, fixed = self.kernels["gemv_res_q4w" if self.q4_early_dequant else "gemv_res_q4"]
+            kern, fixed = self.kernels["gemv_res_q4"]
             N, K = dense.out_features, dense.in_features
             kern[lambda m: (M, triton.cdiv(N, m["BLOCK_N"]))](
                 h, dense.qh, dense.scales, dense.zeros, dense.bias, x, K, N, KH=triton.next_power_of_2(K // 2),

@@ -388,16 +388,13 @@ def test_tensor_core_layer_kernels_compile_for_sm90():
                           for sk in (1, 8)])
 
 
-@pytest.mark.parametrize("early", [True, False])
-def test_int4_kernels_compile_for_sm90(early):
-    """The int4 kernels (3-D (rows, groups, G) tiles, codes to floats by bits, the int4 embedding row; early: the
-    _q4w twins, the tile dequantized and pinned before the wait by inline PTX the interpreter does not run)
-    compiled for sm90 as the GPU would, bf16 and fp16, with PDL: the interpreter accepts bit casts and reshapes the
-    compiler may not."""
+def test_int4_kernels_compile_for_sm90():
+    """The int4 kernels (3-D (rows, groups, G) tiles, codes to floats by bits, the int4 embedding row) compiled for
+    sm90 as the GPU would, bf16 and fp16, with PDL: the interpreter accepts bit casts and reshapes the compiler may
+    not."""
     from sm90_compile import compile_for_sm90
-    q4 = "q4w" if early else "q4"
     for dt in ("*bf16", "*fp16"):
-        compile_for_sm90("triton_decode", f"_ln_gemv_{q4}_kernel",
+        compile_for_sm90("triton_decode", "_ln_gemv_q4_kernel",
                          {"x_ptr": dt, "tok_ptr": "*i64", "pos_ptr": "*i64", "wte_ptr": "*u8", "wtes_ptr": dt,
                           "wtez_ptr": dt, "wpe_ptr": dt, "lnw_ptr": dt, "lnb_ptr": dt, "q_ptr": "*u8", "s_ptr": dt,
                           "z_ptr": dt, "b_ptr": dt, "out_ptr": dt, "pv_ptr": "*fp32", "pi_ptr": "*i32", "K": "i32",
@@ -408,7 +405,7 @@ def test_int4_kernels_compile_for_sm90(early):
                            "GELU": gl, "ARGMAX": am, "PDL": True}
                           for bn, e, gl, am in ((8, True, False, False), (4, False, True, False),
                                                 (32, False, False, True))])
-        compile_for_sm90("triton_decode", f"_gemv_res_{q4}_kernel",
+        compile_for_sm90("triton_decode", "_gemv_res_q4_kernel",
                          {"h_ptr": dt, "q_ptr": "*u8", "s_ptr": dt, "z_ptr": dt, "b_ptr": dt, "x_ptr": dt,
                           "K": "i32", "N": "i32", **{c: "constexpr" for c in ("KH", "G", "BLOCK_N", "PDL")}},
                          [{"KH": 2048, "G": 64, "BLOCK_N": 4, "PDL": True}])
@@ -540,14 +537,11 @@ def test_span_rows_equal_one_row_steps_bit_for_bit(dtype, gemm, monkeypatch):
         f.span(toks, pos, dst[:1], ks, vs, skip=1)
 
 
-@pytest.mark.parametrize("early", [True, False])
-def test_int4_kernels_against_torch(early):
+def test_int4_kernels_against_torch():
     """_ln_gemv_q4_kernel (first layer: the int4 embedding row dequantized as wquant.Int4Embedding does, + wpe,
     LayerNorm, the int4 GEMV, bias, GELU) and _gemv_res_q4_kernel (int4 GEMV, bias, residual in place) against
     PyTorch on the dequantized weights, fp32: K = 192 is 3 groups of 32 a half (padded to 4), N = 72 and 100 end
-    in partial tiles, 2 rows; early: their _q4w twins (the tile dequantized before the wait)."""
-    ln_kernel = triton_decode._ln_gemv_q4w_kernel if early else triton_decode._ln_gemv_q4_kernel
-    res_kernel = triton_decode._gemv_res_q4w_kernel if early else triton_decode._gemv_res_q4_kernel
+    in partial tiles, 2 rows."""
     from gpt2opt_lib import wquant
     dev, F = _device(), torch.nn.functional
     g = torch.Generator().manual_seed(5)
@@ -562,7 +556,7 @@ def test_int4_kernels_against_torch(early):
                             group_size=G, backend="fused").to(dev)
     tok, pos = torch.tensor([4, 33], device=dev), torch.tensor([9], device=dev)
     x, out = torch.zeros(M, K, device=dev), torch.zeros(M, N, device=dev)
-    ln_kernel[(M, cdiv(N, BN))](
+    triton_decode._ln_gemv_q4_kernel[(M, cdiv(N, BN))](
         x, tok, pos, emb.qp, emb.scales, emb.zeros, wpe, lnw, lnb, lin.qh, lin.scales, lin.zeros, lin.bias, out,
         x, x, K, N, 0, 1e-5, KH=KH, G=G, BLOCK_N=BN, EMBED=True, EMBED_Q4=True, HAS_BIAS=True, GELU=True,
         ARGMAX=False, PDL=False)
@@ -575,8 +569,8 @@ def test_int4_kernels_against_torch(early):
                            dtype=torch.float32, group_size=G, backend="fused").to(dev)
     h, x0 = torch.randn(M, Ki, generator=g).to(dev), torch.randn(M, No, generator=g).to(dev)
     x = x0.clone()
-    res_kernel[(M, cdiv(No, BN))](h, w4.qh, w4.scales, w4.zeros, w4.bias, x, Ki, No, KH=Ki // 2, G=G, BLOCK_N=BN,
-                                  PDL=False)
+    triton_decode._gemv_res_q4_kernel[(M, cdiv(No, BN))](h, w4.qh, w4.scales, w4.zeros, w4.bias, x, Ki, No,
+                                                          KH=Ki // 2, G=G, BLOCK_N=BN, PDL=False)
     torch.testing.assert_close(x, x0 + w4(h), atol=1e-4, rtol=1e-4)
 
 
