@@ -260,13 +260,15 @@ _ALIGN = 8   # the folded GEMMs' extra columns are padded to a multiple of 8 (16
 
 def _folded_weight(meta, wt, A, B, scaling) -> torch.Tensor:
     """W + scaling B A, (out, in), in A's dtype: wt = (W,) for a dense base (meta None), NF4 buffers otherwise.
-    Eagerly one addmm. Under torch.compile the r-term sum as elementwise ops instead, so inductor makes the whole
-    folded weight (the NF4 dequantization included: nf4.nf4_dequant) in one kernel, one read of W (or of its 4-bit
-    codes) and one write: addmm first copies W into its output, then the GEMM reads and writes it again (in a QLoRA
-    step also behind bnb's dequantize kernel writing the 16-bit W: ~0.65 ms of copies and dequantization a step,
-    h100_profile_train_qlora_nockpt_vs_sac.json). GPT2OPT_FOLD_ELEMENTWISE=0: addmm and bnb's kernel compiled too
-    (the same-run A/B)."""
-    elementwise = torch.compiler.is_compiling() and os.environ.get("GPT2OPT_FOLD_ELEMENTWISE", "1") != "0"
+    One addmm, except for an NF4 base under torch.compile: there the r-term sum as elementwise ops, so inductor
+    makes the whole folded weight, the NF4 dequantization included (nf4.nf4_dequant), in one kernel that reads the
+    4-bit codes once and writes the weight once, instead of bnb's dequantize kernel writing the 16-bit W, addmm
+    copying it into its output and its GEMM reading and writing that again. One H100, gpt2 8 x 1024, medians
+    (h100_train_fold_{elementwise,addmm}_qlora_bs8.json): the save_attention QLoRA step 17.68 vs 18.45 ms; for a
+    dense base the elementwise form was slower (LoRA 14.83 vs 14.67 ms), so it keeps addmm.
+    GPT2OPT_FOLD_ELEMENTWISE: "nf4" (the default), "1" (dense too), "0" (never: the A/B)."""
+    mode = os.environ.get("GPT2OPT_FOLD_ELEMENTWISE", "nf4")
+    elementwise = torch.compiler.is_compiling() and (mode == "1" or (mode == "nf4" and meta is not None))
     w = (wt[0] if meta is None else nf4_dequant(*wt, meta, ops=elementwise)).to(A.dtype)
     if not elementwise:
         return torch.addmm(w, B, A, alpha=scaling)
