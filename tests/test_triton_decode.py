@@ -606,3 +606,32 @@ def test_int4_engine_greedy_and_span_rows(dtype):
     for m in range(M):
         f.span(toks[m:m + 1], pos + m, one, ks, vs)
         assert torch.equal(f.x[:C], x_span[m]) and int(one) == int(dst[m]), m
+
+
+def test_span_cost_shared_weights_engine_is_layer_zero_everywhere():
+    """benchmarks/span_cost.py --shared-weights (the kernel chain's floor with L2-resident weights) times a fused
+    step whose every layer reads layer 0's weights: its greedy tokens and residual stream equal those of a model
+    whose layers are all copies of layer 0 (fp32), and differ from the real model's."""
+    import copy
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import span_cost
+    dev = _device()
+    model = tiny_model(seed=7, n_layer=3).to(dev)
+    same = copy.deepcopy(model)
+    for blk in same.transformer.h[1:]:
+        blk.load_state_dict(same.transformer.h[0].state_dict())
+    kw = dict(max_seq_len=40, dtype=torch.float32, use_cuda_graph=False, compile=False, fused=True)
+    eng, ref = FastGPT2(model, **kw), FastGPT2(same, **kw)
+    shared = triton_decode.FusedDecode(span_cost._shared_core(eng.core), dev)
+    ks, vs = [c[:1] for c in eng.ks], [c[:1] for c in eng.vs]
+    rks, rvs = [c[:1] for c in ref.ks], [c[:1] for c in ref.vs]
+    toks, pos, C = _prompt(4, seed=8)[0], torch.tensor([0], device=dev), 64
+    out = {}
+    for name, f, k, v in (("shared", shared, ks, vs), ("copies", ref.fused, rks, rvs), ("real", eng.fused, ks, vs)):
+        dst = torch.zeros(4, dtype=torch.long, device=dev)
+        f.span(toks, pos, dst, k, v)
+        out[name] = (dst.clone(), f.x[: 4 * C].clone())
+    assert torch.equal(out["shared"][0], out["copies"][0])
+    torch.testing.assert_close(out["shared"][1], out["copies"][1], rtol=1e-5, atol=1e-5)
+    assert (out["shared"][1] - out["real"][1]).abs().max() > 1e-2
