@@ -375,7 +375,7 @@ def apply_lora_native(model: nn.Module, rank: int = 8, alpha: int = 16, dropout:
             layer = LoRALinear(base, rank, alpha, dropout)
             layer.contiguous_y = name in ("c_attn", "c_proj", "c_fc")      # see LoRALinear.__init__
             layer.contiguous_dx = name in ("c_attn", "c_proj")
-            layer.save_adapter_out = getattr(model, "checkpoint_policy", "full") == "save_attention"
+            layer.save_adapter_out = getattr(model, "checkpoint_policy", "full") in _model.SELECTIVE_POLICIES
             setattr(blk, name, layer)
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets)}
     return model

@@ -38,18 +38,27 @@ _ATTENTION_OPS = tuple(getattr(torch.ops.aten, n).default for n in (
 SAVED_OPS: list = []
 
 
-def _save_attention_policy(ctx, op, *args, **kwargs):
-    """Selective activation checkpointing: save the attention outputs, recompute everything else, matmuls included
-    (MUST_RECOMPUTE also binds torch.compile's partitioner). Random ops (dropout) are left to recompute: eagerly the
-    checkpoint restores the RNG state first, compiled the masks come again from the saved seeds, so both passes
-    draw the same masks (tests/test_model.py); saving them instead failed eagerly ("Tensor cached during selective
-    activation checkpoint has been mutated": dropout fills its mask in place)."""
+def _selective(op, save_attention: bool):
+    """Selective activation checkpointing: save the attention outputs (save_attention) and SAVED_OPS' outputs,
+    recompute everything else, matmuls included (MUST_RECOMPUTE also binds torch.compile's partitioner). Random ops
+    (dropout) are left to recompute: eagerly the checkpoint restores the RNG state first, compiled the masks come
+    again from the saved seeds, so both passes draw the same masks (tests/test_model.py); saving them instead failed
+    eagerly ("Tensor cached during selective activation checkpoint has been mutated": dropout fills its mask in
+    place)."""
     from torch.utils.checkpoint import CheckpointPolicy
-    if op in _ATTENTION_OPS or op in SAVED_OPS:
+    if (save_attention and op in _ATTENTION_OPS) or op in SAVED_OPS:
         return CheckpointPolicy.MUST_SAVE
     if torch.Tag.nondeterministic_seeded in op.tags:
         return CheckpointPolicy.PREFER_RECOMPUTE
     return CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _save_attention_policy(ctx, op, *args, **kwargs):
+    return _selective(op, True)
+
+
+def _save_adapter_policy(ctx, op, *args, **kwargs):
+    return _selective(op, False)
 
 
 def _save_attention_context():
@@ -57,7 +66,16 @@ def _save_attention_context():
     return create_selective_checkpoint_contexts(_save_attention_policy)
 
 
-CHECKPOINT_POLICIES = ("full", "save_attention")
+def _save_adapter_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    return create_selective_checkpoint_contexts(_save_adapter_policy)
+
+
+# "full": torch.utils.checkpoint as is (under torch.compile the partitioner may still keep matmul outputs);
+# "save_attention": a block keeps its input, its attention outputs and the adapters' x A^T (SAVED_OPS);
+# "save_adapter": only its input and the adapters' x A^T (attention recomputed in backward too)
+CHECKPOINT_POLICIES = ("full", "save_attention", "save_adapter")
+SELECTIVE_POLICIES = {"save_attention": _save_attention_context, "save_adapter": _save_adapter_context}
 
 
 class Block(nn.Module):
@@ -135,7 +153,8 @@ class GPT2(nn.Module):
         if ckpt:
             # the recompute replays the forward's dropout masks only if the RNG state is saved, which reads it on
             # the host: not done without dropout (so a checkpointed step without dropout can be CUDA-graphed)
-            kw = {"context_fn": _save_attention_context} if self.checkpoint_policy == "save_attention" else {}
+            policy = self.checkpoint_policy
+            kw = {"context_fn": SELECTIVE_POLICIES[policy]} if policy in SELECTIVE_POLICIES else {}
             kw["preserve_rng_state"] = any(blk.attn_pdrop > 0 or blk.resid_drop.p > 0 for blk in self.h)
         for blk in self.h:
             x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, **kw) if ckpt else blk(x)
@@ -160,11 +179,12 @@ class GPT2(nn.Module):
         self._checkpoint_policy = policy
         for m in self.modules():
             if hasattr(m, "save_adapter_out"):
-                m.save_adapter_out = policy == "save_attention"
+                m.save_adapter_out = policy in SELECTIVE_POLICIES
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, policy: str | None = None):
-        """Per-block activation checkpointing. policy: "full" (keep each block's input only) or "save_attention"
-        (also keep the attention outputs: backward skips recomputing attention); None keeps the current one."""
+        """Per-block activation checkpointing. policy: "full" (keep each block's input only), "save_attention"
+        (also keep the attention outputs: backward skips recomputing attention) or "save_adapter" (the block input
+        and the adapters' x A^T only); None keeps the current one."""
         if policy is not None:
             self.checkpoint_policy = policy
         self.gradient_checkpointing = True

@@ -290,7 +290,7 @@ def test_qlora_native_variants_same_start_and_records(tmp_path, one_thread):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "q.json"
     bench.main(TINY + ["--dtype", "fp32", "--engines", "qlora_native,qlora_native_lean,qlora_native_budget,"
-                       "qlora_native_nockpt,qlora_native_sg,qlora_native_sac", "--json", str(out)])
+                       "qlora_native_nockpt,qlora_native_sg,qlora_native_sac,qlora_native_sadapter", "--json", str(out)])
     e = json.loads(out.read_text())["engines"]
     first = {k: v["first_loss"] for k, v in e.items()}
     assert len(set(round(x, 5) for x in first.values())) == 1, first
@@ -302,6 +302,7 @@ def test_qlora_native_variants_same_start_and_records(tmp_path, one_thread):
     assert all(v["cuda_graphs"] is False for v in e.values())                # CPU: no graphs
     assert e["qlora_native_sg"]["gradient_checkpointing"] and e["qlora_native_sg"]["cuda_graph_off_reason"] == "CUDA only"
     assert e["qlora_native_sac"]["checkpoint_policy"] == "save_attention"
+    assert e["qlora_native_sadapter"]["checkpoint_policy"] == "save_adapter"
     assert e["qlora_native"]["checkpoint_policy"] == "full" and e["qlora_native_nockpt"]["checkpoint_policy"] is None
 
 

@@ -34,19 +34,20 @@ TRAIN_ENGINES = ("hf", "hf_eager", "nanogpt_ref", "fast", "fast_ckpt", "native",
 STEP_GRAPH_ENGINES = ("native_sg", "kd_native_sg", "lora_native_sg", "qlora_native_sg", "qlora_native_nockpt_sg",
                       "qlora_native_sac_sg", "lora_native_pruned_sg", "lora_native_pruned_hooks_sg")
 # qlora_native_sac: checkpointed with the "save_attention" policy (model.CHECKPOINT_POLICIES): matmuls recomputed,
-# attention kept, also inside the compiled graph
+# attention kept, also inside the compiled graph; qlora_native_sadapter: "save_adapter", attention recomputed too
 # lora_native_pruned(_hooks): 03's pruned-before-training LoRA, gradients masked by one fused op (or per-tensor hooks)
 OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
-                          "lora_native_unfolded", "qlora_native_sac", "lora_native_pruned",
+                          "lora_native_unfolded", "qlora_native_sac", "qlora_native_sadapter", "lora_native_pruned",
                           "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES
 COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native",
               "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
-              "lora_native_unfolded", "qlora_native_sac", "lora_native_pruned", "lora_native_pruned_hooks") + \
-    STEP_GRAPH_ENGINES
+              "lora_native_unfolded", "qlora_native_sac", "qlora_native_sadapter", "lora_native_pruned",
+              "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES
 # --compile auto on CUDA: each compiled model costs ~15-40 s
 AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
                  "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean", "lora_native_unfolded",
-                 "qlora_native_sac", "lora_native_pruned", "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES
+                 "qlora_native_sac", "qlora_native_sadapter", "lora_native_pruned", "lora_native_pruned_hooks") + \
+    STEP_GRAPH_ENGINES
 
 
 @dataclasses.dataclass
@@ -527,6 +528,7 @@ def _train_engine_fn(name: str):
         "qlora_native_budget": lambda ctx, c: _eng_lora_native(ctx, True, False, c, budget=0.1),
         "qlora_native_lean": lambda ctx, c: _eng_lora_native(ctx, True, True, c, lean=True),
         "qlora_native_sac": lambda ctx, c: _eng_lora_native(ctx, True, True, c, policy="save_attention"),
+        "qlora_native_sadapter": lambda ctx, c: _eng_lora_native(ctx, True, True, c, policy="save_adapter"),
         "lora_native_unfolded": lambda ctx, c: _eng_lora_native(ctx, False, False, c, fold=False),
         "lora_native_pruned": lambda ctx, c: _eng_lora_native(ctx, False, False, c, prune="fused"),
         "lora_native_pruned_hooks": lambda ctx, c: _eng_lora_native(ctx, False, False, c, prune="hooks"),
