@@ -12,7 +12,6 @@ weights (timing does not depend on them; with them a round accepts ~nothing, so 
         --draft random:custom:n_layer=6,n_embd=1024,n_head=16 --k 2,3,4 --json round.json
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from gpt2opt_lib import env as envmod  # noqa: E402
 from gpt2opt_lib.bench.common import build_model  # noqa: E402
 from gpt2opt_lib.generate import FastGPT2  # noqa: E402
 from gpt2opt_lib.speculative import SpeculativeDecoder  # noqa: E402
-from span_cost import _event_us, _graph_time  # noqa: E402  (this folder: the script's own)
+from span_cost import _event_us, _graph_time, _write_json  # noqa: E402  (this folder: the script's own)
 
 
 def _wall(fn, repeats: int) -> dict:
@@ -148,9 +147,7 @@ def main(argv=None):
     report = {"target": a.target, "draft": a.draft, "draft_vocab": a.draft_vocab, "dtype": "bf16", "pos": a.pos,
               "device": torch.cuda.get_device_name(dev), "git_sha": envmod.git_sha(), "argv": sys.argv[1:],
               "env": envmod.env_stamp(), "results": res}
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(report, indent=2, default=str))
+    _write_json(report, a.json)
     return report
 
 

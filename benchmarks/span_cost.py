@@ -100,6 +100,13 @@ def _shared_core(core):
     return _Delegate(core, blocks=[_Delegate(b, **{n: getattr(b0, n) for n in _LAYER_WEIGHTS}) for b in core.blocks])
 
 
+def _write_json(report: dict, path: str | None) -> None:
+    """The report as JSON at path (its folder made), if a path was given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2, default=str))
+
+
 def _tile(cfg: str) -> dict:
     bn, w = (int(v) for v in cfg.split("x"))
     return {"BLOCK_N": bn, "num_warps": w}
@@ -253,9 +260,7 @@ def main(argv=None):
     report = {"autotuned": autotuned, "model": a.model, "dtype": "bf16", "pos": a.pos, "device": torch.cuda.get_device_name(dev),
               "git_sha": envmod.git_sha(), "argv": sys.argv[1:], "env": envmod.env_stamp(), "results": res,
               "by_kernel": by_kernel, "role_tiles": role_tiles}
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(report, indent=2, default=str))
+    _write_json(report, a.json)
     return report
 
 

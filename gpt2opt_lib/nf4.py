@@ -28,9 +28,9 @@ def nf4_dequant(packed, absmax_q, code, absmax_absmax, offset, values, meta, ops
     bs, bs2, n_out, n_in, dtype = meta
     if (torch.compiler.is_compiling() if ops is None else ops) and (n_out * n_in) % bs == 0:
         return nf4_dequant_ops(packed, absmax_q, code, absmax_absmax, offset, values, meta)
-    ops = torch.ops.bitsandbytes
-    absmax = ops.dequantize_blockwise(absmax_q, absmax_absmax, code, bs2, torch.float32) + offset
-    return ops.dequantize_4bit(packed, absmax, bs, "nf4", [n_out, n_in], dtype)
+    bnb = torch.ops.bitsandbytes
+    absmax = bnb.dequantize_blockwise(absmax_q, absmax_absmax, code, bs2, torch.float32) + offset
+    return bnb.dequantize_4bit(packed, absmax, bs, "nf4", [n_out, n_in], dtype)
 
 
 def nf4_dequant_ops(packed, absmax_q, code, absmax_absmax, offset, values, meta) -> torch.Tensor:
@@ -120,4 +120,4 @@ class NF4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, nf4 block {self.blocksize}, double quant"
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "nf4_values")   # stored
+        return sum(b.numel() * b.element_size() for b in self.state_dict().values())   # stored: not the code book
