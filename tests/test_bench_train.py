@@ -328,13 +328,27 @@ def test_reserved_peak_replaces_allocated_under_cuda_graphs(monkeypatch):
     keep the allocated peak and record the reserved one beside it."""
     from gpt2opt_lib.bench import training as BT
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 3 * 2**30)
+    MB = 2**20
+    segs = [  # two default-pool segments, one graph-pool segment with two free blocks, one on another device
+        {"device": 0, "segment_pool_id": (0, 0), "total_size": 20 * MB, "allocated_size": 4 * MB,
+         "blocks": [{"size": 4 * MB, "state": "active_allocated"}, {"size": 16 * MB, "state": "inactive"}]},
+        {"device": 0, "segment_pool_id": (0, 0), "total_size": 2 * MB, "allocated_size": 2 * MB,
+         "blocks": [{"size": 2 * MB, "state": "active_allocated"}]},
+        {"device": 0, "segment_pool_id": (1, 3), "total_size": 100 * MB, "allocated_size": 30 * MB,
+         "blocks": [{"size": 30 * MB, "state": "active_allocated"}, {"size": 50 * MB, "state": "inactive"},
+                    {"size": 20 * MB, "state": "inactive"}]},
+        {"device": 1, "segment_pool_id": (0, 0), "total_size": 64 * MB, "allocated_size": 0, "blocks": []},
+    ]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segs)
     g = {"peak_mem_mb": 500.0, "cuda_graphs": True}
     p = {"peak_mem_mb": 2000.0}
     BT._reserved_peak("cuda", g)
     BT._reserved_peak("cuda", p)
+    pools = {"default": {"segments": 2, "reserved_mb": 22.0, "allocated_mb": 6.0, "largest_free_mb": 16.0},
+             "graph pool 1.3": {"segments": 1, "reserved_mb": 100.0, "allocated_mb": 30.0, "largest_free_mb": 50.0}}
     assert g == {"peak_mem_mb": 3072.0, "cuda_graphs": True, "peak_reserved_mb": 3072.0, "peak_allocated_mb": 500.0,
-                 "peak_mem_kind": "reserved (CUDA graph pools)"}
-    assert p == {"peak_mem_mb": 2000.0, "peak_reserved_mb": 3072.0}
+                 "peak_mem_kind": "reserved (CUDA graph pools)", "memory_pools": pools}
+    assert p == {"peak_mem_mb": 2000.0, "peak_reserved_mb": 3072.0, "memory_pools": pools}
 
 
 def test_profile_steps_puts_each_kernel_in_its_class():

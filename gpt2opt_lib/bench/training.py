@@ -32,7 +32,8 @@ TRAIN_ENGINES = ("hf", "hf_eager", "nanogpt_ref", "fast", "fast_ckpt", "native",
 # *_sg: the same engine with the whole optimizer step captured in one CUDA graph (train.TrainSpec.cuda_graph; the
 # model compiled without inductor's cudagraph trees): the same-run A/B of the two ways to graph a step
 STEP_GRAPH_ENGINES = ("native_sg", "kd_native_sg", "lora_native_sg", "qlora_native_sg", "qlora_native_nockpt_sg",
-                      "qlora_native_sac_sg", "lora_native_pruned_sg", "lora_native_pruned_hooks_sg")
+                      "qlora_native_sac_sg", "qlora_native_sadapter_sg", "lora_native_pruned_sg",
+                      "lora_native_pruned_hooks_sg")
 # qlora_native_sac: checkpointed with the "save_attention" policy (model.CHECKPOINT_POLICIES): matmuls recomputed,
 # attention kept, also inside the compiled graph; qlora_native_sadapter: "save_adapter", attention recomputed too
 # lora_native_pruned(_hooks): 03's pruned-before-training LoRA, gradients masked by one fused op (or per-tensor hooks)
@@ -574,10 +575,31 @@ def _reserved_peak(device, rec: dict) -> None:
     activations: there `peak_mem_mb` is the reserved peak (an upper bound: it includes cached free blocks) and
     the allocated one is kept as `peak_allocated_mb`."""
     rec["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+    rec["memory_pools"] = _pool_breakdown(device)
     if rec.get("cuda_graphs"):
         rec["peak_allocated_mb"] = rec["peak_mem_mb"]
         rec["peak_mem_mb"] = rec["peak_reserved_mb"]
         rec["peak_mem_kind"] = "reserved (CUDA graph pools)"
+
+
+def _pool_breakdown(device) -> dict:
+    """The allocator's segments now (after the timed steps), by memory pool: the default pool and each CUDA-graph
+    private pool, with their reserved and allocated MB, segment count and largest free block: how much of a
+    reserved peak is a graph pool, and how much of that pool is free space between its blocks."""
+    pools: dict = {}
+    index = torch.device(device).index or 0
+    for seg in torch.cuda.memory_snapshot():
+        if seg.get("device", index) != index:
+            continue
+        pid = tuple(seg.get("segment_pool_id", (0, 0)))
+        p = pools.setdefault("default" if pid == (0, 0) else f"graph pool {pid[0]}.{pid[1]}",
+                             {"segments": 0, "reserved_mb": 0.0, "allocated_mb": 0.0, "largest_free_mb": 0.0})
+        p["segments"] += 1
+        p["reserved_mb"] += seg["total_size"] / 2**20
+        p["allocated_mb"] += seg["allocated_size"] / 2**20
+        free = [b["size"] for b in seg.get("blocks", []) if b.get("state") == "inactive"]
+        p["largest_free_mb"] = max([p["largest_free_mb"]] + [f / 2**20 for f in free])
+    return pools
 
 
 def _run_train_engine(ctx: _TrainCtx, name: str, results: dict) -> None:
