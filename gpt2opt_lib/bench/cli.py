@@ -31,6 +31,9 @@ def _train_parser(sub) -> None:
                         f"or a comma list")
     t.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="native, kd_native, lora_native, qlora_native: compile without CUDA graphs")
+    t.add_argument("--memory-snapshot", default=None, metavar="DIR",
+                   help="CUDA: record the allocator's history per engine and write DIR/<engine>.pickle after its "
+                        "timed steps (open at pytorch.org/memory_viz); recording slows the steps")
     t.add_argument("--no-compile-teacher", dest="compile_teacher", action="store_false",
                    help="kd_fast, kd_native: leave the teacher's forward uncompiled")
     t.add_argument("--sdpa-backend", default="default",

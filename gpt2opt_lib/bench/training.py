@@ -16,6 +16,7 @@ import dataclasses
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -610,6 +611,9 @@ def _run_train_engine(ctx: _TrainCtx, name: str, results: dict) -> None:
     t0 = time.perf_counter()
     fn = _train_engine_fn(name)
     compiled = name in ctx.compiled
+    snap_dir = getattr(ctx.args, "memory_snapshot", None) if ctx.device.type == "cuda" else None
+    if snap_dir:
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
     if fn is None:
         rec = {"error": f"unknown engine {name!r}; allowed: {', '.join(TRAIN_ENGINES + OPTIONAL_TRAIN_ENGINES)}"}
     else:
@@ -629,6 +633,10 @@ def _run_train_engine(ctx: _TrainCtx, name: str, results: dict) -> None:
     rec["total_s"] = time.perf_counter() - t0
     if ctx.device.type == "cuda" and "error" not in rec:
         _reserved_peak(ctx.device, rec)
+    if snap_dir:
+        rec["memory_snapshot"] = str(Path(snap_dir) / f"{name}.pickle")
+        torch.cuda.memory._dump_snapshot(rec["memory_snapshot"])
+        torch.cuda.memory._record_memory_history(enabled=None)
     results[name] = rec
     _cleanup(ctx, compiled)
     if "error" in rec:
@@ -823,6 +831,10 @@ def cmd_train(args) -> dict:
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
     engines = _train_engine_list(args)
+    if getattr(args, "memory_snapshot", None):
+        if device.type != "cuda":
+            raise SystemExit("--memory-snapshot records the CUDA allocator: it needs a CUDA device")
+        Path(args.memory_snapshot).mkdir(parents=True, exist_ok=True)
     sweep_sizes = parse_batch_sizes(args.batch_sizes) if getattr(args, "batch_sizes", None) else None
     templates: dict = {}
     if sweep_sizes is None:
