@@ -235,10 +235,17 @@ def kd_loss_chunked(student_hidden, student_head_w, labels, teacher_hidden=None,
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
     if (teacher_hidden is None) != (teacher_head_w is None):
         raise ValueError("pass teacher_hidden and teacher_head_w together (or neither: plain CE)")
-    hs = student_hidden[:, :-1].flatten(0, 1)                     # (N, E)
-    _check_labels(labels, hs.shape[0], "hidden states")
-    y = labels[:, 1:].flatten()
-    ht = teacher_hidden[:, :-1].flatten(0, 1).detach() if teacher_hidden is not None else None
+    B, T = student_hidden.shape[:2]
+    _check_labels(labels, B * (T - 1), "hidden states")
+    if labels.shape != (B, T):
+        raise ValueError(f"labels {tuple(labels.shape)} do not match the hidden states' (B, T) = {(B, T)}")
+    # every position's row, the last of each sequence with an ignored label: (B*T, E) is a view of the hidden
+    # states, where dropping the last position (B*(T-1) rows) would copy them and its backward scatter the
+    # gradient back into a zero-filled (B, T, E): two copies of the hidden states' size, and the odd-sized last
+    # chunk, less per step (and less for the allocator to fragment: issue 12's QLoRA memory)
+    hs = student_hidden.reshape(B * T, -1)                        # (B*T, E)
+    y = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    ht = teacher_hidden.reshape(B * T, -1).detach() if teacher_hidden is not None else None
     tw = teacher_head_w.detach() if teacher_head_w is not None else None
     loss, ce, kd = _FusedChunkedKD.apply(hs, student_head_w, ht, tw, y, float(temperature), float(alpha),
                                          int(chunk_tokens))
