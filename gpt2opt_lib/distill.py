@@ -149,16 +149,16 @@ class _FusedChunkedKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int, workspace: dict | None = None):
+    def forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int):
         # the LM-head matmuls run in the autocast dtype, as autocast would run them (the hidden states come out of
         # ln_f in fp32 under autocast: fp32 matmuls here would be SIMT SGEMMs, 3x the rest of the step on an H100)
         dev = hs.device.type
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hs.dtype
         with torch.autocast(dev, enabled=False):  # dtypes are chosen explicitly below
-            return _FusedChunkedKD._forward(ctx, hs, ws, ht, wt, y, temperature, alpha, chunk, mm_dtype, workspace)
+            return _FusedChunkedKD._forward(ctx, hs, ws, ht, wt, y, temperature, alpha, chunk, mm_dtype)
 
     @staticmethod
-    def _forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int, mm_dtype, workspace):
+    def _forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int, mm_dtype):
         valid = y != IGNORE_INDEX                                            # (N,) masked labels: no target
         n = valid.sum().clamp(min=1).float()                                 # unmasked tokens (tensor: no sync)
         y = y.masked_fill(~valid, 0)                                         # any in-range index; its rows are zeroed
@@ -167,14 +167,7 @@ class _FusedChunkedKD(torch.autograd.Function):
         V = ws.shape[0]
         w = _padded_head(ws, mm_dtype)
         wt = _padded_head(wt, mm_dtype) if wt is not None else None
-        # with a workspace, the gradient and the chunk's logits (the step's largest temporaries) are the same buffers
-        # every call: the allocator does not place them anew each step (issue 12: a per-step 98 MB logits block
-        # and its 24 MB neighbours left ~120-180 MB of holes in the QLoRA step's reserved memory)
-        grad_hs = _buffer(workspace, "grad_hidden", hs.shape, hs.dtype, hs.device)
-        rows = min(chunk, hs.shape[0])
-        s_buf = _buffer(workspace, "logits", (rows, w.shape[0]), mm_dtype, hs.device) if workspace is not None else None
-        t_buf = (_buffer(workspace, "teacher_logits", (rows, wt.shape[0]), mm_dtype, hs.device)
-                 if workspace is not None and wt is not None else None)
+        grad_hs = torch.empty_like(hs)
         # a frozen head (LoRA, QLoRA: the tied embedding is not trained) needs no (V, E) weight gradient: that
         # GEMM is as large as the logits' own and is skipped
         need_w = ctx.needs_input_grad[1]
@@ -190,21 +183,19 @@ class _FusedChunkedKD(torch.autograd.Function):
         for i in range(0, hs.shape[0], chunk):
             h = hs[i: i + chunk].to(mm_dtype)
             yc, vc = y[i: i + chunk], valid[i: i + chunk, None]              # (c,), (c, 1)
-            t = _mm(ht[i: i + chunk].to(mm_dtype), wt.t(), t_buf) if has_t else None  # (c, V) teacher logits
-            s = _mm(h, w.t(), s_buf)                                         # (c, V) student logits
+            t = (ht[i: i + chunk].to(mm_dtype) @ wt.t()) if has_t else None  # (c, V) teacher logits
             if in_place:
                 try:
-                    g = s                                                    # logits, then their gradient
+                    g = h @ w.t()                                            # logits, then their gradient
                     ce_sum += ce_grad_(g, yc, vc, n, a_ce, V)
                 except Exception as e:  # noqa: BLE001 - a kernel failure costs speed, never the run
                     if torch.cuda.is_current_stream_capturing():
                         raise
                     _TRITON_CE[0] = in_place = False
                     warnings.warn(f"fused loss: the Triton CE kernel failed, using the compiled chunk: {e}"[:400])
-                    s = _mm(h, w.t(), s_buf)                                 # the failed kernel may have written it
             if fused is not None and not in_place:   # CUDA: one compiled kernel chain per chunk (no fp32 temporaries)
                 try:
-                    ce_c, kd_c, g = fused(s, t, yc, vc, n, a_ce, a_kd, float(temperature), V)
+                    ce_c, kd_c, g = fused(h @ w.t(), t, yc, vc, n, a_ce, a_kd, float(temperature), V)
                     ce_sum += ce_c
                     kd_sum += kd_c
                 except Exception as e:  # noqa: BLE001 - a compiler failure costs speed, never the run
@@ -214,12 +205,12 @@ class _FusedChunkedKD(torch.autograd.Function):
                     fused = None
                     warnings.warn(f"fused loss: torch.compile of the chunk failed, running it eagerly: {e}"[:400])
             if fused is None and not in_place:
-                g = _chunk_grad_inplace(s, t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum, V)
+                g = _chunk_grad_inplace(h @ w.t(), t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum, V)
             grad_hs[i: i + chunk] = g @ w
             if need_w:                                                       # 16-bit matmul, fp32 sum
                 gw = (g.t() @ h).float()
                 grad_ws = gw if grad_ws is None else grad_ws.add_(gw)
-            del g, s, t   # this chunk's (c, V) matrices go before the next chunk's are made
+            del g, t   # this chunk's (c, V) matrices go before the next chunk's are made
         ctx.save_for_backward(grad_hs, grad_ws[:V].to(ws.dtype) if need_w else None)
         ce, kd = ce_sum / n, kd_sum / n
         loss = a_ce * ce + a_kd * kd
@@ -229,38 +220,16 @@ class _FusedChunkedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_ce, _g_kd):
         grad_hs, grad_ws = ctx.saved_tensors
-        return (grad_hs * g_loss, (grad_ws * g_loss if grad_ws is not None else None),
-                None, None, None, None, None, None, None)
-
-
-def _buffer(workspace: dict | None, name: str, shape, dtype, device) -> torch.Tensor:
-    """An uninitialised tensor: `workspace[name]`, made (again) only when absent or of another shape, dtype or
-    device; a fresh one without a workspace. A buffer saved for backward and written again by a later call before
-    that backward is caught by autograd's version check, never silently used."""
-    shape = torch.Size(shape)
-    t = workspace.get(name) if workspace is not None else None
-    if t is None or t.shape != shape or t.dtype != dtype or t.device != torch.device(device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        if workspace is not None:
-            workspace[name] = t
-    return t
-
-
-def _mm(a, b, buf):
-    """a @ b, written into buf's first rows when there is a buffer."""
-    return a @ b if buf is None else torch.mm(a, b, out=buf[: a.shape[0]])
+        return grad_hs * g_loss, (grad_ws * g_loss if grad_ws is not None else None), None, None, None, None, None, None
 
 
 def kd_loss_chunked(student_hidden, student_head_w, labels, teacher_hidden=None, teacher_head_w=None,
-                    temperature: float = 2.0, alpha: float = 0.5, chunk_tokens: int = 4096,
-                    workspace: dict | None = None):
+                    temperature: float = 2.0, alpha: float = 0.5, chunk_tokens: int = 4096):
     """Memory-lean KD (or, with no teacher, plain CE) from final hidden states (B, T, E) and LM-head weights (V, E).
 
     The (tokens, 50257) logits are made one chunk at a time and their gradients are formed on the spot
     (_FusedChunkedKD), so neither model's full-vocabulary logits are ever held for the whole batch. Labels of -100
-    are ignored exactly as in `kd_loss` (same values and gradients). `workspace` (a dict the caller keeps, as the
-    make_*_loss_fn closures do): the chunk's logits and the hidden-state gradient reuse its buffers call after call
-    instead of being allocated each step; they live as long as the dict.
+    are ignored exactly as in `kd_loss` (same values and gradients).
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
@@ -279,7 +248,7 @@ def kd_loss_chunked(student_hidden, student_head_w, labels, teacher_hidden=None,
     ht = teacher_hidden.reshape(B * T, -1).detach() if teacher_hidden is not None else None
     tw = teacher_head_w.detach() if teacher_head_w is not None else None
     loss, ce, kd = _FusedChunkedKD.apply(hs, student_head_w, ht, tw, y, float(temperature), float(alpha),
-                                         int(chunk_tokens), workspace)
+                                         int(chunk_tokens))
     if teacher_hidden is None:
         return loss, {"ce": ce}
     return loss, {"kd": kd, "ce": ce}
@@ -294,7 +263,6 @@ def _hidden(model, ids):
 def make_kd_loss_fn(teacher, temperature: float, alpha: float, chunk_tokens: int):
     """loss_fn(student, batch) for train.train: the teacher runs in inference mode under the same autocast."""
     teacher.eval().requires_grad_(False)
-    workspace: dict = {}          # the loss's buffers, reused step after step (kd_loss_chunked)
 
     def loss_fn(student, ids):
         with torch.inference_mode():
@@ -302,19 +270,17 @@ def make_kd_loss_fn(teacher, temperature: float, alpha: float, chunk_tokens: int
         t_h = t_h.clone()  # leave inference mode's tensor flag behind so autograd can save it
         s_h, s_w = _hidden(student, ids)
         if chunk_tokens:
-            return kd_loss_chunked(s_h, s_w, ids, t_h, t_w, temperature, alpha, chunk_tokens, workspace)
+            return kd_loss_chunked(s_h, s_w, ids, t_h, t_w, temperature, alpha, chunk_tokens)
         return kd_loss(s_h @ s_w.t(), t_h @ t_w.t(), ids, temperature, alpha)
     return loss_fn
 
 
 def make_lm_loss_fn(chunk_tokens: int = 4096):
     """Plain next-token CE (scratch teacher, no-teacher baseline, LoRA fine-tuning), chunked like the KD loss."""
-    workspace: dict = {}          # the loss's buffers, reused step after step (kd_loss_chunked)
-
     def loss_fn(model, ids):
         h, w = _hidden(model, ids)
         if chunk_tokens:
-            return kd_loss_chunked(h, w, ids, chunk_tokens=chunk_tokens, workspace=workspace)
+            return kd_loss_chunked(h, w, ids, chunk_tokens=chunk_tokens)
         logits = (h @ w.t()).float()
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         return ce, {"ce": ce.detach()}

@@ -193,7 +193,7 @@ def test_chunked_kd_on_cuda_compiled_equals_reference():
     y[0, :5] = -100
     ref, _ = distill.kd_loss(hs @ ws.t(), ht @ wt.t(), y, 2.0, 0.5)
     g_ref = torch.autograd.grad(ref, (hs, ws))
-    got, _ = distill.kd_loss_chunked(hs, ws, y, ht, wt, 2.0, 0.5, 24)   # 66 rows: chunks of 24, 24, 18
+    got, _ = distill.kd_loss_chunked(hs, ws, y, ht, wt, 2.0, 0.5, 24)   # 64 rows: chunks of 24, 24, 16
     g_got = torch.autograd.grad(got, (hs, ws))
     assert distill._compiled_chunk("cuda") is not None
     assert got.item() == pytest.approx(ref.item(), rel=1e-4)
@@ -350,48 +350,3 @@ def test_teacher_text_refuses_bad_input_before_generating(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         distill.teacher_text(tiny_model(), **args, progress=False)
-
-
-@pytest.mark.parametrize("with_teacher", [True, False])
-def test_chunked_loss_workspace_reuses_its_buffers_and_changes_nothing(with_teacher):
-    """With a workspace the chunk's logits and the hidden-state gradient are the same buffers call after call
-    (2 x 7 rows in chunks of 4: the last chunk partial), and values and gradients equal those without one."""
-    torch.manual_seed(0)
-    B, T, E, V = 2, 7, 8, 13
-    ws = torch.randn(V, E, requires_grad=True)
-    ht, wt = (torch.randn(B, T, E), torch.randn(V, E)) if with_teacher else (None, None)
-    workspace, ptrs = {}, []
-    for step in range(2):
-        hs = torch.randn(B, T, E, requires_grad=True)
-        y = torch.randint(0, V, (B, T))
-        y[1, 2] = -100
-        ref, ref_parts = distill.kd_loss_chunked(hs, ws, y, ht, wt, 2.0, 0.5, 4)
-        g_ref = torch.autograd.grad(ref, (hs, ws))
-        got, parts = distill.kd_loss_chunked(hs, ws, y, ht, wt, 2.0, 0.5, 4, workspace=workspace)
-        g_got = torch.autograd.grad(got, (hs, ws))
-        assert got.item() == pytest.approx(ref.item(), rel=1e-6)
-        assert parts.keys() == ref_parts.keys()
-        for a, b in zip(g_ref, g_got):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        ptrs.append({k: v.data_ptr() for k, v in workspace.items()})
-    assert set(ptrs[0]) == {"grad_hidden", "logits"} | ({"teacher_logits"} if with_teacher else set())
-    assert ptrs[0] == ptrs[1]
-    assert workspace["logits"].shape == (4, 64)      # chunk rows x the head padded to a multiple of 64
-
-
-def test_chunked_loss_workspace_overwritten_before_backward_is_an_error():
-    """Two forwards on one workspace before the first backward: the first backward raises (autograd's version
-    check on the saved gradient buffer) instead of returning the second call's gradients."""
-    ws, workspace = torch.randn(13, 8), {}
-    hs1, hs2 = torch.randn(1, 5, 8, requires_grad=True), torch.randn(1, 5, 8, requires_grad=True)
-    y = torch.randint(0, 13, (1, 5))
-    loss1, _ = distill.kd_loss_chunked(hs1, ws, y, chunk_tokens=4, workspace=workspace)
-    distill.kd_loss_chunked(hs2, ws, y, chunk_tokens=4, workspace=workspace)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss1.backward()
-
-
-def test_chunked_loss_labels_of_another_shape_are_named():
-    """(2, 5) labels hold as many predicted positions as (1, 9) hidden states (8) but are not their labels."""
-    with pytest.raises(ValueError, match=r"do not match the hidden states' \(B, T\) = \(1, 9\)"):
-        distill.kd_loss_chunked(torch.randn(1, 9, 8), torch.randn(13, 8), torch.zeros(2, 5, dtype=torch.long))
