@@ -158,7 +158,11 @@ class GPT2(nn.Module):
             kw["preserve_rng_state"] = any(blk.attn_pdrop > 0 or blk.resid_drop.p > 0 for blk in self.h)
         for blk in self.h:
             x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, **kw) if ckpt else blk(x)
-        return self.ln_f(x)
+        # in the residual stream's dtype: autocast runs layer_norm in fp32, and every consumer (the head matmul,
+        # the chunked losses) rounds its output to the 16-bit autocast dtype first; a 16-bit stream (the LoRA and
+        # QLoRA bases) so hands on half the bytes, and its gradient comes back in 16 bits too (issue 12's QLoRA
+        # memory: 2 x 12 MB at 8 x 1024 x 768)
+        return self.ln_f(x).to(x.dtype)
 
     def forward(self, input_ids, hidden_only: bool = False):
         """HF-like: returns an object with `.logits` (B, T, V) (the padded rows cut off); with hidden_only the
