@@ -18,7 +18,7 @@ def _where(frames, roots=("gpt2opt_lib", "benchmarks")) -> str:
     frames = frames or []
     mine = [f for f in frames if any(r in f.get("filename", "") for r in roots)]
     f = (mine or [f for f in frames if f.get("filename", "").endswith(".py")] or [{}])[0]
-    return f"{f.get('filename', '?').rsplit('/', 2)[-1]}:{f.get('line', '?')} {f.get('name', '?')}"
+    return f"{f.get('filename', '?').rsplit('/', 1)[-1]}:{f.get('line', '?')} {f.get('name', '?')}"
 
 
 def pools(snapshot: dict, min_mb: float = 1.0) -> dict:

@@ -45,6 +45,10 @@ COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "n
               "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
               "lora_native_unfolded", "qlora_native_sac", "qlora_native_sadapter", "lora_native_pruned",
               "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES
+# the QLoRA engines on the native model whose speed and memory the joint target compares (those in the run)
+QLORA_NATIVE_POINTS = ("qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
+                       "qlora_native_sac", "qlora_native_sadapter", "qlora_native_sg", "qlora_native_nockpt_sg",
+                       "qlora_native_sac_sg", "qlora_native_sadapter_sg")
 # --compile auto on CUDA: each compiled model costs ~15-40 s
 AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
                  "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean", "lora_native_unfolded",
@@ -666,7 +670,7 @@ def _train_targets(results: dict) -> dict:
         met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
         return {"value": value, "target": f"{op} {threshold}", "met": met, "what": what}
     fast = results.get("fast", {})
-    return {
+    targets = {
         "student_tokens_per_s": t(fast.get("tokens_per_s"), ">=", 500_000, "fast tokens/s"),
         "student_mfu": t(fast.get("mfu"), ">=", 0.45, "fast MFU (6N + 12LTE)"),
         "student_speedup_vs_hf": t(_ratio(results, "fast", "hf", "tokens_per_s"), ">=", 4.0,
@@ -699,6 +703,22 @@ def _train_targets(results: dict) -> dict:
         "qlora_native_lean_peak_mem_vs_native": t(_ratio(results, "qlora_native_lean", "native", "peak_mem_mb"),
                                                   "<=", 0.2, "qlora_native_lean peak MB / native peak MB"),
     }
+    # QLoRA's joint target: one engine at both >= 0.8x lora_native's speed and <= 0.2x native's memory
+    both = []
+    for name in QLORA_NATIVE_POINTS:
+        speed = _ratio(results, name, "lora_native", "tokens_per_s")
+        mem = _ratio(results, name, "native", "peak_mem_mb")
+        if name not in ("qlora_native", "qlora_native_lean"):      # those two have their entries above
+            targets[f"{name}_vs_lora_native"] = t(speed, ">=", 0.8, f"{name} tokens/s / lora_native tokens/s")
+            targets[f"{name}_peak_mem_vs_native"] = t(mem, "<=", 0.2, f"{name} peak MB / native peak MB")
+        if speed is not None and mem is not None and speed >= 0.8 and mem <= 0.2:
+            both.append(name)
+    measured = any(_ratio(results, n, "lora_native", "tokens_per_s") is not None and
+                   _ratio(results, n, "native", "peak_mem_mb") is not None for n in QLORA_NATIVE_POINTS)
+    targets["qlora_native_joint"] = t(len(both) if measured else None, ">=", 1,
+                                      "QLoRA engines at >= 0.8x lora_native tokens/s and <= 0.2x native peak MB "
+                                      f"in this run: {', '.join(both) or 'none'}")
+    return targets
 
 
 def _train_checks(results: dict) -> dict:
