@@ -239,6 +239,9 @@ def kd_loss_chunked(student_hidden, student_head_w, labels, teacher_hidden=None,
     _check_labels(labels, B * (T - 1), "hidden states")
     if labels.shape != (B, T):
         raise ValueError(f"labels {tuple(labels.shape)} do not match the hidden states' (B, T) = {(B, T)}")
+    if teacher_hidden is not None and tuple(teacher_hidden.shape[:2]) != (B, T):
+        raise ValueError(f"teacher hidden states {tuple(teacher_hidden.shape)} do not match the student's (B, T) = "
+                         f"{(B, T)}")
     # every position's row, the last of each sequence with an ignored label: (B*T, E) is a view of the hidden
     # states, where dropping the last position (B*(T-1) rows) would copy them and its backward scatter the
     # gradient back into a zero-filled (B, T, E): two copies of the hidden states' size, and the odd-sized last

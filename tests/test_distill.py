@@ -350,3 +350,13 @@ def test_teacher_text_refuses_bad_input_before_generating(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         distill.teacher_text(tiny_model(), **args, progress=False)
+
+
+def test_chunked_loss_labels_or_teacher_of_another_shape_are_named():
+    """(2, 5) labels hold as many predicted positions as (1, 9) hidden states (8) but are not their labels; a
+    teacher's hidden states must have the student's (B, T) too."""
+    hs, ws = torch.randn(1, 9, 8), torch.randn(13, 8)
+    with pytest.raises(ValueError, match=r"do not match the hidden states' \(B, T\) = \(1, 9\)"):
+        distill.kd_loss_chunked(hs, ws, torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"teacher hidden states \(1, 8, 8\) do not match the student's"):
+        distill.kd_loss_chunked(hs, ws, torch.zeros(1, 9, dtype=torch.long), torch.randn(1, 8, 8), ws)
