@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpt2opt_lib.timing import memory_pools, pool_name  # noqa: E402
 
 MB = 2**20
 
@@ -22,15 +28,12 @@ def _where(frames, roots=("gpt2opt_lib", "benchmarks")) -> str:
 
 
 def pools(snapshot: dict, min_mb: float = 1.0) -> dict:
-    """pool name -> {reserved_mb, allocated_mb, segments, live: [(MB, where)], holes_mb: [MB]} (blocks >= min_mb)."""
-    out: dict = {}
+    """timing.memory_pools of the snapshot, each pool with its blocks of >= min_mb: live [(MB, where)], holes_mb."""
+    out = memory_pools(snapshot["segments"])
+    for p in out.values():
+        p.update(live=[], holes_mb=[])
     for seg in snapshot["segments"]:
-        pid = tuple(seg.get("segment_pool_id", (0, 0)))
-        name = "default" if pid == (0, 0) else f"graph pool {pid[0]}.{pid[1]}"
-        p = out.setdefault(name, {"reserved_mb": 0.0, "allocated_mb": 0.0, "segments": 0, "live": [], "holes_mb": []})
-        p["segments"] += 1
-        p["reserved_mb"] += seg["total_size"] / MB
-        p["allocated_mb"] += seg["allocated_size"] / MB
+        p = out[pool_name(seg)]
         for b in seg.get("blocks", []):
             if b["size"] < min_mb * MB:
                 continue

@@ -48,6 +48,28 @@ def peak_mem_mb(device: torch.device | str | None) -> float | None:
     return None
 
 
+def pool_name(segment: dict) -> str:
+    """An allocator segment's pool: "default", or "graph pool a.b" (a CUDA-graph private pool's id)."""
+    pid = tuple(segment.get("segment_pool_id", (0, 0)))
+    return "default" if pid == (0, 0) else f"graph pool {pid[0]}.{pid[1]}"
+
+
+def memory_pools(segments: list) -> dict:
+    """Allocator segments (torch.cuda.memory_snapshot(), or a recorded snapshot's "segments") by pool: segment
+    count, reserved and allocated MB, largest free block MB. How much of a reserved peak is a CUDA-graph pool, and
+    how much of a pool is free space between its blocks."""
+    pools: dict = {}
+    for seg in segments:
+        p = pools.setdefault(pool_name(seg), {"segments": 0, "reserved_mb": 0.0, "allocated_mb": 0.0,
+                                              "largest_free_mb": 0.0})
+        p["segments"] += 1
+        p["reserved_mb"] += seg["total_size"] / 2**20
+        p["allocated_mb"] += seg["allocated_size"] / 2**20
+        free = [b["size"] / 2**20 for b in seg.get("blocks", []) if b.get("state") == "inactive"]
+        p["largest_free_mb"] = max([p["largest_free_mb"]] + free)
+    return pools
+
+
 def measure(fn: Callable[[], object], *, device: torch.device | str | None, warmup: int = 2,
             repeats: int = 5) -> Timing:
     """Run `fn` `warmup` times untimed, then `repeats` times, synchronising before and after each timed call.

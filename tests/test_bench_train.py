@@ -389,6 +389,7 @@ def test_qlora_joint_target_from_the_committed_h100_run():
     assert tg["qlora_native_sadapter_peak_mem_vs_native"]["met"] is True
     joint = tg["qlora_native_joint"]
     assert joint["value"] == 1 and joint["met"] is True and joint["what"].endswith(": qlora_native_sac")
+    assert joint["engines"] == ["qlora_native_sac"]
     # without the QLoRA engines the joint target is not measured, not "not met"
     none = BT._train_targets({k: v for k, v in e.items() if not k.startswith("qlora")})["qlora_native_joint"]
     assert none["value"] is None and none["met"] is None
@@ -419,7 +420,8 @@ def test_snapshot_pools_splits_live_blocks_and_holes_by_pool(tmp_path, capsys):
                            {"action": "free_requested", "size": 98 * MB, "addr": 0, "frames": [ours]},
                            {"action": "free_completed", "size": 98 * MB, "addr": 0, "frames": [ours]}]]}
     pools = sp.pools(snap, min_mb=1.0)
-    assert pools["default"] == {"reserved_mb": 120.0, "allocated_mb": 100.0, "segments": 1, "holes_mb": [20.0],
+    assert pools["default"] == {"reserved_mb": 120.0, "allocated_mb": 100.0, "segments": 1, "largest_free_mb": 20.0,
+                                "holes_mb": [20.0],
                                 "live": [(98.0, "distill.py:189 _forward"),
                                          (2.0, "functional.py:9 linear")]}
     assert pools["graph pool 0.7"]["holes_mb"] == [50.0] and pools["graph pool 0.7"]["live"] == []

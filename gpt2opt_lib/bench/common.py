@@ -109,7 +109,7 @@ def print_train_table(rep: dict) -> None:
         print(f"{name:<13}" + "".join(f"{v:>11}" for v in vals))
     for k, v in rep.get("targets", {}).items():
         val = "-" if v["value"] is None else f"{v['value']:.3g}"
-        if k.endswith("_joint") and v["value"] is not None:
-            val = f"{v['value']} ({v['what'].rsplit(': ', 1)[-1]})"
+        if "engines" in v and v["value"] is not None:          # a count of engines: name them
+            val = f"{v['value']} ({', '.join(v['engines']) or 'none'})"
         met = "-" if v["met"] is None else ("met" if v["met"] else "NOT met")
         print(f"  target {k:<24} {val:>10} (want {v['target']}): {met}")

@@ -588,23 +588,10 @@ def _reserved_peak(device, rec: dict) -> None:
 
 
 def _pool_breakdown(device) -> dict:
-    """The allocator's segments now (after the timed steps), by memory pool: the default pool and each CUDA-graph
-    private pool, with their reserved and allocated MB, segment count and largest free block: how much of a
-    reserved peak is a graph pool, and how much of that pool is free space between its blocks."""
-    pools: dict = {}
+    """timing.memory_pools of this device's allocator segments now (after the timed steps)."""
+    from ..timing import memory_pools
     index = torch.device(device).index or 0
-    for seg in torch.cuda.memory_snapshot():
-        if seg.get("device", index) != index:
-            continue
-        pid = tuple(seg.get("segment_pool_id", (0, 0)))
-        p = pools.setdefault("default" if pid == (0, 0) else f"graph pool {pid[0]}.{pid[1]}",
-                             {"segments": 0, "reserved_mb": 0.0, "allocated_mb": 0.0, "largest_free_mb": 0.0})
-        p["segments"] += 1
-        p["reserved_mb"] += seg["total_size"] / 2**20
-        p["allocated_mb"] += seg["allocated_size"] / 2**20
-        free = [b["size"] for b in seg.get("blocks", []) if b.get("state") == "inactive"]
-        p["largest_free_mb"] = max([p["largest_free_mb"]] + [f / 2**20 for f in free])
-    return pools
+    return memory_pools([seg for seg in torch.cuda.memory_snapshot() if seg.get("device", index) == index])
 
 
 def _run_train_engine(ctx: _TrainCtx, name: str, results: dict) -> None:
@@ -704,20 +691,17 @@ def _train_targets(results: dict) -> dict:
                                                   "<=", 0.2, "qlora_native_lean peak MB / native peak MB"),
     }
     # QLoRA's joint target: one engine at both >= 0.8x lora_native's speed and <= 0.2x native's memory
-    both = []
-    for name in QLORA_NATIVE_POINTS:
-        speed = _ratio(results, name, "lora_native", "tokens_per_s")
-        mem = _ratio(results, name, "native", "peak_mem_mb")
+    pairs = {name: (_ratio(results, name, "lora_native", "tokens_per_s"),
+                    _ratio(results, name, "native", "peak_mem_mb")) for name in QLORA_NATIVE_POINTS}
+    for name, (speed, mem) in pairs.items():
         if name not in ("qlora_native", "qlora_native_lean"):      # those two have their entries above
             targets[f"{name}_vs_lora_native"] = t(speed, ">=", 0.8, f"{name} tokens/s / lora_native tokens/s")
             targets[f"{name}_peak_mem_vs_native"] = t(mem, "<=", 0.2, f"{name} peak MB / native peak MB")
-        if speed is not None and mem is not None and speed >= 0.8 and mem <= 0.2:
-            both.append(name)
-    measured = any(_ratio(results, n, "lora_native", "tokens_per_s") is not None and
-                   _ratio(results, n, "native", "peak_mem_mb") is not None for n in QLORA_NATIVE_POINTS)
-    targets["qlora_native_joint"] = t(len(both) if measured else None, ">=", 1,
-                                      "QLoRA engines at >= 0.8x lora_native tokens/s and <= 0.2x native peak MB "
-                                      f"in this run: {', '.join(both) or 'none'}")
+    measured = [n for n, (speed, mem) in pairs.items() if speed is not None and mem is not None]
+    both = [n for n in measured if pairs[n][0] >= 0.8 and pairs[n][1] <= 0.2]
+    targets["qlora_native_joint"] = {**t(len(both) if measured else None, ">=", 1,
+                                         "QLoRA engines at >= 0.8x lora_native tokens/s and <= 0.2x native peak MB "
+                                         f"in this run: {', '.join(both) or 'none'}"), "engines": both}
     return targets
 
 
