@@ -38,13 +38,16 @@ STEP_GRAPH_ENGINES = ("native_sg", "kd_native_sg", "lora_native_sg", "qlora_nati
 # qlora_native_sac: checkpointed with the "save_attention" policy (model.CHECKPOINT_POLICIES): matmuls recomputed,
 # attention kept, also inside the compiled graph; qlora_native_sadapter: "save_adapter", attention recomputed too
 # lora_native_pruned(_hooks): 03's pruned-before-training LoRA, gradients masked by one fused op (or per-tensor hooks)
+# *_ma: the same engine compiled with inductor's max-autotune (GEMMs autotuned over cuBLAS and Triton templates,
+# pointwise ops fused into the chosen templates' epilogues; minutes of compile): the same-run A/B of the compile mode
+AUTOTUNE_ENGINES = ("native_ma", "nanogpt_ref_ma", "kd_native_ma", "lora_native_ma", "native_sg_ma")
 OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
                           "lora_native_unfolded", "qlora_native_sac", "qlora_native_sadapter", "lora_native_pruned",
-                          "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES
+                          "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES + AUTOTUNE_ENGINES
 COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native",
               "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
               "lora_native_unfolded", "qlora_native_sac", "qlora_native_sadapter", "lora_native_pruned",
-              "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES
+              "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES + AUTOTUNE_ENGINES
 # the QLoRA engines on the native model whose speed and memory the joint target compares (those in the run)
 QLORA_NATIVE_POINTS = ("qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
                        "qlora_native_sac", "qlora_native_sadapter", "qlora_native_sg", "qlora_native_nockpt_sg",
@@ -53,7 +56,7 @@ QLORA_NATIVE_POINTS = ("qlora_native", "qlora_native_nockpt", "qlora_native_budg
 AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
                  "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean", "lora_native_unfolded",
                  "qlora_native_sac", "qlora_native_sadapter", "lora_native_pruned", "lora_native_pruned_hooks") + \
-    STEP_GRAPH_ENGINES
+    STEP_GRAPH_ENGINES + AUTOTUNE_ENGINES
 
 
 @dataclasses.dataclass
@@ -67,6 +70,7 @@ class _TrainCtx:
     peak_flops: float | None
     templates: dict = dataclasses.field(default_factory=dict)
     step_graph: bool = False         # the engine running now captures its whole step (the *_sg engines)
+    max_autotune: bool = False       # the engine running now compiles with max-autotune (the *_ma engines)
     last_step_graph: tuple = (False, None)   # (captured, why not) of the last train.train run
 
     def template(self, spec: str):
@@ -248,7 +252,10 @@ def _compile(module, ctx: _TrainCtx, on: bool, graphs: bool = False) -> bool:
         # dynamic-shape recompile of the first. graphs: CUDA graphs (inductor's cudagraph trees) replay the forward
         # and backward graphs with one launch each: a step of ~700-1,100 kernels is otherwise bound by the CPU
         # launching them (measured on an H200: wall time 20-33 ms for 17-19 ms of kernels)
-        module.compile(dynamic=False, mode="reduce-overhead" if graphs else None)
+        if ctx.max_autotune:
+            module.compile(dynamic=False, mode="max-autotune" if graphs else "max-autotune-no-cudagraphs")
+        else:
+            module.compile(dynamic=False, mode="reduce-overhead" if graphs else None)
     return on
 
 
@@ -542,9 +549,24 @@ def _train_engine_fn(name: str):
         "native": _eng_native,
         "kd_native": _eng_kd_native,
     }
+    if name in AUTOTUNE_ENGINES:
+        return _with_max_autotune(_train_engine_fn(name.removesuffix("_ma")))
     if name in STEP_GRAPH_ENGINES:
         return _with_step_graph(table[name.removesuffix("_sg")])
     return table.get(name)
+
+
+def _with_max_autotune(fn):
+    """fn's engine compiled with inductor's max-autotune (its CUDA graphs, if any, as before)."""
+    def run(ctx: _TrainCtx, compiled: bool) -> dict:
+        ctx.max_autotune = True
+        try:
+            rec = fn(ctx, compiled)
+        finally:
+            ctx.max_autotune = False
+        rec.update(compile_mode="max-autotune" if compiled else None)
+        return rec
+    return run
 
 
 def _with_step_graph(fn):
