@@ -74,24 +74,30 @@ def run(name, step, n_warm, n_prof, n_time):
         torch.cuda.synchronize()
     per_kernel = defaultdict(lambda: [0.0, 0])
     origins = defaultdict(lambda: defaultdict(int))   # kernel -> the CPU ops that launched it (innermost first)
+    seq = []
     for e in prof.events():
         if e.device_type.name == "CUDA":
             if getattr(e, "is_user_annotation", False) or e.name.startswith("## "):
                 continue   # GPU-side ranges (compiled graphs, optimizer.step) span kernels: not kernels themselves
             per_kernel[e.name][0] += e.device_time / n_prof / 1e3      # ms per step
             per_kernel[e.name][1] += 1
+            seq.append(e)
         elif e.kernels:
             origins_of(e, origins)
+    # the last profiled step's kernels in launch order (what runs when, between which ops)
+    seq.sort(key=lambda e: e.time_range.start)
+    last = seq[len(seq) - len(seq) // n_prof:]
     by_class = defaultdict(float)
     for k, (ms, _) in per_kernel.items():
         by_class[classify(k)] += ms
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:60]
     rec = {"step_ms_mean": sum(times) / len(times), "step_ms_all": times,
            "gpu_kernel_ms_per_step": sum(v[0] for v in per_kernel.values()),
            "kernels_per_step": sum(v[1] for v in per_kernel.values()) / n_prof,
            "by_class_ms": dict(by_class),
            "top_kernels": [{"name": k[:160], "ms_per_step": v[0], "calls_per_step": v[1] / n_prof,
-                            "launched_by": sorted(origins[k], key=lambda c: -origins[k][c])[:2]} for k, v in top]}
+                            "launched_by": sorted(origins[k], key=lambda c: -origins[k][c])[:2]} for k, v in top],
+           "kernel_sequence": [[round(e.device_time, 1), e.name[:120]] for e in last]}
     print(f"\n== {name}: step {rec['step_ms_mean']:.2f} ms, GPU kernels {rec['gpu_kernel_ms_per_step']:.2f} ms "
           f"({rec['kernels_per_step']:.0f} kernels)", flush=True)
     for cls, ms in sorted(by_class.items(), key=lambda kv: -kv[1]):
