@@ -43,6 +43,13 @@ def classify(name: str) -> str:
     return "other"
 
 
+def _json_or_text(v: str):
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+
+
 def origins_of(e, origins, depth: int = 4):
     """Credit each kernel a CPU op launched to the op and its callers (names with input shapes), so a kernel
     like aten's direct_copy says which op asked for the copy."""
@@ -118,7 +125,10 @@ def main_train(a):
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": [B, T],
            "git_sha": envmod.git_sha(), "engines": {}}
     import gpt2opt_lib.distill as D
-    for name in a.engines.split(","):
+    for spec in a.engines.split(","):
+        # "native:opt=value;opt=value": the engine compiled with those inductor options (values as JSON, else text)
+        name, _, opt_text = spec.partition(":")
+        options = {k: _json_or_text(v) for k, v in (o.split("=", 1) for o in opt_text.split(";") if o)}
         if name.startswith(("native", "lora_native", "qlora_native")):
             model = from_hf(template).to(dev).train()
             if "lora" in name:   # lora_native[_unfolded|_dropout], qlora_native[_ckpt|_sac]: as bench train builds them
@@ -129,7 +139,7 @@ def main_train(a):
                     m.fold = m.fold and not name.endswith("_unfolded")
                 model.gradient_checkpointing = name.endswith(("_ckpt", "_sac"))
                 model.checkpoint_policy = "save_attention" if name.endswith("_sac") else "full"
-            model.compile(dynamic=False)
+            model.compile(dynamic=False, options=options or None)
             D._COMPILED_CHUNK.clear()
             if name == "native_eager_loss":
                 D._COMPILED_CHUNK.append(None)
@@ -148,7 +158,7 @@ def main_train(a):
             torch.manual_seed(0)
             model = nanogpt_ref.GPT(template.config).to(dev).train()
             opt = nanogpt_ref.configure_optimizer(model, 1e-4, 0.1)
-            model.compile(dynamic=False)
+            model.compile(dynamic=False, options=options or None)
             y = torch.cat([batch[:, 1:], batch.new_full((B, 1), -1)], dim=1)
             params = list(model.parameters())
 
@@ -159,9 +169,14 @@ def main_train(a):
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        out["engines"][name] = run(name, step, 4, 3, 8)
+        out["engines"][spec] = run(spec, step, 4, 3, 8)
+        if options:
+            out["engines"][spec]["inductor_options"] = options
         del model, opt
         D._COMPILED_CHUNK.clear()
+        torch._dynamo.reset()      # the next variant compiles afresh (inductor options are read at compile)
+        if a.json:                 # what is measured so far survives a later variant's failure or time-out
+            Path(a.json).write_text(json.dumps(out, indent=1))
         torch.cuda.empty_cache()
     return out
 
