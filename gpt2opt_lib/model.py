@@ -26,6 +26,24 @@ import torch.nn.functional as F
 
 VOCAB_MULTIPLE = 64
 
+# inductor options the training step compiles the native model with (gpt2opt_lib.steps.common.maybe_compile, bench
+# train). Measured on an H100 (benchmarks/results/h100_profile_train_inductor_options_7a9b24b.json, GPU time per
+# step of the b8 x 1024 full fine-tuning step, 19.60 ms with the defaults):
+# - mix_order_reduction off (-0.44 ms): torch 2.11's default fuses each LayerNorm backward's weight and bias sums
+#   into the row kernel as 512 partial rows, then sums those with 50 eager `aten.sum` calls of ~11 us; off, the
+#   sums are Triton reductions and the fp32 -> bf16 cast of the residual gradient fuses into the row kernel;
+# - combo_kernels (-0.13 ms): the 144 small weight / gradient casts (fp32 master <-> bf16) run as one kernel;
+# - coordinate_descent_tuning (-0.17 ms): the pointwise and reduction kernels' tiles tuned (compile takes longer).
+TRAIN_INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False, "combo_kernels": True,
+                          "coordinate_descent_tuning": True}
+
+
+def compile_options(cuda_graphs: bool = False) -> dict:
+    """torch.compile(options=...) for a training step on the native model; cuda_graphs: with inductor's CUDA graph
+    trees too (what mode="reduce-overhead" sets)."""
+    return dict(TRAIN_INDUCTOR_OPTIONS, **({"triton.cudagraphs": True} if cuda_graphs else {}))
+
+
 # what "save_attention" checkpointing keeps of a block: the attention kernels' outputs (output, log-sum-exp, ...),
 # so backward recomputes the block's matmuls and elementwise ops but not attention (the FlashAttention recipe)
 _ATTENTION_OPS = tuple(getattr(torch.ops.aten, n).default for n in (

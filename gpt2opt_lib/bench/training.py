@@ -38,9 +38,12 @@ STEP_GRAPH_ENGINES = ("native_sg", "kd_native_sg", "lora_native_sg", "qlora_nati
 # qlora_native_sac: checkpointed with the "save_attention" policy (model.CHECKPOINT_POLICIES): matmuls recomputed,
 # attention kept, also inside the compiled graph; qlora_native_sadapter: "save_adapter", attention recomputed too
 # lora_native_pruned(_hooks): 03's pruned-before-training LoRA, gradients masked by one fused op (or per-tensor hooks)
-# *_ma: the same engine compiled with inductor's max-autotune (GEMMs autotuned over cuBLAS and Triton templates,
-# pointwise ops fused into the chosen templates' epilogues; minutes of compile): the same-run A/B of the compile mode
-AUTOTUNE_ENGINES = ("native_ma", "nanogpt_ref_ma", "kd_native_ma", "lora_native_ma", "native_sg_ma")
+# the same engine compiled another way, the same-run A/B of the compile mode: *_ma with inductor's max-autotune
+# (GEMMs autotuned over cuBLAS and Triton templates, pointwise ops fused into the templates' epilogues; minutes of
+# compile); *_dc the native model with inductor's default options instead of model.TRAIN_INDUCTOR_OPTIONS
+COMPILE_SUFFIXES = {"_ma": "max-autotune", "_dc": "default"}
+AUTOTUNE_ENGINES = ("native_ma", "nanogpt_ref_ma", "kd_native_ma", "lora_native_ma", "native_sg_ma",
+                    "native_dc", "kd_native_dc", "lora_native_dc", "qlora_native_sac_dc", "native_sg_dc")
 OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
                           "lora_native_unfolded", "qlora_native_sac", "qlora_native_sadapter", "lora_native_pruned",
                           "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES + AUTOTUNE_ENGINES
@@ -70,7 +73,8 @@ class _TrainCtx:
     peak_flops: float | None
     templates: dict = dataclasses.field(default_factory=dict)
     step_graph: bool = False         # the engine running now captures its whole step (the *_sg engines)
-    max_autotune: bool = False       # the engine running now compiles with max-autotune (the *_ma engines)
+    compile_kind: str | None = None  # the engine running now compiles with COMPILE_SUFFIXES' mode (*_ma, *_dc)
+    compile_used: set = dataclasses.field(default_factory=set)   # how _compile compiled the running engine
     last_step_graph: tuple = (False, None)   # (captured, why not) of the last train.train run
 
     def template(self, spec: str):
@@ -252,10 +256,17 @@ def _compile(module, ctx: _TrainCtx, on: bool, graphs: bool = False) -> bool:
         # dynamic-shape recompile of the first. graphs: CUDA graphs (inductor's cudagraph trees) replay the forward
         # and backward graphs with one launch each: a step of ~700-1,100 kernels is otherwise bound by the CPU
         # launching them (measured on an H200: wall time 20-33 ms for 17-19 ms of kernels)
-        if ctx.max_autotune:
-            module.compile(dynamic=False, mode="max-autotune" if graphs else "max-autotune-no-cudagraphs")
+        from .. import model as NM
+        if ctx.compile_kind == "max-autotune":
+            mode = "max-autotune" if graphs else "max-autotune-no-cudagraphs"
+            module.compile(dynamic=False, mode=mode)
+        elif isinstance(module, (NM.GPT2, NM.Block)) and ctx.compile_kind != "default":
+            mode = f"options {NM.compile_options(graphs)}"                      # as 01-05 compile it
+            module.compile(dynamic=False, options=NM.compile_options(graphs))
         else:
-            module.compile(dynamic=False, mode="reduce-overhead" if graphs else None)
+            mode = "reduce-overhead" if graphs else "default"
+            module.compile(dynamic=False, mode=None if mode == "default" else mode)
+        ctx.compile_used.add(f"{type(module).__name__}: {mode}")
     return on
 
 
@@ -550,21 +561,20 @@ def _train_engine_fn(name: str):
         "kd_native": _eng_kd_native,
     }
     if name in AUTOTUNE_ENGINES:
-        return _with_max_autotune(_train_engine_fn(name.removesuffix("_ma")))
+        return _with_compile_kind(_train_engine_fn(name[:-3]), COMPILE_SUFFIXES[name[-3:]])
     if name in STEP_GRAPH_ENGINES:
         return _with_step_graph(table[name.removesuffix("_sg")])
     return table.get(name)
 
 
-def _with_max_autotune(fn):
-    """fn's engine compiled with inductor's max-autotune (its CUDA graphs, if any, as before)."""
+def _with_compile_kind(fn, kind: str):
+    """fn's engine compiled with `kind` (COMPILE_SUFFIXES; its CUDA graphs, if any, as before)."""
     def run(ctx: _TrainCtx, compiled: bool) -> dict:
-        ctx.max_autotune = True
+        ctx.compile_kind = kind
         try:
             rec = fn(ctx, compiled)
         finally:
-            ctx.max_autotune = False
-        rec.update(compile_mode="max-autotune" if compiled else None)
+            ctx.compile_kind = None
         return rec
     return run
 
@@ -630,10 +640,13 @@ def _run_train_engine(ctx: _TrainCtx, name: str, results: dict) -> None:
     if fn is None:
         rec = {"error": f"unknown engine {name!r}; allowed: {', '.join(TRAIN_ENGINES + OPTIONAL_TRAIN_ENGINES)}"}
     else:
+        ctx.compile_used = set()
         try:
             rec = fn(ctx, compiled)
         except Exception as e:  # noqa: BLE001 - recorded, not raised: one engine's failure must not end the run
             rec = _error_record(e)
+        if ctx.compile_used:
+            rec["compile_mode"] = sorted(ctx.compile_used)
         if compiled and "error" in rec and not rec.get("oom") and not rec.get("skipped"):
             compile_error = rec["error"]
             _cleanup(ctx, True)

@@ -34,7 +34,11 @@ def maybe_compile(model, ctx: StageContext):
     """torch.compile in place where the stage asks for it (`compile: true`) and runs on CUDA; state-dict keys stay
     plain (save_pretrained, conversion back to HF)."""
     if getattr(ctx.cfg, "compile", False) and ctx.device.type == "cuda":
-        (model.transformer if isinstance(model.transformer, torch.nn.Module) else model).compile()
+        from .. import model as NM
+        if isinstance(model, NM.GPT2):   # the native training model: with its tuned inductor options
+            model.compile(options=NM.compile_options())
+        else:
+            (model.transformer if isinstance(model.transformer, torch.nn.Module) else model).compile()
     return model
 
 
