@@ -32,9 +32,10 @@ VOCAB_MULTIPLE = 64
 # - mix_order_reduction off (-0.44 ms): torch 2.11's default fuses each LayerNorm backward's weight and bias sums
 #   into the row kernel as 512 partial rows, then sums those with 50 eager `aten.sum` calls of ~11 us; off, the
 #   sums are Triton reductions and the fp32 -> bf16 cast of the residual gradient fuses into the row kernel;
-# - combo_kernels (-0.13 ms): the 144 small weight / gradient casts (fp32 master <-> bf16) run as one kernel.
-# Not taken: coordinate_descent_tuning (-0.17 ms, but the compile ran past 9 minutes on a cold cache).
-TRAIN_INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False, "combo_kernels": True}
+# Not taken: combo_kernels (-0.13 ms alone: the 144 small weight / gradient casts in one kernel; but with
+# mix-order reductions off and CUDA graphs the step took 40 ms instead of 20, h100_train_inductor_options_6b9e20f);
+# coordinate_descent_tuning (-0.17 ms, but the compile ran past 9 minutes on a cold cache).
+TRAIN_INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
 
 
 def compile_options(cuda_graphs: bool = False) -> dict:
