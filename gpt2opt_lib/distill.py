@@ -121,7 +121,34 @@ def _padded_head(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if (base is not None and base.dim() == 2 and base.is_contiguous() and base.shape[0] >= rows
             and base.shape[1] == w.shape[1] and w.data_ptr() == base.data_ptr() and w.stride() == base.stride()):
         return base[:rows].to(dtype)
+    if rows == V:     # already padded (e.g. _tied_base's parameter): no copy in its own dtype
+        return w.to(dtype)
     return F.pad(w.to(dtype), (0, 0, 0, rows - V))
+
+
+def _tied_base(w: torch.Tensor) -> torch.Tensor:
+    """The padded parameter itself when `w` is its first V rows and it has exactly V rounded up to
+    HEAD_ROW_MULTIPLE rows (model.py's tied embedding): the fused loss then differentiates w.r.t. that parameter,
+    its (V + pad, E) gradient written once, where the gradient of the row view would be scattered into a
+    zero-filled copy of the parameter (two more passes over 154 MB for gpt2 in fp32). Otherwise `w`."""
+    rows = w.shape[0] + (-w.shape[0]) % HEAD_ROW_MULTIPLE
+    base = w._base
+    if (base is not None and base.dim() == 2 and base.is_contiguous() and base.shape[0] == rows
+            and base.shape[1] == w.shape[1] and w.data_ptr() == base.data_ptr() and w.stride() == base.stride()
+            and base.requires_grad == w.requires_grad and base.dtype == w.dtype):
+        return base
+    return w
+
+
+def _weight_grad(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """g^T h in fp32 from 16-bit operands: on CUDA the GEMM writes fp32 itself (torch.mm out_dtype), instead of a
+    16-bit result and a cast kernel over it; elsewhere the 16-bit matmul, then the cast."""
+    if g.is_cuda and g.dtype in (torch.float16, torch.bfloat16) and h.dtype == g.dtype:
+        try:
+            return torch.mm(g.t(), h, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):   # a torch without mm's out_dtype
+            pass
+    return (g.t() @ h).float()
 
 
 _TRITON_CE = [None]   # False after the Triton CE kernel failed once (then the compiled chunk runs)
@@ -149,22 +176,22 @@ class _FusedChunkedKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int):
+    def forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int, vocab: int):
         # the LM-head matmuls run in the autocast dtype, as autocast would run them (the hidden states come out of
         # ln_f in fp32 under autocast: fp32 matmuls here would be SIMT SGEMMs, 3x the rest of the step on an H100)
         dev = hs.device.type
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hs.dtype
         with torch.autocast(dev, enabled=False):  # dtypes are chosen explicitly below
-            return _FusedChunkedKD._forward(ctx, hs, ws, ht, wt, y, temperature, alpha, chunk, mm_dtype)
+            return _FusedChunkedKD._forward(ctx, hs, ws, ht, wt, y, temperature, alpha, chunk, vocab, mm_dtype)
 
     @staticmethod
-    def _forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int, mm_dtype):
+    def _forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int, vocab: int, mm_dtype):
         valid = y != IGNORE_INDEX                                            # (N,) masked labels: no target
         n = valid.sum().clamp(min=1).float()                                 # unmasked tokens (tensor: no sync)
         y = y.masked_fill(~valid, 0)                                         # any in-range index; its rows are zeroed
         # the head padded to a multiple of 64 rows (zeros; their columns masked out of the softmax): a (c, 50257)
         # logits matrix has an odd row stride, which sends cuBLAS to unaligned (align1) kernels, ~4x slower here
-        V = ws.shape[0]
+        V = vocab            # ws: the (V, E) head, or (_tied_base) the padded parameter whose first V rows it is
         w = _padded_head(ws, mm_dtype)
         wt = _padded_head(wt, mm_dtype) if wt is not None else None
         grad_hs = torch.empty_like(hs)
@@ -208,10 +235,15 @@ class _FusedChunkedKD(torch.autograd.Function):
                 g = _chunk_grad_inplace(h @ w.t(), t, yc, vc, n, a_ce, a_kd, temperature, ce_sum, kd_sum, V)
             grad_hs[i: i + chunk] = g @ w
             if need_w:                                                       # 16-bit matmul, fp32 sum
-                gw = (g.t() @ h).float()
+                gw = _weight_grad(g, h)
                 grad_ws = gw if grad_ws is None else grad_ws.add_(gw)
             del g, t   # this chunk's (c, V) matrices go before the next chunk's are made
-        ctx.save_for_backward(grad_hs, grad_ws[:V].to(ws.dtype) if need_w else None)
+        if need_w:
+            if ws.shape[0] == V:
+                grad_ws = grad_ws[:V]
+            else:          # the padded parameter: its padding rows get no gradient, whatever they hold
+                grad_ws[V:].zero_()
+        ctx.save_for_backward(grad_hs, grad_ws.to(ws.dtype) if need_w else None)
         ce, kd = ce_sum / n, kd_sum / n
         loss = a_ce * ce + a_kd * kd
         ctx.mark_non_differentiable(ce, kd)
@@ -220,7 +252,8 @@ class _FusedChunkedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_ce, _g_kd):
         grad_hs, grad_ws = ctx.saved_tensors
-        return grad_hs * g_loss, (grad_ws * g_loss if grad_ws is not None else None), None, None, None, None, None, None
+        return (grad_hs * g_loss, (grad_ws * g_loss if grad_ws is not None else None),
+                None, None, None, None, None, None, None)
 
 
 def kd_loss_chunked(student_hidden, student_head_w, labels, teacher_hidden=None, teacher_head_w=None,
@@ -250,8 +283,8 @@ def kd_loss_chunked(student_hidden, student_head_w, labels, teacher_hidden=None,
     y = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
     ht = teacher_hidden.reshape(B * T, -1).detach() if teacher_hidden is not None else None
     tw = teacher_head_w.detach() if teacher_head_w is not None else None
-    loss, ce, kd = _FusedChunkedKD.apply(hs, student_head_w, ht, tw, y, float(temperature), float(alpha),
-                                         int(chunk_tokens))
+    loss, ce, kd = _FusedChunkedKD.apply(hs, _tied_base(student_head_w), ht, tw, y, float(temperature), float(alpha),
+                                         int(chunk_tokens), student_head_w.shape[0])
     if teacher_hidden is None:
         return loss, {"ce": ce}
     return loss, {"kd": kd, "ce": ce}

@@ -313,6 +313,26 @@ def test_fused_loss_uses_a_padded_parent_head_in_place():
     torch.testing.assert_close(g_got[0], g_ref[0])
     torch.testing.assert_close(g_got[1][:V], g_ref[1])
     assert torch.all(g_got[1][V:] == 0)
+    # the loss is differentiated w.r.t. the padded parameter itself (its gradient written once), not through the
+    # row view (whose backward would scatter it into a zero-filled copy); any other head as given
+    assert distill._tied_base(ws[:V]) is ws and distill._tied_base(plain) is plain
+    assert distill._padded_head(parent, torch.float32).data_ptr() == parent.data_ptr()   # padded already: no copy
+    assert distill._tied_base(torch.randn(65, E)[:V]).shape == (V, E)               # not exactly V rounded up
+    got, _ = distill.kd_loss_chunked(hs, ws[:V], y, chunk_tokens=5)
+    assert got.grad_fn.next_functions[1][0].variable is ws
+
+
+@pytest.mark.gpu
+def test_weight_gradient_written_in_fp32_by_the_gemm():
+    """On CUDA the head's weight gradient g^T h of 16-bit operands comes out of the GEMM in fp32 (torch.mm
+    out_dtype): fp32 accumulation without the 16-bit rounding of a 16-bit result, against an fp32 reference."""
+    torch.manual_seed(0)
+    g = torch.randn(512, 1000, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16)
+    got = distill._weight_grad(g, h)
+    ref = g.float().t() @ h.float()
+    assert got.dtype == torch.float32 and got.shape == (1000, 64)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)          # a bf16 result would be off by ~0.05
 
 
 def test_teacher_text_is_the_teachers_greedy_continuation_of_stream_windows():
