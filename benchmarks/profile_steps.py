@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpt2opt_lib import env as envmod  # noqa: E402
 from gpt2opt_lib.bench import nanogpt_ref  # noqa: E402
 from gpt2opt_lib.distill import make_lm_loss_fn  # noqa: E402
-from gpt2opt_lib.model import from_hf  # noqa: E402
+from gpt2opt_lib.model import compile_options, from_hf  # noqa: E402
 from gpt2opt_lib.models import build_model  # noqa: E402
 
 # first match wins: attention before matmul (cuDNN's SDPA kernels are named ..._sm90_flash_...), Triton kernels
@@ -139,7 +139,8 @@ def main_train(a):
                     m.fold = m.fold and not name.endswith("_unfolded")
                 model.gradient_checkpointing = name.endswith(("_ckpt", "_sac"))
                 model.checkpoint_policy = "save_attention" if name.endswith("_sac") else "full"
-            model.compile(dynamic=False, options=options or None)
+            # as bench train compiles it: model.TRAIN_INDUCTOR_OPTIONS unless the engine names its own options
+            model.compile(dynamic=False, options=options or compile_options())
             D._COMPILED_CHUNK.clear()
             if name == "native_eager_loss":
                 D._COMPILED_CHUNK.append(None)
