@@ -4,6 +4,7 @@ int4 weights, QLoRA memory.
 from __future__ import annotations
 
 from .. import lora as L
+from .. import model as NM
 from .. import quant as Q
 from ..distill import make_lm_loss_fn
 from ..timing import is_oom
@@ -130,7 +131,7 @@ def _native_row(ctx: StageContext, ls: dict, spec: TrainSpec, name: str, mode: s
         model = native_lora_stack(ctx, ls, nf4=mode is not None)
         compiled = c.compile and ctx.device.type == "cuda"
         if compiled:
-            model.compile(dynamic=False)
+            model.compile(dynamic=False, options=NM.compile_options())   # as bench train's native engines
         # the native step compiled without graphs is launch-bound at these sizes: cuda_graph captures it whole
         s = TrainSpec(**{**spec.__dict__, "gradient_checkpointing": ckpt, "cuda_graph": c.cuda_graph})
         hist = train(model, ctx.blocks("train"), make_lm_loss_fn(c.loss_chunk_tokens), s, ctx.device,

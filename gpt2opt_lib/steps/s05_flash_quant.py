@@ -4,6 +4,7 @@ the whole stack (distilled student -> LoRA -> pruned adapters -> NF4 -> fastest 
 from __future__ import annotations
 
 from .. import attention as A
+from .. import model as NM
 from .. import models as M
 from .. import prune as P
 from .. import quant as Q
@@ -205,7 +206,7 @@ def _native_qlora_cost(ctx: StageContext, ls: dict, best: str) -> dict:
         pruner = P.prune_lora(model, ls["sparsity"], ls["scope"], mask_grads=False)
         compiled = ctx.device.type == "cuda"
         if compiled:
-            model.compile(dynamic=False)
+            model.compile(dynamic=False, options=NM.compile_options())   # as bench train's native engines
         with A.attention_backend(best):
             tr = _train_cost(ctx, model, [p for p in model.parameters() if p.requires_grad], ls["lr"], pruner,
                              "stack QLoRA (native)", graph=ctx.cfg.cuda_graph)
