@@ -117,13 +117,21 @@ def _padded_head(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     changes nothing (finite values: model.py keeps them 0) and no (V + pad, E) copy is made (77 MB for gpt2 in bf16);
     otherwise zeros are padded on."""
     V, rows = w.shape[0], w.shape[0] + (-w.shape[0]) % HEAD_ROW_MULTIPLE
-    base = w._base
-    if (base is not None and base.dim() == 2 and base.is_contiguous() and base.shape[0] >= rows
-            and base.shape[1] == w.shape[1] and w.data_ptr() == base.data_ptr() and w.stride() == base.stride()):
+    base = _row_prefix_base(w)
+    if base is not None and base.shape[0] >= rows:
         return base[:rows].to(dtype)
     if rows == V:     # already padded (e.g. _tied_base's parameter): no copy in its own dtype
         return w.to(dtype)
     return F.pad(w.to(dtype), (0, 0, 0, rows - V))
+
+
+def _row_prefix_base(w: torch.Tensor) -> torch.Tensor | None:
+    """The contiguous 2-D matrix whose first rows `w` is (a `[:V]` view of it), else None."""
+    base = w._base
+    if (base is not None and base.dim() == 2 and base.is_contiguous() and base.shape[1] == w.shape[1]
+            and w.data_ptr() == base.data_ptr() and w.stride() == base.stride()):
+        return base
+    return None
 
 
 def _tied_base(w: torch.Tensor) -> torch.Tensor:
@@ -132,10 +140,9 @@ def _tied_base(w: torch.Tensor) -> torch.Tensor:
     its (V + pad, E) gradient written once, where the gradient of the row view would be scattered into a
     zero-filled copy of the parameter (two more passes over 154 MB for gpt2 in fp32). Otherwise `w`."""
     rows = w.shape[0] + (-w.shape[0]) % HEAD_ROW_MULTIPLE
-    base = w._base
-    if (base is not None and base.dim() == 2 and base.is_contiguous() and base.shape[0] == rows
-            and base.shape[1] == w.shape[1] and w.data_ptr() == base.data_ptr() and w.stride() == base.stride()
-            and base.requires_grad == w.requires_grad and base.dtype == w.dtype):
+    base = _row_prefix_base(w)
+    if (base is not None and base.shape[0] == rows and base.requires_grad == w.requires_grad
+            and base.dtype == w.dtype):
         return base
     return w
 

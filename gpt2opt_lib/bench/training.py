@@ -42,15 +42,15 @@ STEP_GRAPH_ENGINES = ("native_sg", "kd_native_sg", "lora_native_sg", "qlora_nati
 # (GEMMs autotuned over cuBLAS and Triton templates, pointwise ops fused into the templates' epilogues; minutes of
 # compile); *_dc the native model with inductor's default options instead of model.TRAIN_INDUCTOR_OPTIONS
 COMPILE_SUFFIXES = {"_ma": "max-autotune", "_dc": "default"}
-AUTOTUNE_ENGINES = ("native_ma", "nanogpt_ref_ma", "kd_native_ma", "lora_native_ma", "native_sg_ma",
-                    "native_dc", "kd_native_dc", "lora_native_dc", "qlora_native_sac_dc", "native_sg_dc")
+COMPILE_MODE_ENGINES = ("native_ma", "nanogpt_ref_ma", "kd_native_ma", "lora_native_ma", "native_sg_ma",
+                        "native_dc", "kd_native_dc", "lora_native_dc", "qlora_native_sac_dc", "native_sg_dc")
 OPTIONAL_TRAIN_ENGINES = ("hf_fp32", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
                           "lora_native_unfolded", "qlora_native_sac", "qlora_native_sadapter", "lora_native_pruned",
-                          "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES + AUTOTUNE_ENGINES
+                          "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES + COMPILE_MODE_ENGINES
 COMPILABLE = ("fast", "fast_ckpt", "kd_fast", "lora", "lora_pruned", "qlora", "nanogpt_ref", "native", "kd_native",
               "lora_native", "qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
               "lora_native_unfolded", "qlora_native_sac", "qlora_native_sadapter", "lora_native_pruned",
-              "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES + AUTOTUNE_ENGINES
+              "lora_native_pruned_hooks") + STEP_GRAPH_ENGINES + COMPILE_MODE_ENGINES
 # the QLoRA engines on the native model whose speed and memory the joint target compares (those in the run)
 QLORA_NATIVE_POINTS = ("qlora_native", "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean",
                        "qlora_native_sac", "qlora_native_sadapter", "qlora_native_sg", "qlora_native_nockpt_sg",
@@ -59,7 +59,7 @@ QLORA_NATIVE_POINTS = ("qlora_native", "qlora_native_nockpt", "qlora_native_budg
 AUTO_COMPILED = ("fast", "kd_fast", "nanogpt_ref", "native", "kd_native", "lora_native", "qlora_native",
                  "qlora_native_nockpt", "qlora_native_budget", "qlora_native_lean", "lora_native_unfolded",
                  "qlora_native_sac", "qlora_native_sadapter", "lora_native_pruned", "lora_native_pruned_hooks") + \
-    STEP_GRAPH_ENGINES + AUTOTUNE_ENGINES
+    STEP_GRAPH_ENGINES + COMPILE_MODE_ENGINES
 
 
 @dataclasses.dataclass
@@ -560,7 +560,7 @@ def _train_engine_fn(name: str):
         "native": _eng_native,
         "kd_native": _eng_kd_native,
     }
-    if name in AUTOTUNE_ENGINES:
+    if name in COMPILE_MODE_ENGINES:
         return _with_compile_kind(_train_engine_fn(name[:-3]), COMPILE_SUFFIXES[name[-3:]])
     if name in STEP_GRAPH_ENGINES:
         return _with_step_graph(table[name.removesuffix("_sg")])
