@@ -80,6 +80,15 @@ class Common:
     wandb_mode: str = p("offline", "disabled | offline | online (online without a key falls back to offline)",
                         choices=WANDB_MODES)
     wandb_project: str = p("gpt2opt", "W&B project name", nonempty=True)
+    memory_budget_gb: float = p(6.0, "the GPU memory the verdict judges every phase against (GB = 1024 MiB; the CUDA "
+                                     "context and the allocator reserve count)", gt=0)
+    enforce_memory_budget: bool = p(False, "cap this process's CUDA memory at memory_budget_gb (context counted): a "
+                                           "bigger GPU behaves as a budget-sized one; an OOM is a recorded 'no'")
+    ppl_tolerance_pct: float = p(5.0, "the verdict's quality tolerance: the served model's test perplexity at most "
+                                      "this many percent above the teacher's", ge=0)
+    sample_prompts: list = p(["The history of the city", "In mathematics, a prime number", "The river flows"],
+                             "prompts every shown model continues greedily (02, 05, index.html)", nonempty=True)
+    sample_new_tokens: int = p(32, "new tokens per shown sample", ge=1)
 
 
 @dataclasses.dataclass
@@ -321,6 +330,8 @@ def check(cls: type, values: dict, source: str) -> None:
         bad("corpus", f"must be one of {', '.join(CORPORA)} or files:<glob>")
     if not 1 <= v["ppl_stride"] <= v["ppl_max_length"]:
         bad("ppl_stride", f"must be in 1..ppl_max_length={v['ppl_max_length']}")
+    if not all(isinstance(x, str) and x.strip() for x in v["sample_prompts"]):
+        bad("sample_prompts", "must be a list of non-empty strings")
     if v["eval_max_tokens"] == 1:
         bad("eval_max_tokens", "must be 0 (all) or >= 2 (perplexity scores tokens after the first)")
     if cls is Distill:
