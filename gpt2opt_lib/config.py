@@ -80,7 +80,7 @@ class Common:
     wandb_mode: str = p("offline", "disabled | offline | online (online without a key falls back to offline)",
                         choices=WANDB_MODES)
     wandb_project: str = p("gpt2opt", "W&B project name", nonempty=True)
-    memory_budget_gb: float = p(6.0, "the GPU memory the verdict judges every phase against (GB = 1024 MiB; the CUDA "
+    memory_budget_gb: float = p(6.0, "the GPU memory the verdict judges every phase against (GiB, the CUDA "
                                      "context and the allocator reserve count)", gt=0)
     enforce_memory_budget: bool = p(False, "cap this process's CUDA memory at memory_budget_gb (context counted): a "
                                            "bigger GPU behaves as a budget-sized one; an OOM is a recorded 'no'")

@@ -74,7 +74,8 @@ def test_notebook_parameters_cell_matches_dataclass(stage):
 
 
 def test_load_stage_rejects_bad_namespace(tmp_path, monkeypatch):
-    ns = {f: v.default for f, v in config.fields(config.Compare).items() if v.default is not dataclasses.MISSING}
+    ns = {f: (v.default_factory() if v.default_factory is not dataclasses.MISSING else v.default)
+          for f, v in config.fields(config.Compare).items()}
     ns.update(sweep_batch_sizes=[1], sweep_seq_lens=[8], run_dir=str(tmp_path), batch_size="8")
     with pytest.raises(config.ConfigError, match="batch_size"):
         config.load_stage("02_compare", ns)
