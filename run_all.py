@@ -12,7 +12,10 @@ Every parameter is validated against the stage's config dataclass before anythin
 an HTML copy) land in reports/<profile>/<UTC time>-<git sha>/ with each stage's artifacts and a summary.json.
 A notebook executes into <run>/.partial/ and is renamed into place when it ends, so a killed run never leaves a
 half-written notebook where a finished one belongs; `--resume` sets such a stage aside (<run>/_interrupted/) and
-runs it again.
+runs it again. A stage counts as finished only when its <stage>/MANIFEST.json (written last: every file's size and
+hash, and the parameters it ran with) still matches its files; a damaged one is set aside and rerun on --resume,
+with the finished stages that read it. One process writes a run at a time (a flock on <run>/.lock); --resume
+refuses parameters (params.json) that differ from those a finished stage ran with.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from gpt2opt_lib import config  # noqa: E402
-from gpt2opt_lib.tracking import read_json, write_atomic, write_json  # noqa: E402
+from gpt2opt_lib.tracking import replace_durably, write_atomic, write_json  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
 NEEDS = config.STAGE_NEEDS  # which earlier stages' artifacts each stage reads from the run directory
@@ -104,35 +107,35 @@ def plan(args) -> tuple[str, list[str], dict, Path | None]:
         if not (run / "params.json").exists():
             raise config.ConfigError(f"--resume {args.resume}: not a run directory (no params.json)")
         config.check_writable_dir(run, "--resume")
-        saved = read_json(run / "params.json")
-        profile = read_json(run / "summary.json").get("profile") if (run / "summary.json").exists() else None
+        where = run / "params.json"
+        saved = config.read_run_json(where)
+        if not (isinstance(saved, dict) and saved and all(isinstance(v, dict) for v in saved.values())):
+            raise config.ConfigError(f"{where} is damaged (not a mapping of stage: parameters); restore it (each "
+                                     f"finished stage's parameters are in <stage>/{config.MANIFEST}) or start a new run")
+        summary = config.read_run_json(run / "summary.json") if (run / "summary.json").exists() else {}
+        profile = summary.get("profile") if isinstance(summary, dict) else None
         profile = profile or next(iter(saved.values())).get("profile", "quick")
+        config.check_profile_name(profile, str(where))
+        if args.profile is not None and Path(args.profile).stem != profile:
+            raise config.ConfigError(f"--resume {args.resume} is a {profile!r} run; --profile {args.profile} would "
+                                     f"mix profiles in one report: drop --profile (a run resumes with its own)")
         stages = select_stages(args.only) if args.only else [s for s in available_stages() if s in saved]
         params = {}
         for s in stages:  # the run's own parameters, revalidated; a stage it never planned gets its profile's
-            params[s] = (config.validate(config.STAGE_CONFIGS[s], saved[s], f"{run / 'params.json'} [{s}]")
+            params[s] = (config.validate(config.STAGE_CONFIGS[s], saved[s], f"{where} [{s}]")
                          if s in saved else config.stage_parameters(profile, s))
+        # every up-front check a new run makes, on the run's parameters (all its stages: the kept ones are read)
+        known = {s: v for s, v in saved.items() if s in config.STAGE_CONFIGS}
+        _check_up_front({**{s: config.validate(config.STAGE_CONFIGS[s], v, f"{where} [{s}]")
+                            for s, v in known.items()}, **params}, str(where))
         return profile, stages, params, run
     stages = select_stages(args.only)
     if not stages:
         raise config.ConfigError(f"--only {args.only!r} names no stage; available: {available_stages()}")
     args.profile = _profile_for_out(args)
     params = {s: config.stage_parameters(args.profile, s) for s in stages}
-    if "01_distill" in params:  # lengths vs the models' context, where the architecture is known before training
-        full = {s: config.as_dict(config.STAGE_CONFIGS[s](**params[s])) for s in stages}  # defaults filled in
-        d = full["01_distill"]
-        where = args.profile if Path(args.profile).suffix else str(config.PARAMS_DIR / f"{args.profile}.yaml")
-        from gpt2opt_lib.models import arch_config
-
-        student_spec = {"random": "random:" + d["student"].removeprefix("random:"),
-                        "teacher-layers": d["teacher"]}.get(d["student_init"])
-        for role, spec, scope in (("teacher", d["teacher"], ("01_distill",)), ("student", student_spec, None)):
-            if spec and spec.startswith(("random:", "scratch:")):
-                try:
-                    n_pos = arch_config(spec.split(":", 1)[1]).n_positions
-                except ValueError as e:
-                    raise config.ConfigError(f"{where} [01_distill]: {role} {spec!r}: {e}") from None
-                config.check_context(full, n_pos, f"the {role} {spec}", where, scope)
+    _check_up_front(params, args.profile if Path(args.profile).suffix
+                    else str(config.PARAMS_DIR / f"{args.profile}.yaml"))
     out = Path(args.out).resolve() if args.out else None
     # where the run will be written must be a writable directory: refused here, before anything is created
     if out is not None:
@@ -146,13 +149,49 @@ def plan(args) -> tuple[str, list[str], dict, Path | None]:
     return Path(args.profile).stem, stages, params, out
 
 
+def _check_up_front(params: dict[str, dict], where: str) -> None:
+    """What can be refused before anything runs, for a new run and a resumed one alike: lengths vs the models'
+    context where the architecture is known before training (random:/scratch: models of 01), a tokenizer named as
+    a local folder that is not one, a files:<glob> corpus that matches nothing."""
+    import glob
+
+    full = {s: config.as_dict(config.STAGE_CONFIGS[s](**v)) for s, v in params.items()}  # defaults filled in
+    for s, v in full.items():
+        tok = v["tokenizer"]
+        if tok not in ("gpt2", "offline") and _names_local_path(tok) and not Path(tok).expanduser().is_dir():
+            raise config.ConfigError(f"{where} [{s}]: parameter 'tokenizer'={tok!r} names a local folder that does "
+                                     f"not exist (a tokenizer folder has tokenizer.json or vocab.json + merges.txt)")
+        if v["corpus"].startswith("files:") and not any(
+                Path(f).is_file() for f in glob.iglob(v["corpus"][len("files:"):], recursive=True)):
+            raise config.ConfigError(f"{where} [{s}]: parameter 'corpus'={v['corpus']!r} matches no files")
+    if "01_distill" not in full:
+        return
+    d = full["01_distill"]
+    from gpt2opt_lib.models import arch_config
+
+    student_spec = {"random": "random:" + d["student"].removeprefix("random:"),
+                    "teacher-layers": d["teacher"]}.get(d["student_init"])
+    for role, spec, scope in (("teacher", d["teacher"], ("01_distill",)), ("student", student_spec, None)):
+        if spec and spec.startswith(("random:", "scratch:")):
+            try:
+                n_pos = arch_config(spec.split(":", 1)[1]).n_positions
+            except ValueError as e:
+                raise config.ConfigError(f"{where} [01_distill]: {role} {spec!r}: {e}") from None
+            config.check_context(full, n_pos, f"the {role} {spec}", where, scope)
+
+
+def _names_local_path(name: str) -> bool:
+    """A name that can only mean a folder on this machine (a hub id is `name` or `org/name`)."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or Path(name).exists()
+
+
 def _profile_for_out(args) -> str:
     """Stages added to an existing run (--out RUN) take that run's profile: a stage measured with other parameters
     than the stages it reads would make the run's report lie. An explicit, different --profile is refused."""
     run = Path(args.out) if args.out else None
     if run is None or not (run / "summary.json").exists():
         return args.profile or "quick"
-    run_profile = read_json(run / "summary.json").get("profile")
+    run_profile = config.read_run_json(run / "summary.json").get("profile")
     if args.profile is None or not run_profile:
         return args.profile or run_profile or "quick"
     if Path(args.profile).stem != run_profile:
@@ -169,31 +208,40 @@ def main(argv=None) -> int:
         return 0
     import papermill  # noqa: F401  (missing: fail here, before a run directory exists)
 
+    _lock_existing(args)  # one writer per run: taken before the run's state is read
     # validate every stage's parameters before running anything
     profile, stages, params, out = plan(args)
-    if args.nproc:  # the profile's nproc, overridden for every stage that has one (validated like the rest)
+    done, redo = _resume_plan(out, stages) if args.resume else ([], {})
+    if args.nproc:  # the profile's nproc, overridden for every stage that runs now (validated like the rest)
         for s in params:
-            if "nproc" in config.fields(config.STAGE_CONFIGS[s]):
+            if s not in done and "nproc" in config.fields(config.STAGE_CONFIGS[s]):
                 params[s] = config.validate(config.STAGE_CONFIGS[s], {**params[s], "nproc": args.nproc}, "--nproc")
-    done = [s for s in stages if args.resume and config.stage_complete(out, s)]
     for s in stages:  # checked before any directory is made
         missing = [n for n in NEEDS.get(s, []) if n not in stages and not (out and config.stage_complete(out, n))]
         if missing:
             raise config.ConfigError(f"{s} reads the artifacts of {missing}, which neither run now nor exist in "
                                      f"{out or 'a new run directory'}: add them to --only, or pass --out with a run "
                                      f"directory that has them")
+    if out is not None:
+        _check_drift(out, stages, params, done, str(out / "params.json") if args.resume else args.profile)
     run_dir = out or config.new_run_dir(profile)
     run_dir.mkdir(parents=True, exist_ok=True)
+    config.lock_run(run_dir, "run_all")  # already held for an existing run; a new one is locked here
+    os.environ[config.LOCK_ENV] = f"{os.getpid()}:{run_dir.resolve()}"  # the kernels write under this lock
     summary_path = run_dir / "summary.json"
-    summary = read_json(summary_path) if summary_path.exists() else {"profile": profile, "run_dir": str(run_dir),
-                                                                    "stages": {}}
+    summary = config.read_run_json(summary_path) if summary_path.exists() else {"profile": profile,
+                                                                               "run_dir": str(run_dir), "stages": {}}
+    summary.setdefault("stages", {})
     from gpt2opt_lib.env import env_stamp
 
     summary["env"] = env_stamp(profile, params[stages[0]]["seed"] if stages and "seed" in params[stages[0]] else None)
-    write_json(run_dir / "params.json", {**(read_json(run_dir / "params.json") if (run_dir / "params.json").exists() else {}), **params})
+    old_params = config.read_run_json(run_dir / "params.json") if (run_dir / "params.json").exists() else {}
+    write_json(run_dir / "params.json", {**old_params, **params})
     print(f"run directory: {run_dir}\nprofile: {profile}   stages: {', '.join(stages)}")
     if done:
         print(f"resume: keeping the completed stage(s) {', '.join(done)}")
+    for s, why in redo.items():
+        print(f"resume: {s} runs again: {why}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     os.environ.update(env)  # the kernel inherits it: notebooks import gpt2opt_lib from this checkout
     user_threads = os.environ.get("OMP_NUM_THREADS")  # set by the user: always wins
@@ -203,6 +251,55 @@ def main(argv=None) -> int:
     finally:
         if active is not None:
             active.unlink(missing_ok=True)
+        config.release_run(run_dir)
+
+
+def _lock_existing(args) -> None:
+    """Lock the existing run named by --resume or --out (ConfigError when another writer holds it)."""
+    run, what = (args.resume, "--resume") if args.resume else (args.out, "--out")
+    if not run or not Path(run).is_dir() or (args.resume and not (Path(run) / "params.json").exists()):
+        return  # a new run is locked when it is made; plan() refuses what is not a run
+    config.check_writable_dir(run, what)
+    config.lock_run(run, what)
+
+
+def _resume_plan(run: Path, stages: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(stages kept, {stage run again: why}) for --resume: a stage is kept only when it is verified complete
+    (config.stage_problem) and every stage it reads is kept too; what a rerun stage left is set aside later."""
+    done, redo = [], {}
+    for s in stages:
+        why = config.stage_problem(run, s)
+        stale = [n for n in NEEDS.get(s, []) if n in redo]
+        if why is None and not stale:
+            done.append(s)
+        elif why is None:
+            redo[s] = f"it reads {', '.join(stale)}, which runs again"
+        elif why != "no results.json" or (run / s / config.MANIFEST).exists():
+            redo[s] = f"its results are not complete ({why})"
+        else:
+            redo[s] = why
+    return done, {s: w for s, w in redo.items() if w != "no results.json"}
+
+
+def _check_drift(run: Path, stages: list[str], params: dict, done: list[str], where: str) -> None:
+    """Parameters that cannot drift within a run: a kept stage's parameters (params.json) must be the ones it ran
+    with (its manifest); a stage that runs now must share the common parameters of the stages it reads."""
+    for s in done:
+        rec = (config.read_manifest(run, s) or {}).get("parameters")
+        bad = config.changed_keys(rec, config.full_parameters(s, params[s])) if rec is not None else []
+        if bad:
+            raise config.ConfigError(f"{where} [{s}]: the finished {s} ran with other parameters ({', '.join(bad)} "
+                                     f"changed since); restore them (they are in {s}/{config.MANIFEST}), or start a "
+                                     f"new run")
+    for s in stages:
+        if s in done:
+            continue
+        reads = [n for n in NEEDS.get(s, []) if n not in stages or n in done]
+        running = {n: params[n] for n in NEEDS.get(s, []) if n in stages and n not in done}
+        drift = config.common_drift(run, s, params[s], needs=[n for n in reads if config.stage_complete(run, n)],
+                                    running=running)
+        if drift:
+            raise config.ConfigError(f"{where} [{s}]: {drift}")
 
 
 def _run_stages(args, stages, params, done, run_dir, summary, summary_path, user_threads) -> int:
@@ -221,7 +318,8 @@ def _run_stages(args, stages, params, done, run_dir, summary, summary_path, user
             continue
         aside = set_aside(run_dir, stage) if args.resume else None
         if aside:
-            print(f"[{i}/{len(stages)}] {stage}: the interrupted attempt is kept in {aside.relative_to(run_dir)}")
+            print(f"[{i}/{len(stages)}] {stage}: the earlier attempt is set aside in {aside.relative_to(run_dir)}; "
+                  f"running it again")
         out_nb = run_dir / f"{stage}.ipynb"
         partial = run_dir / ".partial" / f"{stage}.ipynb"
         partial.parent.mkdir(exist_ok=True)
@@ -244,7 +342,11 @@ def _run_stages(args, stages, params, done, run_dir, summary, summary_path, user
             entry.update(status="failed", error=f"{type(e).__name__}: {e}")
             print(f"\nFAILED: {stage}: {type(e).__name__}: {e}", file=sys.stderr)
         if partial.exists():
-            os.replace(partial, out_nb)  # the whole executed notebook appears at once
+            replace_durably(partial, out_nb)  # the whole executed notebook appears at once
+        try:
+            partial.parent.rmdir()  # only if empty: no stray .partial/ is left in a run directory
+        except OSError:
+            pass
         entry["duration_s"] = round(time.time() - t0, 1)
         if not args.no_html and out_nb.exists():
             html = export_html(out_nb)
@@ -254,6 +356,8 @@ def _run_stages(args, stages, params, done, run_dir, summary, summary_path, user
         summary["stages"][stage] = entry
         write_json(summary_path, summary)
         write_index(run_dir)
+        if entry["status"] == "ok" and (run_dir / stage / "results.json").exists():
+            config.write_manifest(run_dir / stage)  # last: every file the stage left, and its parameters
         print(f"  {entry['status']} in {entry['duration_s']} s", flush=True)
         if entry["status"] != "ok":
             print(f"stopped; everything written so far is kept in {run_dir}; after a fix: "
@@ -314,7 +418,7 @@ def _collect(run_dir: Path, stage: str, entry: dict) -> None:
     """Copy a completed stage's metrics (and 05's gains) from its results.json into the summary entry."""
     res_path = run_dir / stage / "results.json"
     if res_path.exists():
-        res = read_json(res_path)
+        res = config.read_run_json(res_path)
         entry["metrics"] = res.get("metrics", {})
         for key in ("gains", "gains_table", "gains_caption"):
             if key in res:

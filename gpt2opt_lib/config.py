@@ -61,7 +61,7 @@ def p(default, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None, n
 class Common:
     profile: str = p("quick", "name of the params/<profile>.yaml these values came from")
     run_dir: str = p("", "run directory; empty: newest run of this profile (or a new one for 01_distill)")
-    seed: int = p(1234, "seeds python, numpy and torch", ge=0)
+    seed: int = p(1234, "seeds python, numpy and torch", ge=0, lt=2**32)
     device: str = p("cpu", "auto | cpu | cuda | cuda:N")
     precision: str = p("fp32", "auto (bf16 on Ampere+, fp16 on T4, fp32 on CPU) | bf16 | fp16 | fp32",
                        choices=PRECISIONS)
@@ -365,10 +365,46 @@ def list_profiles() -> list[str]:
     return sorted(f.stem for f in PARAMS_DIR.glob("*.yaml"))
 
 
+_PROFILE_NAME_BAD = ("/", "\\", "..", "\0", "\n")
+
+
+def check_profile_name(name: str, source: str) -> str:
+    """ConfigError unless `name` is a plain profile name: it names reports/<profile>/ and params/<profile>.yaml,
+    so a path separator or `..` would put a run (or read a profile) outside them."""
+    if not isinstance(name, str) or not name.strip() or name.startswith(".") or any(
+            b in name for b in _PROFILE_NAME_BAD) or os.sep in name:
+        raise ConfigError(f"{source}: profile name {name!r} is not a plain name (letters, digits, '-', '_', '.'; "
+                          f"no path separator, no '..', not starting with '.'); a profile file elsewhere is given "
+                          f"as a path ending in .yaml")
+    return name
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently,
+    so a section or parameter written twice would lose the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if first is not None:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: {key!r} is given twice in the same "
+                                  f"mapping (first at line {first}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_profile(name_or_path: str) -> tuple[dict, Path]:
     path = Path(name_or_path)
     if not path.suffix:
+        check_profile_name(str(name_or_path), "--profile")
         path = PARAMS_DIR / f"{name_or_path}.yaml"
+    else:
+        check_profile_name(path.stem, f"profile {name_or_path}")
     if not path.exists():
         raise ConfigError(f"profile {name_or_path!r} not found ({path}); available: {list_profiles()}")
     try:
@@ -376,9 +412,11 @@ def load_profile(name_or_path: str) -> tuple[dict, Path]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the profile ({type(e).__name__}: {e})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
+    except ConfigError as e:  # a duplicate key: the loader names the line
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
     unknown = set(data) - {"common", *STAGES}
@@ -410,6 +448,11 @@ def stage_parameters(profile: str, stage: str) -> dict:
     if stage not in STAGE_CONFIGS:
         raise ConfigError(f"unknown stage {stage!r}; available: {list(STAGE_CONFIGS)}")
     data, path = load_profile(profile)
+    if stage not in data:  # no silent inheritance: a stage runs with the parameters its profile gives it
+        have = [s for s in STAGES if s in data]
+        raise ConfigError(f"{path}: no [{stage}] section, so {stage} has no parameters in this profile (its "
+                          f"sections: {have}); add `{stage}: {{}}` to run it with the common values, or leave "
+                          f"{stage} out (--only {','.join(have) or '...'})")
     merged = {**(data.get("common") or {}), **(data.get(stage) or {})}
     merged.setdefault("profile", Path(profile).stem)
     return validate(STAGE_CONFIGS[stage], merged, f"{path} [{stage}]")
@@ -474,20 +517,214 @@ def check_writable_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def stage_complete(run_dir: Path, stage: str) -> bool:
-    """A stage is complete in a run when its results exist, its notebook finished, and the runner (if it ran it)
-    did not mark it failed."""
+# ---------------------------------------------------------------- finished stages: manifest, parameters, lock
+
+MANIFEST = "MANIFEST.json"
+MANIFEST_FORMAT = "gpt2opt-manifest/1"
+HASH_MAX_BYTES = 64 << 20    # files up to this size get a SHA-256 in the manifest; larger ones (checkpoints) a size
+VERIFY_HASH_MAX_BYTES = 4 << 20  # stage_complete re-hashes only files up to this size: it runs often, it stays cheap
+NOT_ARTIFACTS = ("wandb",)   # the W&B client writes there in the background, after a stage's results
+NOT_PARAMETERS = ("run_dir",)  # where a stage ran, not how: never part of its recorded parameters
+# common keys that may differ between a stage and the stages it reads: where and how results are logged
+DRIFT_FREE = ("run_dir", "wandb_mode", "wandb_project")
+
+
+def read_run_json(path: str | Path):
+    """A run's JSON file (summary.json, params.json, MANIFEST.json): a damaged one is one ConfigError naming the
+    file and what to do, never a JSONDecodeError traceback."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        hint = {"summary.json": "move it aside (e.g. to summary.json.damaged) and --resume: it is rebuilt from the "
+                                "finished stages",
+                "params.json": "restore it (each finished stage's parameters are in <stage>/MANIFEST.json) or "
+                               "start a new run"}.get(path.name, "restore it or start a new run")
+        raise ConfigError(f"{path} is damaged (not valid JSON: {' '.join(str(e).split())[:120]}); "
+                          f"{hint}") from None
+
+
+def recorded_parameters(values: dict) -> dict:
+    """A stage's parameters as recorded and compared: every field (defaults filled by the caller), JSON-normal
+    (what a round trip through a file gives), without where it ran (NOT_PARAMETERS)."""
+    import json
+
+    from .tracking import _clean
+
+    return json.loads(json.dumps(_clean({k: v for k, v in values.items() if k not in NOT_PARAMETERS}),
+                                 sort_keys=True))
+
+
+def parameters_digest(values: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(recorded_parameters(values), sort_keys=True).encode()).hexdigest()
+
+
+def full_parameters(stage: str, values: dict) -> dict:
+    """`values` (a profile's or params.json's keys for `stage`) with the stage's defaults filled in."""
+    return recorded_parameters(as_dict(STAGE_CONFIGS[stage](**values)))
+
+
+def changed_keys(recorded: dict, values: dict, keys=None) -> list[str]:
+    """Keys (of `keys`, default all) whose value differs between two recorded_parameters dicts."""
+    keys = sorted(set(recorded) | set(values)) if keys is None else sorted(keys)
+    return [k for k in keys if recorded.get(k, "<absent>") != values.get(k, "<absent>")]
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(stage_dir: str | Path, params: dict | None = None) -> Path:
+    """<stage>/MANIFEST.json, written last when a stage finishes: every file of the stage (relative path, size,
+    SHA-256 up to HASH_MAX_BYTES) and the parameters it ran with (with their digest; default: results.json's
+    `config`). Its presence, and files that still match it, are what make a stage complete."""
+    from .tracking import write_json
+
+    stage_dir = Path(stage_dir)
+    if params is None:
+        res = stage_dir / "results.json"
+        params = (read_run_json(res) or {}).get("config") if res.exists() else None
+    files = {}
+    for f in sorted(stage_dir.rglob("*")):
+        rel = f.relative_to(stage_dir)
+        if (not f.is_file() or rel.parts[0] in NOT_ARTIFACTS or f.name == MANIFEST
+                or (f.name.startswith(".") and f.name.endswith(".tmp"))):
+            continue
+        size = f.stat().st_size
+        files[rel.as_posix()] = {"size": size, "sha256": _sha256(f) if size <= HASH_MAX_BYTES else None}
+    rec = recorded_parameters(params) if params is not None else None
+    return write_json(stage_dir / MANIFEST, {"format": MANIFEST_FORMAT, "stage": stage_dir.name, "parameters": rec,
+                                             "parameters_digest": parameters_digest(rec) if rec is not None else None,
+                                             "files": files})
+
+
+def read_manifest(run_dir: str | Path, stage: str) -> dict | None:
+    """The stage's manifest, or None when it has none or it is unreadable (stage_problem says which)."""
+    path = Path(run_dir) / stage / MANIFEST
+    try:
+        m = read_run_json(path) if path.exists() else None
+    except ConfigError:
+        return None
+    return m if isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT else None
+
+
+def stage_problem(run_dir: str | Path, stage: str) -> str | None:
+    """Why `stage` is not complete in `run_dir` (None: it is). Complete means verified: results.json parses, the
+    runner's notebook finished and was not marked failed, and MANIFEST.json (written last) is there and every file
+    it lists still has its size (and, for small files, its SHA-256)."""
+    import json
+
     run_dir = Path(run_dir)
-    if not (run_dir / stage / "results.json").exists() or (run_dir / ".partial" / f"{stage}.ipynb").exists():
-        return False  # no results, or the runner's notebook never finished (killed after the results were written)
+    sdir = run_dir / stage
+    if not (sdir / "results.json").exists():
+        return "no results.json"
+    if (run_dir / ".partial" / f"{stage}.ipynb").exists():
+        return "its notebook never finished"  # killed after the results were written
     summary = run_dir / "summary.json"
     if summary.exists():
-        import json
-
-        entry = json.loads(summary.read_text()).get("stages", {}).get(stage)
+        entry = (read_run_json(summary) or {}).get("stages", {}).get(stage)
         if entry is not None and entry.get("status") != "ok":
-            return False
-    return True
+            return f"the runner marked it {entry.get('status')}"
+    try:
+        json.loads((sdir / "results.json").read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return f"results.json is damaged ({(sdir / 'results.json').stat().st_size} bytes, not valid JSON)"
+    if not (sdir / MANIFEST).exists():
+        return f"no {MANIFEST} (the stage never finished, or finished before stages wrote one)"
+    m = read_manifest(run_dir, stage)
+    if m is None or not isinstance(m.get("files"), dict) or "results.json" not in m["files"]:
+        return f"{MANIFEST} is damaged"
+    for rel, want in m["files"].items():
+        f = sdir / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        size = f.stat().st_size
+        if size != want.get("size"):
+            return f"{rel} has {size} bytes, {want.get('size')} when the stage finished"
+        if want.get("sha256") and (rel == "results.json" or size <= VERIFY_HASH_MAX_BYTES) \
+                and _sha256(f) != want["sha256"]:
+            return f"{rel} changed since the stage finished (SHA-256)"
+    return None
+
+
+def stage_complete(run_dir: Path, stage: str) -> bool:
+    """A stage is complete in a run when stage_problem finds nothing wrong (see there)."""
+    return stage_problem(run_dir, stage) is None
+
+
+def common_drift(run_dir: str | Path, stage: str, values: dict, needs: list[str] | None = None,
+                 running: dict[str, dict] | None = None) -> str | None:
+    """Why `stage` may not run in `run_dir` with `values` (None: it may): a common parameter (block_size, tokenizer,
+    corpus, ...) differing from the one a finished stage it reads (`needs`, default STAGE_NEEDS) ran with (its
+    manifest) would mix two settings in one report. `running`: {need: values} of needs that run now, compared with
+    those values instead. DRIFT_FREE keys may differ."""
+    cur = recorded_parameters({**as_dict(STAGE_CONFIGS[stage]()), **values})
+    keys = [k for k in fields(Common) if k not in DRIFT_FREE]
+    running = running or {}
+    for need in [*(STAGE_NEEDS.get(stage, []) if needs is None else needs), *running]:
+        rec = (recorded_parameters({**as_dict(STAGE_CONFIGS[need]()), **running[need]}) if need in running
+               else (read_manifest(run_dir, need) or {}).get("parameters"))
+        if rec is None:
+            continue
+        bad = changed_keys(rec, cur, keys)
+        if bad:
+            how = "runs" if need in running else "ran"
+            return (f"{stage} would run with {', '.join(f'{k}={cur.get(k)!r}' for k in bad)} but "
+                    f"{'' if need in running else 'the finished '}{need} it reads {how} with "
+                    f"{', '.join(f'{k}={rec.get(k)!r}' for k in bad)}; use the values {need} {how} with, or start a "
+                    f"new run")
+    return None
+
+
+_HELD_LOCKS: dict[str, int] = {}  # resolved run dir -> the fd of its .lock, held by this process until it exits
+LOCK_ENV = "GPT2OPT_RUN_LOCK"  # "<pid>:<run dir>": the runner holding that run's lock started this process
+
+
+def lock_run(run_dir: str | Path, who: str) -> Path:
+    """Make this process the one writer of `run_dir`: an exclusive flock on <run>/.lock (holding the pid), kept
+    until release_run or the process ends. A second writer (another run_all, a hand-run notebook) is refused in
+    one ConfigError while the first lives; the OS drops the flock of a killed process, so its lock is taken over.
+    A notebook kernel started by the runner that holds the lock (LOCK_ENV) writes under the runner's lock."""
+    import fcntl
+
+    run = Path(run_dir).resolve()
+    if str(run) in _HELD_LOCKS:
+        return run
+    path = run / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise ConfigError(f"{who}: cannot open the run's lock {path} ({e.strerror or type(e).__name__})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if os.environ.get(LOCK_ENV) == f"{holder}:{run}":
+            return run  # the runner that started this kernel holds it for us
+        raise ConfigError(f"{who}: {run} is being written by another process (pid {holder} holds {path}); one "
+                          f"writer per run: wait for it to end, or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[str(run)] = fd
+    return run
+
+
+def release_run(run_dir: str | Path) -> None:
+    fd = _HELD_LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
 
 
 def load_stage(stage: str, namespace: dict):
@@ -503,6 +740,7 @@ def load_stage(stage: str, namespace: dict):
     if missing:
         raise ConfigError(f"notebook {stage}: parameters cell lacks {missing}")
     cfg = cls(**validate(cls, values, f"notebook {stage}"))
+    check_profile_name(cfg.profile, f"notebook {stage}: parameter 'profile'")
     needs = STAGE_NEEDS.get(stage, [])
     if not cfg.run_dir:
         if needs:
@@ -520,6 +758,11 @@ def load_stage(stage: str, namespace: dict):
         else:
             cfg.run_dir = str(new_run_dir(cfg.profile))
     run = Path(cfg.run_dir)
+    check_writable_dir(run, f"notebook {stage}: run_dir")
+    if needs and not run.is_dir():  # refused before anything is created
+        raise ConfigError(f"{stage} needs the completed stages {needs} in {run}: run them first")
+    run.mkdir(parents=True, exist_ok=True)
+    lock_run(run, f"notebook {stage}")  # held for this kernel's lifetime: one writer per run
     if (run / stage / "results.json").exists():
         raise ConfigError(f"{run / stage} already holds the results of a finished {stage}: runs are never "
                           f"overwritten; leave run_dir empty (a new run) or use `run_all.py --resume` for an "
@@ -527,6 +770,9 @@ def load_stage(stage: str, namespace: dict):
     missing_needs = [n for n in needs if not stage_complete(run, n)]
     if missing_needs:
         raise ConfigError(f"{stage} needs the completed stages {missing_needs} in {run}: run them first")
+    drift = common_drift(run, stage, as_dict(cfg))
+    if drift:
+        raise ConfigError(f"notebook {stage}: {drift}")
     (run / stage).mkdir(parents=True, exist_ok=True)
     return cfg
 

@@ -66,20 +66,37 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+GPT2_IDS = ("gpt2", "openai-community/gpt2")  # the hub ids whose BPE the offline files are, byte for byte
+
+
+def names_local_path(name: str) -> bool:
+    """A tokenizer/model name that can only mean a folder on this machine (a hub id is `name` or `org/name`)."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or Path(name).exists()
+
+
 def get_tokenizer(name: str = "gpt2"):
-    """Local dir or hub id first (the hub, or its local cache under HF_HUB_OFFLINE=1; 'offline' skips it); the
-    identical offline BPE files otherwise."""
-    if name != "offline" and (Path(name).is_dir() or hub_offline() or hub_reachable()):
+    """Local dir or hub id first (the hub, or its local cache under HF_HUB_OFFLINE=1; 'offline' skips it).
+    Only GPT-2's own hub id falls back to the offline BPE files (they are the same tokenizer); a local folder or
+    another hub id that cannot be loaded is a one-line ValueError, never a silently different tokenizer."""
+    if name == "offline":
+        return offline_tokenizer()
+    local = names_local_path(name)
+    if local and not Path(name).expanduser().is_dir():
+        raise ValueError(f"tokenizer {name!r} names a local folder that does not exist")
+    if local or name not in GPT2_IDS or hub_offline() or hub_reachable():
         try:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(name)
+            tok = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if local else name)
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
-            tok.gpt2opt_source = f"hub:{name}"
+            tok.gpt2opt_source = f"{'local' if local else 'hub'}:{name}"
             return tok
-        except Exception:  # no network, no cache, or not a hub id: the offline files are the same BPE
-            pass
+        except Exception as e:  # no network, no cache, or not a hub id
+            if name not in GPT2_IDS:
+                why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+                raise ValueError(f"tokenizer {name!r} could not be loaded ({why}); only {GPT2_IDS[0]!r} falls back "
+                                 f"to the offline GPT-2 BPE files") from None
     return offline_tokenizer()
 
 

@@ -50,6 +50,20 @@ def _importable(name: str) -> bool:
         return False
 
 
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC 7B13", "Intel(R) Xeon(R) ..."): /proc/cpuinfo's "model name" on Linux,
+    where platform.processor() gives only the architecture ("x86_64"); platform.processor() elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model") and value.strip():  # "Model" on some ARM boards
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def detect_capabilities(device: str | None = None) -> Capabilities:
     """Probe the machine once; `override_capabilities` (tests) wins over what is detected."""
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +77,7 @@ def detect_capabilities(device: str | None = None) -> Capabilities:
         )
     else:
         caps = dict(
-            device="cpu", device_name=platform.processor() or platform.machine(), bf16=True, fp16=False,
+            device="cpu", device_name=cpu_name(), bf16=True, fp16=False,
             sdpa_flash=False, sdpa_cudnn=False, sdpa_mem_efficient=False, flash_attn=False,
             bitsandbytes=_importable("bitsandbytes"), compute_capability=None,
         )
@@ -114,6 +128,35 @@ def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype | N
             return None
         return torch.bfloat16 if caps.bf16 else torch.float16
     raise ValueError(f"unknown precision {precision!r}; allowed: auto, bf16, fp16, fp32")
+
+
+def apply_memory_budget(budget_gb: float, enforce: bool, device: torch.device) -> dict:
+    """The stage's memory budget on `device`: what it is, and with `enforce` the cap that makes a bigger GPU behave
+    as a `budget_gb`-sized one (torch.cuda.set_per_process_memory_fraction on the allocator, the CUDA context
+    counted: cap = budget - context measured now). Returns the record a stage stores with its results. An
+    allocation past the cap raises torch's OutOfMemoryError, which the stages record as an outcome. The context
+    grows a little later (kernels load lazily): verdicts compare the measured peaks, context as measured at each
+    peak included, with the budget, so a phase that ran under the cap can still be judged over it."""
+    rec = {"budget_gb": budget_gb, "enforced": False}
+    if device.type != "cuda":
+        rec["note"] = "not a CUDA device: the budget is not enforced and peaks are not measured"
+        return rec
+    torch.zeros(1, device=device)  # the context exists from here on
+    free, total = torch.cuda.mem_get_info(device)
+    context_mb = (total - free - torch.cuda.memory_reserved(device)) / 2**20
+    total_mb, budget_mb = total / 2**20, budget_gb * 1024
+    rec.update(device_total_gb=total_mb / 1024, context_mb_at_start=context_mb)
+    if not enforce:
+        return rec
+    if budget_mb >= total_mb:
+        rec["note"] = f"the budget of {budget_gb:g} GiB is not below this GPU's {total_mb / 1024:.1f} GiB: no cap"
+        return rec
+    if budget_mb <= context_mb:
+        raise ValueError(f"memory_budget_gb={budget_gb:g} does not even hold the CUDA context ({context_mb:.0f} MiB)")
+    fraction = (budget_mb - context_mb) / total_mb
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    rec.update(enforced=True, allocator_cap_mb=budget_mb - context_mb, fraction=fraction)
+    return rec
 
 
 def seed_everything(seed: int) -> None:

@@ -68,15 +68,27 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def load_state_from(model, state: dict | None, src: int = 0) -> None:
+def load_state_from(model, state: dict | None, src: int = 0, keys=None) -> None:
     """Load rank `src`'s `state` (a state dict; None on the other ranks) into `model` on every rank.
 
-    For decisions only rank 0 can make (it alone validates): e.g. the early-stopped teacher's best epoch."""
+    For decisions only rank 0 can make (it alone validates): e.g. the early-stopped teacher's best epoch.
+    keys: only these state-dict entries (every rank names the same ones), e.g. a LoRA model's adapters; the rest of
+    the model stays as it is."""
+    if keys is not None:
+        keys = set(keys)
+        if not active():
+            sd = model.state_dict()
+            with torch.no_grad():
+                for k in keys:
+                    sd[k].copy_(state[k])
+            return
     if not active():
         model.load_state_dict(state)
         return
     with torch.no_grad():
         for k, v in model.state_dict().items():
+            if keys is not None and k not in keys:
+                continue
             t = state[k].to(v.device) if rank() == src else torch.empty_like(v)
             dist.broadcast(t, src)
             v.copy_(t)

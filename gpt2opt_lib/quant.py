@@ -13,6 +13,7 @@ record["available"] = False and record["reason"] = "unavailable: <why>" instead 
 from __future__ import annotations
 
 import importlib
+import logging
 import tempfile
 import time
 import warnings
@@ -28,6 +29,28 @@ from .nf4 import NF4Linear  # noqa: F401 - native QLoRA's frozen base (nf4.py), 
 # bitsandbytes' int8 matmul warns on every call that it casts bf16/fp32 inputs to fp16 (~28,000 lines in one GPU
 # run's notebook); the cast is a property of the int8 path, stated once here and in 04's notes, not per call
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from")
+
+
+class _OncePerMessage(logging.Filter):
+    """Lets the first record of each distinct formatted message whose template starts with `prefix` through and
+    drops its repeats. bitsandbytes 0.50 logs the int8 cast (not warnings.warn) on every matmul: 608 lines in each
+    of 04 and 05 on the quick profile; once per input dtype says the same."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage("MatMul8bitLt: inputs will be cast"))
 
 MODES = ("nf4", "fp4", "int8")
 

@@ -38,19 +38,46 @@ def _save(fig, ctx, name: str):
     return fig
 
 
+def _val_curve(ax, pts: list, best: int | None, label: str, color=None):
+    """One run's validation perplexity per epoch [(epoch, ppl)] with its best (kept) epoch starred. An epoch 0 (the
+    start) far above the trained epochs (a random init: ~vocabulary size) is left off the axis and named in the
+    label instead, so the differences between the trained epochs stay readable."""
+    pts = [(e, v) for e, v in pts if v is not None and math.isfinite(v)]
+    if not pts:
+        return None
+    if len(pts) > 2 and pts[0][0] == 0 and best != 0 and pts[0][1] > 3 * max(v for _, v in pts[1:]):
+        label += f"; epoch 0 {pts[0][1]:,.0f} (off scale)"
+        pts = pts[1:]
+    line, = ax.plot(*zip(*pts), marker="o", ms=4, color=color, label=label)
+    hit = [(e, v) for e, v in pts if e == best]
+    if hit:
+        (e, v), = hit
+        ax.plot([e], [v], marker="*", ms=15, color=line.get_color(), markeredgecolor="black", ls="none",
+                label=f"  best: epoch {e}, {v:.4g}" + (" (the start, kept)" if e == 0 and len(pts) > 1 else " (kept)"))
+    return line
+
+
+def _ppl_axis(ax, title: str, legend_outside: bool = False):
+    """Epochs as integers; perplexity on a log axis only when it spans more than a decade."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if y is not None and y > 0]
+    log = bool(ys) and max(ys) / min(ys) > 10
+    ax.set(title=title, xlabel="epoch (0: before training)", ylabel="validation perplexity",
+           yscale="log" if log else "linear")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if legend_outside else {}))
+
+
 def loss_curves(results: dict, ctx=None):
     """01: the scratch teacher's validation curve (if trained here), the students' training loss per step, and
-    their validation perplexity per checkpoint (mean +- std over seeds), the teacher as a reference line."""
+    their validation perplexity per epoch from the init (epoch 0) on, the best (kept) epoch starred, the mean +-
+    std of the best epochs over seeds, the teacher as a reference line."""
     scratch = results["teacher"].get("scratch_training")
-    fig, axes = plt.subplots(1, 3 if scratch else 2, figsize=(16 if scratch else 12, 4.2))
+    fig, axes = plt.subplots(1, 3 if scratch else 2, figsize=(17 if scratch else 12, 4.6))
     if scratch:
         t, *axes = axes
-        h = [e for e in scratch["history"] if "val_ppl" in e]
-        t.plot([e["epoch"] for e in h], [e["val_ppl"] for e in h], marker="o", label="validation")
-        t.axvline(scratch["best_epoch"], color="tab:green", ls="--", label=f"best epoch {scratch['best_epoch']} (kept)")
-        t.set(title=f"Scratch teacher: early stopping (patience {scratch['patience']})", xlabel="epoch",
-              ylabel="validation perplexity", yscale="log")
-        t.legend()
+        _val_curve(t, [(e["epoch"], e.get("val_ppl")) for e in scratch["history"]], scratch["best_epoch"],
+                   "teacher", color="tab:green")
+        _ppl_axis(t, f"Scratch teacher: early stopping (patience {scratch['patience']})")
     a, b = axes
     for name, r in results["runs"].items():
         a.plot(range(1, len(r["step_loss"]) + 1), r["step_loss"], label=f"{name} (seed {r.get('seed')})", lw=1)
@@ -61,23 +88,37 @@ def loss_curves(results: dict, ctx=None):
             a.plot(range(1, len(r["parts"]["ce"]) + 1), r["parts"]["ce"], label=f"{name}: CE part", lw=0.8, ls="--")
     by_arm: dict = {}
     for row in results.get("seed_runs", []):
-        by_arm.setdefault(row["arm"], []).append(row["final_val_ppl"])
+        if row.get("best_val_ppl") is not None:
+            by_arm.setdefault(row["arm"], []).append((row["best_epoch"], row["best_val_ppl"]))
     for name, r in results["runs"].items():
-        pts = [(c["epoch"], c["val_ppl"]) for c in r["checkpoints"] if "val_ppl" in c]
-        if pts:
-            line, = b.plot(*zip(*pts), marker="o", label=f"{name} (seed {r.get('seed')})")
-            vals = [v for v in by_arm.get(name, []) if v is not None]
-            if len(vals) > 1:
-                m, sd = statistics.fmean(vals), statistics.stdev(vals)
-                b.errorbar([pts[-1][0] + 0.08], [m], yerr=[sd], fmt="s", color=line.get_color(), capsize=4,
-                           label=f"{name}: mean +- std over {len(vals)} seeds")
+        line = _val_curve(b, [(c["epoch"], c.get("val_ppl")) for c in r["checkpoints"]], r.get("best_epoch"),
+                          f"{name} (seed {r.get('seed')})")
+        best = by_arm.get(name, [])
+        if line is not None and len(best) > 1:
+            m, sd = statistics.fmean(v for _, v in best), statistics.stdev(v for _, v in best)
+            x = statistics.fmean(e for e, _ in best) + 0.1
+            b.errorbar([x], [m], yerr=[sd], fmt="s", color=line.get_color(), capsize=4,
+                       label=f"  best epochs over {len(best)} seeds: {m:.4g} +- {sd:.2g}")
     tv = results["teacher"]["validation"]["ppl"]
-    b.axhline(tv, color="gray", ls=":", label=f"teacher ({tv:.1f})")
+    b.axhline(tv, color="gray", ls=":", label=f"teacher ({tv:.4g})")
     a.set(title="Training loss (first seed)", xlabel="optimizer step", ylabel="loss (nats/token)")
-    b.set(title="Students: validation perplexity (strided)", xlabel="epoch", ylabel="perplexity", yscale="log")
-    a.legend(fontsize=8), b.legend(fontsize=8)
+    a.legend(fontsize=8)
+    _ppl_axis(b, "Students: validation perplexity per epoch (strided; * = kept)")
     fig.tight_layout()
     return _save(fig, ctx, "loss_curves")
+
+
+def finetune_curves(rows: list[dict], ctx=None, name: str = "finetune_curves"):
+    """03: each fine-tuning's validation perplexity per epoch, epoch 0 being its start (the student it was given),
+    the best (kept) epoch starred; a run that never beat its start says so in the legend."""
+    rows = [r for r in rows if r and r.get("val_ppl_start") is not None]
+    fig, ax = plt.subplots(figsize=(12, 4.6))
+    for r in rows:
+        curve = [r["val_ppl_start"], *r.get("val_ppl_by_epoch", [])]
+        _val_curve(ax, list(enumerate(curve)), r.get("best_epoch"), r["config"])
+    _ppl_axis(ax, "Fine-tuning: validation perplexity per epoch (* = kept)", legend_outside=True)
+    fig.tight_layout()
+    return _save(fig, ctx, name)
 
 
 def _wrap(label, width: int = 18) -> str:
@@ -217,6 +258,40 @@ def gains_chart(gains: list[dict], ctx=None):
     return _save(fig, ctx, "gains")
 
 
+def verdict_chart(v: dict, ctx=None):
+    """05: the verdict per phase: the chosen configuration's device peak (context included) against the budget, and
+    its perplexity change against the teacher with the seed spread, against the tolerance; green = within."""
+    phases = list(v["phases"].values())
+    names = [p["title"] for p in phases]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.8 * len(phases)))
+    peaks = [(p["pick"] or {}).get("peak_mb") for p in phases]
+    budget = v["budget_gb"]
+    cols = ["#1a7f37" if p["pick"] and p["pick"].get("fits") else "#c00" for p in phases]
+    axes[0].barh(names, [(x or 0) / 1024 for x in peaks], color=cols)
+    axes[0].axvline(budget, color="k", ls="--", lw=1)
+    axes[0].text(budget, len(phases) - 0.5, f" budget {budget:g} GiB", va="bottom", fontsize=8)
+    for i, x in enumerate(peaks):
+        axes[0].text((x or 0) / 1024, i, f" {x / 1024:.2f}" if x is not None else " not measured", va="center",
+                     fontsize=8)
+    axes[0].set(title="Peak GPU memory of each phase's pick (CUDA context + allocator reserve)", xlabel="GiB")
+    d = [(p["pick"] or {}).get("ppl_change_pct") for p in phases]
+    spread = v["seed_spread"].get("std_pct") or 0
+    qcols = ["#1a7f37" if p["pick"] and p["pick"].get("within_tolerance") else "#c00" for p in phases]
+    axes[1].barh(names, [x or 0 for x in d], color=qcols, xerr=[spread if x is not None else 0 for x in d],
+                 capsize=4)
+    axes[1].axvline(v["tolerance_pct"], color="k", ls="--", lw=1)
+    axes[1].axvline(0, color="k", lw=0.6)
+    for i, x in enumerate(d):
+        axes[1].text(x or 0, i, f" {x:+.1f}%" if x is not None else " not measured", va="center", fontsize=8)
+    axes[1].set(title=f"Perplexity vs the teacher (tolerance +{v['tolerance_pct']:g}%, error bar: seed spread)",
+                xlabel="% change")
+    axes[1].set_yticks([])
+    fig.suptitle(f"Full pipeline in {budget:g} GiB within +{v['tolerance_pct']:g}% of the teacher: "
+                 f"{v['answer'].upper()}", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, ctx, "verdict")
+
+
 def pareto(points: list[dict], ctx=None):
     """Quality vs speed vs memory: perplexity over generation throughput, marker area ~ weight memory."""
     fig, ax = plt.subplots(figsize=(13, 5.5))
@@ -291,6 +366,114 @@ def _read(path: Path) -> dict | None:
         return None
 
 
+# The shape the reports (and gpt2opt_lib.verdict) read from a run's JSON: a dict spec is a mapping whose listed keys,
+# when present and not null, have the given shape ("key!": required); [spec] a list of such items; dict / list / str
+# any value of that type; _NUM a number. Keys not listed are not read as structure, so they may be anything.
+_NUM = "number"
+_PICK = {"peak_mb": _NUM, "ppl_change_pct": _NUM, "tokens_per_s": _NUM}
+_STAGE_ENTRY = {"status": str, "error": str, "html": str, "duration_s": _NUM, "metrics": dict,
+                "gains": [{"stack": str}], "gains_caption": str}
+_SHAPES = {
+    "summary.json": {"profile": str, "env": {"git_sha_note": str}, "stages": {"*": _STAGE_ENTRY}},
+    "params.json": {s: dict for s in STAGES},
+    "results.json": {"metrics": dict, "env": dict, "gains": [{"stack": str}], "gains_caption": str, "samples": list,
+                     "seed_runs": [dict], "student": dict, "config": dict, "baseline": dict, "training": list,
+                     "qlora": list, "bnb": list, "engine": list, "stacks": list,
+                     "verdict": {"answer!": str, "text!": str, "budget_gb": _NUM, "memory_budget": dict,
+                                 "phases!": {"*": {"title!": str, "answer!": str, "pick!": _PICK}}}},
+}
+
+
+def _shape_problem(obj, spec, where: str = "") -> str | None:
+    """The first place where `obj` does not have the shape `spec` (see _SHAPES), in words, or None."""
+    def kind(v):
+        return ("a mapping" if isinstance(v, dict) else "a list" if isinstance(v, list) else "a string"
+                if isinstance(v, str) else "a number" if isinstance(v, (int, float)) and not isinstance(v, bool)
+                else "true/false" if isinstance(v, bool) else "null")
+    at = f"'{where}'" if where else "the file"
+    if spec is _NUM:
+        return None if isinstance(obj, (int, float)) and not isinstance(obj, bool) else \
+            f"{at} is {kind(obj)} where a number belongs"
+    if spec in (dict, list, str):
+        want = {dict: "a mapping", list: "a list", str: "a string"}[spec]
+        return None if isinstance(obj, spec) else f"{at} is {kind(obj)} where {want} belongs"
+    if isinstance(spec, list):
+        if not isinstance(obj, list):
+            return f"{at} is {kind(obj)} where a list belongs"
+        return next((p for i, item in enumerate(obj) if (p := _shape_problem(item, spec[0], f"{where}[{i}]"))), None)
+    if not isinstance(obj, dict):
+        return f"{at} is {kind(obj)} where a mapping belongs"
+    for key, sub in spec.items():
+        name = key.rstrip("!")
+        items = obj.items() if name == "*" else [(name, obj.get(name))]
+        for k, v in items:
+            path = f"{where}.{k}" if where else str(k)
+            if v is None:
+                if key.endswith("!"):
+                    return f"'{path}' is missing"
+                continue
+            if (p := _shape_problem(v, sub, path)):
+                return p
+    return None
+
+
+def _read_checked(path: Path, name: str) -> tuple[dict | None, str | None]:
+    """(the JSON at path, None) when it has the shape _SHAPES[name] says; (None, what is wrong) when it is not valid
+    JSON, cannot be read or has another shape; (None, None) when there is no such file."""
+    path = Path(path)
+    if not path.exists():
+        return None, None
+    try:
+        obj = json.loads(path.read_text())
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or type(e).__name__})"
+    except ValueError as e:
+        return None, f"not valid JSON ({str(e).splitlines()[0][:120]})"
+    problem = _shape_problem(obj, _SHAPES[name])
+    return (None, f"wrong shape: {problem}") if problem else (obj, None)
+
+
+def _run_files(run_dir: Path) -> dict:
+    """A run directory's summary.json, params.json and <stage>/results.json, each checked for the shape the reports
+    read (a list where a mapping belongs, a string where a number belongs would otherwise end in a traceback).
+    Returns {"summary", "params", "results": {stage: ...}, "problems": {relative path: what is wrong}, "is_run"}:
+    a missing or damaged file is None. is_run: summary.json or a <stage>/results.json exists (the rule of every
+    report command)."""
+    summary, p_sum = _read_checked(run_dir / "summary.json", "summary.json")
+    params, p_par = _read_checked(run_dir / "params.json", "params.json")
+    results, problems = {}, {}
+    for rel, p in (("summary.json", p_sum), ("params.json", p_par)):
+        if p:
+            problems[rel] = p
+    for s in STAGES:
+        results[s], p = _read_checked(run_dir / s / "results.json", "results.json")
+        if p:
+            problems[f"{s}/results.json"] = p
+    is_run = (run_dir / "summary.json").is_file() or any((run_dir / s / "results.json").is_file() for s in STAGES)
+    return {"summary": summary, "params": params, "results": results, "problems": problems, "is_run": is_run}
+
+
+def _check_run_dir(run_dir) -> Path:
+    """run_dir as a Path, or a ReportError: not a directory, or holding neither summary.json nor any
+    <stage>/results.json (so `index`, `compare` and `advise` refuse the same folders)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"run directory not found: {run_dir}")
+    if not (run_dir / "summary.json").is_file() and not any((run_dir / s / "results.json").is_file() for s in STAGES):
+        raise ReportError(f"not a run directory (no summary.json, no <stage>/results.json): {run_dir}")
+    return run_dir
+
+
+def _check_out_dir(out, what: str) -> None:
+    """A ReportError naming `what` when a directory cannot be created or written at `out` (a file, under a file,
+    read-only), before anything is read or written."""
+    from .writable import write_problem
+
+    problem = write_problem(out, "dir")
+    if problem:
+        raise ReportError(f"{what} {out}: cannot write there: {problem}")
+
+
 def _fmt(v) -> str:
     if v is None:
         return "–"
@@ -343,23 +526,97 @@ def _stage_status(summary: dict, run_dir: Path, stage: str) -> tuple[str, dict]:
     return "not run", entry
 
 
+def _samples_html(results: dict) -> str:
+    """The "Samples" section: per prompt, each model's greedy continuation (the prompt greyed before it) and the
+    engine that produced it. From 05's results (teacher, distilled student, final stack), else 02's; every string
+    escaped (model output is arbitrary text)."""
+    for stage in ("05_flash_quant", "02_compare"):
+        rows = [r for r in ((results.get(stage) or {}).get("samples") or []) if isinstance(r, dict)]
+        if rows:
+            break
+    else:
+        return "<h2>Samples</h2><p class='notrun'>no samples in this run (02 and 05 write them).</p>"
+    out = [f"<h2>Samples ({stage[:2]})</h2>"]
+    by: dict = {}
+    for r in rows:
+        by.setdefault(str(r.get("prompt", "")), []).append(r)
+    for prompt, rs in by.items():
+        body = "".join(
+            f"<tr><td>{_h(r.get('model'))}</td><td>{_h(r.get('engine'))}"
+            + (f"<br><span class='note'>{_h(r['engine_note'])}</span>" if r.get("engine_note") else "")
+            + f"</td><td class='num'>{_h(r.get('new_tokens'))}</td><td style='white-space:pre-wrap'>"
+            f"<span class='note'>{_html.escape(prompt)}</span>{_html.escape(str(r.get('text', '')))}</td></tr>"
+            for r in rs)
+        out.append(f"<h3>{_html.escape(prompt)}</h3><table><thead><tr><th>model</th><th>engine</th><th>new tokens</th>"
+                   f"<th>continuation (greedy)</th></tr></thead><tbody>{body}</tbody></table>")
+    return "\n".join(out)
+
+
+def _verdict_html(run_dir: Path, results: dict, params: dict) -> str:
+    """The verdict section at the top of index.html: 05's stored verdict, else one computed from the stages'
+    results with the run's budget and tolerance (a partial run answers what it can)."""
+    from . import verdict as V
+
+    v = (results.get("05_flash_quant") or {}).get("verdict")
+    if not v:
+        p = next((params.get(s) for s in reversed(STAGES) if isinstance(params.get(s), dict)), {}) or {}
+        try:
+            # a run older than device peaks: its allocated peaks, said so in every answer (no context added)
+            v = V.verdict(results, float(p.get("memory_budget_gb", 6.0)), float(p.get("ppl_tolerance_pct", 5.0)),
+                          overhead_gb=0.0)
+        except Exception as e:  # noqa: BLE001 - a report of a damaged run still renders
+            return f"<h2>Verdict</h2><p class='failed'>cannot judge: {_html.escape(str(e)[:200])}</p>"
+        v["text"] = V.verdict_text(v)
+    cls = {"yes": "ok", "no": "failed"}.get(v["answer"], "notrun")
+    out = [f"<h2>Verdict: <span class='{cls}'>{_html.escape(v['answer'].upper())}</span></h2>",
+           "<pre style='white-space:pre-wrap;font-size:13px'>" + _html.escape(v.get("text") or V.verdict_text(v))
+           + "</pre>"]
+    rows = [{"phase": ph["title"], "answer": ph["answer"], "configuration": (ph["pick"] or {}).get("config"),
+             "peak GiB (context incl.)": None if not ph["pick"] or ph["pick"].get("peak_mb") is None
+             else ph["pick"]["peak_mb"] / 1024,
+             "perplexity vs teacher %": (ph["pick"] or {}).get("ppl_change_pct"),
+             "tokens/s": (ph["pick"] or {}).get("tokens_per_s")} for ph in v["phases"].values()]
+    out.append(_html_table(rows))
+    budgets = v.get("memory_budget") or {}
+    enforced = sorted(s for s, b in budgets.items() if isinstance(b, dict) and b.get("enforced"))
+    out.append("<p class='note'>" + (f"Measured under an enforced cap of {v['budget_gb']:g} GiB (context counted) in "
+                                     f"{', '.join(enforced)}." if enforced else
+                                     "The budget was not enforced in this run: the peaks are those measured without "
+                                     "a cap.") + "</p>")
+    if (run_dir / "05_flash_quant" / "verdict.png").exists():
+        out.append("<img src='05_flash_quant/verdict.png' alt='verdict'>")
+    return "\n".join(out)
+
+
 def write_index(run_dir) -> Path:
     """run_dir/index.html: profile, machine, wall time and status per stage, 05's gains table at the top, each stage's
     metrics and key tables with its plots inline (relative links: copying the directory keeps them working) and a
-    link to its executed notebook's HTML. Works on partial runs (missing stages shown as not run / failed)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReportError(f"run directory not found: {run_dir}")
-    summary = _read(run_dir / "summary.json") or {}
-    params = _read(run_dir / "params.json") or {}
+    link to its executed notebook's HTML. Works on partial runs (missing stages shown as not run / failed) and on
+    damaged ones: a JSON file that is not valid or of the wrong shape is left out, a stage whose results.json is
+    shown as "unreadable" with the reason (see _run_files). Refuses a folder that is not a run directory, or one it
+    cannot write into (ReportError), before writing anything."""
+    run_dir = _check_run_dir(run_dir)
+    from .writable import write_problem
+
+    problem = write_problem(run_dir / "index.html", "file")
+    if problem:
+        raise ReportError(f"cannot write the index into {run_dir}: {problem}")
+    files = _run_files(run_dir)
+    summary, params, results = files["summary"] or {}, files["params"] or {}, files["results"]
+    for s in STAGES:   # a damaged results.json: the stage says so instead of "ok" with no results
+        why = files["problems"].get(f"{s}/results.json")
+        if why:
+            entry = dict((summary.get("stages") or {}).get(s) or {}, status="unreadable",
+                         error=f"{s}/results.json: {why}")
+            summary = {**summary, "stages": {**(summary.get("stages") or {}), s: entry}}
     env = summary.get("env") or {}
     profile = summary.get("profile") or env.get("profile") or "?"
-    results = {s: _read(run_dir / s / "results.json") for s in STAGES}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>gpt2opt run {_html.escape(run_dir.name)}"
              f"</title><style>{_CSS}</style></head><body>",
              f"<h1>gpt2opt run <code>{_html.escape(run_dir.name)}</code></h1>",
              f"<p>profile <b>{_html.escape(str(profile))}</b> · device <b>{_h(env.get('device_name'))}</b> · "
              f"git <code>{_h(env.get('git_sha'))}</code></p>"]
+    parts.append(_verdict_html(run_dir, results, params))
     # Stage overview: status, wall time, links.
     rows, total = [], 0.0
     for s in STAGES:
@@ -392,16 +649,7 @@ def write_index(run_dir) -> Path:
         parts.append("<p class='note'>'–': not measured here (peak memory is measured on CUDA only).</p>")
     else:
         parts.append("<p class='notrun'>05 has not completed in this run: no end-to-end gains.</p>")
-    # The 6 GB question (and this run's own GPU), from the measured numbers of 03/04/05.
-    if any(results.get(s) for s in ("03_lora_prune", "04_quant", "05_flash_quant")):
-        budgets = [6.0] + ([float(env["gpu_memory_gb"])] if isinstance(env.get("gpu_memory_gb"), (int, float)) else [])
-        parts.append("<h2>Does it fit? (report advise)</h2>")
-        for gb in budgets:
-            try:
-                text = advice_text(advise(run_dir, vram_gb=gb, show=False))
-            except ReportError as e:
-                text = f"cannot advise: {e}"
-            parts.append(f"<pre style='font-size:12px;overflow-x:auto'>{_html.escape(text)}</pre>")
+    parts.append(_samples_html(results))
     # Machine.
     parts.append("<h2>Machine and versions</h2>" + _kv_table({k: env.get(k) for k in ENV_KEYS if k in env}))
     if env.get("git_sha_note"):
@@ -445,21 +693,25 @@ def write_index(run_dir) -> Path:
 
 
 def _load_run(run_dir) -> dict:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReportError(f"run directory not found: {run_dir}")
-    summary = _read(run_dir / "summary.json")
-    results = {s: _read(run_dir / s / "results.json") for s in STAGES}
-    if summary is None and not any(results.values()):
-        raise ReportError(f"not a run directory (no summary.json, no <stage>/results.json): {run_dir}")
-    summary = summary or {}
+    """A run directory's summary and stage results for compare and advise; a ReportError (one line) for a folder
+    that is not a run directory and for a damaged one: a JSON file not valid, unreadable or of the wrong shape
+    (_run_files), named with what is wrong, rather than a traceback or a silently missing stage."""
+    run_dir = _check_run_dir(run_dir)
+    files = _run_files(run_dir)
+    if files["problems"]:
+        (rel, why), *more = files["problems"].items()
+        raise ReportError(f"damaged run directory {run_dir}: {rel}: {why}"
+                          + (f" (and {len(more)} more damaged file(s))" if more else ""))
+    summary, results = files["summary"] or {}, files["results"]
     env = summary.get("env") or {}
     return {"dir": run_dir, "summary": summary, "results": results, "env": env,
             "profile": summary.get("profile") or env.get("profile") or "?"}
 
 
 def _numeric_metrics(run: dict) -> dict:
-    """{(stage, metric): number} from each stage's results.json metrics (summary.json's copy as a fallback)."""
+    """{(stage, metric): number} from each stage's results.json metrics (summary.json's copy as a fallback), plus
+    (stage, "wall_time_s") from summary.json. Standard-deviation companions (see _std_names) are kept: compare
+    folds them into their metric's row as its spread."""
     out = {}
     for s in STAGES:
         m = (run["results"].get(s) or {}).get("metrics") or ((run["summary"].get("stages") or {}).get(s) or {}).get(
@@ -473,56 +725,213 @@ def _numeric_metrics(run: dict) -> dict:
     return out
 
 
+_UNIT_SUFFIXES = ("_ms", "_s", "_mb", "_gb", "_pct")
+
+
+def _std_names(metric: str) -> list[str]:
+    """The names a metric's standard deviation may have beside it in the same stage's metrics, most specific first:
+    X_std (distilled_val_ppl -> distilled_val_ppl_std), X_std_<unit> for X_<unit> (time_per_step_ms ->
+    time_per_step_std_ms, as the results' table rows name theirs); a bracketed row key keeps its bracket last
+    (x_ms[row] -> x_ms_std[row], x_std_ms[row]) or takes the suffix after it (x[row]_std)."""
+    base, sep, tail = metric.partition("[")
+    br = sep + tail
+    names = [f"{base}_std{br}"]
+    names += [f"{base[:-len(u)]}_std{u}{br}" for u in _UNIT_SUFFIXES if base.endswith(u) and len(base) > len(u)]
+    return names + ([f"{metric}_std"] if br else [])
+
+
+def _is_pct(metric: str) -> bool:
+    """A percentage (signed or not: *_change_pct, lora_trainable_pct): its difference is in percentage points and a
+    ratio of two percentages means nothing (-2 % vs -1 % is not "2x")."""
+    base = metric.partition("[")[0]
+    return base.endswith(("_pct", "_percent")) or "_pct_" in base
+
+
+def _short_sha(sha) -> str:
+    head, _, rest = str(sha).partition("-")  # keep env.git_sha's "-dirty" mark
+    return head[:12] + (f"-{rest}" if rest else "")
+
+
+def _run_commit(run: dict) -> str:
+    """The commit a run was made from: env.git_sha of summary.json and of each stage's results.json, several (comma
+    separated) when stages were run from different commits, '?' when none is recorded."""
+    shas = [run["env"].get("git_sha")] + [((r or {}).get("env") or {}).get("git_sha") for r in run["results"].values()]
+    return ", ".join(dict.fromkeys(_short_sha(s) for s in shas if s)) or "?"
+
+
 # A few headline figures for the comparison plot: (stage, metric, what "better" means).
-HEADLINES = [("01_distill", "distill_tokens_per_s", "higher"), ("02_compare", "distilled_forward_tokens_per_s", "higher"),
+HEADLINES = [("01_distill", "distill_tokens_per_s", "higher"), ("01_distill", "distilled_val_ppl", "lower"),
+             ("02_compare", "distilled_forward_tokens_per_s", "higher"),
              ("02_compare", "distilled_generate_tokens_per_s_fast", "higher"),
              ("04_quant", "engine_int4_gen_tokens_per_s", "higher"), ("04_quant", "baseline_test_ppl", "lower"),
              ("03_lora_prune", "pruned_lora_test_ppl", "lower"), ("02_compare", "teacher_test_ppl", "lower")]
 
 
 def _run_label(run: dict, i: int) -> str:
-    return f"{run['profile']} · {run['env'].get('device_name') or '?'} · {run['dir'].name}"
+    return f"{run['profile']} · {run['env'].get('device_name') or '?'} · {run['dir'].name} · commit {_run_commit(run)}"
+
+
+def _distinct_runs(run_dirs: list) -> tuple[list, list[str]]:
+    """The run directories in the order given with repeats (the same resolved directory) dropped, the first kept,
+    and one warning per repeat: comparing a run with itself shows nothing and would double its weight."""
+    if len(run_dirs) < 2:
+        raise ReportError("compare needs at least two run directories")
+    seen, keep, warns = {}, [], []
+    for d in run_dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            warns.append(f"{d} is the same run directory as {seen[key]}: passed twice, compared once")
+        else:
+            seen[key] = d
+            keep.append(d)
+    if len(keep) < 2:
+        raise ReportError(f"compare needs two distinct run directories, got only {keep[0]} ({len(run_dirs)} times)")
+    return keep, warns
+
+
+def _params_diff(runs: list[dict], short: list[str]) -> tuple[list[dict], list[str], list[str]]:
+    """Rows {"stage", "key", A, B, ...} for the params.json entries ({stage: {key: value}}) that differ between the
+    runs, a run lacking the key having no entry in its column ('–' in the tables). A key that differs the same way in
+    several stages (the common section is copied into each) is one row naming those stages. A stage is compared
+    among the runs whose params.json has it (a partial run is not a parameter change). Runs without a params.json
+    are left out, with a note. Returns (rows, the runs compared, notes)."""
+    params = [_read(r["dir"] / "params.json") for r in runs]
+    have = [(s, p) for s, p in zip(short, params) if isinstance(p, dict)]
+    notes = [f"{s}: no params.json, its parameters are not compared." for s, p in zip(short, params)
+             if not isinstance(p, dict)]
+    if len(have) < 2:
+        return [], [], notes
+    stages = [st for st in dict.fromkeys([*STAGES, *(st for _, p in have for st in p)])
+              if any(isinstance(p.get(st), dict) for _, p in have)]
+    missing = object()
+    groups: dict = {}
+    for st in stages:
+        secs = [p.get(st) if isinstance(p.get(st), dict) else None for _, p in have]
+        ran = [sec for sec in secs if sec is not None]
+        for k in dict.fromkeys(k for sec in ran for k in sec):
+            vals = [missing if sec is None else sec.get(k, missing) for sec in secs]
+            sig = tuple("\0missing" if v is missing else json.dumps(v, sort_keys=True, default=str) for v in vals)
+            # Compared among the runs that ran the stage: a stage a run skipped is not a parameter change.
+            if len({json.dumps(sec[k], sort_keys=True, default=str) if k in sec else "\0missing" for sec in ran}) > 1:
+                g = groups.setdefault((k, sig), {"stages": [], "vals": vals})
+                g["stages"].append(st)
+    rows = []
+    for (k, _), g in groups.items():
+        row = {"stage": "all stages" if len(g["stages"]) == len(stages) > 1 else ", ".join(g["stages"]), "key": k}
+        row.update({s: v for (s, _), v in zip(have, g["vals"]) if v is not missing})
+        rows.append(row)
+    return rows, [s for s, _ in have], notes
+
+
+def _param_cells(row: dict, cols: list[str]) -> list[str]:
+    """A params-diff row as display strings, exact (JSON, not rounded: 3e-4 and 3.1e-4 must not read the same):
+    '–' where the run lacks the key, 'null' where it is set to null."""
+    return [row["stage"], row["key"]] + [
+        (row[s] if isinstance(row[s], str) else json.dumps(row[s], default=str)) if s in row else "–"
+        for s in cols[2:]]
+
+
+def _signed(v, pp: bool = False) -> str:
+    return "–" if v is None else ("+" if v > 0 else "") + _fmt(v) + (" pp" if pp else "")
+
+
+def _cmp_cells(row: dict, short: list[str]) -> list[str]:
+    """One compare row as display strings: value ± sd, signed difference (pp for percentages), ratio, the verdict."""
+    pp = row["unit"] == "pp"
+    flagged = any(row.get(f"{s} flagged") for s in short[1:])
+    cells = [row["stage"], ("⚠ " if flagged else "") + row["metric"]]
+    cells += [_fmt(row[s]) + (f" ± {_fmt(row[f'{s} sd'])}" if row[f"{s} sd"] is not None else "") for s in short]
+    for s in short[1:]:
+        lim, flag = row[f"{s} limit"], row[f"{s} flagged"]
+        verdict = ("–" if row[f"{s}-A"] is None else "no spread") if lim is None else \
+            f"{'⚠ beyond' if flag else 'within'} ±{_fmt(lim)}{' pp' if pp else ''}"
+        cells += [_signed(row[f"{s}-A"], pp), _fmt(row[f"{s}/A"]), verdict]
+    return cells
+
+
+_CMP_CSS = "tr.flag td{background:#fff3cd}tr.flag td:nth-child(2){font-weight:bold}"
 
 
 def compare(run_dirs: list, out_dir) -> dict:
-    """The key metrics of several runs side by side, with each run's ratio to the first; writes out_dir/compare.md,
-    out_dir/compare.html and out_dir/compare.png (a few headline ratios). Returns {"rows", "labels", "paths"}."""
-    if len(run_dirs) < 2:
-        raise ReportError("compare needs at least two run directories")
+    """The metrics of several runs side by side as a regression guard: each run's difference from the first (A) --
+    in percentage points for percentages, with a ratio for positive quantities -- flagged where it exceeds the
+    runs' spread, |B - A| > 2 * sqrt(sd_A^2 + sd_B^2), sd being the metric's standard-deviation companion in the
+    same stage's metrics in both runs (see _std_names); without one the row says "no spread" and is never flagged.
+    Also lists each run's commit and the params.json entries that differ. A run passed twice is compared once, with
+    a warning. Writes out_dir/compare.md, compare.html and compare.png (headline ratios, flagged ones marked).
+    Returns {"rows", "params", "labels", "commits", "notes", "warnings", "flagged", "paths"}."""
+    run_dirs, warns = _distinct_runs(list(run_dirs))
     runs = [_load_run(d) for d in run_dirs]
     labels = [_run_label(r, i) for i, r in enumerate(runs)]
+    commits = [_run_commit(r) for r in runs]
     short = [chr(65 + i) for i in range(len(runs))]
     mets = [_numeric_metrics(r) for r in runs]
     keys = [k for s in STAGES for k in dict.fromkeys(k for m in mets for k in m if k[0] == s)]
-    rows = []
+    std_of = {k: next((n for n in _std_names(k[1]) if any((k[0], n) in m for m in mets)), None) for k in keys}
+    companions = {(k[0], n) for k, n in std_of.items() if n}
+    rows, flagged = [], []
     for k in keys:
-        row = {"stage": k[0], "metric": k[1]}
+        if k in companions:
+            continue
+        pct = _is_pct(k[1])
+        row = {"stage": k[0], "metric": k[1], "unit": "pp" if pct else ""}
         base = mets[0].get(k)
-        for s, m in zip(short, mets):
-            row[s] = m.get(k)
-        for s, m in zip(short[1:], mets[1:]):
+        sds = [m.get((k[0], std_of[k])) if std_of[k] else None for m in mets]
+        for s, m, sd in zip(short, mets, sds):
+            row[s], row[f"{s} sd"] = m.get(k), sd
+        for s, m, sd in zip(short[1:], mets[1:], sds[1:]):
             v = m.get(k)
-            row[f"{s}/A"] = v / base if v is not None and base not in (None, 0) else None
+            d = v - base if v is not None and base is not None else None
+            lim = 2 * math.hypot(sds[0], sd) if d is not None and sds[0] is not None and sd is not None else None
+            row[f"{s}-A"] = d
+            row[f"{s}/A"] = v / base if d is not None and not pct and base > 0 and v > 0 else None
+            row[f"{s} limit"] = lim
+            row[f"{s} flagged"] = abs(d) > lim if lim is not None else None
+            if row[f"{s} flagged"]:
+                flagged.append({"run": s, "stage": k[0], "metric": k[1], "difference": d, "limit": lim})
         rows.append(row)
+    prow, pruns, pnotes = _params_diff(runs, short)
     profiles = sorted({r["profile"] for r in runs})
-    notes = [f"Ratios are each run's value divided by run A's ({labels[0]}); '-': not measured in that run."]
+    notes = [f"Differences are each run's value minus run A's ({labels[0]}); for percentages (*_pct) they are in "
+             "percentage points (pp) and no ratio is given. Ratios (B/A) only where both values are positive. "
+             "'–': not measured in that run.",
+             "Spread rule: where a metric has a standard deviation beside it in the same stage's metrics in both runs "
+             "(X_std, or X_std_ms for X_ms, X_std_s for X_s), the difference is flagged ⚠ when "
+             "|B - A| > 2 * sqrt(sd_A^2 + sd_B^2) (shown as 'beyond ±limit'); values show as mean ± sd. Where no "
+             "spread is known the row says 'no spread' and is never flagged: such a difference may be noise."]
+    if warns:
+        notes.append("Warning: " + "; ".join(warns) + ".")
     if len(profiles) > 1:
         notes.append(f"Runs of different profiles ({', '.join(profiles)}): model sizes, data and budgets differ, so "
-                     "ratios compare whole setups, not one change.")
+                     "differences compare whole setups, not one change.")
     devices = sorted({str(r["env"].get("device_name")) for r in runs})
     if len(devices) > 1:
         notes.append(f"Different devices: {', '.join(devices)}.")
+    notes += pnotes
+    summary_line = (f"{len(flagged)} difference(s) beyond the spread: " + ", ".join(
+        f"{f['run']} {f['stage']} {f['metric']}" for f in flagged)) if flagged else \
+        "No difference beyond the spread (metrics without a spread are not judged)."
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from .tracking import write_atomic
 
-    cols = ["stage", "metric", *short, *[f"{s}/A" for s in short[1:]]]
-    md = ["# gpt2opt: runs compared", ""] + [f"- **{s}**: {lab}  " for s, lab in zip(short, labels)] + [""]
-    md += [f"_{n}_  " for n in notes] + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    cols = ["stage", "metric", *short, *[c for s in short[1:] for c in (f"{s}-A", f"{s}/A", f"{s} vs spread")]]
+    pcols = ["stage", "key", *pruns]
+    run_lines = [f"**{s}**: {lab}" for s, lab in zip(short, labels)]
+    md = ["# gpt2opt: runs compared", ""] + [f"- {ln}  " for ln in run_lines] + [""]
+    md += [f"_{n}_  " for n in notes] + ["", f"**{summary_line}**", "", "## Metrics", ""]
+    md += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(_cmp_cells(r, short)) + " |" for r in rows]
+    md += ["", "## Parameters that differ", ""]
+    if prow:
+        md += ["| " + " | ".join(pcols) + " |", "|" + "---|" * len(pcols)]
+        md += ["| " + " | ".join(_param_cells(r, pcols)) + " |" for r in prow]
+    else:
+        md.append("_none: the runs' params.json agree._" if pruns else "_not compared (see the notes)._")
     md_path = write_atomic(out_dir / "compare.md", lambda f: f.write("\n".join(md) + "\n"))
-    # Headline ratios plot.
-    heads = [(s, m, b) for s, m, b in HEADLINES if all((s, m) in mt for mt in mets)]
+    # Headline ratios plot (percentages have no ratio, so none of them is a headline).
+    heads = [(s, m, b) for s, m, b in HEADLINES if not _is_pct(m) and all((s, m) in mt for mt in mets)]
+    flag_at = {(f["run"], f["stage"], f["metric"]) for f in flagged}
     png = None
     if heads:
         fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(heads) * (len(runs) - 1) + 2), 4.2))
@@ -532,14 +941,18 @@ def compare(run_dirs: list, out_dir) -> dict:
             ratios = [mt[(st, m)] / mets[0][(st, m)] if mets[0][(st, m)] else float("nan") for st, m, _ in heads]
             ratios_all += [r for r in ratios if r > 0 and math.isfinite(r)]
             bars_ = ax.bar([i + j * width for i in range(len(heads))], ratios, width=width, label=f"{s} / A")
-            ax.bar_label(bars_, labels=[f"{r:.3g}x" for r in ratios], fontsize=7)
+            for b_, (st, m, _) in zip(bars_, heads):
+                if (s, st, m) in flag_at:
+                    b_.set(hatch="//", edgecolor="#c00")
+            ax.bar_label(bars_, labels=[f"{r:.3g}x" + (" ⚠" if (s, st, m) in flag_at else "")
+                                        for r, (st, m, _) in zip(ratios, heads)], fontsize=7)
         ax.set_xticks([i + width * (len(runs) - 2) / 2 for i in range(len(heads))],
                       [textwrap.fill(f"{st[:2]} {m.replace('_', ' ')} ({b} is better)", 22) for st, m, b in heads],
                       fontsize=7)
         ax.axhline(1, color="k", lw=0.8, ls=":")
         spread = max(ratios_all) / min(ratios_all) if ratios_all else 1
-        ax.set(title="Headline figures: ratio to run A", ylabel="ratio (x)" + (", log scale" if spread > 10 else ""),
-               yscale="log" if spread > 10 else "linear")
+        ax.set(title="Headline figures: ratio to run A (⚠: difference beyond the runs' spread)",
+               ylabel="ratio (x)" + (", log scale" if spread > 10 else ""), yscale="log" if spread > 10 else "linear")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.text(0.01, -0.02, "\n".join(textwrap.fill(f"{s}: {lab}", 120) for s, lab in zip(short, labels)), fontsize=7,
                  va="top")
@@ -547,8 +960,8 @@ def compare(run_dirs: list, out_dir) -> dict:
         png = write_atomic(out_dir / "compare.png", lambda f: fig.savefig(f, format="png", dpi=110,
                                                                            bbox_inches="tight"), binary=True)
         plt.close(fig)
-    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>gpt2opt compare</title><style>{_CSS}</style>"
-            "</head><body><h1>gpt2opt: runs compared</h1><ul>"]
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>gpt2opt compare</title>"
+            f"<style>{_CSS}{_CMP_CSS}</style></head><body><h1>gpt2opt: runs compared</h1><ul>"]
     for s, lab, r in zip(short, labels, runs):
         idx = r["dir"] / "index.html"
         rel = Path(os.path.relpath(idx.resolve(), out_dir.resolve())).as_posix()  # relative: survives moving both
@@ -556,38 +969,29 @@ def compare(run_dirs: list, out_dir) -> dict:
                     + (f", <a href='{_html.escape(rel)}'>index</a>" if idx.exists() else "")
                     + ")</span></li>")
     page.append("</ul>" + "".join(f"<p class='note'>{_html.escape(n)}</p>" for n in notes))
+    page.append(f"<p><b>{_html.escape(summary_line)}</b></p>")
     if png:
         page.append("<img src='compare.png' alt='headline ratios'>")
-    page.append(_html_table(rows, cols) + "</body></html>\n")
+    head = "".join(f"<th>{_html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        ("<tr class='flag'>" if any(r.get(f"{s} flagged") for s in short[1:]) else "<tr>")
+        + "".join(f"<td class='{'num' if i >= 2 else ''}'>{_html.escape(c)}</td>"
+                  for i, c in enumerate(_cmp_cells(r, short))) + "</tr>" for r in rows)
+    page.append(f"<h2>Metrics</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    phead = "".join(f"<th>{_html.escape(c)}</th>" for c in pcols)
+    pbody = "".join("<tr>" + "".join(f"<td>{_html.escape(c)}</td>" for c in _param_cells(r, pcols)) + "</tr>"
+                    for r in prow)
+    page.append("<h2>Parameters that differ</h2>" + (
+        f"<table><thead><tr>{phead}</tr></thead><tbody>{pbody}</tbody></table>" if prow else
+        f"<p class='note'>{'none: the runs’ params.json agree' if pruns else 'not compared (see the notes)'}</p>"))
+    page.append("</body></html>\n")
     html_path = write_atomic(out_dir / "compare.html", lambda f: f.write("\n".join(page)))
-    return {"rows": rows, "labels": labels, "notes": notes, "paths": [md_path, html_path] + ([png] if png else [])}
+    return {"rows": rows, "params": prow, "labels": labels, "commits": commits, "notes": notes, "warnings": warns,
+            "flagged": flagged, "paths": [md_path, html_path] + ([png] if png else [])}
 
 
 def _gb(mb):
     return None if mb is None else mb / 1024  # the JSON's MiB -> GiB ("GB" in the tables: 1024 MiB)
-
-
-def _advise_tables(res: dict) -> dict:
-    """{purpose: [(table, rows, memory keys, speed key)]}; each table's first row is its quality reference."""
-    r3, r4, r5 = (res.get(s) or {} for s in ("03_lora_prune", "04_quant", "05_flash_quant"))
-    ok = lambda rows: [r for r in rows or [] if isinstance(r, dict) and r.get("status", "ok") == "ok"]  # noqa: E731
-    e2e = ok([r5.get("baseline")] + list(r5.get("stacks") or []))
-    seen, e2e_train = set(), []
-    for r in e2e:  # the stacks share one training measurement (QLoRA on the stack): list it once
-        key = (r.get("train_peak_mem_mb"), r.get("train_tokens_per_s"))
-        if key not in seen:
-            seen.add(key), e2e_train.append(r)
-    return {
-        "training": [("03 fine-tuning", ok(r3.get("training")), ["peak_mem_mb"], "tokens_per_s"),
-                     ("04 LoRA/QLoRA", ok(r4.get("qlora")), ["peak_mem_mb"], "tokens_per_s"),
-                     ("05 end-to-end", e2e_train, ["train_peak_mem_mb"], "train_tokens_per_s")],
-        "inference": [("04 bitsandbytes", ok(r4.get("bnb")), ["forward_peak_mem_mb", "gen_peak_mem_mb"],
-                       "gen_tokens_per_s"),
-                      ("04 fast engine", ok(r4.get("engine")), ["gen_peak_mem_mb"], "gen_tokens_per_s"),
-                      ("05 attention x quant", ok(r5.get("attention_x_quant")),
-                       ["forward_peak_mem_mb", "gen_peak_mem_mb"], "gen_tokens_per_s"),
-                      ("05 end-to-end", e2e, ["forward_peak_mem_mb", "gen_peak_mem_mb"], "gen_tokens_per_s")],
-    }
 
 
 def _parse_pct(v) -> float:
@@ -612,84 +1016,50 @@ def _parse_gb(v, name="--vram-gb", allow_zero=False) -> float:
 
 
 def advise(run_dir, vram_gb=6.0, max_ppl_increase="5%", overhead_gb=0.0, show: bool = True) -> dict:
-    """Which measured configurations of a run fit `vram_gb` for training and for inference, and the fastest of
-    those whose test perplexity is within `max_ppl_increase` of its own table's reference (the 16-bit / baseline
-    first row). Memory = PyTorch's measured peak (MiB/1024 -> GB) + `overhead_gb` (CUDA context etc., not in the
-    peak); inference takes the larger of the measured forward (batch x seq_len) and batch-1 generation peaks.
-    Measured only: nothing is extrapolated; rows without a measured peak (CPU) are "not measured" and never
-    picked. Prints a short table (show=True) and returns {"training": [...], "inference": [...], "picks": {...}}."""
+    """Does each phase of the pipeline (distillation 01, fine-tuning 03/04, serving 04/05) fit `vram_gb`, and with
+    which configuration: the fastest that fits and whose perplexity is within `max_ppl_increase` of the teacher's
+    (gpt2opt_lib.verdict: the numbers 05's verdict and index.html use). Memory: each row's measured device peak
+    (CUDA context + allocator reserve); a run that measured only PyTorch's allocated peak gets that plus
+    `overhead_gb`, and says so. Measured only: nothing is extrapolated; a CPU run "cannot say". Prints the answer
+    (show=True) and returns the verdict with `picks` {phase: pick}."""
+    from . import verdict as V
+
     vram_gb, tol = _parse_gb(vram_gb), _parse_pct(max_ppl_increase)
     overhead_gb = _parse_gb(overhead_gb, "--overhead-gb", allow_zero=True)
     run = _load_run(run_dir)
     env = run["env"] or next((r.get("env") for r in run["results"].values() if r and r.get("env")), {}) or {}
-    on_cpu = (env.get("device") or "") == "cpu" or not env.get("cuda")
-    unmeasured = "not measured on CPU" if on_cpu else "not measured"
-    out: dict = {"run": str(run["dir"]), "device": env.get("device_name"), "vram_gb": vram_gb,
-                 "max_ppl_increase_pct": tol, "overhead_gb": overhead_gb, "basis": "measured only", "picks": {}}
-    for purpose, tables in _advise_tables(run["results"]).items():
-        rows = []
-        for table, trows, mem_keys, speed_key in tables:
-            if not trows:
-                continue
-            ref_ppl = trows[0].get("test_ppl")
-            for i, r in enumerate(trows):
-                mems = [(k, r.get(k)) for k in mem_keys if r.get(k) is not None]
-                k, mb = max(mems, key=lambda kv: kv[1]) if mems else (None, None)
-                ppl = r.get("test_ppl")
-                d = (ppl / ref_ppl - 1) * 100 if ppl is not None and ref_ppl else None
-                need = None if mb is None else _gb(mb) + overhead_gb
-                rows.append({"table": table, "config": r.get("config"), "reference": i == 0,
-                             "peak_gb": _gb(mb), "peak_of": k, "weight_gb": _gb(r.get("weight_mb")),
-                             "fits": None if need is None else need <= vram_gb,
-                             "tokens_per_s": r.get(speed_key), "test_ppl": ppl, "ppl_change_pct": d,
-                             "within_tolerance": None if d is None else d <= tol + 1e-9,
-                             "note": None if mb is not None else unmeasured})
-        cands = [r for r in rows if r["fits"] and r["within_tolerance"] and r["tokens_per_s"] is not None]
-        pick = max(cands, key=lambda r: r["tokens_per_s"]) if cands else None
-        out[purpose], out["picks"][purpose] = rows, pick
+    out = V.verdict(run["results"], vram_gb, tol, env.get("device_name"), overhead_gb=overhead_gb)
+    out.update(run=str(run["dir"]), overhead_gb=overhead_gb,
+               picks={p: ph["pick"] for p, ph in out["phases"].items()})
     if show:
         print(advice_text(out))
     return out
 
 
 def advice_text(adv: dict) -> str:
-    """The answer as a short plain-text table per purpose (training, inference), the pick marked with '*'."""
-    lines = [f"Budget {adv['vram_gb']:g} GB on {adv.get('device') or '?'}'s measurements (run {Path(adv['run']).name}); quality "
-             f"tolerance +{adv['max_ppl_increase_pct']:g}% test perplexity vs the reference (first) row of each table. "
-             f"Figures: {adv['basis']} (PyTorch peak allocated, GB = MiB/1024"
-             + (f", + {adv['overhead_gb']:g} GB overhead" if adv["overhead_gb"] else
-                "; the CUDA context, ~0.3-0.5 GB, is not included: --overhead-gb adds it") + "). "
-             "Each table's batch size and sequence length are its stage's parameters: tok/s and memory compare like "
-             "with like within a table."]
-    for purpose in ("training", "inference"):
-        rows, pick = adv.get(purpose) or [], adv["picks"].get(purpose)
-        lines.append("")
-        if pick:
-            lines.append(f"{purpose.upper()}: fastest that fits and is within tolerance: {pick['config']} "
-                         f"[{pick['table']}] — peak {pick['peak_gb']:.2f} GB, {pick['tokens_per_s']:,.0f} tok/s, "
-                         f"perplexity {pick['ppl_change_pct']:+.2f}% vs its reference")
-        elif not rows:
-            lines.append(f"{purpose.upper()}: no measurements in this run (stages 03/04/05 not run)")
-        elif not any(r["peak_gb"] is not None for r in rows):
-            lines.append(f"{purpose.upper()}: cannot say: peak memory {rows[0]['note']} (run on a GPU)")
-        elif not any(r["fits"] for r in rows):
-            lines.append(f"{purpose.upper()}: nothing fits {adv['vram_gb']:g} GB")
-        else:
-            lines.append(f"{purpose.upper()}: something fits {adv['vram_gb']:g} GB but nothing within "
-                         f"+{adv['max_ppl_increase_pct']:g}% perplexity")
-        hdr = f"  {'':1} {'table':<22} {'configuration':<58} {'peak GB':>8} {'fits':>5} {'tok/s':>10} {'ppl':>9} " \
-              f"{'Δppl %':>7}"
-        lines.append(hdr)
-        for r in rows:
-            fits = "–" if r["fits"] is None else "yes" if r["fits"] else "no"
-            peak = f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "–"
-            tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] is not None else "–"
-            ppl = f"{r['test_ppl']:.1f}" if r["test_ppl"] is not None else "–"
-            d = "ref" if r["reference"] else f"{r['ppl_change_pct']:+.2f}" if r["ppl_change_pct"] is not None else "–"
-            cfg = str(r["config"])
-            cfg = cfg if len(cfg) <= 58 else cfg[:57] + "…"
-            lines.append(f"  {'*' if r is pick else ' '} {r['table']:<22} {cfg:<58} {peak:>8} {fits:>5} {tps:>10} "
-                         f"{ppl:>9} {d:>7}" + (f"  ({r['note']})" if r["note"] else ""))
+    """The verdict in words, then every candidate per phase as a short table, the pick marked with '*'."""
+    from . import verdict as V
+
+    lines = [V.verdict_text(adv), "",
+             f"Run {Path(adv['run']).name}. Memory: measured device peak (CUDA context + allocator reserve, GiB); "
+             f"'alloc+' rows: PyTorch's allocated peak + {adv.get('overhead_gb', 0):g} GiB (a run without device "
+             f"peaks). Quality: perplexity vs the teacher's (01: validation; later stages: test). Each table's batch "
+             f"and sequence length are its stage's parameters."]
+    for ph in adv["phases"].values():
+        lines += ["", f"{ph['title'].upper()}: {ph['answer'].upper()}",
+                  f"  {'':1} {'table':<18} {'configuration':<60} {'peak GiB':>9} {'fits':>5} {'tok/s':>11} "
+                  f"{'ppl':>8} {'vs teacher':>10}"]
+        for c in ph["candidates"]:
+            fits = "–" if c["fits"] is None else "yes" if c["fits"] else "no"
+            peak = "–" if c["peak_mb"] is None else f"{c['peak_mb'] / 1024:.2f}" + (
+                "" if c.get("peak_basis") == "device" else " alloc+")
+            tps = f"{c['tokens_per_s']:,.0f}" if c["tokens_per_s"] is not None else "–"
+            ppl = f"{c['ppl']:.1f}" if c["ppl"] is not None else "–"
+            d = f"{c['ppl_change_pct']:+.2f}%" if c["ppl_change_pct"] is not None else "–"
+            cfg = str(c["config"])
+            cfg = cfg if len(cfg) <= 60 else cfg[:59] + "…"
+            lines.append(f"  {'*' if c is ph['pick'] else ' '} {c['table']:<18} {cfg:<60} {peak:>9} {fits:>5} "
+                         f"{tps:>11} {ppl:>8} {d:>10}")
     return "\n".join(lines)
 
 
@@ -703,21 +1073,35 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     pi = sub.add_parser("index", help="write RUN/index.html")
     pi.add_argument("run")
-    pc = sub.add_parser("compare", help="key metrics of several runs side by side, ratios vs the first")
-    pc.add_argument("runs", nargs="+")
+    pc = sub.add_parser("compare", help="runs side by side: differences from the first, flagged beyond the spread")
+    pc.add_argument("runs", nargs="+", help="run directories; the first (A) is the baseline")
     pc.add_argument("--out", required=True, help="directory for compare.md, compare.html, compare.png")
-    pa = sub.add_parser("advise", help="which configurations fit a VRAM budget, the fastest within a quality tolerance")
+    pc.add_argument("--fail-on-flag", action="store_true",
+                    help="exit 1 when any difference is beyond the runs' spread (either direction): a CI guard")
+    pa = sub.add_parser("advise", help="does each phase fit a memory budget within a quality tolerance of the teacher")
     pa.add_argument("run")
     pa.add_argument("--vram-gb", required=True, help="memory budget in GB (1 GB = 1024 MiB)")
-    pa.add_argument("--max-ppl-increase", default="5%", help="quality tolerance vs each table's reference (default 5%%)")
-    pa.add_argument("--overhead-gb", default="0", help="added to every measured peak (CUDA context etc.; default 0)")
+    pa.add_argument("--max-ppl-increase", default="5%", help="quality tolerance vs the teacher's perplexity (default 5%%)")
+    pa.add_argument("--overhead-gb", default="0", help="runs without device peaks: added to the allocated peak "
+                                                         "(CUDA context etc.; default 0)")
     try:
         a = p.parse_args(argv)
         if a.cmd == "index":
-            print(write_index(a.run))
+            path = write_index(a.run)
+            for rel, why in _run_files(Path(a.run))["problems"].items():
+                print(f"warning: {rel}: {why}; left out of the index", file=sys.stderr)
+            print(path)
         elif a.cmd == "compare":
-            for path in compare(a.runs, a.out)["paths"]:
+            _check_out_dir(a.out, "--out")
+            res = compare(a.runs, a.out)
+            for w in res["warnings"]:
+                print(f"warning: {w}", file=sys.stderr)
+            for path in res["paths"]:
                 print(path)
+            if a.fail_on_flag and res["flagged"]:
+                print(f"error: {len(res['flagged'])} difference(s) beyond the spread: "
+                      + ", ".join(f"{f['run']} {f['stage']} {f['metric']}" for f in res["flagged"]), file=sys.stderr)
+                return 1
         else:
             advise(a.run, a.vram_gb, a.max_ppl_increase, a.overhead_gb)
     except ReportError as e:

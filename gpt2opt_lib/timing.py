@@ -23,6 +23,7 @@ class Timing:
     repeats: int
     peak_mem_mb: float | None   # peak allocated by torch on the device during the timed region (None on CPU)
     times_s: list[float]
+    peak_device_mb: float | None = None  # what the GPU held at the peak: CUDA context + the allocator's reserve
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -46,6 +47,23 @@ def peak_mem_mb(device: torch.device | str | None) -> float | None:
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return None
+
+
+def context_mb(device: torch.device | str | None) -> float | None:
+    """Device memory in use that PyTorch's allocator does not hold (MiB): the CUDA context, loaded kernels and
+    library handles (and other processes on the same GPU). None off CUDA."""
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free - torch.cuda.memory_reserved(device)) / 2**20
+
+
+def peak_device_mb(device: torch.device | str | None) -> float | None:
+    """The device memory a process needed at its peak since the last `reset_peak` (MiB): the allocator's peak
+    reserve (allocated blocks + its cache: what cudaMalloc handed out) plus the context as it stands now. This is
+    what must fit a GPU of a given size; `peak_mem_mb` (allocated only) understates it. None off CUDA."""
+    ctx = context_mb(device)
+    return None if ctx is None else ctx + torch.cuda.max_memory_reserved(device) / 2**20
 
 
 def pool_name(segment: dict) -> str:
@@ -92,7 +110,7 @@ def measure(fn: Callable[[], object], *, device: torch.device | str | None, warm
     return Timing(
         mean_s=statistics.fmean(times), std_s=statistics.stdev(times) if len(times) > 1 else 0.0,
         median_s=statistics.median(times), min_s=min(times), repeats=len(times),
-        peak_mem_mb=peak_mem_mb(device), times_s=times,
+        peak_mem_mb=peak_mem_mb(device), times_s=times, peak_device_mb=peak_device_mb(device),
     )
 
 

@@ -43,15 +43,48 @@ def apply_umask(path: str | Path) -> Path:
     return path
 
 
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a directory's entries (a rename into it, a new file) to disk; filesystems that cannot are skipped."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. EINVAL on filesystems without directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_durably(src: str | Path, dst: str | Path) -> Path:
+    """os.replace(src, dst) for a file another program wrote (an executed notebook): its data is fsynced first
+    and the directory after, as write_atomic does."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
+    return Path(dst)
+
+
 def write_atomic(path: str | Path, write: Callable, binary: bool = False) -> Path:
+    """Write `path` through a temporary file in the same directory, fsync it, rename it into place and fsync the
+    directory: after a crash or power loss the name holds the old content or the whole new one, never a
+    zero-length or half-written file (a rename alone can reach the disk before the data it names)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, shared_mode())  # mkstemp makes 0600 files; artifacts follow the umask like any other file
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

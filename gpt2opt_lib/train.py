@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import math
 import statistics
 import time
@@ -28,7 +29,7 @@ from tqdm import tqdm  # plain text bar: renders in executed notebooks and HTML 
 
 from . import parallel as D
 from .env import resolve_dtype
-from .timing import peak_mem_mb, reset_peak
+from .timing import peak_device_mb, peak_mem_mb, reset_peak
 
 
 @dataclasses.dataclass
@@ -47,6 +48,7 @@ class TrainSpec:
     parallel: str = "ddp"              # under a process group of more than one rank: "ddp" or "fsdp" (FSDP2)
     cuda_graph: bool = False           # the whole step as one CUDA graph after warm-up (see the module docstring)
     cuda_graph_warmup: int = 3         # eager steps before the capture (compile, autotuning, optimizer state)
+    fit_memory: bool = False           # on CUDA OOM: again with half the micro-batch, twice the accumulation
 
 
 class StepTimer:
@@ -192,10 +194,44 @@ def epoch_batches(blocks: torch.Tensor, spec: TrainSpec, epoch: int) -> list[tor
     return [blocks[order[i: i + spec.batch_size]] for i in range(0, n, spec.batch_size)]
 
 
-def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, device: torch.device, *,
-          params=None, before_step: Callable | None = None, after_step: Callable | None = None,
-          on_epoch_end: Callable | None = None,
-          tracker=None, desc: str = "train", progress: bool = True) -> dict:
+def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, device: torch.device, **kw) -> dict:
+    """`train_once`, and with `spec.fit_memory` a run that fits the device: on an out-of-memory error the run
+    starts again from the weights it started from, with half the micro-batch and twice the gradient accumulation
+    (the same optimizer batch, schedule and tokens; a step graph then gives way to eager steps), down to a
+    micro-batch of 1, where the error is raised. Every attempt is in the summary's `fit_attempts`."""
+    if not spec.fit_memory:
+        return train_once(model, blocks, loss_fn, spec, device, **kw)
+    from .timing import is_oom
+
+    start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    attempts = []
+    while True:
+        try:
+            hist = train_once(model, blocks, loss_fn, spec, device, **kw)
+            break
+        except Exception as e:  # noqa: BLE001 - only an OOM is retried; anything else is raised as it was
+            if not is_oom(e) or spec.batch_size == 1:
+                raise
+            attempts.append({"batch_size": spec.batch_size, "grad_accum": spec.grad_accum,
+                             "outcome": f"OOM: {str(e).splitlines()[0][:160]}"})
+        # out of the except block: the failed attempt's frames (activations, gradients, optimizer) are gone
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(start)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        spec = dataclasses.replace(spec, batch_size=spec.batch_size // 2, grad_accum=spec.grad_accum * 2)
+        print(f"{kw.get('desc', 'train')}: out of memory; again with micro-batch {spec.batch_size} x "
+              f"{spec.grad_accum} accumulation", flush=True)
+    attempts.append({"batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "outcome": "ok"})
+    hist["summary"].update(fit_attempts=attempts, micro_batch=spec.batch_size, grad_accum=spec.grad_accum)
+    return hist
+
+
+def train_once(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, device: torch.device, *,
+               params=None, before_step: Callable | None = None, after_step: Callable | None = None,
+               on_epoch_end: Callable | None = None,
+               tracker=None, desc: str = "train", progress: bool = True) -> dict:
     """Train `model` on `blocks` (N, T) with `loss_fn(model, batch) -> (loss, {name: tensor})`.
 
     Returns the history: per-step loss (+ parts), per-epoch mean loss, step times (s), tokens/s and peak memory.
@@ -262,6 +298,8 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
         for i in range(0, len(batches), spec.grad_accum):
             group = batches[i: i + spec.grad_accum]
             if graph_off is None and step >= spec.cuda_graph_warmup and graph_step is None:
+                if device.type == "cuda":  # the eager warm-up's cached blocks go back: the graph's pool needs room
+                    torch.cuda.empty_cache()
                 try:
                     graph_step = _GraphStep(work, loss_fn, group[0], params, opt, spec, amp_dtype, device,
                                             before_step)
@@ -383,7 +421,8 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
         "tokens_per_s_total": tokens_per_step * W / t_step, "tokens_per_s_per_gpu": tokens_per_step / t_step,
         "world_size": W, "parallel": (spec.parallel if W > 1 else "none"),
         "samples_per_s": spec.batch_size * spec.grad_accum * W / t_step,
-        "peak_mem_mb": peak_mem_mb(device), "final_loss": hist["epoch_loss"][-1],
+        "peak_mem_mb": peak_mem_mb(device), "peak_device_mb": peak_device_mb(device),
+        "final_loss": hist["epoch_loss"][-1],
         "train_state_mb_per_rank": state_bytes / 2**20,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad) if fsdp
         else sum(p.numel() for p in params if p.requires_grad),

@@ -1,5 +1,6 @@
 """Markers: `gpu` tests need CUDA (run them on the GPU machine with `pytest -m gpu`); `slow` tests run the
-papermill integration. Tests run offline (HF_HUB_OFFLINE=1) on tiny models."""
+papermill integration and other multi-minute end-to-end runs, deselected by pyproject.toml's addopts (run them with
+`pytest -m slow`). Tests run offline (HF_HUB_OFFLINE=1) on tiny models."""
 import os
 import shutil
 
@@ -18,7 +19,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: end-to-end runs through papermill (minutes)")
+    config.addinivalue_line("markers", "slow: end to end through papermill / subprocesses (deselected by default: "
+                                       "`pytest -m slow`)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -105,7 +105,7 @@ def test_generate_with_a_draft_measures_speculative_decoding(tmp_path):
     # against the run's own `fast` engine row too (the honest baseline when --spec-fused-gemm changes the engines)
     assert spec["speedup_vs_fast_row"] == pytest.approx(e["speculative"]["tokens_per_s"]
                                                         / rep["engines"]["fast"]["tokens_per_s"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(bench.UsageError, match="--spec-fused-gemm"):
         bench.main(["generate", "--model", "random:tiny", "--spec-fused-gemm", "wmma"])
 
 

@@ -9,9 +9,15 @@ from gpt2opt_lib import config
 
 
 @pytest.mark.parametrize("profile", config.list_profiles())
-def test_every_profile_validates_for_every_stage(profile):
+def test_every_profile_validates_for_the_stages_it_has(profile):
+    """Every stage a profile has a section for validates; a stage without one is refused, naming it."""
     data, _ = config.load_profile(profile)
+    assert "01_distill" in data
     for stage in config.STAGE_CONFIGS:
+        if stage not in data:
+            with pytest.raises(config.ConfigError, match=f"no \\[{stage}\\] section"):
+                config.stage_parameters(profile, stage)
+            continue
         params = config.stage_parameters(profile, stage)
         cfg = config.STAGE_CONFIGS[stage](**params)
         assert cfg.profile == profile
@@ -23,8 +29,9 @@ def test_profiles_exist():
 
 
 def _write(tmp_path, data):
+    """A profile with `data`'s sections, and an empty section for every other stage (a stage needs one to run)."""
     p = tmp_path / "bad.yaml"
-    p.write_text(yaml.safe_dump(data))
+    p.write_text(yaml.safe_dump({**{s: {} for s in config.STAGES}, **data}))
     return str(p)
 
 
@@ -124,6 +131,7 @@ def _finished(run, *stages):
     for s in stages:
         (run / s).mkdir(parents=True)
         (run / s / "results.json").write_text("{}")
+        config.write_manifest(run / s, config.as_dict(config.STAGE_CONFIGS[s]()))
 
 
 def test_hand_run_never_writes_into_a_finished_stage(tmp_path, monkeypatch):
@@ -262,7 +270,8 @@ def test_run_all_refuses_bad_profile_in_one_line(tmp_path, case):
     import sys
 
     profile = tmp_path / f"{case}.yaml"
-    profile.write_text(RUNNER_CASES[case])
+    text = RUNNER_CASES[case]  # every stage gets a section, so the case's own fault is what is refused
+    profile.write_text(text + "".join(f"{s}: {{}}\n" for s in config.STAGES if f"{s}:" not in text))
     before = _reports_dirs()
     r = subprocess.run([sys.executable, str(config.REPO_ROOT / "run_all.py"), "--profile", str(profile),
                         "--out", str(tmp_path / "run")], cwd=config.REPO_ROOT, capture_output=True, text=True,
@@ -314,3 +323,129 @@ def test_lora_and_pruning_knobs_are_declared_once(tmp_path, stage, key):
     assert key in config.fields(config.LoraPrune) and key not in config.fields(config.STAGE_CONFIGS[stage])
     with pytest.raises(config.ConfigError, match=key):
         config.stage_parameters(_write(tmp_path, {stage: {key: 8}}), stage)
+
+
+# ---------------------------------------------------------------- hardening: profiles, names, finished stages, lock
+
+def test_duplicate_yaml_key_or_section_names_the_line(tmp_path):
+    cases = {"key.yaml": ("common:\n  seed: 1\n  block_size: 32\n  seed: 2\n01_distill: {}\n", "line 4", "'seed'"),
+             "section.yaml": ("common: {}\n01_distill:\n  epochs: 1\n01_distill:\n  epochs: 2\n", "line 4",
+                              "'01_distill'")}
+    for name, (text, line, key) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(config.ConfigError) as e:
+            config.load_profile(str(tmp_path / name))
+        msg = str(e.value)
+        assert name in msg and line in msg and key in msg and "twice" in msg and "\n" not in msg, msg
+
+
+def test_profile_without_a_section_for_a_stage_names_the_stage():
+    with pytest.raises(config.ConfigError, match=r"no \[03_lora_prune\] section.*--only 01_distill,02_compare"):
+        config.stage_parameters("gpu-speculative", "03_lora_prune")
+
+
+@pytest.mark.parametrize("name", ["../quick", "quick/../../x", "..", ".hidden", "a\\b"])
+def test_profile_name_with_a_path_is_refused(tmp_path, monkeypatch, name):
+    with pytest.raises(config.ConfigError, match="not a plain name"):
+        config.load_profile(name)
+    monkeypatch.setattr(config, "REPORTS_DIR", tmp_path)   # a hand-run notebook's `profile` parameter
+    with pytest.raises(config.ConfigError, match="not a plain name"):
+        config.load_stage("01_distill", _ns(config.Distill, profile=name))
+    assert not list(tmp_path.iterdir())
+
+
+def test_seed_must_fit_32_bits():
+    assert config.validate(config.Distill, {"seed": 2**32 - 1}, "x")["seed"] == 2**32 - 1
+    with pytest.raises(config.ConfigError, match=r"'seed'=4294967296 must be in \[0, 4294967296\)"):
+        config.validate(config.Distill, {"seed": 2**32}, "x")
+
+
+def test_complete_means_verified(tmp_path):
+    """A stage is complete only with its manifest, written last, and files that still match it: a truncated or
+    zero-byte results.json, a checkpoint cut short or a missing manifest are reported, not trusted."""
+    run = tmp_path / "run"
+    _finished(run, "01_distill")
+    (run / "01_distill" / "ckpt.bin").write_bytes(b"x" * 1000)
+    config.write_manifest(run / "01_distill", config.as_dict(config.Distill()))
+    assert config.stage_problem(run, "01_distill") is None
+    m = config.read_manifest(run, "01_distill")
+    assert m["files"]["ckpt.bin"]["size"] == 1000 and m["parameters"]["block_size"] == 64
+    assert "run_dir" not in m["parameters"] and len(m["parameters_digest"]) == 64
+
+    res = run / "01_distill" / "results.json"
+    good = res.read_bytes()
+    for damaged, why in ((b"", "damaged"), (good[:-1], "damaged"), (b"{}  ", "has 4 bytes, 2"),
+                         (b"[]", "changed since the stage finished")):
+        res.write_bytes(damaged)
+        assert why in config.stage_problem(run, "01_distill") and not config.stage_complete(run, "01_distill")
+    res.write_bytes(b"")
+    assert "results.json is damaged (0 bytes" in config.stage_problem(run, "01_distill")
+    res.write_bytes(good)
+    (run / "01_distill" / "ckpt.bin").write_bytes(b"x" * 500)
+    assert "ckpt.bin has 500 bytes, 1000" in config.stage_problem(run, "01_distill")
+    (run / "01_distill" / "ckpt.bin").write_bytes(b"x" * 1000)
+    (run / "01_distill" / config.MANIFEST).unlink()
+    assert "no MANIFEST.json" in config.stage_problem(run, "01_distill")
+    (run / "01_distill" / config.MANIFEST).write_text('{"format": "gpt2opt-manif')
+    assert "MANIFEST.json is damaged" in config.stage_problem(run, "01_distill")
+
+
+def test_damaged_summary_is_one_line_naming_the_file(tmp_path):
+    run = tmp_path / "run"
+    _finished(run, "01_distill")
+    (run / "summary.json").write_text('{"profile": "quick", "stag')
+    with pytest.raises(config.ConfigError) as e:
+        config.stage_complete(run, "01_distill")
+    msg = str(e.value)
+    assert "summary.json is damaged" in msg and "move it aside" in msg and "\n" not in msg
+
+
+_HOLD = ("import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.write(fd, str(os.getpid()).encode())\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(120)\n")
+
+
+def hold_lock(run):
+    """A second process that holds <run>/.lock, as a live writer does; returns it once the lock is taken."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_one_writer_per_run_and_a_dead_writers_lock_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "REPORTS_DIR", tmp_path)
+    run = tmp_path / "quick" / "20260101T000000Z-abc"
+    _finished(run, "01_distill")
+    holder = hold_lock(run)
+    try:
+        with pytest.raises(config.ConfigError) as e:
+            config.load_stage("02_compare", _ns(config.Compare, run_dir=str(run)))
+        msg = str(e.value)
+        assert f"pid {holder.pid}" in msg and "another process" in msg and "\n" not in msg
+        assert not (run / "02_compare").exists()
+        # the runner that holds the lock started this kernel: it writes under the runner's lock
+        monkeypatch.setenv(config.LOCK_ENV, f"{holder.pid}:{run.resolve()}")
+        assert config.load_stage("02_compare", _ns(config.Compare, run_dir=str(run))).run_dir == str(run)
+        monkeypatch.delenv(config.LOCK_ENV)
+    finally:
+        holder.kill()
+        holder.wait()
+    config.lock_run(run, "test")                      # killed: the OS dropped its flock, the lock is taken over
+    try:
+        assert (run / ".lock").read_text().strip() == str(__import__("os").getpid())
+    finally:
+        config.release_run(run)
+
+
+def test_hand_run_refuses_common_parameters_unlike_the_stages_it_reads(tmp_path):
+    run = tmp_path / "run"
+    _finished(run, "01_distill")                       # ran with block_size 64
+    with pytest.raises(config.ConfigError, match=r"block_size=32.*01_distill it reads ran with block_size=64"):
+        config.load_stage("02_compare", _ns(config.Compare, run_dir=str(run), block_size=32))
+    assert config.load_stage("02_compare", _ns(config.Compare, run_dir=str(run), wandb_mode="disabled"))

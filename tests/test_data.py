@@ -134,3 +134,21 @@ def test_files_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
     sb, _ = data.load_corpus(f"files:{b}/**/*.txt")
     names = lambda sp: {k: sorted(Path(t).name for t, _ in v) for k, v in sp.items()}  # noqa: E731
     assert names(sa) == names(sb) and all(names(sa).values())
+
+
+def test_a_named_tokenizer_that_cannot_load_is_an_error(tmp_path, monkeypatch):
+    """A tokenizer named as a local folder (or another hub id) once became GPT-2's offline BPE without a word."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    broken = tmp_path / "tok"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    for name, words in ((str(broken), ["could not be loaded", "offline GPT-2 BPE"]),
+                        (str(tmp_path / "missing"), ["does not exist"]), ("./no-such-tokenizer-dir", ["does not exist"]),
+                        ("no-such-org/no-such-tokenizer", ["could not be loaded"])):
+        with pytest.raises(ValueError) as e:
+            data.get_tokenizer(name)
+        assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
+    good = tmp_path / "good"
+    data.offline_tokenizer().save_pretrained(str(good))                 # a folder that loads: used as named
+    tok = data.get_tokenizer(str(good))
+    assert tok.gpt2opt_source == f"local:{good}" and tok(" the")["input_ids"] == [262]

@@ -56,3 +56,20 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="could not be read") as e:
         models.load_model(str(tmp_path / "ckpt"))
     assert "\n" not in str(e.value) and "ckpt" in str(e.value)
+
+
+def test_atomic_write_is_fsynced_before_the_rename_counts(tmp_path, monkeypatch):
+    """The file's data and then its directory entry reach the disk: a power loss after write_atomic returns
+    cannot leave a zero-length results.json."""
+    import os
+
+    from gpt2opt_lib import tracking
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)), real_replace(a, b)))
+    tracking.write_json(tmp_path / "results.json", {"a": 1})
+    assert events == [("fsync", False), ("replace", None), ("fsync", True)]
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}

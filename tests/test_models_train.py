@@ -117,13 +117,14 @@ def test_on_epoch_end_can_stop_training():
 
 @pytest.mark.parametrize("engine", ["hf", "native"])
 def test_scratch_teacher_stops_early_and_keeps_its_best_epoch(tmp_path, engine):
-    """Validation ppl 10, 8, 9, 9.5 with patience 2: best epoch 2, stop after epoch 4, epoch 2's weights kept
-    (trained on HF's modules or on the native model, converted back into the HF teacher)."""
+    """Validation ppl 900 (the random init, epoch 0), then 10, 8, 9, 9.5 with patience 2: best epoch 2, stop after
+    epoch 4, epoch 2's weights kept (trained on HF's modules or on the native model, converted back into the HF
+    teacher)."""
     from types import SimpleNamespace
 
     from gpt2opt_lib.steps import s01_distill as stages
 
-    script, snaps = iter([10.0, 8.0, 9.0, 9.5, 7.0, 6.0]), []
+    script, snaps = iter([900.0, 10.0, 8.0, 9.0, 9.5, 7.0, 6.0]), []
 
     def perplexity(model, split="validation"):  # the scripted curve; the weights seen at each epoch end
         wte = model.wte.weight[:200] if hasattr(model, "wte") else model.transformer.wte.weight  # native / HF
@@ -141,9 +142,10 @@ def test_scratch_teacher_stops_early_and_keeps_its_best_epoch(tmp_path, engine):
     teacher, info = stages.get_teacher(ctx)
     st = info["scratch_training"]
     assert st["best_epoch"] == 2 and st["epochs_run"] == 4 and st["stopped_early"]
-    assert [e["val_ppl"] for e in st["history"]] == [10.0, 8.0, 9.0, 9.5]
-    assert torch.equal(teacher.transformer.wte.weight, snaps[1])  # epoch 2's weights, not epoch 4's
-    assert not torch.equal(snaps[1], snaps[3])
+    assert [(e["epoch"], e["val_ppl"]) for e in st["history"]] == [(0, 900.0), (1, 10.0), (2, 8.0), (3, 9.0),
+                                                                    (4, 9.5)]
+    assert torch.equal(teacher.transformer.wte.weight, snaps[2])  # epoch 2's weights, not epoch 4's
+    assert not torch.equal(snaps[2], snaps[4]) and not torch.equal(snaps[0], snaps[2])
     assert (tmp_path / "teacher" / "config.json").exists()
 
 
@@ -326,3 +328,37 @@ def test_clip_folded_into_fused_adamw_equals_clip_then_step(max_norm):
         out.append([p.detach().clone() for p in w])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fit_memory_retries_with_accumulation_from_the_start():
+    """A loss that runs out of memory above a micro-batch of 2: with fit_memory the run starts again from the same
+    weights at 4 -> 2 x 2 accumulation and ends exactly where a plain 2 x 2 run from those weights ends; the
+    attempts are recorded. Without fit_memory the error is raised; at micro-batch 1 it is raised too."""
+    blocks = torch.randint(0, 50257, (8, 8))
+    lm = distill.make_lm_loss_fn(0)
+    seen = []
+
+    def small_gpu(model, ids):
+        seen.append(ids.shape[0])
+        if ids.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return lm(model, ids)
+
+    kw = dict(epochs=1, lr=1e-2, warmup_steps=1, precision="fp32", grad_clip=0.0)
+    m = models.build_model("random:tiny", seed=0)
+    h = train.train(m, blocks, small_gpu, train.TrainSpec(batch_size=4, fit_memory=True, **kw), torch.device("cpu"),
+                    progress=False)
+    ref = models.build_model("random:tiny", seed=0)
+    train.train(ref, blocks, lm, train.TrainSpec(batch_size=2, grad_accum=2, **kw), torch.device("cpu"), progress=False)
+    torch.testing.assert_close(m.transformer.h[0].mlp.c_fc.weight, ref.transformer.h[0].mlp.c_fc.weight)
+    assert h["summary"]["fit_attempts"][0]["batch_size"] == 4 and "OOM" in h["summary"]["fit_attempts"][0]["outcome"]
+    assert h["summary"]["fit_attempts"][1] == {"batch_size": 2, "grad_accum": 2, "outcome": "ok"}
+    assert (h["summary"]["micro_batch"], h["summary"]["grad_accum"], h["summary"]["tokens_per_step"]) == (2, 2, 32)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        train.train(models.build_model("random:tiny", seed=0), blocks, small_gpu,
+                    train.TrainSpec(batch_size=4, **kw), torch.device("cpu"), progress=False)
+    def always(model, ids):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        train.train(models.build_model("random:tiny", seed=0), blocks, always,
+                    train.TrainSpec(batch_size=2, fit_memory=True, **kw), torch.device("cpu"), progress=False)

@@ -88,77 +88,162 @@ def test_compare_two_runs(ref_copy, tmp_path, capsys):
     a_val = json.loads((ref_copy / "04_quant" / "results.json").read_text())["metrics"]["engine_int4_gen_tokens_per_s"]
     b_val = json.loads((b / "04_quant" / "results.json").read_text())["metrics"]["engine_int4_gen_tokens_per_s"]
     ratio = b_val / a_val  # 0.5 by construction, computed here from the JSON
-    row = next(line for line in md.splitlines() if "| engine_int4_gen_tokens_per_s |" in line)
-    assert row.split("|")[-2].strip() == report._fmt(ratio) == "0.5"
+    row = _md_rows(md)[("04_quant", "engine_int4_gen_tokens_per_s")]
+    assert row["B/A"] == report._fmt(ratio) == "0.5"
+    assert row["B-A"] == report._fmt(b_val - a_val) and row["B vs spread"] == "no spread"  # throughput: no sd kept
     assert "gpu-offline" in md and "seed-t4" in md and "different profiles" in md
     assert "engine_int4_gen_tokens_per_s" in page and "compare.png" in page
+    assert "commit 26e13e38b9dc" in md and "commit 26e13e38b9dc" in page
 
 
-def test_advise_reference_6gb(capsys):
-    adv = report.advise(REF, vram_gb=6, max_ppl_increase="5%")
-    text = capsys.readouterr().out
-    r3 = {r["config"]: r for r in json.loads((REF / "03_lora_prune" / "results.json").read_text())["training"]}
-    r4 = json.loads((REF / "04_quant" / "results.json").read_text())
-    # Hand check, training (reference 26e13e3, H100): every 03 and 04 row fits 6 GB; the fastest within 5 % of its
-    # table's reference perplexity is 03's LoRA r8 on the distilled student (1,005,423 tokens/s at 2,808.7 MiB),
-    # ahead of 03's full fine-tuning (692,006) and 04's fastest row, native LoRA on 16-bit (986,869).
-    pick = adv["picks"]["training"]
-    assert pick["config"] == "LoRA r8 (student_distilled)"
-    assert pick["peak_gb"] == pytest.approx(r3[pick["config"]]["peak_mem_mb"] / 1024)
-    assert f"{r3[pick['config']]['peak_mem_mb'] / 1024:.2f}" in text
-    assert r3[pick["config"]]["tokens_per_s"] > r3["full FT (student_distilled)"]["tokens_per_s"]
-    assert r3[pick["config"]]["tokens_per_s"] > max(r["tokens_per_s"] for r in r4["qlora"])
-    # Inference: the fastest generation within 5%: the fast engine with 16-bit weights (int4, now on the fused
-    # kernels, is still slower at batch 1 on this card: 6,625 vs 8,425 tokens/s); its peak is the generation peak.
-    eng = {r["config"]: r for r in r4["engine"]}
-    ip = adv["picks"]["inference"]
-    assert ip["config"] == "fast engine, 16-bit"
-    assert eng["fast engine, int4 weights"]["gen_tokens_per_s"] < eng["fast engine, 16-bit"]["gen_tokens_per_s"]
-    assert ip["peak_gb"] == pytest.approx(eng[ip["config"]]["gen_peak_mem_mb"] / 1024)
-    assert ip["ppl_change_pct"] <= 5
-    assert "measured only" in text and "TRAINING" in text and "INFERENCE" in text
+def _md_rows(md: str, first: str = "stage | metric") -> dict:
+    """The compare.md table whose header starts with `first`, as {(stage, metric or key): {column: cell}}."""
+    lines = md.splitlines()
+    i = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first} |"))
+    head = [c.strip() for c in lines[i].strip("|").split("|")]
+    rows = {}
+    for ln in lines[i + 2:]:
+        if not ln.startswith("|"):
+            break
+        cells = dict(zip(head, (c.strip() for c in ln.strip().strip("|").split("|"))))
+        rows[(cells[head[0]], cells[head[1]].removeprefix("⚠ "))] = cells
+    return rows
 
 
-def test_advise_reference_budget_boundary():
-    # Hand check: at 2.6 GB 03's LoRA r8 row (2,808.7 MiB = 2.74 GB) and full fine-tuning no longer fit; of what
-    # remains within 5 %, native LoRA on 16-bit (2,295.6 MiB = 2.24 GB, 986,869 tokens/s) is the fastest, just
-    # ahead of native QLoRA on NF4 (2.21 GB, 963,312; both on whole-step graphs in this reference).
-    adv = report.advise(REF, vram_gb=2.6, max_ppl_increase="5%", show=False)
-    r3 = {r["config"]: r for r in json.loads((REF / "03_lora_prune" / "results.json").read_text())["training"]}
-    r4 = {r["config"]: r for r in json.loads((REF / "04_quant" / "results.json").read_text())["qlora"]}
-    assert r3["LoRA r8 (student_distilled)"]["peak_mem_mb"] / 1024 > 2.6 > r4["LoRA on 16-bit (native)"]["peak_mem_mb"] / 1024
-    assert r4["LoRA on 16-bit (native)"]["tokens_per_s"] > r4["QLoRA on NF4 (native)"]["tokens_per_s"]
-    assert adv["picks"]["training"]["config"] == "LoRA on 16-bit (native)"
-    row = next(r for r in adv["training"] if r["config"] == "LoRA r8 (student_distilled)")
-    assert not row["fits"]
+def _fake_run(root: Path, name: str, metrics: dict, params: dict, sha: str | None, stage_sha: str | None = None):
+    """A minimal run directory: summary.json (profile, env, stage durations), params.json, <stage>/results.json."""
+    run = root / name
+    for stage, m in metrics.items():
+        (run / stage).mkdir(parents=True)
+        env = {"git_sha": stage_sha} if stage_sha else {}
+        (run / stage / "results.json").write_text(json.dumps({"stage": stage, "env": env, "metrics": m}))
+    env = {"device_name": "cpu-test", **({"git_sha": sha} if sha else {})}
+    stages = {s: {"status": "ok", "duration_s": 10.0} for s in metrics}
+    (run / "summary.json").write_text(json.dumps({"profile": "quick", "env": env, "stages": stages}))
+    (run / "params.json").write_text(json.dumps(params))
+    return run
 
 
-def test_advise_nothing_fits(capsys):
-    adv = report.advise(REF, vram_gb=0.01)
-    text = capsys.readouterr().out
-    assert adv["picks"] == {"training": None, "inference": None}
-    assert text.count("nothing fits 0.01 GB") == 2
+@pytest.fixture
+def fake_runs(tmp_path):
+    a = _fake_run(tmp_path, "a", {
+        "01_distill": {"distilled_val_ppl": 100.0, "distilled_val_ppl_std": 3.0, "no_teacher_val_ppl": 200.0,
+                       "no_teacher_val_ppl_std": 3.0, "distill_tokens_per_s": 1000.0},
+        "02_compare": {"gen_latency_ms": 10.0, "gen_latency_std_ms": 0.5},
+        "04_quant": {"nf4_ppl_change_pct": -1.5},
+        "05_flash_quant": {"perplexity_change_pct[stack]": 9.0}},
+        {"01_distill": {"lr": 0.0003, "epochs": 3, "device": "cpu"}, "02_compare": {"device": "cpu", "batch_size": 8}},
+        sha="a" * 12 + "1" * 28)
+    b = _fake_run(tmp_path, "b", {
+        "01_distill": {"distilled_val_ppl": 111.0, "distilled_val_ppl_std": 4.0, "no_teacher_val_ppl": 209.0,
+                       "no_teacher_val_ppl_std": 4.0, "distill_tokens_per_s": 500.0},
+        "02_compare": {"gen_latency_ms": 12.0, "gen_latency_std_ms": 0.5},
+        "04_quant": {"nf4_ppl_change_pct": 2.0},
+        "05_flash_quant": {"perplexity_change_pct[stack]": 7.5}},
+        {"01_distill": {"lr": 0.0006, "epochs": 3, "device": "cuda", "seeds": [1, 2]},
+         "02_compare": {"device": "cuda", "batch_size": 8}},
+        sha=None, stage_sha="b" * 12 + "2" * 28 + "-dirty")  # no sha in summary.json: the stages' is used
+    return a, b
 
 
-def test_advise_tolerance_excludes_the_stack(capsys):
-    # The end-to-end stack fits 6 GB but costs +9.2% perplexity vs the 05 baseline: never picked at 5%.
-    adv = report.advise(REF, vram_gb=6, max_ppl_increase="5%", show=False)
-    stack = next(r for r in adv["training"] if r["config"].startswith("stack:"))
-    assert stack["fits"] and not stack["within_tolerance"]
+def test_compare_differences_and_spread_flags(fake_runs, tmp_path):
+    a, b = fake_runs
+    res = report.compare([a, b], tmp_path / "cmp")
+    rows = {(r["stage"], r["metric"]): r for r in res["rows"]}
+    assert ("01_distill", "distilled_val_ppl_std") not in rows and ("02_compare", "gen_latency_std_ms") not in rows
+    # 111 - 100 = 11 > 2 * sqrt(3^2 + 4^2) = 10: flagged; 209 - 200 = 9 < 10: inside the spread.
+    d = rows[("01_distill", "distilled_val_ppl")]
+    assert (d["B-A"], d["B limit"], d["B flagged"], d["A sd"], d["B sd"]) == (11.0, 10.0, True, 3.0, 4.0)
+    n = rows[("01_distill", "no_teacher_val_ppl")]
+    assert (n["B-A"], n["B limit"], n["B flagged"]) == (9.0, 10.0, False)
+    # X_ms with X_std_ms: 12 - 10 = 2 > 2 * sqrt(0.5^2 + 0.5^2) = 1.414...
+    g = rows[("02_compare", "gen_latency_ms")]
+    assert g["B-A"] == 2.0 and g["B limit"] == pytest.approx(2 ** 0.5) and g["B flagged"] is True
+    # No companion sd: difference and ratio, never flagged.
+    t = rows[("01_distill", "distill_tokens_per_s")]
+    assert (t["B-A"], t["B/A"], t["B limit"], t["B flagged"]) == (-500.0, 0.5, None, None)
+    # Percentages: the difference in percentage points, no ratio.
+    q = rows[("04_quant", "nf4_ppl_change_pct")]
+    assert (q["B-A"], q["B/A"], q["unit"]) == (3.5, None, "pp")
+    s = rows[("05_flash_quant", "perplexity_change_pct[stack]")]
+    assert (s["B-A"], s["B/A"], s["unit"]) == (-1.5, None, "pp")
+    assert [(f["stage"], f["metric"]) for f in res["flagged"]] == [("01_distill", "distilled_val_ppl"),
+                                                                    ("02_compare", "gen_latency_ms")]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    mrows = _md_rows(md)
+    assert mrows[("01_distill", "distilled_val_ppl")]["B vs spread"] == "⚠ beyond ±10"
+    assert mrows[("01_distill", "distilled_val_ppl")]["metric"] == "⚠ distilled_val_ppl"
+    assert mrows[("01_distill", "distilled_val_ppl")]["A"] == "100 ± 3"
+    assert mrows[("01_distill", "no_teacher_val_ppl")]["B vs spread"] == "within ±10"
+    assert mrows[("01_distill", "no_teacher_val_ppl")]["metric"] == "no_teacher_val_ppl"
+    assert mrows[("01_distill", "distill_tokens_per_s")]["B vs spread"] == "no spread"
+    assert mrows[("04_quant", "nf4_ppl_change_pct")]["B-A"] == "+3.5 pp"
+    assert mrows[("04_quant", "nf4_ppl_change_pct")]["B/A"] == "–"
+    assert mrows[("05_flash_quant", "perplexity_change_pct[stack]")]["B-A"] == "-1.5 pp"
+    assert "|B - A| > 2 * sqrt(sd_A^2 + sd_B^2)" in md and "no spread" in md
+    assert "2 difference(s) beyond the spread" in md
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    flagged_tr = re.findall(r"<tr class='flag'><td[^>]*>[^<]*</td><td[^>]*>([^<]*)</td>", page)
+    assert flagged_tr == ["⚠ distilled_val_ppl", "⚠ gen_latency_ms"]
+    assert "tr.flag" in page and (tmp_path / "cmp" / "compare.png").exists()  # distill_tokens_per_s is a headline
 
 
-def test_advise_cpu_run_without_memory(ref_copy, capsys):
-    for s in ("03_lora_prune", "04_quant", "05_flash_quant"):
-        p = ref_copy / s / "results.json"
-        txt = re.sub(r'("(?:\w*peak_mem_mb)": )[0-9.eE+-]+', r"\1null", p.read_text())
-        p.write_text(txt)
-    summary = json.loads((ref_copy / "summary.json").read_text())
-    summary["env"].update(device="cpu", cuda=None, device_name="x86_64")
-    (ref_copy / "summary.json").write_text(json.dumps(summary))
-    adv = report.advise(ref_copy, vram_gb=6)
-    text = capsys.readouterr().out
-    assert adv["picks"] == {"training": None, "inference": None}
-    assert "not measured on CPU" in text
+def test_compare_commits_and_params_diff(fake_runs, tmp_path):
+    a, b = fake_runs
+    res = report.compare([a, b], tmp_path / "cmp")
+    assert res["commits"] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb-dirty"]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    for text in (md, page):
+        assert "commit aaaaaaaaaaaa" in text and "commit bbbbbbbbbbbb-dirty" in text
+    # Only differing keys; 'device' differs the same way in both stages: one row. epochs, batch_size agree: absent.
+    assert res["params"] == [{"stage": "01_distill", "key": "lr", "A": 0.0003, "B": 0.0006},
+                             {"stage": "all stages", "key": "device", "A": "cpu", "B": "cuda"},
+                             {"stage": "01_distill", "key": "seeds", "B": [1, 2]}]
+    prow = _md_rows(md, "stage | key")
+    assert set(prow) == {("01_distill", "lr"), ("all stages", "device"), ("01_distill", "seeds")}
+    assert (prow[("01_distill", "seeds")]["A"], prow[("01_distill", "seeds")]["B"]) == ("–", "[1, 2]")
+    assert (prow[("01_distill", "lr")]["A"], prow[("01_distill", "lr")]["B"]) == ("0.0003", "0.0006")  # exact
+    assert "<td>cuda</td>" in page and "epochs" not in page
+
+
+def test_compare_params_of_a_partial_run(fake_runs, tmp_path):
+    a, _ = fake_runs
+    c = _fake_run(tmp_path, "c", {"01_distill": {"distilled_val_ppl": 100.0}},
+                  {"01_distill": {"lr": 0.0003, "epochs": 3, "device": "cpu"}}, sha="c" * 40)
+    res = report.compare([a, c], tmp_path / "cmp")  # C skipped 02_compare: not a parameter difference
+    assert res["params"] == []
+    assert "_none: the runs' params.json agree._" in (tmp_path / "cmp" / "compare.md").read_text()
+    d = {(r["stage"], r["metric"]): r for r in res["rows"]}[("01_distill", "distilled_val_ppl")]
+    assert (d["B-A"], d["A sd"], d["B sd"], d["B limit"], d["B flagged"]) == (0.0, 3.0, None, None, None)
+
+
+def test_compare_same_run_twice(fake_runs, tmp_path, capsys):
+    a, b = fake_runs
+    res = report.compare([a, b, tmp_path / "b" / ".." / "a"], tmp_path / "cmp")
+    assert len(res["labels"]) == 2 and len(res["warnings"]) == 1
+    assert "passed twice, compared once" in res["warnings"][0]
+    assert any("passed twice, compared once" in n for n in res["notes"])
+    assert "C" not in res["rows"][0]
+    assert report.main(["compare", str(a), str(b), str(a), "--out", str(tmp_path / "cmp2")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "passed twice, compared once" in err
+    with pytest.raises(report.ReportError, match="two distinct run directories"):
+        report.compare([a, a], tmp_path / "cmp3")
+    assert report.main(["compare", str(a), str(a), "--out", str(tmp_path / "cmp3")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+
+
+def test_compare_fail_on_flag(fake_runs, tmp_path, capsys):
+    a, b = fake_runs
+    c = tmp_path / "c"
+    shutil.copytree(a, c)  # same numbers as A: nothing beyond the spread
+    assert report.main(["compare", str(a), str(c), "--out", str(tmp_path / "o1"), "--fail-on-flag"]) == 0
+    assert report.main(["compare", str(a), str(b), "--out", str(tmp_path / "o2")]) == 0
+    assert report.main(["compare", str(a), str(b), str(c), "--out", str(tmp_path / "o3"), "--fail-on-flag"]) == 1
+    err = capsys.readouterr().err
+    assert "2 difference(s) beyond the spread: B 01_distill distilled_val_ppl, B 02_compare gen_latency_ms" in err
 
 
 @pytest.mark.parametrize("argv", [["advise", "/nonexistent/run", "--vram-gb", "6"],

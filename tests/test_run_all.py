@@ -55,6 +55,7 @@ def test_bad_parameter_fails_before_running(tmp_path):
     assert not (tmp_path / "run" / "01_distill.ipynb").exists()
 
 
+@pytest.mark.slow  # starts a kernel and runs 01 into its failing cell through papermill: ~1 min on 2 cores
 def test_failing_cell_names_notebook_and_cell_and_keeps_outputs(tmp_path):
     bad = tmp_path / "fail.yaml"  # a pretrained student that does not exist: 01 fails inside the notebook
     bad.write_text("common:\n  device: cpu\n  precision: fp32\n  max_articles: 200\n  block_size: 32\n"
@@ -97,6 +98,7 @@ def test_quick_profile_end_to_end_killed_and_resumed(tmp_path):
 
     r = _run("--resume", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / ".partial").exists()  # the notebooks' staging folder goes once they are in place
     assert "completed earlier, kept" in r.stdout
     for f, b in kept.items():
         assert (out / f).read_bytes() == b, f"{f} was redone"
@@ -222,3 +224,150 @@ def test_cpu_threads_are_shared_between_concurrent_runs(tmp_path):
     assert sorted(p.name for p in active.iterdir()) == sorted([str(os.getpid()), str(os.getppid())])
     entry = run_all._register_active(active)
     assert entry.name == str(os.getpid()) and entry.exists()
+
+
+# ---------------------------------------------------------------- hardening: fake runs, no papermill run (seconds)
+
+def _fake_run(tmp_path, stages=("01_distill", "02_compare"), finished=("01_distill", "02_compare")):
+    """A run directory as run_all leaves it after `finished` completed (results.json with the parameters they ran
+    with, notebook, summary entry, manifest), planned for `stages` in params.json."""
+    from gpt2opt_lib import config
+
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    params = {s: config.stage_parameters("quick", s) for s in stages}
+    (run / "params.json").write_text(json.dumps(params))
+    summary = {"profile": "quick", "run_dir": str(run), "stages": {}}
+    for s in finished:
+        (run / s).mkdir()
+        cfg = config.as_dict(config.STAGE_CONFIGS[s](**params[s]))
+        (run / s / "results.json").write_text(json.dumps({"stage": s, "config": {**cfg, "run_dir": str(run)},
+                                                          "metrics": {"x": 1.0}}))
+        (run / f"{s}.ipynb").write_text("{}")
+        summary["stages"][s] = {"notebook": f"{s}.ipynb", "status": "ok"}
+        config.write_manifest(run / s)
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.fixture
+def fake_papermill(monkeypatch):
+    """papermill.execute_notebook replaced by a stand-in that writes what a finished stage writes (its results with
+    the parameters it was given, the executed notebook); run_all.main runs in-process. Returns the stages run."""
+    import papermill
+
+    sys.path.insert(0, str(ROOT))
+    import run_all
+    from gpt2opt_lib import config
+
+    ran = []
+
+    def execute(nb_in, nb_out, parameters, **kw):
+        stage = Path(nb_in).stem
+        ran.append(stage)
+        run = Path(parameters["run_dir"])
+        cfg = config.as_dict(config.STAGE_CONFIGS[stage](**parameters))
+        (run / stage).mkdir(exist_ok=True)
+        (run / stage / "results.json").write_text(json.dumps({"stage": stage, "config": cfg, "metrics": {"x": 2.0}}))
+        Path(nb_out).write_text("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    monkeypatch.setattr(run_all, "write_index", lambda run_dir: None)
+    for k in ("OMP_NUM_THREADS", "PYTHONPATH", config.LOCK_ENV):
+        monkeypatch.setenv(k, os.environ.get(k, "1" if k == "OMP_NUM_THREADS" else ""))
+    return run_all, ran
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-byte"])
+def test_resume_reruns_a_stage_whose_results_are_damaged(tmp_path, fake_papermill, capsys, damage):
+    """A truncated or empty results.json once passed as complete and crashed every --resume with JSONDecodeError:
+    the stage is now set aside into _interrupted/ and run again, the verified stage before it is kept."""
+    run_all, ran = fake_papermill
+    from gpt2opt_lib import config
+
+    run = _fake_run(tmp_path)
+    kept = (run / "01_distill" / "results.json").read_bytes()
+    res = run / "02_compare" / "results.json"
+    res.write_bytes(res.read_bytes()[: res.stat().st_size // 2] if damage == "truncated" else b"")
+    assert run_all.main(["--resume", str(run), "--no-html"]) == 0
+    out = capsys.readouterr().out
+    assert ran == ["02_compare"] and "01_distill: completed earlier, kept" in out
+    assert "resume: 02_compare runs again: its results are not complete (results.json is damaged" in out
+    assert "02_compare: the earlier attempt is set aside in _interrupted/02_compare-" in out
+    assert (run / "01_distill" / "results.json").read_bytes() == kept
+    assert len(list((run / "_interrupted").glob("02_compare-*/02_compare/results.json"))) == 1
+    assert config.stage_complete(run, "02_compare") and json.loads(res.read_text())["metrics"] == {"x": 2.0}
+    assert config.read_manifest(run, "02_compare")["parameters"]["block_size"] == 64
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stages"]["02_compare"]["status"] == "ok"
+
+
+def test_resume_reruns_the_stages_that_read_a_damaged_one(tmp_path, fake_papermill, capsys):
+    run_all, ran = fake_papermill
+    run = _fake_run(tmp_path)
+    (run / "01_distill" / "results.json").write_text("{")
+    assert run_all.main(["--resume", str(run), "--no-html"]) == 0
+    assert ran == ["01_distill", "02_compare"]
+    assert "resume: 02_compare runs again: it reads 01_distill, which runs again" in capsys.readouterr().out
+
+
+def test_resume_refuses_edited_parameters(tmp_path, fake_papermill):
+    """params.json edited after a stage finished: the finished stage no longer matches the run's parameters, and a
+    stage still to run may not read a stage that ran with other common parameters."""
+    run_all, ran = fake_papermill
+    from gpt2opt_lib import config
+
+    run = _fake_run(tmp_path)
+    params = json.loads((run / "params.json").read_text())
+    (run / "params.json").write_text(json.dumps({**params, "01_distill": {**params["01_distill"], "lr": 0.5}}))
+    with pytest.raises(config.ConfigError, match=r"params.json \[01_distill\]: the finished 01_distill ran with "
+                                                 r"other parameters \(lr changed since\)"):
+        run_all.main(["--resume", str(run), "--no-html"])
+    run2 = _fake_run(tmp_path / "b", finished=("01_distill",))
+    params = json.loads((run2 / "params.json").read_text())
+    (run2 / "params.json").write_text(json.dumps({**params, "02_compare": {**params["02_compare"], "block_size": 32}}))
+    with pytest.raises(config.ConfigError, match=r"\[02_compare\]: 02_compare would run with block_size=32 but the "
+                                                 r"finished 01_distill it reads ran with block_size=64"):
+        run_all.main(["--resume", str(run2), "--no-html"])
+    assert ran == [] and not (run / "_interrupted").exists()
+
+
+def test_resume_makes_the_up_front_checks_of_a_new_run(tmp_path):
+    """A seq_len beyond the model's context is refused on a new run; editing it into params.json and resuming
+    was not: the same one-line refusal now."""
+    run = _fake_run(tmp_path, finished=("01_distill",))
+    params = json.loads((run / "params.json").read_text())
+    params["02_compare"]["sweep_seq_lens"] = [32, 512]                  # tiny-student: 256 positions
+    (run / "params.json").write_text(json.dumps(params))
+    _one_line_error(_run("--resume", str(run)), "params.json [02_compare]", "sweep_seq_lens", "exceeds the context")
+    assert not (run / "_interrupted").exists() and not (run / "02_compare").exists()
+
+
+def test_damaged_summary_or_params_is_one_line(tmp_path):
+    run = _fake_run(tmp_path)
+    (run / "summary.json").write_text('{"profile": "qu')
+    _one_line_error(_run("--resume", str(run)), "summary.json is damaged", "move it aside")
+    (run / "summary.json").unlink()
+    (run / "params.json").write_bytes(b"")
+    _one_line_error(_run("--resume", str(run)), "params.json is damaged", "restore it")
+
+
+def test_second_writer_is_refused_while_the_first_lives(tmp_path):
+    """One writer per run: a second --resume, or --out RUN --only ..., while another process holds <run>/.lock."""
+    from test_config import hold_lock
+
+    run = _fake_run(tmp_path, stages=("01_distill", "02_compare", "03_lora_prune"))
+    holder = hold_lock(run)
+    try:
+        for args in (["--resume", str(run)], ["--out", str(run), "--only", "03_lora_prune"]):
+            _one_line_error(_run(*args), "being written by another process", f"pid {holder.pid}", "one writer")
+        assert not (run / "_interrupted").exists() and not (run / "03_lora_prune").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_with_another_profile_and_a_path_as_profile_name_are_refused(tmp_path):
+    run = _fake_run(tmp_path)
+    _one_line_error(_run("--resume", str(run), "--profile", "gpu-offline"), "'quick' run", "--profile gpu-offline")
+    _one_line_error(_run("--profile", "../quick", "--only", "01_distill"), "not a plain name")

@@ -153,12 +153,33 @@ def test_01_students_train_on_the_teachers_own_text_last(run):
                                max_new_tokens=cfg.block_size - P, do_sample=False, pad_token_id=0)
         assert torch.equal(ref[0], text[row])
     kd = res["runs"]["distilled"]
-    assert [(e["epoch"], e.get("data")) for e in kd["checkpoints"]] == [(1, None), (2, "teacher text")]
+    assert [(e["epoch"], e.get("data")) for e in kd["checkpoints"]] == [(0, None), (1, None), (2, "teacher text")]
     assert kd["teacher_text_from_step"] == kd["steps"] - kd["teacher_text_phase"]["steps"] + 1 >= 2
-    assert res["metrics"]["corpus_only_val_ppl"] == kd["checkpoints"][0]["val_ppl"]
-    assert res["metrics"]["distilled_val_ppl"] == kd["checkpoints"][1]["val_ppl"]
+    assert res["metrics"]["corpus_only_val_ppl"] == kd["checkpoints"][1]["val_ppl"]
+    # the student is judged (and kept) at its best validation epoch over both phases, the init included
+    vals = [c["val_ppl"] for c in kd["checkpoints"]]
+    assert res["metrics"]["distilled_val_ppl"] == kd["best_val_ppl"] == min(vals)
+    assert kd["best_epoch"] == vals.index(min(vals)) and kd["final_val_ppl"] == vals[-1]
+    assert res["metrics"]["distilled_last_epoch_val_ppl"] == vals[-1]
     assert (run_dir / "checkpoints" / "student_distilled-epoch001").is_dir()
-    assert len(res["runs"]["no_teacher"]["checkpoints"]) == 1  # corpus only
+    assert [c["epoch"] for c in res["runs"]["no_teacher"]["checkpoints"]] == [0, 1]  # the init, then corpus only
+
+
+def test_03_rows_keep_their_best_epoch(run):
+    """Every fine-tuning row is validated before training and after each epoch; its test perplexity is that of the
+    best epoch's weights, the start's when no epoch beat it (said in the row and in the results' notes)."""
+    cfg, res = run[0]["03_lora_prune"]
+    rows = res["training"]
+    for r in rows:
+        assert len(r["val_ppl_by_epoch"]) == cfg.ft_epochs and r["val_ppl_start"] > 1
+        curve = [r["val_ppl_start"], *r["val_ppl_by_epoch"]]
+        assert r["best_val_ppl"] == min(curve) and r["best_epoch"] == curve.index(min(curve))
+        assert r["kept_start"] == (r["best_epoch"] == 0) and bool(r.get("note")) == r["kept_start"]
+    # full FT and LoRA (lora_B zero) start from the same distilled student: one starting perplexity
+    distilled = [r["val_ppl_start"] for r in rows if r["student"] == "student_distilled"]
+    assert max(distilled) == pytest.approx(min(distilled), rel=1e-6)
+    assert res["notes"] == [f"{r['config']}: {r['note']}" for r in rows if r["kept_start"]]
+    assert res["metrics"]["fine_tunings_kept_start"] == sum(r["kept_start"] for r in rows)
 
 
 def test_01_cuda_graph_knob_is_recorded(run):
@@ -219,7 +240,7 @@ def test_04_and_05_build_and_train_what_03_declared(run):
 def test_05_stack_row_has_the_native_qlora_step_beside_peft(run):
     cfg, res = run[0]["05_flash_quant"]
     row = next(r for r in res["stacks"] if r.get("key") == "stack")
-    if "train_native_status" in row:                                  # bitsandbytes missing: a recorded reason
+    if row.get("train_native_status") not in (None, "ok"):             # bitsandbytes missing: a recorded reason
         assert row["train_native_status"].startswith("unavailable")
         return
     assert row["train_native_engine"].startswith("model.py") and row["train_native_tokens_per_s"] > 0
@@ -299,28 +320,46 @@ def test_03_native_engine_trains_what_peft_trains(run):
         torch.testing.assert_close(t_n[k], t_hf[k], rtol=1e-3, atol=1e-5)
         assert torch.equal(t_n[k] == 0, t_hf[k] == 0), k                  # the same 80 % pruned, still zero
         moved += int(".lora_B." in k and t_n[k].abs().sum() > 0)
-    assert moved > 0                                                     # B left zero: training happened
+    # the same validation curve, so the same kept epoch; B left zero only where the start was kept
+    assert r_n["val_ppl_by_epoch"] == pytest.approx(r_hf["val_ppl_by_epoch"], rel=1e-3)
+    assert (r_n["best_epoch"], r_n["kept_start"]) == (r_hf["best_epoch"], r_hf["kept_start"])
+    assert r_n["val_ppl_by_epoch"][0] != r_n["val_ppl_start"]            # training happened
+    assert (moved > 0) != r_n["kept_start"]
     assert r_n["adapter_sparsity"] == pytest.approx(r_hf["adapter_sparsity"])
     assert r_n["test_ppl"] == pytest.approx(r_hf["test_ppl"], rel=1e-3)
     assert f_n["test_ppl"] == pytest.approx(f_hf["test_ppl"], rel=1e-3)
 
 
-def test_05_gains_take_the_training_step_the_profile_names():
-    """gains_table by hand: baseline full FT 40 ms at 8,000 MB; the stack's peft QLoRA step 30 ms at 4,000 MB, its
-    native step 20 ms at 2,000 MB. hf -> -25 % / -50 %; native -> -50 % / -75 %; native unavailable -> peft's
-    columns, saying why."""
+def test_05_gains_pair_like_with_like():
+    """gains_table by hand. Training: baseline transformers full FT 40 ms at 8,000 MB, native full FT 25 ms at
+    5,000 MB; the stack's peft QLoRA step 30 ms at 4,000 MB, its native step 20 ms at 2,000 MB. hf -> -25 % / -50 %;
+    native -> -20 % / -60 % (native vs native); the baseline's native step missing -> the hf pair, never native vs
+    transformers. Generation: the fast-engine row (1,000 tok/s) pairs with the baseline's fast engine (800) -> x1.25,
+    and the cross-engine x10 (vs `generate`, 100) is labelled as such; the NF4 row (`generate`, 150) -> x1.5."""
     from gpt2opt_lib.steps import s05_flash_quant as s5
-    base = {"train_time_per_step_ms": 40.0, "train_peak_mem_mb": 8000.0, "test_ppl": 100.0}
+    base = {"train_time_per_step_ms": 40.0, "train_peak_mem_mb": 8000.0, "test_ppl": 100.0,
+            "train_native_time_per_step_ms": 25.0, "train_native_peak_mem_mb": 5000.0,
+            "gen_engine": "hf.generate", "gen_tokens_per_s": 100.0, "fast_gen_engine": "fast",
+            "fast_gen_tokens_per_s": 800.0}
     row = {"config": "stack", "key": "stack", "test_ppl": 110.0, "train_time_per_step_ms": 30.0,
            "train_peak_mem_mb": 4000.0, "train_native_time_per_step_ms": 20.0, "train_native_peak_mem_mb": 2000.0,
-           "train_native_engine": "model.py + LoRALinear + NF4Linear, compiled"}
+           "train_native_engine": "model.py + LoRALinear + NF4Linear, compiled", "gen_engine": "hf.generate",
+           "gen_tokens_per_s": 150.0}
+    fast_row = {**row, "key": "stack_engine_int4", "gen_engine": "fast-int4", "gen_tokens_per_s": 1000.0}
     hf, = s5.gains_table(base, [row])
     assert (hf["training_step_time_change_pct"], hf["training_vram_change_pct"]) == (-25.0, -50.0)
-    assert hf["training_engine"] == "peft + bitsandbytes" and hf["perplexity_change_pct"] == pytest.approx(10.0)
-    nat, = s5.gains_table(base, [row], train_engine="native")
-    assert (nat["training_step_time_change_pct"], nat["training_vram_change_pct"]) == (-50.0, -75.0)
-    assert nat["training_engine"].startswith("model.py")
-    failed = {k: v for k, v in row.items() if not k.startswith("train_native")}
-    failed["train_native_status"] = "unavailable: bitsandbytes is not installed"
-    fb, = s5.gains_table(base, [failed], train_engine="native")
-    assert fb["training_step_time_change_pct"] == -25.0 and "bitsandbytes is not installed" in fb["training_engine"]
+    assert "peft" in hf["training_pair"] and hf["perplexity_change_pct"] == pytest.approx(10.0)
+    assert hf["generation_throughput_x"] == pytest.approx(1.5) and hf["generation_pair"] == "hf.generate vs hf.generate"
+    assert "generation_x_cross_engine" not in hf
+    nat, fast = s5.gains_table(base, [row, fast_row], train_engine="native")
+    assert (nat["training_step_time_change_pct"], nat["training_vram_change_pct"]) == pytest.approx((-20.0, -60.0))
+    assert nat["training_pair"].startswith("native")
+    assert fast["generation_throughput_x"] == pytest.approx(1.25) and fast["generation_pair"] == "fast-int4 vs fast"
+    assert fast["generation_x_cross_engine"] == pytest.approx(10.0) and "CROSS" in fast["generation_cross_pair"]
+    no_native_base = {k: v for k, v in base.items() if not k.startswith("train_native")}
+    fb, = s5.gains_table(no_native_base, [row], train_engine="native")
+    assert fb["training_step_time_change_pct"] == -25.0 and "peft" in fb["training_pair"]
+    oom = {**base, "train_time_per_step_ms": None, "train_status": "OOM at batch 8 x 512",
+           "train_native_time_per_step_ms": None, "train_native_status": "OOM at batch 8 x 512"}
+    o, = s5.gains_table(oom, [row], train_engine="native")
+    assert o["training_step_time_change_pct"] is None and "OOM" in o["training_pair"]

@@ -1,10 +1,6 @@
 """python -m gpt2opt_lib.bench ..."""
 import sys
 
-from .cli import UsageError, main
+from .cli import run
 
-try:
-    main()
-except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+sys.exit(run())

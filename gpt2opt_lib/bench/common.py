@@ -62,6 +62,7 @@ def _report(args, device, results, extra) -> dict:
     import transformers
     rep = {"command": args.cmd, "device": _device_name(device), "device_type": device.type, "model": args.model,
            "dtype": args.dtype, "batch_size": args.batch_size, **extra,
+           "defaults_fitted": getattr(args, "defaults_fitted", None) or {},   # defaults lowered to the context
            "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__,
            "transformers": transformers.__version__, "git_sha": envmod.git_sha(),
            "argv": sys.argv[1:], "env": envmod.env_stamp(), "engines": results}

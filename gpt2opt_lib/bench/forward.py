@@ -45,6 +45,7 @@ def cmd_forward(args) -> dict:
     sdpa = choose_sdpa_backend(B, cfg.n_head, T, cfg.n_embd // cfg.n_head, dtype, device)
     print(f"  sdpa backend choice: {sdpa['choice']} {sdpa['timings_s']}", flush=True)
     results = {}
+    chosen = {e.strip() for e in args.engines.split(",") if e.strip()} if getattr(args, "engines", None) else None
 
     def figures(rec):
         t = rec["mean_s"]
@@ -55,6 +56,8 @@ def cmd_forward(args) -> dict:
 
     for attn in attns:
         name = "hf" if attn == "sdpa" else f"hf_{attn}"
+        if chosen is not None and name not in chosen:
+            continue
 
         def make(attn=attn):
             model.config._attn_implementation = attn
@@ -64,6 +67,8 @@ def cmd_forward(args) -> dict:
     model.config._attn_implementation = "sdpa" if "sdpa" in attns else attns[0]
     backends = [getattr(SDPBackend, sdpa["choice"])] if sdpa["choice"] else list(SDPBackend)
     engines = ["fast"] + (["fast_compiled"] if args.compile is not False and device.type == "cuda" else [])
+    if chosen is not None:                                # --engines: exactly the fast engines named
+        engines = [e for e in ("fast", "fast_compiled") if e in chosen]
     for name in engines:
         def make(name=name):
             eng = FastGPT2(model, max_batch_size=1, use_cuda_graph=False, compile=False)

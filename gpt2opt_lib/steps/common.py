@@ -86,7 +86,7 @@ def inference_row(ctx: StageContext, name: str, model, extra: dict | None = None
     fb = forward_bench(ctx, model, c.batch_size, c.seq_len)
     row.update(forward_latency_ms=fb["latency_ms"], forward_latency_std_ms=fb["latency_std_ms"],
                forward_tokens_per_s=fb["tokens_per_s"], forward_tokens_per_s_std=fb["tokens_per_s_std"],
-               forward_peak_mem_mb=fb["peak_mem_mb"])
+               forward_peak_mem_mb=fb["peak_mem_mb"], forward_peak_device_mb=fb["peak_device_mb"])
     row.update(gen_columns(generate_bench(ctx, model, 1, c.gen_prompt_len, c.gen_new_tokens, "hf")))
     return row
 
@@ -95,7 +95,7 @@ def gen_columns(gb: dict) -> dict:
     """A generation measurement (generate_bench) as the gen_* columns of a result row: one mapping, every table."""
     return {"gen_engine": gb["engine"], "gen_latency_ms": gb["latency_ms"], "gen_latency_std_ms": gb["latency_std_ms"],
             "gen_tokens_per_s": gb["tokens_per_s"], "gen_tokens_per_s_std": gb["tokens_per_s_std"],
-            "gen_peak_mem_mb": gb["peak_mem_mb"]}
+            "gen_peak_mem_mb": gb["peak_mem_mb"], "gen_peak_device_mb": gb.get("peak_device_mb")}
 
 
 
@@ -120,7 +120,7 @@ def forward_bench(ctx: StageContext, model, batch_size: int, seq_len: int) -> di
     tps, tps_std = rate(batch_size * seq_len, t.mean_s, t.std_s)
     return {"batch_size": batch_size, "seq_len": seq_len, "latency_ms": t.mean_s * 1e3, "latency_std_ms": t.std_s * 1e3,
             "samples_per_s": batch_size / t.mean_s, "tokens_per_s": tps, "tokens_per_s_std": tps_std,
-            "peak_mem_mb": t.peak_mem_mb, "weight_mb": weight_mb(model)}
+            "peak_mem_mb": t.peak_mem_mb, "peak_device_mb": t.peak_device_mb, "weight_mb": weight_mb(model)}
 
 
 class EngineLM:
@@ -176,7 +176,7 @@ def generate_bench(ctx: StageContext, model, batch_size: int, prompt_len: int, n
     return {"engine": name, "batch_size": ids.shape[0], "prompt_len": prompt_len, "new_tokens": new_tokens,
             "latency_ms": t.mean_s * 1e3, "latency_std_ms": t.std_s * 1e3, "tokens_per_s": tps,
             "tokens_per_s_std": tps_std, "ms_per_token": t.mean_s * 1e3 / new_tokens,
-            "peak_mem_mb": t.peak_mem_mb}
+            "peak_mem_mb": t.peak_mem_mb, "peak_device_mb": t.peak_device_mb}
 
 
 def step_graph_fields(summary: dict) -> dict:
@@ -192,7 +192,77 @@ def train_row(ctx: StageContext, name: str, model, hist: dict, extra: dict | Non
             "time_per_step_ms": s["time_per_step_s"] * 1e3, "time_per_step_std_ms": s["time_per_step_std_s"] * 1e3,
             "time_per_step_median_ms": s["time_per_step_median_s"] * 1e3,
             "tokens_per_s": s["tokens_per_s"], "samples_per_s": s["samples_per_s"], "peak_mem_mb": s["peak_mem_mb"],
+            "peak_device_mb": s.get("peak_device_mb"),
             "final_train_loss": s["final_loss"], "test_ppl": val["ppl"], **step_graph_fields(s), **(extra or {})}
+
+
+class BestEpoch:
+    """Keep the best validation epoch of a training run, the weights it started from included.
+
+    Validates `model` once on creation (epoch 0: the starting point) and, through `check` as train()'s
+    on_epoch_end, after every epoch; the best epoch's weights (lowest validation perplexity; the earlier epoch on a
+    tie) are kept as a CPU copy of `model`'s state dict, or of the entries `keys` only (LoRA: the adapters).
+    `restore(model)` writes them back, so what is saved and measured after training is the best epoch, not the
+    last. If no epoch beats the start, the start is what is kept (`fields()["kept_start"]`).
+
+    Data-parallel: only rank 0 validates (train() runs on_epoch_end there only); `restore` is a broadcast every
+    rank must call, and ranks > 0 have no history (their `fields()` are None)."""
+
+    def __init__(self, ctx: StageContext, model, keys=None):
+        from .. import parallel as D
+
+        self.ctx, self.keys = ctx, (list(keys) if keys is not None else None)
+        self.history: list[dict] = []   # {"epoch", "val_loss", "val_ppl"}, epoch 0 first
+        self.best: dict | None = None    # {"epoch", "val_ppl", "val_loss", "state"}
+        self._last_is_best = False       # the weights in the model now are the kept ones
+        if D.is_main():
+            self.check(0, model)
+
+    def _state(self, model) -> dict:
+        sd = model.state_dict()
+        return {k: sd[k].detach().to("cpu", copy=True) for k in (self.keys if self.keys is not None else sd)}
+
+    def check(self, epoch: int, model) -> dict:
+        """Validate `model` after `epoch` (0: before training); returns the record for train()'s history."""
+        val = self.ctx.perplexity(model)
+        rec = {"epoch": epoch, "val_loss": val["nll"], "val_ppl": val["ppl"]}
+        # a run train() restarted (TrainSpec.fit_memory, after an OOM) validates an epoch again: the later record
+        # replaces it in the history; the kept weights stay the best ever validated (`best` says its perplexity)
+        self.history = [h for h in self.history if h["epoch"] < epoch] + [rec]
+        if self.best is None or val["ppl"] < self.best["val_ppl"]:  # the first record is always a candidate
+            self.best = {"epoch": epoch, "val_ppl": val["ppl"], "val_loss": val["nll"], "state": self._state(model)}
+            self._last_is_best = True
+        else:
+            self._last_is_best = False
+        return dict(rec)
+
+    def restore(self, model) -> None:
+        """`model` gets the best epoch's weights (rank 0's, on every rank); a no-op on one process when the last
+        validation was the best."""
+        from .. import parallel as D
+
+        if not D.active() and (self.best is None or self._last_is_best):
+            return
+        D.load_state_from(model, self.best["state"] if D.is_main() else None, keys=self.keys)
+
+    def fields(self, what: str = "training") -> dict:
+        """best_epoch, best_val_ppl, final_val_ppl (the last epoch's), kept_start (no epoch beat the start), and
+        a note naming `what` when the start was kept."""
+        if not self.history:
+            return {"best_epoch": None, "best_val_ppl": None, "final_val_ppl": None, "kept_start": None}
+        b, start = self.best, self.history[0]
+        out = {"best_epoch": b["epoch"], "best_val_ppl": b["val_ppl"], "final_val_ppl": self.history[-1]["val_ppl"],
+               "kept_start": b["epoch"] == 0 and len(self.history) > 1}
+        if out["kept_start"]:
+            best_trained = min(h["val_ppl"] for h in self.history[1:])
+            out["note"] = (f"{what} did not beat its starting point (val ppl {start['val_ppl']:.2f} -> best "
+                           f"{best_trained:.2f}): the start is kept")
+        return out
+
+    def drop_state(self) -> None:
+        """Free the kept copy once restored."""
+        if self.best is not None:
+            self.best["state"] = None
 
 
 def lora_setup(ctx: StageContext) -> dict:

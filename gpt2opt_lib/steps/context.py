@@ -8,7 +8,7 @@ import torch
 
 from .. import config as _config
 from ..data import SPLITS, load_splits, pack_blocks
-from ..env import env_stamp, resolve_device, resolve_dtype, seed_everything
+from ..env import apply_memory_budget, env_stamp, resolve_device, resolve_dtype, seed_everything
 from ..evaluate import strided_perplexity
 from ..tracking import Tracker, read_json, write_json
 
@@ -26,6 +26,7 @@ class StageContext:
     data_info: dict
     tracker: Tracker
     stamp: dict
+    budget: dict = dataclasses.field(default_factory=dict)   # env.apply_memory_budget's record
 
     def blocks(self, split: str = "train", block_size: int | None = None) -> torch.Tensor:
         return pack_blocks(self.streams[split], block_size or self.cfg.block_size)
@@ -46,12 +47,14 @@ class StageContext:
         return read_json(self.run_dir / stage / "results.json")
 
     def save_results(self, results: dict) -> Path:
-        out = {"stage": self.stage, "config": _config.as_dict(self.cfg), "env": self.stamp,
+        out = {"stage": self.stage, "config": _config.as_dict(self.cfg), "env": self.stamp, "memory_budget": self.budget,
                "data": self.data_info, "wandb": self.tracker.status, **results}
         self.tracker.log({f"{self.stage}/{k}": v for k, v in _flat(results).items() if isinstance(v, (int, float))})
         self.tracker.log_tables({f"{self.stage}/{k}": v for k, v in results.items()  # the stage's result tables
                                  if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)})
-        return write_json(self.stage_dir / "results.json", out)
+        path = write_json(self.stage_dir / "results.json", out)
+        _config.write_manifest(self.stage_dir, _config.as_dict(self.cfg))  # last: the stage is complete (verified)
+        return path
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -71,12 +74,13 @@ def setup(cfg, stage: str) -> StageContext:
     amp = resolve_dtype(cfg.precision, device)
     if cfg.block_size < 2:
         raise _config.ConfigError(f"block_size must be >= 2, got {cfg.block_size}")
+    budget = apply_memory_budget(cfg.memory_budget_gb, cfg.enforce_memory_budget, device)
     tok, streams, info = load_splits(cfg.tokenizer, cfg.corpus, cfg.max_articles)
     run_dir = Path(cfg.run_dir)
     stamp = env_stamp(cfg.profile, cfg.seed)
     tracker = Tracker(cfg.wandb_mode, cfg.wandb_project, name=f"{run_dir.name}-{stage}",
                       config=_config.as_dict(cfg), run_dir=run_dir / stage, group=run_dir.name)
-    return StageContext(cfg, stage, device, amp, run_dir, run_dir / stage, tok, streams, info, tracker, stamp)
+    return StageContext(cfg, stage, device, amp, run_dir, run_dir / stage, tok, streams, info, tracker, stamp, budget)
 
 
 def summary_table(ctx: StageContext) -> dict:

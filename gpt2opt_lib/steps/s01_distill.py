@@ -13,7 +13,7 @@ from .. import models as M
 from .. import parallel as D
 from ..distill import make_kd_loss_fn, make_lm_loss_fn
 from ..train import TrainSpec, train
-from .common import maybe_compile, step_graph_fields, training_engine
+from .common import BestEpoch, maybe_compile, step_graph_fields, training_engine
 from .context import StageContext, summary_table
 
 # ------------------------------------------------------------------------------------------------ 01_distill
@@ -22,7 +22,8 @@ from .context import StageContext, summary_table
 def _spec(cfg, **kw) -> TrainSpec:
     base = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
                 weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, max_train_blocks=cfg.max_train_blocks,
-                precision=cfg.precision, seed=cfg.seed, parallel=cfg.parallel, cuda_graph=cfg.cuda_graph)
+                precision=cfg.precision, seed=cfg.seed, parallel=cfg.parallel, cuda_graph=cfg.cuda_graph,
+                fit_memory=True)  # a GPU too small for the micro-batch trains with accumulation, recorded
     base.update(kw)
     return TrainSpec(**base)
 
@@ -30,9 +31,10 @@ def _spec(cfg, **kw) -> TrainSpec:
 def get_teacher(ctx: StageContext):
     """Load, build or train the teacher; saved to <run>/01_distill/teacher for every later stage.
 
-    A scratch:<arch> teacher trains until validation perplexity stops improving: validated after every epoch,
-    stopped after `teacher_patience` epochs without a new best (at most `teacher_max_epochs`), and the best
-    epoch's weights are the teacher. A teacher stopped short of convergence is no teacher: its students beat it.
+    A scratch:<arch> teacher trains until validation perplexity stops improving: validated before training (epoch
+    0 of its history, the random init) and after every epoch, stopped after `teacher_patience` epochs without a
+    new best (at most `teacher_max_epochs`), and the best epoch's weights are the teacher. A teacher stopped short
+    of convergence is no teacher: its students beat it.
     """
     cfg = ctx.cfg
     teacher = M.build_model(cfg.teacher, cfg.attn_implementation, seed=cfg.seed, vocab_size=len(ctx.tok))
@@ -41,24 +43,24 @@ def get_teacher(ctx: StageContext):
     info = {"spec": cfg.teacher, **M.describe(teacher)}
     teacher.to(ctx.device)
     if cfg.teacher.startswith("scratch:"):
-        best = {"ppl": math.inf, "epoch": 0, "state": None}
-
-        def on_epoch_end(epoch, model):
-            val = ctx.perplexity(model)
-            if val["ppl"] < best["ppl"]:
-                best.update(ppl=val["ppl"], epoch=epoch,
-                            state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
-            return {"val_loss": val["nll"], "val_ppl": val["ppl"], "best": epoch == best["epoch"],
-                    "stop": epoch - best["epoch"] >= cfg.teacher_patience}
-
         spec = _spec(cfg, epochs=cfg.teacher_max_epochs, lr=cfg.teacher_lr)
         work, back = training_engine(teacher, ctx)
-        hist = train(maybe_compile(work, ctx), ctx.blocks("train"), make_lm_loss_fn(cfg.kd_chunk_tokens), spec,
+        model = maybe_compile(work, ctx)
+        keep = BestEpoch(ctx, model)  # epoch 0: the random init, validated (rank 0) and the first candidate
+
+        def on_epoch_end(epoch, model):
+            rec = keep.check(epoch, model)
+            return {"val_loss": rec["val_loss"], "val_ppl": rec["val_ppl"], "best": epoch == keep.best["epoch"],
+                    "stop": epoch - keep.best["epoch"] >= cfg.teacher_patience}
+
+        hist = train(model, ctx.blocks("train"), make_lm_loss_fn(cfg.kd_chunk_tokens), spec,
                      ctx.device, on_epoch_end=on_epoch_end, tracker=ctx.tracker, desc="teacher (from scratch)")
-        D.load_state_from(work, best["state"])  # the best epoch, not the last (rank 0's, on every rank)
+        keep.restore(work)  # the best epoch, not the last (rank 0's, on every rank)
         teacher = back()
         n = len(hist["epochs"])
-        info["scratch_training"] = {"history": hist["epochs"], "best_epoch": best["epoch"], "epochs_run": n,
+        start = [{"step": 0, **keep.history[0]}] if keep.history else []  # rank 0 only
+        info["scratch_training"] = {"history": start + hist["epochs"],
+                                    "best_epoch": keep.best["epoch"] if keep.best else None, "epochs_run": n,
                                     "max_epochs": cfg.teacher_max_epochs, "patience": cfg.teacher_patience,
                                     "stopped_early": n < cfg.teacher_max_epochs, **hist["summary"]}
         info["random_weights"] = False
@@ -100,34 +102,42 @@ def _train_student(ctx: StageContext, student, loss_fn, name: str, seed: int, sa
 
     `epochs` on the corpus's train blocks, then, with `text` (teacher-text blocks), `teacher_text_epochs` more on
     them, numbered on from `epochs`, on the same engine and compiled model (a fresh optimizer and schedule); the
-    last corpus epoch is then also a checkpoint (the corpus-only student, kept for comparison)."""
+    last corpus epoch is then also a checkpoint (the corpus-only student, kept for comparison).
+
+    Validated before training (epoch 0, the init, first in the history's `epochs`) and after every epoch of both
+    phases (rank 0 only under data-parallel); checkpoints on disk only at `checkpoint_epochs`. The student that
+    comes back (and the saved artifact) has the best validation epoch's weights, the init included (BestEpoch):
+    the history says which (`best_epoch`, `best_val_ppl`, `final_val_ppl` of the last epoch, `kept_start`)."""
     cfg = ctx.cfg
     work, back = training_engine(student, ctx)
     model = maybe_compile(work, ctx)
+    keep = BestEpoch(ctx, model)
     phases = [(ctx.blocks("train"), cfg.epochs, 0, "")]
     if text is not None:
         phases.append((text, cfg.teacher_text_epochs, cfg.epochs, " on teacher text"))
     hists = []
     for blocks, epochs, offset, what in phases:
-        def on_epoch_end(epoch, model, offset=offset, last=offset + epochs):
+        def on_epoch_end(epoch, model, offset=offset):
             epoch += offset
-            ckpt = epoch in cfg.checkpoint_epochs or (text is not None and epoch == cfg.epochs)
-            if not ckpt and epoch != last:
-                return {}
-            val = ctx.perplexity(model)
-            if save and ckpt:
+            rec = keep.check(epoch, model)
+            if save and (epoch in cfg.checkpoint_epochs or (text is not None and epoch == cfg.epochs)):
                 M.save_model(back(), ctx.stage_dir / "checkpoints" / f"{name}-epoch{epoch:03d}")
-            return {"val_loss": val["nll"], "val_ppl": val["ppl"]}
+            return {"val_loss": rec["val_loss"], "val_ppl": rec["val_ppl"]}
 
         hist = train(model, blocks, loss_fn, _spec(cfg, seed=seed, epochs=epochs), ctx.device,
                      on_epoch_end=on_epoch_end, tracker=ctx.tracker, desc=f"{name} (seed {seed}){what}")
         for e in hist["epochs"]:
             e["epoch"] += offset
         hists.append(hist)
+    keep.restore(work)  # the best epoch's weights, not the last (rank 0's, on every rank)
+    keep.drop_state()
     student = back()
     if save:
         M.save_model(student, ctx.stage_dir / name)
-    return hists[0] if text is None else _merge_phases(*hists)
+    out = hists[0] if text is None else _merge_phases(*hists)
+    if keep.history:  # rank 0: the init's validation is epoch 0 of the history
+        out["epochs"].insert(0, {"step": 0, **keep.history[0]})
+    return {**out, **keep.fields()}
 
 
 TEACHER_TEXT = "teacher_text.pt"   # 01_distill/<this>: the teacher's greedy text the distilled students train on last
@@ -255,18 +265,26 @@ def train_students_torchrun(ctx: StageContext) -> dict:
 
 
 def seed_table(runs: dict) -> list[dict]:
-    """One row per (arm, seed): final validation perplexity and the training cost."""
-    return [{"arm": arm, "seed": h["seed"], "final_val_ppl": h["epochs"][-1].get("val_ppl"),
+    """One row per (arm, seed): the best validation epoch (the weights the run keeps; 0 = the init) and its
+    perplexity, the last epoch's perplexity, and the training cost."""
+    return [{"arm": arm, "seed": h["seed"], "best_epoch": h.get("best_epoch"), "best_val_ppl": h.get("best_val_ppl"),
+             "final_val_ppl": h["epochs"][-1].get("val_ppl"), "kept_start": h.get("kept_start"),
              "final_train_loss": h["summary"]["final_loss"], "world_size": h["summary"].get("world_size", 1),
              "tokens_per_s": h["summary"]["tokens_per_s"],
              "tokens_per_s_per_gpu": h["summary"].get("tokens_per_s_per_gpu", h["summary"]["tokens_per_s"]),
              "time_per_step_ms": h["summary"]["time_per_step_s"] * 1e3, "peak_mem_mb": h["summary"]["peak_mem_mb"],
+             "peak_device_mb": h["summary"].get("peak_device_mb"),
+             "micro_batch": h["summary"].get("micro_batch"), "grad_accum": h["summary"].get("grad_accum"),
+             "fit_attempts": h["summary"].get("fit_attempts"),
              **step_graph_fields(h["summary"])}
             for arm, hs in runs.items() for h in hs]
 
 
 def distill_results(ctx: StageContext, teacher_info: dict, student_info: dict, runs: dict,
                     teacher_text: dict | None = None) -> dict:
+    """results.json of 01. Every student is judged at its best validation epoch, the weights it keeps (KD vs hard
+    labels, the teacher check, distilled_val_ppl / no_teacher_val_ppl); the last epoch's perplexities stay beside
+    them (*_last_epoch_val_ppl, kd_vs_hard_labels_last_epoch), so a student that overfits shows as a gap."""
     from ..evaluate import compare_with_spread, mean_std
 
     kd0 = runs["distilled"][0]
@@ -278,14 +296,22 @@ def distill_results(ctx: StageContext, teacher_info: dict, student_info: dict, r
             h = hs[0]
             res["runs"][name] = {**h["summary"], "seed": h["seed"], "checkpoints": h["epochs"],
                                  "step_loss": h["step_loss"], "parts": h["parts"],
-                                 "final_val_ppl": h["epochs"][-1].get("val_ppl")}
-    # final validation perplexity per arm and seed (absent on data-parallel ranks > 0, which do not validate)
-    ppl = {arm: [h["epochs"][-1]["val_ppl"] for h in hs if "val_ppl" in h["epochs"][-1]] for arm, hs in runs.items()}
+                                 "best_epoch": h.get("best_epoch"), "best_val_ppl": h.get("best_val_ppl"),
+                                 "final_val_ppl": h["epochs"][-1].get("val_ppl"), "kept_start": h.get("kept_start"),
+                                 **({"note": h["note"]} if h.get("note") else {})}
+    # per arm and seed: the best validation epoch's perplexity (the weights each run keeps and hands on) and the
+    # last epoch's, for the gap (absent on data-parallel ranks > 0, which do not validate)
+    ppl = {arm: [h["best_val_ppl"] for h in hs if h.get("best_val_ppl") is not None] for arm, hs in runs.items()}
     ppl = {arm: v for arm, v in ppl.items() if v}
+    last = {arm: [h["epochs"][-1]["val_ppl"] for h in hs if "val_ppl" in h["epochs"][-1]] for arm, hs in runs.items()}
+    last = {arm: v for arm, v in last.items() if v}
+    best_epochs = {arm: [h["best_epoch"] for h in hs if h.get("best_epoch") is not None] for arm, hs in runs.items()}
     tv = teacher_info["validation"]["ppl"]
     if "no_teacher" in ppl and "distilled" in ppl:
         res["kd_vs_hard_labels"] = compare_with_spread(ppl["distilled"], ppl["no_teacher"],
                                                        ("distilled", "no_teacher"))
+        res["kd_vs_hard_labels_last_epoch"] = compare_with_spread(last["distilled"], last["no_teacher"],
+                                                                  ("distilled", "no_teacher"))
     best_student = min((statistics.fmean(v) for v in ppl.values()), default=math.nan)
     beats = tv < best_student
     res["teacher_check"] = {
@@ -302,12 +328,20 @@ def distill_results(ctx: StageContext, teacher_info: dict, student_info: dict, r
         "distilled_val_ppl_std": ms.get("distilled", {}).get("std"),
         "no_teacher_val_ppl": ms.get("no_teacher", {}).get("mean"),
         "no_teacher_val_ppl_std": ms.get("no_teacher", {}).get("std"),
+        "distilled_best_epochs": best_epochs.get("distilled") or None,
+        "distilled_best_epoch_mean": statistics.fmean(best_epochs["distilled"]) if best_epochs.get("distilled") else None,
+        "no_teacher_best_epochs": best_epochs.get("no_teacher") or None,
+        "no_teacher_best_epoch_mean": (statistics.fmean(best_epochs["no_teacher"])
+                                       if best_epochs.get("no_teacher") else None),
+        "distilled_last_epoch_val_ppl": statistics.fmean(last["distilled"]) if "distilled" in last else None,
+        "no_teacher_last_epoch_val_ppl": statistics.fmean(last["no_teacher"]) if "no_teacher" in last else None,
         "n_seeds": len(ctx.cfg.seeds),
         "kd_vs_hard_labels": res.get("kd_vs_hard_labels", {}).get("winner"),
         "teacher_beats_students": beats,
         "distill_tokens_per_s": kd0["summary"]["tokens_per_s"],
         "distill_time_per_step_s": kd0["summary"]["time_per_step_s"],
         "distill_peak_mem_mb": kd0["summary"]["peak_mem_mb"],
+        "distill_peak_device_mb": kd0["summary"].get("peak_device_mb"),
     }
     if teacher_text:
         res["metrics"]["teacher_text_tokens_per_s"] = teacher_text["tokens_per_s"]

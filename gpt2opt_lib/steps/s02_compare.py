@@ -105,11 +105,14 @@ def sweep(ctx: StageContext, roles: dict) -> list[dict]:
     return rows
 
 
-def compare_results(ctx: StageContext, qual: list, spd: dict, swp: list, spec: dict | None = None) -> dict:
+def compare_results(ctx: StageContext, qual: list, spd: dict, swp: list, spec: dict | None = None,
+                    samples: list | None = None) -> dict:
     by = {r["model"]: r for r in qual}
     fw = {r["model"]: r for r in spd["forward"]}
     res = {"setup": summary_table(ctx), "quality": qual, "forward": spd["forward"], "generate": spd["generate"],
            "sweep": swp, "speculative": spec}
+    if samples is not None:
+        res["samples"] = samples
     t, d = "teacher", "distilled student"
     res["metrics"] = {
         "teacher_test_ppl": by[t]["test_ppl"], "distilled_test_ppl": by[d]["test_ppl"],
@@ -124,3 +127,20 @@ def compare_results(ctx: StageContext, qual: list, spd: dict, swp: list, spec: d
                               speculative_token_identical=spec["token_identical"])
     ctx.save_results(res)
     return res
+
+
+def samples(ctx: StageContext, roles: dict) -> list[dict]:
+    """Each model of 01 continues cfg.sample_prompts greedily for cfg.sample_new_tokens tokens, the same prompts for
+    all, through gpt2opt's engine (its 16-bit weights; the model's own generate where the engine cannot run here):
+    rows of samples.sample_rows, stored under "samples" by compare_results."""
+    from .. import samples as SM
+    from .common import make_engine
+
+    c = ctx.cfg
+    probe = SM.prompt_ids(ctx.tok, c.sample_prompts[0])
+    longest = max(SM.prompt_ids(ctx.tok, p).shape[1] for p in c.sample_prompts)
+
+    def build(m):   # a batch-1 engine whose cache holds the longest prompt and its continuation
+        return make_engine(ctx, m, 1, min(longest + c.sample_new_tokens, m.config.n_positions))
+    gens = {role: (lambda m=m: SM.engine_or_model(m, build, probe)) for role, m in roles.items()}
+    return SM.sample_rows(gens, ctx.tok, c.sample_prompts, c.sample_new_tokens)

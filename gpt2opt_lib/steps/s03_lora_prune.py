@@ -13,7 +13,7 @@ from .. import models as M
 from .. import prune as P
 from ..distill import make_lm_loss_fn
 from ..train import TrainSpec, train
-from .common import forward_bench, free_memory, load_student, maybe_compile, train_row, training_engine
+from .common import BestEpoch, forward_bench, free_memory, load_student, maybe_compile, train_row, training_engine
 from .context import StageContext, summary_table
 
 # ------------------------------------------------------------------------------------------------ 03_lora_prune
@@ -21,22 +21,51 @@ from .context import StageContext, summary_table
 def _ft_spec(cfg, lr: float) -> TrainSpec:
     return TrainSpec(epochs=cfg.ft_epochs, batch_size=cfg.ft_batch_size, lr=lr, warmup_steps=cfg.ft_warmup_steps, weight_decay=0.0,
                      max_train_blocks=cfg.ft_max_train_blocks, precision=cfg.precision, seed=cfg.seed,
-                     cuda_graph=cfg.cuda_graph)
+                     cuda_graph=cfg.cuda_graph, fit_memory=True)
+
+
+def _val_epoch_end(keep: BestEpoch):
+    """train()'s on_epoch_end: validate, keep the best epoch's weights, record the validation in the history."""
+    def on_epoch_end(epoch, model):
+        rec = keep.check(epoch, model)
+        return {"val_loss": rec["val_loss"], "val_ppl": rec["val_ppl"]}
+    return on_epoch_end
+
+
+def _val_columns(keep: BestEpoch) -> dict:
+    """A fine-tuning row's validation columns: the start's perplexity (epoch 0), each epoch's, the best epoch (the
+    weights the row's test_ppl measures) and whether the start was kept, with a note saying so (None on
+    data-parallel ranks > 0, which do not validate)."""
+    f = keep.fields("fine-tuning")
+    h = keep.history
+    out = {"val_ppl_start": h[0]["val_ppl"] if h else None, "val_ppl_by_epoch": [r["val_ppl"] for r in h[1:]],
+           "best_epoch": f["best_epoch"], "best_val_ppl": f["best_val_ppl"], "kept_start": f["kept_start"]}
+    if f.get("note"):
+        out["note"] = f["note"]
+    return out
 
 
 def full_finetune(ctx: StageContext, which: str = "student_distilled") -> dict:
     """The training-cost baseline: every weight trained with AdamW (fp32 master weights + autocast).
-    With nproc > 1 (and no process group yet) it runs data-parallel under torchrun; rank 0 returns the row."""
+    Validated before training and after every epoch; the best epoch's weights are kept and measured (the start's
+    if no epoch beats it: `kept_start`). With nproc > 1 (and no process group yet) it runs data-parallel under
+    torchrun; rank 0 returns the row."""
     if ctx.cfg.nproc > 1 and not D.active():
         return _torchrun(ctx, {"kind": "full_ft", "which": which})["row"]
     model = load_student(ctx, which)
     work, back = training_engine(model, ctx)
-    hist = train(maybe_compile(work, ctx), ctx.blocks("train"), make_lm_loss_fn(ctx.cfg.loss_chunk_tokens),
-                 _ft_spec(ctx.cfg, ctx.cfg.full_ft_lr), ctx.device, tracker=ctx.tracker, desc="full fine-tune")
+    work = maybe_compile(work, ctx)
+    keep = BestEpoch(ctx, work)  # epoch 0: the student as 01 handed it on
+    hist = train(work, ctx.blocks("train"), make_lm_loss_fn(ctx.cfg.loss_chunk_tokens),
+                 _ft_spec(ctx.cfg, ctx.cfg.full_ft_lr), ctx.device, on_epoch_end=_val_epoch_end(keep),
+                 tracker=ctx.tracker, desc="full fine-tune")
+    keep.restore(work)  # the best epoch's weights (rank 0's, on every rank)
+    keep.drop_state()
     model = back()
     row = train_row(ctx, f"full FT ({which})", model, hist, {"kind": "full_ft", "student": which,
                                                                "engine": ctx.cfg.train_engine,
-                                                               "world_size": hist["summary"].get("world_size", 1)})
+                                                               "world_size": hist["summary"].get("world_size", 1),
+                                                               **_val_columns(keep)})
     del model
     free_memory(ctx)
     return row
@@ -45,8 +74,10 @@ def full_finetune(ctx: StageContext, which: str = "student_distilled") -> dict:
 def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_before: bool = False,
                   summaries: list | None = None):
     """LoRA on the frozen student; with prune_before, 80 % of adapter weights are zeroed first and kept at zero.
-    With nproc > 1 (and no process group yet) the training runs data-parallel under torchrun; rank 0 saves the
-    trained adapter weights (safetensors) and they are loaded into the same LoRA model here."""
+    Validated before training and after every epoch; the best epoch's adapters are kept (all-zero lora_B, i.e. the
+    student itself, if no epoch beats the start: `kept_start`). With nproc > 1 (and no process group yet) the
+    training runs data-parallel under torchrun; rank 0 saves the trained adapter weights (safetensors) and they are
+    loaded into the same LoRA model here."""
     c = ctx.cfg
     out = None
     if c.nproc > 1 and not D.active():  # trained first: this process holds no model while the GPUs train
@@ -80,10 +111,16 @@ def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_bef
     # pruned entries' gradients are masked in one fused op per step (train's before_step), not by per-tensor hooks
     pruner = P.prune_lora(work, c.prune_sparsity, scope=c.prune_scope, mask_grads=False) if prune_before else None
     name = f"LoRA r{c.lora_rank}" + (f" + {c.prune_sparsity:.0%} pruned before" if prune_before else "") + f" ({which})"
-    hist = train(maybe_compile(work, ctx) if native is not None else work, ctx.blocks("train"),
+    run = maybe_compile(work, ctx) if native is not None else work
+    # epoch 0 (after pruning: the start is what the masks allow, lora_B all zero) and every epoch; only the
+    # adapters train, so only they are kept and restored (every snapshot already obeys the pruning masks)
+    keep = BestEpoch(ctx, run, keys=[n for n, p in work.named_parameters() if p.requires_grad])
+    hist = train(run, ctx.blocks("train"),
                  make_lm_loss_fn(c.loss_chunk_tokens), _ft_spec(c, c.ft_lr), ctx.device,
-                 params=[p for p in work.parameters() if p.requires_grad],
+                 params=[p for p in work.parameters() if p.requires_grad], on_epoch_end=_val_epoch_end(keep),
                  tracker=ctx.tracker, desc=name, **(pruner.train_hooks() if pruner else {}))
+    keep.restore(work)  # the best epoch's adapters (rank 0's, on every rank)
+    keep.drop_state()
     if native is not None:
         L.copy_adapters(work, model)
         del work, native
@@ -92,6 +129,7 @@ def lora_finetune(ctx: StageContext, which: str = "student_distilled", prune_bef
     if pruner:
         extra["pruning"] = pruner.record()
     extra["world_size"] = hist["summary"].get("world_size", 1)
+    extra.update(_val_columns(keep))
     if summaries is not None:  # the torchrun CLI's throughput report
         summaries.append(hist["summary"])
     return model, train_row(ctx, name, model, hist, extra)
@@ -155,11 +193,13 @@ def adapter_storage(ctx: StageContext, peft_model, name: str) -> dict:
 
 
 def merge_and_check(ctx: StageContext, peft_model) -> tuple[object, dict]:
-    """merge_and_unload for serving, checked against the unmerged model; saved for 04 and 05."""
+    """merge_and_unload for serving, checked against the unmerged model; saved for 04 and 05 with the tokenizer
+    files beside the weights, so the directory loads (and serves) on its own."""
     merged = L.merge_for_serving(peft_model)
     ids = ctx.blocks("test")[:2].to(ctx.device)
     diff = L.max_abs_diff_logits(peft_model, merged, ids)
     M.save_model(merged, ctx.stage_dir / "merged")
+    ctx.tok.save_pretrained(str(ctx.stage_dir / "merged"))
     return merged, {"merged_vs_unmerged_max_abs_logit_diff": diff, "saved": "03_lora_prune/merged"}
 
 
@@ -210,9 +250,15 @@ def lora_results(ctx: StageContext, train_rows: list, after_row: dict, storage: 
     full = next(r for r in train_rows if r["kind"] == "full_ft")
     pruned = next(r for r in train_rows if r["kind"] == "lora_pruned_before" and r["student"] == "student_distilled")
     res = {"setup": summary_table(ctx), "training": train_rows, "prune_after": after_row, "storage": storage,
-           "merge": merge, "base_sparsity": sparse}
+           "merge": merge, "base_sparsity": sparse,
+           # every fine-tuning that did not beat its starting point (and so kept it), said once, in words
+           "notes": [f"{r['config']}: {r['note']}" for r in train_rows if r.get("note")]}
     res["metrics"] = {
         "lora_trainable_pct": pruned["trainable_pct"], "pruned_adapter_sparsity": pruned["adapter_sparsity"],
+        "pruned_mask_sparsity": pruned.get("pruning", {}).get("sparsity"),  # the masks' (a kept start: B all zero)
+        "start_val_ppl": full.get("val_ppl_start"), "full_ft_best_val_ppl": full.get("best_val_ppl"),
+        "pruned_lora_best_val_ppl": pruned.get("best_val_ppl"),
+        "fine_tunings_kept_start": sum(bool(r.get("kept_start")) for r in train_rows),
         "pruned_lora_test_ppl": pruned["test_ppl"], "full_ft_test_ppl": full["test_ppl"],
         "prune_after_test_ppl": after_row["test_ppl"],
         "pruned_lora_peak_mem_vs_full_ft": (pruned["peak_mem_mb"] / full["peak_mem_mb"]) if full["peak_mem_mb"] else None,

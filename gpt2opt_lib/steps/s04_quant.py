@@ -32,7 +32,9 @@ def quant_table(ctx: StageContext) -> tuple[list[dict], dict]:
     rows, layers = [], {}
     base = load_16bit(ctx)
     wb = Q.weight_bytes(base)
-    rows.append(inference_row(ctx, f"16-bit baseline ({str(compute_dtype(ctx)).replace('torch.', '')})", base,
+    dtype = str(compute_dtype(ctx)).replace("torch.", "")  # float32 on a CPU: "16-bit" would misname that row
+    label = f"{'16-bit' if dtype in ('float16', 'bfloat16') else 'unquantized'} baseline ({dtype})"
+    rows.append(inference_row(ctx, label, base,
                                {"mode": "none", "weight_mb": wb["total"] / 2**20, "quantized_layers": 0}))
     del base
     free_memory(ctx)
