@@ -380,7 +380,7 @@ _SHAPES = {
                      "seed_runs": [dict], "student": dict, "config": dict, "baseline": dict, "training": list,
                      "qlora": list, "bnb": list, "engine": list, "stacks": list,
                      "verdict": {"answer!": str, "text!": str, "budget_gb": _NUM, "memory_budget": dict,
-                                 "phases!": {"*": {"title!": str, "answer!": str, "pick!": _PICK}}}},
+                                 "phases!": {"*": {"title!": str, "answer!": str, "pick": _PICK}}}},
 }
 
 
