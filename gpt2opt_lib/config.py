@@ -234,10 +234,6 @@ STAGE_CONFIGS: dict[str, type] = {"01_distill": Distill, "02_compare": Compare, 
                                   "04_quant": Quant, "05_flash_quant": FlashQuant}
 
 
-def register_stage(name: str, cls: type) -> None:
-    STAGE_CONFIGS[name] = cls
-
-
 def fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 

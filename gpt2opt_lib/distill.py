@@ -97,16 +97,14 @@ _COMPILED_CHUNK = []
 
 
 def _compiled_chunk(device=None):
-    """chunk_loss_grad under torch.compile for a CUDA device (built once; None on other devices, with
-    GPT2OPT_COMPILE_LOSS=0, or after it failed once).
+    """chunk_loss_grad under torch.compile for a CUDA device (built once; None on other devices or after it failed
+    once).
     Inductor fuses the upcast, both log-softmaxes, the gather, the one-hot and the scaling into a few passes over
     the (c, V) logits instead of ~10 eager ones."""
-    import os
     if device is not None and torch.device(device).type != "cuda":
         return None
     if not _COMPILED_CHUNK:
-        ok = os.environ.get("GPT2OPT_COMPILE_LOSS", "1") != "0"
-        _COMPILED_CHUNK.append(torch.compile(chunk_loss_grad, dynamic=False) if ok else None)
+        _COMPILED_CHUNK.append(torch.compile(chunk_loss_grad, dynamic=False))
     return _COMPILED_CHUNK[0]
 
 
@@ -162,10 +160,9 @@ _TRITON_CE = [None]   # False after the Triton CE kernel failed once (then the c
 
 
 def _triton_ce(device: torch.device):
-    """triton_loss.ce_grad_ where it runs: CUDA with triton, not after a failure, not with GPT2OPT_TRITON_CE=0 (the
-    compiled chunk instead); else None."""
-    import os
-    if device.type != "cuda" or _TRITON_CE[0] is False or os.environ.get("GPT2OPT_TRITON_CE", "1") == "0":
+    """triton_loss.ce_grad_ where it runs: CUDA with triton, not after a failure (then the compiled chunk); else
+    None."""
+    if device.type != "cuda" or _TRITON_CE[0] is False:
         return None
     from . import triton_loss
     return triton_loss.ce_grad_ if triton_loss.available(device) else None
@@ -185,7 +182,7 @@ class _FusedChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, y, temperature: float, alpha: float, chunk: int, vocab: int):
         # the LM-head matmuls run in the autocast dtype, as autocast would run them (the hidden states come out of
-        # ln_f in fp32 under autocast: fp32 matmuls here would be SIMT SGEMMs, 3x the rest of the step on an H100)
+        # ln_f in fp32 under autocast: fp32 matmuls here would be SIMT SGEMMs, slower than the whole rest of the step)
         dev = hs.device.type
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hs.dtype
         with torch.autocast(dev, enabled=False):  # dtypes are chosen explicitly below
@@ -197,7 +194,7 @@ class _FusedChunkedKD(torch.autograd.Function):
         n = valid.sum().clamp(min=1).float()                                 # unmasked tokens (tensor: no sync)
         y = y.masked_fill(~valid, 0)                                         # any in-range index; its rows are zeroed
         # the head padded to a multiple of 64 rows (zeros; their columns masked out of the softmax): a (c, 50257)
-        # logits matrix has an odd row stride, which sends cuBLAS to unaligned (align1) kernels, ~4x slower here
+        # logits matrix has an odd row stride, which sends cuBLAS to unaligned (align1) kernels, several times slower
         V = vocab            # ws: the (V, E) head, or (_tied_base) the padded parameter whose first V rows it is
         w = _padded_head(ws, mm_dtype)
         wt = _padded_head(wt, mm_dtype) if wt is not None else None

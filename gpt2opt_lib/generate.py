@@ -14,7 +14,7 @@ so it runs at ~1 % of the memory-bandwidth roofline. This engine:
   outside the graph from the caller's `torch.Generator` (reproducible, and no RNG state inside the graph).
 
 - at batch 1, greedy, with 16/32-bit weights, decodes through the fused Triton kernels of triton_decode.py instead
-  (5 kernels per layer, programmatic dependent launch on Hopper): ~2x the compiled step on an H200.
+  (5 kernels per layer, programmatic dependent launch on Hopper): faster than the launch-bound compiled step.
 
 On CPU the same step functions run eagerly (no graphs, no compile). `hf_generate` is the plain baseline.
 Weight-only int8 / int4: `FastGPT2(..., weight_quant="int8"|"int4")`, see wquant.py.
@@ -340,8 +340,8 @@ class FastGPT2:
         graph: one program per row and head writes the step's K/V and attends over the live slots only) or
         "inductor" (SDPA over the whole static cache with a mask, or inductor's reductions under gemv). "auto" =
         "triton" where the engine compiles on CUDA with triton importable and power-of-two head sizes, else
-        "inductor". gpt2 fp16 batch 32 on one H100: 62,247 tokens/s against 50,468 for inductor's attention, same
-        run (benchmarks/results/h100_generate_gpt2_bs32_tattn_write_kv.json). Ragged batches and speculative
+        "inductor"; "triton" is the default because it generated faster than inductor's attention (gpt2 fp16,
+        batch 32, on an H100: it reads only the live slots, each K/V byte once). Ragged batches and speculative
         verification keep the masked path.
         """
         if decode_attn not in ("auto", "triton", "inductor"):
@@ -662,8 +662,8 @@ def compile_step(fn, gemv: bool):
     """A decode / verify step under torch.compile (static shapes, one graph). With gemv, inductor's
     coordinate-descent tuning, which also turns its decomposition of one-row matmuls (mm -> mul + sum) on: a GEMV
     that streams the weights instead of a GEMM tile; and its combo kernels (independent kernels, such as the K and
-    V cache writes, launched as one): gpt2 fp16 batch 1 on an H200, 147 -> 135 kernels and 2,311 -> 2,475 tokens
-    per second (benchmarks/results/h200_profile_decode_combo.json)."""
+    V cache writes, launched as one): fewer kernels a step and a faster decode (gpt2 fp16, batch 1, profiled on
+    Hopper)."""
     _allow_recompiles()
     if not gemv:
         return torch.compile(fn, fullgraph=True, dynamic=False)

@@ -205,7 +205,7 @@ class _FoldedLoRA(torch.autograd.Function):
             b_cat = torch.cat([bias.to(cdt), bias.new_zeros(r + pad, dtype=cdt)])
             if keep_xa:     # save_attention checkpointing: one op, whose x A^T the policy saves
                 y, xa = folded_linear(x, w_cat, b_cat, N, r)
-            else:           # plain ops: inductor fuses around them (the custom op cost ~0.3 ms a step otherwise)
+            else:           # plain ops: inductor fuses around them (the opaque custom op would slow the step)
                 out = torch.nn.functional.linear(x, w_cat, b_cat)        # (..., N + r + pad)
                 y, xa = out[..., :N], out[..., N:N + r]
         ctx.save_for_backward(x, A, B, xa, *wt)
@@ -239,10 +239,10 @@ def folded_linear(x: torch.Tensor, w_cat: torch.Tensor, b_cat: torch.Tensor, n: 
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """[y | x A^T] = x w_cat^T + b_cat, one GEMM (_FoldedLoRA's forward): y as a view of the output, x A^T as its own
     r-column copy. One op, so that "save_attention" checkpointing (model.SAVED_OPS) saves x A^T, all that backward
-    needs of it, instead of recomputing the wide GEMM (measured: that recompute was ~0.7 ms of a 19.5 ms QLoRA
-    step on an H100). A copy made after the GEMM would not do: the compiled partitioner only saves values that the
-    forward itself needs, and y is one. Used only under that policy (LoRALinear.save_adapter_out): elsewhere the
-    opaque op kept inductor from fusing around it (~0.3 ms a LoRA step)."""
+    needs of it, instead of recomputing the wide GEMM (a measurable share of a QLoRA step). A copy made after the
+    GEMM would not do: the compiled partitioner only saves values that the forward itself needs, and y is one.
+    Used only under that policy (LoRALinear.save_adapter_out): elsewhere the opaque op kept inductor from fusing
+    around it, which slowed a LoRA step."""
     out = torch.nn.functional.linear(x, w_cat, b_cat)
     return out[..., :n], out[..., n:n + r].clone(memory_format=torch.contiguous_format)
 
@@ -263,12 +263,10 @@ def _folded_weight(meta, wt, A, B, scaling) -> torch.Tensor:
     One addmm, except for an NF4 base under torch.compile: there the r-term sum as elementwise ops, so inductor
     makes the whole folded weight, the NF4 dequantization included (nf4.nf4_dequant), in one kernel that reads the
     4-bit codes once and writes the weight once, instead of bnb's dequantize kernel writing the 16-bit W, addmm
-    copying it into its output and its GEMM reading and writing that again. One H100, gpt2 8 x 1024, medians
-    (h100_train_fold_{elementwise,addmm}_qlora_bs8.json): the save_attention QLoRA step 17.68 vs 18.45 ms; for a
-    dense base the elementwise form was slower (LoRA 14.83 vs 14.67 ms), so it keeps addmm.
-    GPT2OPT_FOLD_ELEMENTWISE: "nf4" (the default), "1" (dense too), "0" (never: the A/B)."""
-    mode = os.environ.get("GPT2OPT_FOLD_ELEMENTWISE", "nf4")
-    elementwise = torch.compiler.is_compiling() and (mode == "1" or (mode == "nf4" and meta is not None))
+    copying it into its output and its GEMM reading and writing that again: a faster save_attention QLoRA step
+    (gpt2 8 x 1024 on an H100, median steps); for a dense base the elementwise form was slower, so it keeps
+    addmm."""
+    elementwise = torch.compiler.is_compiling() and meta is not None
     w = (wt[0] if meta is None else nf4_dequant(*wt, meta, ops=elementwise)).to(A.dtype)
     if not elementwise:
         return torch.addmm(w, B, A, alpha=scaling)
@@ -307,7 +305,7 @@ class LoRALinear(nn.Module):
         # sets them: next to SDPA (c_attn's y is q/k/v, c_proj's dx is dO: strided views cost an aten copy per
         # layer in cuDNN attention's backward) and for c_fc's y (inductor pads the stride of outputs wider than
         # 1024 columns, and addmm into a padded output cannot use cuBLASLt's bias epilogue: it first copies the
-        # broadcast bias into the whole (tokens, 3080) output, 42 us per layer on an H100; profile_steps names it)
+        # broadcast bias into the whole (tokens, 3080) output, an extra kernel per layer; profile_steps names it)
         self.contiguous_y = self.contiguous_dx = False
         # under "save_attention" checkpointing (set by model.GPT2.checkpoint_policy): the wide folded GEMM is one
         # op (folded_linear) whose x A^T columns the policy saves, so backward does not recompute the GEMM for them

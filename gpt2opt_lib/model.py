@@ -27,14 +27,13 @@ import torch.nn.functional as F
 VOCAB_MULTIPLE = 64
 
 # inductor options the training step compiles the native model with (gpt2opt_lib.steps.common.maybe_compile, bench
-# train). Measured on an H100 (benchmarks/results/h100_profile_train_inductor_options_7a9b24b.json, GPU time per
-# step of the b8 x 1024 full fine-tuning step, 19.60 ms with the defaults):
-# - mix_order_reduction off (-0.44 ms): torch 2.11's default fuses each LayerNorm backward's weight and bias sums
-#   into the row kernel as 512 partial rows, then sums those with 50 eager `aten.sum` calls of ~11 us; off, the
+# train), chosen by the GPU time per step of the b8 x 1024 full fine-tuning step on an H100:
+# - mix_order_reduction off (a shorter step): torch 2.11's default fuses each LayerNorm backward's weight and bias
+#   sums into the row kernel as 512 partial rows, then sums those with 50 small eager `aten.sum` calls; off, the
 #   sums are Triton reductions and the fp32 -> bf16 cast of the residual gradient fuses into the row kernel;
-# Not taken: combo_kernels (-0.13 ms alone: the 144 small weight / gradient casts in one kernel; but with
-# mix-order reductions off and CUDA graphs the step took 40 ms instead of 20, h100_train_inductor_options_6b9e20f);
-# coordinate_descent_tuning (-0.17 ms, but the compile ran past 9 minutes on a cold cache).
+# Not taken: combo_kernels (a little shorter alone: the 144 small weight / gradient casts in one kernel; but with
+# mix-order reductions off and CUDA graphs the step became much slower); coordinate_descent_tuning (a little
+# shorter, but the compile took many minutes on a cold cache).
 TRAIN_INDUCTOR_OPTIONS = {"triton.mix_order_reduction": False}
 
 

@@ -46,7 +46,7 @@ from .timing import Timing, measure, rate
 ROUNDS_PER_SYNC = (8, 4, 2, 1)
 # batches of rounds in flight (SpeculativeDecoder.in_flight): the next batch is launched before the host reads the
 # last one's n wherever even all-accepted rounds cannot run past the request, so the GPU does not wait on the host's
-# read and graph launch (H100: ~160 us a sync, gpt2-medium k = 2, benchmarks/round_cost.py --generate)
+# read and graph launch (benchmarks/round_cost.py --generate measures what a sync costs)
 IN_FLIGHT = 2
 
 

@@ -1,8 +1,8 @@
 """Fused Triton kernels for batch-1 greedy decode: a GPT-2 token in 5 kernels per layer instead of ~11.
 
-At batch 1 a decode step is launch-bound, not bandwidth-bound: gpt2's 248 MB of fp16 weights stream in ~55 us on
-an H200, but inductor's step runs ~135 kernels (~2.6 us each, mostly waiting on the previous one). These kernels
-fuse what inductor keeps apart, so a token costs 5 per layer + 2:
+At batch 1 a decode step is launch-bound, not bandwidth-bound: streaming gpt2's 248 MB of fp16 weights takes a
+small part of the step, but inductor's step runs over a hundred short kernels, each mostly waiting on the
+previous one. These kernels fuse what inductor keeps apart, so a token costs 5 per layer + 2:
 
   ln_gemv   LayerNorm of the one row, then its GEMV with a weight tile and the bias (and the tanh-GELU): qkv and
             c_fc. Each program recomputes the row's statistics (768 values, from L2) instead of a separate
@@ -16,33 +16,27 @@ fuse what inductor keeps apart, so a token costs 5 per layer + 2:
 
 Every kernel issues its weight loads (constant: no kernel writes them) before it waits for its predecessor's
 output, and on Hopper and later the kernels launch with programmatic dependent launch, so a kernel's weights stream
-in while the one before it finishes. On an H200, gpt2 fp16: 63 kernels and ~229 us of GPU time per token, 5,235-5,716
-tokens/s against 2,647-2,696 for the inductor step in the same runs (benchmarks/results/h200_*_fused*.json).
+in while the one before it finishes: far fewer launches a token than the inductor step, and a faster decode.
 
 Batch 1, greedy, 16-/32-bit weights, or int4 (wquant backend "fused": `_ln_gemv_q4` / `_gemv_res_q4` dequantize
-in registers; at the same GPU time a kernel as the 16-bit ones, H100: the step is latency-bound, not bandwidth-bound)
+in registers; no slower a kernel than the 16-bit ones: the step is latency-bound, not bandwidth-bound)
 (FastGPT2 picks this path for exactly those steps; others keep the compiled inductor step). The kernels run on CUDA, inside the engine's CUDA graph, and on CPU under TRITON_INTERPRET=1,
 where the tests compare them with the engine's eager step. Weights are read in their (N, K) nn.Linear layout.
 
 Multi-row steps (`FusedDecode.span`, speculative decoding's draft and verify steps) run each row through the same
 code as a one-row step, so every row is bit for bit a decode step. With the default CUDA-core kernels an extra row
-costs ~0.2 of a decode step (gpt2-medium, H100: 3 rows x1.39, 5 rows x1.82 of a decode step), in LayerNorm and
-reductions more than in weight reads: the LayerNorm+GEMV launches run a step's rows in one program per weight tile
-(a runtime row loop, the same binary for any row count: FusedDecode.ln_rows_together, e1cc525; 5 rows 872 vs
-1003 us with one program per row and tile, `*span_cost_ln_together*`); fda92ea's unrolled form of it was no
-cheaper (`*span_cost_rows_together*`, `*span_cost_tile_sweep*`). The tensor-core kernels (`gemm="mma"`,
-FastGPT2(fused_gemm="mma"): rows padded to 16,
-tl.dot per weight chunk) make rows nearly free (4 rows x1.02-1.04, 8 rows x1.05-1.29 of their own one-row step)
-but stream weights slower at one row: the step x2.0 the CUDA-core one on an H100, x2.3-2.8 on an H200, both
-kernels (LayerNorm+GEMM x1.9, GEMM+residual x1.7: `h100_span_cost_mma_by_kernel_gpt2-medium.json`), so the
-weight streaming, not the LayerNorm: opt-in, for work on the verify step (benchmarks/results/*span_cost*.json).
-Those figures predate split-K: the tensor-core kernels now also tune SPLIT_K (1-8 programs per weight tile, each
-over a slice of K, the last one summing the fp32 partials in slice order: deterministic, rows still bit for bit
-independent of M), for more programs streaming weights than N / BLOCK_N (mlp c_proj at gpt2-medium: 64 on 132
-SMs). Measured (H100, gpt2-medium, `h100_span_cost_mma_splitk_gpt2-medium.json`): GEMM+residual tunes to SPLIT_K
-4-8 and drops to 252 us a step (336 before; the CUDA-core one 188), LayerNorm+GEMM keeps SPLIT_K 1 (539 vs 282
-us): the one-row step is still x2.1 the CUDA-core one, and a 3-row verify step (959 us) costs more than the
-CUDA-core kernels' (688 us, x1.50), so the path stays opt-in.
+costs a fraction of a decode step, in LayerNorm and reductions more than in weight reads: the LayerNorm+GEMV
+launches run a step's rows in one program per weight tile (a runtime row loop, the same binary for any row count:
+FusedDecode.ln_rows_together; cheaper for a multi-row step than one program per row and tile); an unrolled form of
+that loop was no cheaper. The tensor-core kernels (`gemm="mma"`, FastGPT2(fused_gemm="mma"): rows padded to 16,
+tl.dot per weight chunk) make extra rows nearly free but stream weights slower at one row, in both kernels
+(LayerNorm+GEMM and GEMM+residual): their one-row step costs more than the CUDA-core one, from the weight
+streaming, not the LayerNorm. They also tune SPLIT_K (1-8 programs per weight tile, each over a slice of K, the
+last one summing the fp32 partials in slice order: deterministic, rows still bit for bit independent of M), for
+more programs streaming weights than N / BLOCK_N (mlp c_proj at gpt2-medium: 64 on 132 SMs): GEMM+residual tunes
+to SPLIT_K 4-8 and gets faster, LayerNorm+GEMM keeps SPLIT_K 1; still the one-row step is slower than the
+CUDA-core one and a 3-row verify step costs more than the CUDA-core kernels', so the path stays opt-in, for work
+on the verify step (benchmarks/span_cost.py --gemm mma measures it).
 
 Also here, for the compiled step at batch > 1: a uniform batch's decode attention (one program per row and head,
 online softmax over the live slots, each K/V byte read once) as torch.library.triton_ops, so torch.compile keeps
@@ -115,7 +109,7 @@ if triton is not None:
     def _weight_tile(w_ptr, n, k, nm, km, K):
         """Weight rows n, columns k (the whole (BLOCK_N, KP) tile, or a tensor-core kernel's K chunk): evict it from
         L2 first (a step reads it once; for a multi-row step's other
-        rows keeping it in L2 measured the same, x1.50 vs x1.48 a decode step at 3 rows on an H100)."""
+        rows keeping it in L2 measured the same)."""
         return tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0,
                        eviction_policy="evict_first")
 
@@ -688,7 +682,7 @@ if triton is not None:
         base = pid.to(tl.int64) * L * HS                                  # the cache is (B, H, L, HS), contiguous
         # the scale folded into q, in fp32: inductor passes a Python float argument as fp64, which would turn the
         # scores (and the loop-carried max) into fp64 ("Loop-carried variable m has initial type fp32 but is
-        # re-assigned to fp64", H100, torch 2.11's Triton 3.6)
+        # re-assigned to fp64", torch 2.11's Triton 3.6)
         q = (tl.load(q_ptr + b * s_b + hd * s_h + d).to(tl.float32) * scale).to(tl.float32)
         if WRITE_KV:
             kn = tl.load(k_ptr + b * s_b + hd * s_h + d)
@@ -714,10 +708,9 @@ if triton is not None:
 
 
 # The batched decode attention's launch configuration: cache slots per loop iteration, warps per (row, head)
-# program, software-pipelining stages of the tile loop. From the H100 sweep (benchmarks/profile_steps.py
-# decode_attn, benchmarks/results/h100_decode_attn_sweep_gpt2_bs32.json: gpt2, batch 32, 160-slot cache, GPU time
-# per call in a CUDA graph): one warp per program is fastest at every live length, 3.1 / 4.8 / 6.4 us at 33 / 97 /
-# 160 live slots (the last ~2.5 TB/s of K/V) against 4.1 / 6.4 / 8.6 us for 4 warps and 14-15 us for masked SDPA.
+# program, software-pipelining stages of the tile loop: the best of a sweep on an H100 (benchmarks/profile_steps.py
+# decode_attn: gpt2, batch 32, 160-slot cache, GPU time per call in a CUDA graph): one warp per program was fastest
+# at every live length, ahead of 4 warps and far ahead of masked SDPA.
 BATCH_ATTN_BLOCK_L = 64
 BATCH_ATTN_WARPS = 1
 BATCH_ATTN_STAGES = 2
@@ -811,22 +804,20 @@ SPAN_MAX_ROWS = 16  # rows a multi-row step (FusedDecode.span) holds scratch for
 # FusedDecode.res_rows_together's default: the MLP projections (K = 4C: 3072 for gpt2 .. 6400 for gpt2-xl) run a
 # multi-row step's rows in one program per tile, the attention projections (K = C <= 1600) one program per row. Their
 # whole-K tile per program is register-heavy (gpt2-medium: 180 registers a thread at 8 x 4096, one program an SM), so
-# one copy per row took a 3-row step to 3 waves. H100, gpt2-medium bf16, graphs, same run
-# (h100_span_cost_res_together_gpt2-medium.json): 3 rows x1.36 / 5 rows x1.98 of a decode step, against x1.45 / x2.04
-# apart; every GEMV+residual together (K >= 1024) x1.39 / x2.05
+# one copy per row took a 3-row step to 3 waves. The K threshold gave the cheapest 3- and 5-row steps on an H100
+# (gpt2-medium bf16, graphs; benchmarks/span_cost.py --res-together), against every GEMV+residual apart and against
+# every one together (K >= 1024)
 RES_ROWS_TOGETHER_K = 2048
-# FusedDecode.ln_rows_together's default: H100, gpt2-medium bf16, graphs, same run (benchmarks/span_cost.py
-# --ln-apart, h100_span_cost_ln_together_gpt2-medium.json): 5-row step 872 vs 1003 us apart, decode step 459 vs 451
+# FusedDecode.ln_rows_together's default: rows together made the 5-row step clearly cheaper than rows apart, the
+# decode step about the same (H100, gpt2-medium bf16, graphs; benchmarks/span_cost.py --ln-apart)
 LN_ROWS_TOGETHER = True
 # FusedDecode.tiles' default, by model width: a fixed tile (BLOCK_N x warps) per launch role of the 16-bit CUDA-core
-# layer kernels; other widths (and GPT2OPT_DECODE_TILES=autotune) are autotuned, on one-row kernel time alone and
-# anew in each process: the pick varies run to run, and with it the engine's speed (gpt2-medium's decode step 452 us
-# in one run, 492 in another). Each role's tile is the best of 7 by a k = 4 speculative round (4 decode steps + one
-# 5-row step), swept one role at a time on an H100 (bf16, graphs; benchmarks/results/
-# h100_span_cost_role_tiles_gpt2{,-medium}.json); all four together, same run, against the autotuned engine:
-# gpt2-medium decode step 439 vs 492 us, 5-row step 874 vs 1068; gpt2 194 vs 192, 388 vs 410. gpt2-medium's swept
-# again with the rows-together LayerNorm+GEMV and 1- and 2-warp tiles (h100_span_cost_role_tiles_warps_gpt2-medium
-# .json): decode step 433 vs 460 us, 5-row step 790 vs 871 against the tiles before; gpt2's not swept again.
+# layer kernels; other widths are autotuned, on one-row kernel time alone and
+# anew in each process: the pick varies run to run, and with it the engine's speed. Each role's tile is the best of
+# 7 by a k = 4 speculative round (4 decode steps + one 5-row step), swept one role at a time on an H100 (bf16,
+# graphs; benchmarks/span_cost.py --role-tiles); all four together beat the autotuned engine at gpt2-medium (decode
+# and 5-row step) and on gpt2's 5-row step, gpt2's decode step about the same. gpt2-medium's were swept again with
+# the rows-together LayerNorm+GEMV and 1- and 2-warp tiles, cheaper again on both steps; gpt2's not swept again.
 TILE_ROLES = ("ln_qkv", "ln_fc", "attn_proj", "mlp_proj")
 TILES: dict = {
     1024: {"ln_qkv": (4, 1), "ln_fc": (8, 4), "attn_proj": (4, 2), "mlp_proj": (2, 2)},
@@ -836,8 +827,6 @@ TILES: dict = {
 
 def default_tiles(width: int) -> dict:
     """role -> {"BLOCK_N", "num_warps"} for a model of this width (TILES; empty: autotuned)."""
-    if os.environ.get("GPT2OPT_DECODE_TILES", "fixed") == "autotune":
-        return {}
     return {role: {"BLOCK_N": bn, "num_warps": w} for role, (bn, w) in TILES.get(width, {}).items()}
 
 

@@ -271,8 +271,8 @@ _DEQUANT = {}
 
 def _dequant_halves(qh: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The fused layout's codes -> (N, K) weights in `dtype`. On CUDA compiled, so the unpack, the fp32 dequant and
-    the cast are one kernel (eagerly, a prefill wrote and re-read an fp32 copy of every weight: ~20 us a generated
-    token at gpt2, 128 new tokens, H100); the same values as eagerly. Eager elsewhere, or if compiling fails."""
+    the cast are one kernel (eagerly, a prefill wrote and re-read an fp32 copy of every weight, a cost that showed
+    in the time per generated token); the same values as eagerly. Eager elsewhere, or if compiling fails."""
     if torch.compiler.is_compiling():          # inside the engine's compiled step: inductor fuses it there
         return _dequant_halves_eager(qh, scales, zeros, dtype)
     if qh.is_cuda and _DEQUANT.get("compiled") is not False:

@@ -83,7 +83,7 @@ def test_fixed_tiles_per_role_are_the_ones_launched_and_change_no_token():
             assert (kern, meta) == f.kernels["gemv_res"]
 
 
-def test_default_tiles_by_width_and_the_autotune_switch(monkeypatch):
+def test_default_tiles_by_width():
     t = triton_decode.default_tiles(1024)
     # gpt2-medium's tiles are the best of the committed sweep (1- to 8-warp tiles, the rows-together kernels)
     sweep = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
@@ -91,8 +91,6 @@ def test_default_tiles_by_width_and_the_autotune_switch(monkeypatch):
     assert set(t) == set(triton_decode.TILE_ROLES) and t["mlp_proj"] == {"BLOCK_N": 2, "num_warps": 2}
     assert {role: f"{v['BLOCK_N']}x{v['num_warps']}" for role, v in t.items()} == sweep
     assert triton_decode.default_tiles(64) == {}                                 # a width not measured: tuned
-    monkeypatch.setenv("GPT2OPT_DECODE_TILES", "autotune")
-    assert triton_decode.default_tiles(1024) == {}
 
 
 def test_eos_then_pad_as_the_eager_step():

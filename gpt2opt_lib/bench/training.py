@@ -255,7 +255,7 @@ def _compile(module, ctx: _TrainCtx, on: bool, graphs: bool = False) -> bool:
         # dynamic=False: a second model of another shape (the teacher) gets its own static graph, not a
         # dynamic-shape recompile of the first. graphs: CUDA graphs (inductor's cudagraph trees) replay the forward
         # and backward graphs with one launch each: a step of ~700-1,100 kernels is otherwise bound by the CPU
-        # launching them (measured on an H200: wall time 20-33 ms for 17-19 ms of kernels)
+        # launching them (without graphs a step's wall time was well above its kernels' GPU time)
         from .. import model as NM
         if ctx.compile_kind == "max-autotune":
             mode = "max-autotune" if graphs else "max-autotune-no-cudagraphs"
@@ -677,8 +677,8 @@ def _run_train_engine(ctx: _TrainCtx, name: str, results: dict) -> None:
 
 def _ratio(results, a, b, key):
     """a's figure over b's. Speed ratios take the median step (tokens_per_s_median, where both engines have it):
-    one slow step in the timed window (an allocator pause, a late autotune) moves a mean ratio (seen: nanogpt_ref
-    22.8 ms median, 26.4 ms mean with a 7 ms std)."""
+    one slow step in the timed window (an allocator pause, a late autotune) moves a mean ratio (seen: nanogpt_ref's
+    mean step well above its median, with a large std)."""
     ra, rb = results.get(a, {}), results.get(b, {})
     if key == "tokens_per_s" and ra.get("tokens_per_s_median") and rb.get("tokens_per_s_median"):
         key = "tokens_per_s_median"

@@ -235,7 +235,7 @@ def stacked_config(ctx: StageContext, best: str) -> list[dict]:
                 **gen_columns(gb), "weight_mb": eng.weight_bytes()["weight_bytes"] / 2**20,
                 "test_ppl": ctx.perplexity(EngineLM(eng, model.config), "test")["ppl"]}
         # forward columns stay those of the NF4 row: the engine's int4 kernels are decode (batch-1) kernels, and a
-        # forward through the engine at batch x seq_len (fp32 logits) measured 0.4x speed and 12x memory on an H100
+        # forward through the engine at batch x seq_len (fp32 logits) was slower and took many times the memory
         fast.update(forward_note="forward columns: the NF4 row (the engine is used for generation only)")
         rows.append(fast)
     except Exception as e:
