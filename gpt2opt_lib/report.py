@@ -268,23 +268,27 @@ def verdict_chart(v: dict, ctx=None):
     budget = v["budget_gb"]
     cols = ["#1a7f37" if p["pick"] and p["pick"].get("fits") else "#c00" for p in phases]
     axes[0].barh(names, [(x or 0) / 1024 for x in peaks], color=cols)
-    axes[0].axvline(budget, color="k", ls="--", lw=1)
-    axes[0].text(budget, len(phases) - 0.5, f" budget {budget:g} GiB", va="bottom", fontsize=8)
+    axes[0].axvline(budget, color="k", ls="--", lw=1, label=f"budget {budget:g} GiB")
+    axes[0].legend(fontsize=8, loc="lower right")
     for i, x in enumerate(peaks):
         axes[0].text((x or 0) / 1024, i, f" {x / 1024:.2f}" if x is not None else " not measured", va="center",
                      fontsize=8)
-    axes[0].set(title="Peak GPU memory of each phase's pick (CUDA context + allocator reserve)", xlabel="GiB")
-    d = [(p["pick"] or {}).get("ppl_change_pct") for p in phases]
+    axes[0].set(title="Peak GPU memory of each phase's pick\n(CUDA context + allocator reserve)", xlabel="GiB")
+    # quality: the pick's; where no configuration was picked (nothing fits, or no memory measured), the best
+    # quality the phase measured, in grey
+    shown = [p["pick"] or p.get("best_quality") or {} for p in phases]
+    d = [s.get("ppl_change_pct") for s in shown]
     spread = v["seed_spread"].get("std_pct") or 0
-    qcols = ["#1a7f37" if p["pick"] and p["pick"].get("within_tolerance") else "#c00" for p in phases]
+    qcols = ["#888" if not p["pick"] else "#1a7f37" if p["pick"].get("within_tolerance") else "#c00" for p in phases]
     axes[1].barh(names, [x or 0 for x in d], color=qcols, xerr=[spread if x is not None else 0 for x in d],
                  capsize=4)
     axes[1].axvline(v["tolerance_pct"], color="k", ls="--", lw=1)
     axes[1].axvline(0, color="k", lw=0.6)
     for i, x in enumerate(d):
-        axes[1].text(x or 0, i, f" {x:+.1f}%" if x is not None else " not measured", va="center", fontsize=8)
-    axes[1].set(title=f"Perplexity vs the teacher (tolerance +{v['tolerance_pct']:g}%, error bar: seed spread)",
-                xlabel="% change")
+        axes[1].text((x or 0) + (spread if x is not None and x >= 0 else 0), i,
+                     f"  {x:+.1f}%" if x is not None else " not measured", va="center", fontsize=8)
+    axes[1].set(title=f"Perplexity vs the teacher (tolerance +{v['tolerance_pct']:g}%)\nerror bar: seed spread; "
+                      f"grey: best measured, nothing picked", xlabel="% change")
     axes[1].set_yticks([])
     fig.suptitle(f"Full pipeline in {budget:g} GiB within +{v['tolerance_pct']:g}% of the teacher: "
                  f"{v['answer'].upper()}", fontsize=11)

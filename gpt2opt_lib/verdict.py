@@ -134,7 +134,10 @@ def verdict(results: dict, budget_gb: float = 6.0, tolerance_pct: float = 5.0, d
             pick = min((c for c in cands if c["peak_mb"] is not None), key=lambda c: c["peak_mb"])
             ans, why = "no", (f"nothing fits: the smallest, {pick['config']} [{pick['table']}], peaks at "
                               f"{pick['peak_mb'] / 1024:.2f} GiB ({_basis(pick)})")
-        phases[phase] = {"title": PHASE_TITLES[phase], "answer": ans, "why": why, "pick": pick, "candidates": cands}
+        rated = [c for c in cands if c["ppl_change_pct"] is not None]
+        best_q = min(rated, key=lambda c: c["ppl_change_pct"]) if rated else None  # the quality the phase can reach
+        phases[phase] = {"title": PHASE_TITLES[phase], "answer": ans, "why": why, "pick": pick, "candidates": cands,
+                         "best_quality": best_q}
     answers = [p["answer"] for p in phases.values()]
     overall = "cannot say" if "cannot say" in answers else "yes" if all(a == "yes" for a in answers) else "no"
     return {"budget_gb": budget_gb, "tolerance_pct": tolerance_pct, "device": device, "reference": "the teacher",

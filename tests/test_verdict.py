@@ -117,3 +117,28 @@ def test_memory_budget_off_cuda_is_only_a_record():
     rec = env.apply_memory_budget(6.0, True, torch.device("cpu"))
     assert rec["budget_gb"] == 6.0 and rec["enforced"] is False and "not a CUDA device" in rec["note"]
     assert timing.peak_device_mb("cpu") is None and timing.context_mb("cpu") is None
+
+
+@pytest.mark.gpu
+def test_enforced_budget_caps_the_allocator_and_the_device_peak_counts_the_context():
+    """On a GPU larger than 2 GiB: a 2 GiB budget, context counted, lets 1 GiB through and refuses 2 GiB more; the
+    device peak (context + reserve) is at least the allocated peak plus the context and stays under the budget.
+    The cap is lifted again afterwards (the process may run other GPU tests)."""
+    import torch
+
+    from gpt2opt_lib import env, timing
+
+    dev = torch.device("cuda")
+    try:
+        rec = env.apply_memory_budget(2.0, True, dev)
+        assert rec["enforced"] and 0 < rec["context_mb_at_start"] < 2048
+        timing.reset_peak(dev)
+        a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(2 << 30, dtype=torch.uint8, device=dev)
+        peak = timing.peak_device_mb(dev)
+        assert timing.peak_mem_mb(dev) + timing.context_mb(dev) <= peak + 1 and peak <= 2048
+        del a
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.empty_cache()
