@@ -141,10 +141,11 @@ def apply_memory_budget(budget_gb: float, enforce: bool, device: torch.device) -
     if device.type != "cuda":
         rec["note"] = "not a CUDA device: the budget is not enforced and peaks are not measured"
         return rec
+    from .timing import context_mb as measure_context
+
     torch.zeros(1, device=device)  # the context exists from here on
-    free, total = torch.cuda.mem_get_info(device)
-    context_mb = (total - free - torch.cuda.memory_reserved(device)) / 2**20
-    total_mb, budget_mb = total / 2**20, budget_gb * 1024
+    context_mb = measure_context(device)
+    total_mb, budget_mb = torch.cuda.mem_get_info(device)[1] / 2**20, budget_gb * 1024
     rec.update(device_total_gb=total_mb / 1024, context_mb_at_start=context_mb)
     if not enforce:
         return rec

@@ -194,6 +194,12 @@ def epoch_batches(blocks: torch.Tensor, spec: TrainSpec, epoch: int) -> list[tor
     return [blocks[order[i: i + spec.batch_size]] for i in range(0, n, spec.batch_size)]
 
 
+def cpu_state(model, keys=None) -> dict:
+    """A CPU copy of `model`'s state dict (of the entries `keys` only, when given): weights to go back to later."""
+    sd = model.state_dict()
+    return {k: sd[k].detach().to("cpu", copy=True) for k in (keys if keys is not None else sd)}
+
+
 def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, device: torch.device, **kw) -> dict:
     """`train_once`, and with `spec.fit_memory` a run that fits the device: on an out-of-memory error the run
     starts again from the weights it started from, with half the micro-batch and twice the gradient accumulation
@@ -203,7 +209,7 @@ def train(model, blocks: torch.Tensor, loss_fn: Callable, spec: TrainSpec, devic
         return train_once(model, blocks, loss_fn, spec, device, **kw)
     from .timing import is_oom
 
-    start = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    start = cpu_state(model)
     attempts = []
     while True:
         try:

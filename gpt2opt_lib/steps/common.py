@@ -13,6 +13,7 @@ from .. import lora as L
 from .. import models as M
 from ..config import LoraPrune
 from ..timing import measure, rate
+from ..train import cpu_state
 from .context import StageContext
 
 
@@ -218,10 +219,6 @@ class BestEpoch:
         if D.is_main():
             self.check(0, model)
 
-    def _state(self, model) -> dict:
-        sd = model.state_dict()
-        return {k: sd[k].detach().to("cpu", copy=True) for k in (self.keys if self.keys is not None else sd)}
-
     def check(self, epoch: int, model) -> dict:
         """Validate `model` after `epoch` (0: before training); returns the record for train()'s history."""
         val = self.ctx.perplexity(model)
@@ -230,7 +227,7 @@ class BestEpoch:
         # replaces it in the history; the kept weights stay the best ever validated (`best` says its perplexity)
         self.history = [h for h in self.history if h["epoch"] < epoch] + [rec]
         if self.best is None or val["ppl"] < self.best["val_ppl"]:  # the first record is always a candidate
-            self.best = {"epoch": epoch, "val_ppl": val["ppl"], "val_loss": val["nll"], "state": self._state(model)}
+            self.best = {"epoch": epoch, "val_ppl": val["ppl"], "val_loss": val["nll"], "state": cpu_state(model, self.keys)}
             self._last_is_best = True
         else:
             self._last_is_best = False
